@@ -1,0 +1,25 @@
+"""vggbackbone: every VGG configuration as a feature-extraction backbone.
+
+>>> from vggbackbone import VGGBackbone
+>>> bb = VGGBackbone("vgg16", return_layers={"conv3": "c3", "conv4": "c4", "conv5": "c5"})
+>>> bb.feature_info.channels(), bb.feature_info.reduction()
+([256, 512, 512], [4, 8, 16])
+"""
+
+from .vgg import ARCHS, TAPS, VGGBackbone, VGGConfig, get_config
+from .weights import CAFFE, IMAGENET, InputNormalization, WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHS",
+    "CAFFE",
+    "IMAGENET",
+    "TAPS",
+    "InputNormalization",
+    "VGGBackbone",
+    "VGGConfig",
+    "WeightsError",
+    "__version__",
+    "get_config",
+]

@@ -1,0 +1,411 @@
+"""VGG feature-extraction backbone.
+
+Every configuration of Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale
+Image Recognition" (ICLR 2015), Table 1, as a backbone with named taps:
+
+========  ====================  =========================================
+tap       stride (os=32)        what it is
+========  ====================  =========================================
+conv1     1                     last ReLU of block 1 (after LRN in A-LRN)
+pool1     2                     max-pool after block 1
+conv2     2                     last ReLU of block 2
+pool2     4
+conv3     4
+pool3     8
+conv4     8
+pool4     16
+conv5     16
+pool5     32
+fc6       32                    classifier fc6 as a 7x7 conv (4096 ch)
+fc7       32                    classifier fc7 as a 1x1 conv (4096 ch)
+========  ====================  =========================================
+
+Module names follow the Caffe prototxt everyone knows (``features.conv5.conv5_3``), so a tap
+name is also the module that produces it. Torchvision and timm state dicts load through an
+explicit key map (:mod:`vggbackbone.weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._features import FeatureInfo
+from .utils import make_divisible
+
+__all__ = [
+    "ARCHS",
+    "TAPS",
+    "BlockSpec",
+    "VGGBackbone",
+    "VGGConfig",
+    "get_config",
+]
+
+#: Tap names in network order.
+TAPS: tuple[str, ...] = (
+    "conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4", "pool4", "conv5", "pool5", "fc6", "fc7",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One VGG block: ``len(kernels)`` convs of ``channels`` outputs, then a 2x2 max-pool."""
+
+    channels: int
+    kernels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VGGConfig:
+    """An architecture: its blocks and whether it uses BatchNorm / LRN (after conv1_1)."""
+
+    name: str
+    blocks: tuple[BlockSpec, ...]
+    batch_norm: bool = False
+    lrn: bool = False
+
+
+def _blocks(*spec: tuple[int, tuple[int, ...]]) -> tuple[BlockSpec, ...]:
+    return tuple(BlockSpec(c, k) for c, k in spec)
+
+
+_3, _33, _331, _333, _3333 = (3,), (3, 3), (3, 3, 1), (3, 3, 3), (3, 3, 3, 3)
+
+# Table 1 of the paper. Column letter -> our name.
+_PAPER: dict[str, tuple[str, tuple[BlockSpec, ...], bool]] = {
+    "vgg11": ("A", _blocks((64, _3), (128, _3), (256, _33), (512, _33), (512, _33)), False),
+    "vgg11_lrn": ("A-LRN", _blocks((64, _3), (128, _3), (256, _33), (512, _33), (512, _33)), True),
+    "vgg13": ("B", _blocks((64, _33), (128, _33), (256, _33), (512, _33), (512, _33)), False),
+    "vgg16_c": ("C", _blocks((64, _33), (128, _33), (256, _331), (512, _331), (512, _331)), False),
+    "vgg16": ("D", _blocks((64, _33), (128, _33), (256, _333), (512, _333), (512, _333)), False),
+    "vgg19": ("E", _blocks((64, _33), (128, _33), (256, _3333), (512, _3333), (512, _3333)), False),
+}
+
+ARCHS: dict[str, VGGConfig] = {}
+for _name, (_col, _blk, _lrn) in _PAPER.items():
+    ARCHS[_name] = VGGConfig(_name, _blk, batch_norm=False, lrn=_lrn)
+    if _name in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        ARCHS[f"{_name}_bn"] = VGGConfig(f"{_name}_bn", _blk, batch_norm=True)
+
+#: Paper column letter of each arch (for docs and error messages).
+PAPER_COLUMN = {name: col for name, (col, _, _) in _PAPER.items()}
+
+ArchSpec = Union[str, Sequence[Sequence[int]]]
+
+
+def get_config(arch: ArchSpec, batch_norm: bool | None = None) -> VGGConfig:
+    """Resolve ``arch`` (a name in :data:`ARCHS` or ``[(num_convs, channels), ...]``)."""
+    if isinstance(arch, str):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown VGG arch {arch!r}; choose one of {sorted(ARCHS)} or a block spec")
+        cfg = ARCHS[arch]
+        if batch_norm is not None and batch_norm != cfg.batch_norm:
+            raise ValueError(f"arch {arch!r} has batch_norm={cfg.batch_norm}; use the matching _bn name instead")
+        return cfg
+    try:
+        spec = [(int(n), int(c)) for n, c in arch]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a custom VGG arch is a list of (num_convs, out_channels) pairs, got {arch!r}") from e
+    if not 1 <= len(spec) <= 5 or any(n < 1 or c < 1 for n, c in spec):
+        raise ValueError(f"a custom VGG arch needs 1..5 blocks of positive (num_convs, out_channels), got {spec}")
+    blocks = tuple(BlockSpec(c, (3,) * n) for n, c in spec)
+    name = "custom" + json.dumps(spec).replace(" ", "")
+    return VGGConfig(name, blocks, batch_norm=bool(batch_norm))
+
+
+def _make_block(
+    idx: int,
+    in_ch: int,
+    spec: BlockSpec,
+    *,
+    dilation: int,
+    norm_layer: Callable[[int], nn.Module] | None,
+    lrn: bool,
+) -> nn.Sequential:
+    """Block ``idx`` (1-based): conv{idx}_{j} [-> bn{idx}_{j}] -> relu{idx}_{j} ... [-> lrn{idx}]."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for j, k in enumerate(spec.kernels, start=1):
+        d = dilation if k > 1 else 1
+        layers[f"conv{idx}_{j}"] = nn.Conv2d(in_ch, spec.channels, k, padding=d * (k // 2), dilation=d)
+        if norm_layer is not None:
+            layers[f"bn{idx}_{j}"] = norm_layer(spec.channels)
+        layers[f"relu{idx}_{j}"] = nn.ReLU(inplace=True)
+        if lrn and j == 1:
+            # A-LRN: Krizhevsky's LRN (n=5, alpha=1e-4, beta=0.75, k=2) after the first layer.
+            # PyTorch divides alpha by n, as Caffe does.
+            layers[f"lrn{idx}"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+        in_ch = spec.channels
+    return nn.Sequential(layers)
+
+
+class _FC(nn.Sequential):
+    """fc6/fc7 as a convolution: [drop ->] conv -> relu (the tap is the ReLU output)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int, dropout: float | None) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if dropout is not None:
+            layers["drop"] = nn.Dropout(dropout)
+        layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+        layers["relu"] = nn.ReLU(inplace=True)
+        super().__init__(layers)
+
+
+def _is_fx_tracing() -> bool:
+    return torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing()
+
+
+class VGGBackbone(nn.Module):
+    """A VGG feature extractor returning an ``OrderedDict`` of named taps.
+
+    Args:
+        arch: ``"vgg11" | "vgg11_lrn" | "vgg13" | "vgg16_c" | "vgg16" | "vgg19"`` (paper columns
+            A, A-LRN, B, C, D, E), ``"vgg11_bn" | "vgg13_bn" | "vgg16_bn" | "vgg19_bn"``, or a
+            custom block spec ``[(num_convs, out_channels), ...]`` (1 to 5 blocks of 3x3 convs).
+        return_layers: taps to return, a dict ``tap -> output key`` (as torchvision's
+            ``IntermediateLayerGetter``) or a list of tap names (keys = tap names). Default:
+            ``conv1..conv5``. Outputs come in network order. Layers deeper than the deepest
+            tap are not built.
+        weights: ``None``; a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or a
+            ``torchvision.models.VGG16_Weights`` member, downloaded through torchvision's
+            cache); or a path to a ``.pth``/``.safetensors`` state dict saved from
+            torchvision's or timm's VGG of the same arch, or by :meth:`save_weights`.
+        in_channels: input channels (weights with 3 input channels need ``in_channels=3``).
+        batch_norm: only for custom block specs (named archs carry it in the name).
+        norm_layer: BatchNorm constructor for ``_bn`` archs, e.g.
+            ``torchvision.ops.misc.FrozenBatchNorm2d`` (default ``nn.BatchNorm2d``).
+        frozen_stages: blocks ``1..k`` get ``requires_grad=False`` and stay in eval mode
+            (6 and 7 also freeze fc6, fc7). ``0`` trains everything.
+        norm_eval: keep every BatchNorm in eval mode (running statistics frozen) in ``train()``.
+        output_stride: 32 (plain VGG), 16 or 8. Pools past that stride become 3x3/1 max-pools
+            and the following convs are dilated (DeepLab): at 8, conv5 runs at stride 8 with
+            dilation 2, pool5/fc6/fc7 at stride 8 (fc6 dilation 4).
+        ceil_mode: max-pool rounding. ``False`` (torchvision): tap ``k`` of an ``H x W`` input
+            is ``floor(H / s) x floor(W / s)``; ``True`` (Caffe): ``ceil``.
+        width_mult: multiply every channel count (rounded to a multiple of 8) for small models.
+        fc_channels: fc6/fc7 width (default ``4096 * width_mult``).
+        fc_dropout: dropout between fc6 and fc7 (the paper's 0.5); ``0`` disables it.
+        normalization: the input normalisation the weights expect, as
+            :class:`~vggbackbone.weights.InputNormalization`, ``"imagenet"`` or ``"caffe"``.
+            Default: taken from the weights (torchvision and timm: ImageNet mean/std). ``"caffe"``
+            declares weights trained on BGR 0-255 input minus the BGR mean (the original VGG
+            release, mmdet's ``vgg16_caffe``): the first conv's input channels are flipped on
+            load so the backbone still takes RGB, and :attr:`normalization` gives the
+            equivalent mean/std on ``[0, 1]`` RGB input.
+
+    Attributes:
+        out_channels: channels of the deepest returned tap (torchvision's convention).
+        feature_info: :class:`~vggbackbone._features.FeatureInfo` of the returned taps.
+        normalization: :class:`~vggbackbone.weights.InputNormalization` to apply to ``[0, 1]``
+            RGB images before this backbone.
+
+    Input ``(N, in_channels, H, W)``; ``H, W`` at least the stride of the deepest strided pool
+    that runs (eager mode raises a clear error otherwise).
+    """
+
+    return_layers: Dict[str, str]
+
+    def __init__(
+        self,
+        arch: ArchSpec = "vgg16",
+        return_layers: Mapping[str, str] | Sequence[str] | None = None,
+        weights: str | Path | Any | None = None,
+        *,
+        in_channels: int = 3,
+        batch_norm: bool | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        frozen_stages: int = 0,
+        norm_eval: bool = False,
+        output_stride: int = 32,
+        ceil_mode: bool = False,
+        width_mult: float = 1.0,
+        fc_channels: int | None = None,
+        fc_dropout: float = 0.5,
+        normalization: Any = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        from .weights import resolve_normalization  # local: weights imports this module
+
+        cfg = get_config(arch, batch_norm)
+        self.arch = cfg.name
+        self.config = cfg
+        self.width_mult = width_mult
+        self.in_channels = in_channels
+
+        if return_layers is None:
+            return_layers = [f"conv{i}" for i in range(1, len(cfg.blocks) + 1)]
+        if isinstance(return_layers, str):
+            return_layers = [return_layers]
+        rl = dict(return_layers) if isinstance(return_layers, Mapping) else {t: t for t in return_layers}
+        taps = self.available_taps(cfg)
+        unknown = [t for t in rl if t not in taps]
+        if unknown or not rl:
+            raise ValueError(f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: {list(taps)}")
+        if len(set(rl.values())) != len(rl):
+            raise ValueError(f"return_layers maps two taps to the same output key: {rl}")
+
+        n_blocks = len(cfg.blocks)
+        allowed = [2**k for k in range(min(3, n_blocks), n_blocks + 1)]
+        if output_stride not in allowed:
+            raise ValueError(f"output_stride must be one of {allowed}, got {output_stride}")
+        n_strided = int(math.log2(output_stride))  # pools 1..n_strided keep stride 2
+
+        if frozen_stages < 0 or frozen_stages > n_blocks + 2:
+            raise ValueError(f"frozen_stages must be in 0..{n_blocks + 2}, got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.output_stride = output_stride
+
+        norm: Callable[[int], nn.Module] | None = None
+        if cfg.batch_norm:
+            norm = norm_layer if norm_layer is not None else nn.BatchNorm2d
+        elif norm_layer is not None:
+            raise ValueError(f"{cfg.name} has no BatchNorm; pick a _bn arch to use norm_layer")
+
+        deepest = max(taps.index(t) for t in rl)
+        build = taps[: deepest + 1]
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
+        info: dict[str, dict[str, Any]] = {}
+        in_ch, stride, dilation = in_channels, 1, 1
+        min_size = 1
+        for i, spec in enumerate(cfg.blocks, start=1):
+            if f"conv{i}" not in build:
+                break
+            ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
+            spec_w = BlockSpec(ch, spec.kernels)
+            stages[f"conv{i}"] = _make_block(i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1)
+            info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
+            in_ch = ch
+            if f"pool{i}" not in build:
+                break
+            if i <= n_strided:
+                stages[f"pool{i}"] = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
+                stride *= 2
+                min_size = stride if not ceil_mode else 1
+            else:  # DeepLab: keep resolution, dilate what follows
+                stages[f"pool{i}"] = nn.MaxPool2d(3, 1, padding=1)
+                dilation *= 2
+            info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
+        fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
+        if "fc6" in build:
+            stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None)
+            info["fc6"] = {"num_chs": fc_ch, "reduction": stride}
+        if "fc7" in build:
+            stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None)
+            info["fc7"] = {"num_chs": fc_ch, "reduction": stride}
+        self.features = nn.ModuleDict(stages)
+        self.min_input_size = min_size
+
+        ordered = [t for t in build if t in rl]
+        self.return_layers = {t: str(rl[t]) for t in ordered}
+        self.feature_info = FeatureInfo(
+            [dict(info[t], module=f"features.{t}", key=self.return_layers[t]) for t in ordered]
+        )
+        self.out_channels: int = info[ordered[-1]]["num_chs"]
+
+        self._init_weights()
+        self.normalization = resolve_normalization(normalization, in_channels)
+        if weights is not None:
+            from .weights import load_backbone_weights
+
+            self.normalization = load_backbone_weights(self, weights, normalization, progress=progress)
+        self._freeze()
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def available_taps(arch: ArchSpec | VGGConfig = "vgg16") -> tuple[str, ...]:
+        """Tap names that ``arch`` offers, in network order."""
+        cfg = arch if isinstance(arch, VGGConfig) else get_config(arch)
+        n = len(cfg.blocks)
+        return tuple(t for t in TAPS if t.startswith("fc") or int(t[4:]) <= n)
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialisation; fc6/fc7 as its Linear layers.
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                if name.startswith("features.fc"):
+                    nn.init.normal_(m.weight, 0, 0.01)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        names = [f"conv{i}" for i in range(1, self.frozen_stages + 1)] + [f"pool{i}" for i in range(1, self.frozen_stages + 1)]
+        if self.frozen_stages >= len(self.config.blocks) + 1:
+            names.append("fc6")
+        if self.frozen_stages >= len(self.config.blocks) + 2:
+            names.append("fc7")
+        return [self.features[n] for n in names if n in self.features]
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+        if self.norm_eval:
+            self.train(self.training)
+
+    def train(self, mode: bool = True) -> VGGBackbone:
+        """Set train mode; frozen stages and (with ``norm_eval``) BatchNorm layers stay in eval."""
+        super().train(mode)
+        if mode:
+            for m in self._frozen_modules():
+                m.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    @torch.jit.unused
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"VGGBackbone({self.arch}) expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            deepest = next(reversed(self.return_layers))
+            raise ValueError(
+                f"VGGBackbone({self.arch}): input {h}x{w} is smaller than {self.min_input_size}, the stride of the "
+                f"deepest pool run for tap '{deepest}'; resize or pad the image to at least "
+                f"{self.min_input_size}x{self.min_input_size}"
+            )
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """``x``: ``(N, C, H, W)`` -> ``OrderedDict`` of the requested taps (see the class table)."""
+        if not torch.jit.is_scripting():
+            if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_fx_tracing()):
+                self._check_input(x)
+        out: Dict[str, Tensor] = OrderedDict()
+        for name, module in self.features.items():
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def save_weights(self, path: str | Path) -> Path:
+        """Save this backbone's weights (``.safetensors`` or ``.pth``) with arch and normalisation.
+
+        The file is written atomically and loads back with ``VGGBackbone(arch, weights=path)``.
+        """
+        from .weights import save_backbone_weights
+
+        return save_backbone_weights(self, path)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, return_layers={self.return_layers}, output_stride={self.output_stride}"
