@@ -1,0 +1,1 @@
+"""Lightning task pipelines on VGGBackbone: ``python -m tasks.detect|segment|reid``."""

@@ -1,0 +1,383 @@
+"""Training glue shared by every task (detection, segmentation, ReID).
+
+One place for what the three Lightning tasks have in common, so none of them copies it:
+
+* :class:`OptimConfig` + :func:`build_optimizer`: SGD/Adam/AdamW, no weight decay on norms and
+  biases, a backbone learning-rate multiplier, linear warm-up then step/multistep/cosine decay,
+  stepped every iteration (milestones are fractions of the whole run, so one YAML works for any
+  dataset size);
+* :class:`TaskModule`: a ``LightningModule`` base whose ``configure_optimizers`` uses the above;
+* :class:`TaskDataModule`: batch size / workers / loaders, with an *unpadded* distributed sampler
+  for evaluation so metrics over N processes see every sample exactly once;
+* :func:`all_gather_objects` / :func:`gather_unique`: collect per-sample results from every rank;
+* :class:`AtomicCheckpointIO`: checkpoints written to a temp file in the same folder and renamed
+  (Lightning's own writer stages through ``/tmp`` and falls back to a copy across file systems);
+* :func:`cli_main`: the ``LightningCLI`` every ``python -m tasks.<task>`` runs, with forced
+  checkpoint/LR-monitor callbacks, TensorBoard + CSV logs, and room for extra subcommands.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vggbackbone.utils import atomic_path
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "OptimConfig",
+    "TaskDataModule",
+    "TaskModule",
+    "all_gather_objects",
+    "build_optimizer",
+    "cli_main",
+    "gather_unique",
+    "is_global_zero",
+    "print_metrics",
+    "write_json",
+]
+
+
+# ---------------------------------------------------------------------------- optimisation
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule, as written in the task YAML under ``model.optim``.
+
+    Args:
+        name: ``sgd`` (momentum), ``adam`` or ``adamw``.
+        lr: peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        betas: Adam/AdamW betas.
+        weight_decay: L2 / decoupled weight decay.
+        no_decay_norm_bias: no weight decay on biases and normalisation parameters.
+        backbone_lr_mult: learning-rate factor for parameters whose name starts with
+            ``backbone_prefix`` (pretrained backbones often train slower).
+        backbone_prefix: module-name prefix of the backbone inside the task model.
+        scheduler: ``none`` (constant), ``step``/``multistep`` (x ``gamma`` at each milestone),
+            or ``cosine`` (to ``min_lr_ratio * lr``).
+        milestones: fractions of the total number of optimiser steps at which ``step``
+            decays (the Faster R-CNN VOC07 recipe, 50k of 60k iterations, is ``[0.833]``).
+        gamma: decay factor of ``step``.
+        min_lr_ratio: final learning rate of ``cosine`` as a fraction of ``lr``.
+        warmup_steps: linear warm-up iterations from ``warmup_factor * lr``.
+        warmup_factor: starting factor of the warm-up.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = True
+    backbone_lr_mult: float = 1.0
+    backbone_prefix: str = "backbone"
+    scheduler: Literal["none", "step", "multistep", "cosine"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.75])
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+
+
+def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+    no_decay: set[str] = set()
+    if cfg.no_decay_norm_bias:
+        for mname, m in model.named_modules():
+            for pname, _ in m.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if isinstance(m, norm_types) or pname == "bias":
+                    no_decay.add(full)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name in no_decay, name.startswith(cfg.backbone_prefix))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (nd, bb), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "weight_decay": 0.0 if nd else cfg.weight_decay,
+                "lr": cfg.lr * (cfg.backbone_lr_mult if bb else 1.0),
+            }
+        )
+    return out
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        alpha = step / cfg.warmup_steps
+        warm = cfg.warmup_factor * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    total = max(1, total_steps)
+    if cfg.scheduler in ("step", "multistep"):
+        decay = cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+    elif cfg.scheduler == "cosine":
+        t = min(1.0, max(0, step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    else:
+        decay = 1.0
+    return warm * decay
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Optimiser over ``model``'s trainable parameters and a per-step ``LambdaLR``."""
+    groups = _param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    if cfg.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    elif cfg.name == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    elif cfg.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}")
+    # LambdaLR rather than SequentialLR(LinearLR, ...): one closed-form factor is resumable
+    # from any step and has no chained-scheduler edge cases.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
+    return opt, sched
+
+
+class TaskModule(pl.LightningModule):
+    """Base ``LightningModule``: subclasses set ``self.optim`` and build ``self.model``."""
+
+    optim: OptimConfig
+
+    def configure_optimizers(self) -> Any:
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        if not math.isfinite(total) or total <= 0:
+            total = 1
+        opt, sched = build_optimizer(self, self.optim, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+# ---------------------------------------------------------------------------- data
+class TaskDataModule(pl.LightningDataModule):
+    """Common loader settings. Subclasses set ``self.train_set`` / ``self.val_set`` / ... in ``setup``.
+
+    Evaluation loaders shard the dataset without padding when distributed (Lightning's
+    ``UnrepeatedDistributedSampler``), so summed metrics count every sample exactly once.
+    """
+
+    def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+
+    def make_loader(
+        self,
+        dataset: Dataset,
+        *,
+        train: bool,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        if not train and sampler is None and batch_sampler is None and dist.is_available() and dist.is_initialized():
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_fn,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------------------- distributed
+def is_global_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj_rank0, obj_rank1, ...]`` (just ``[obj]`` when not distributed).
+
+    Works for any picklable object, on gloo and NCCL; a collective, so every rank must call it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_unique(items: Mapping[Any, Any]) -> dict[Any, Any]:
+    """Merge ``{sample_key: result}`` dicts from every rank, keeping one result per key.
+
+    Distributed samplers may pad by repeating samples; keying results by sample id and merging
+    here makes every metric see each sample once, whatever the number of processes.
+    """
+    merged: dict[Any, Any] = {}
+    for part in all_gather_objects(dict(items)):
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temp file beside the target, then ``os.replace`` it into place.
+
+    A crash mid-save leaves the previous checkpoint intact: ``--ckpt_path last`` always resumes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        if "://" in str(path):  # remote file systems: leave it to Lightning's fsspec writer
+            super().save_checkpoint(checkpoint, path)
+            return
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+# ---------------------------------------------------------------------------- reporting
+def print_metrics(title: str, metrics: Mapping[str, float], table: Sequence[tuple[str, Sequence[Any]]] | None = None) -> None:
+    """Print a readable metrics table on global rank 0 (rich when available)."""
+    if not is_global_zero():
+        return
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a task dependency
+        print(title, {k: round(float(v), 4) for k, v in metrics.items()})
+        return
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in metrics.items():
+        t.add_row(k, f"{float(v):.4f}")
+    Console(stderr=False).print(t)
+    if table:
+        extra = Table(show_header=True, header_style="bold")
+        for col, _ in table:
+            extra.add_column(col)
+        for row in zip(*(vals for _, vals in table)):
+            extra.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        Console(stderr=False).print(extra)
+
+
+# ---------------------------------------------------------------------------- CLI
+class TaskCLI(LightningCLI):
+    """LightningCLI with the callbacks every task wants, configurable from YAML.
+
+    ``checkpoint:`` configures the forced ``ModelCheckpoint`` (monitor/mode set per task) and
+    ``lr_monitor:`` the ``LearningRateMonitor``; argument links from the data module to the
+    model (``data.num_classes -> model.num_classes``...) come from the task's ``links``.
+    """
+
+    task_monitor: tuple[str, str] = ("val/loss", "min")
+    task_links: Sequence[tuple[str, str, str]] = ()
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        monitor, mode = self.task_monitor
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": monitor,
+                "checkpoint.mode": mode,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        for source, target, apply_on in self.task_links:
+            parser.link_arguments(source, target, apply_on=apply_on)
+
+
+def cli_main(
+    model_class: type[pl.LightningModule],
+    datamodule_class: type[pl.LightningDataModule],
+    *,
+    task: str,
+    monitor: tuple[str, str],
+    links: Iterable[tuple[str, str, str]] = (),
+    extra_commands: Mapping[str, Callable[[list[str]], Any]] | None = None,
+    args: list[str] | None = None,
+    run: bool = True,
+) -> TaskCLI | Any:
+    """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
+
+    ``extra_commands`` maps further subcommands (``extract``, ``export``...) to functions that
+    take the remaining argv. Logs and checkpoints go to ``runs/<task>/`` unless the YAML says
+    otherwise (``trainer.default_root_dir``, ``trainer.logger``).
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if extra_commands and argv and argv[0] in extra_commands:
+        return extra_commands[argv[0]](argv[1:])
+
+    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), {"task_monitor": monitor, "task_links": tuple(links)})
+    root = f"runs/{task}"
+    trainer_defaults = {
+        "default_root_dir": root,
+        "plugins": [AtomicCheckpointIO()],
+        "logger": [
+            # the first logger's folder (runs/<task>/version_N) also holds checkpoints and config.yaml
+            {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": root, "name": "", "default_hp_metric": False},
+            },
+            {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
+        ],
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI.*subclass_mode.*")
+        return cli_cls(
+            model_class,
+            datamodule_class,
+            trainer_defaults=trainer_defaults,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+            run=run,
+        )
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (on global rank 0 only); return the path."""
+    import json
+
+    path = Path(path)
+    if is_global_zero():
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(obj, indent=2, default=float))
+    return path

@@ -1,0 +1,1 @@
+"""Datasets the project generates itself (so demos and tests need no download)."""

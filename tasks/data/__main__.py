@@ -1,0 +1,50 @@
+"""``python -m tasks.data <generator> --out DIR [--field value ...]``.
+
+Every generator is a (config dataclass, function) pair; its dataclass fields become flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from .shapes import ShapesConfig, generate_shapes
+
+#: name -> (config dataclass, generate(root, cfg) -> Path, help)
+GENERATORS: dict[str, tuple[type, Callable[..., Any], str]] = {
+    "shapes": (ShapesConfig, generate_shapes, "synthetic shapes: COCO + VOC layouts, boxes and masks"),
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, tuple):
+            parser.add_argument(flag, nargs="+", default=default, help=f"(default: {' '.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=hints[f.name], default=default, help=f"(default: {default})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.data", description=__doc__)
+    sub = parser.add_subparsers(dest="generator", required=True)
+    for name, (cfg_cls, _, help_text) in GENERATORS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--out", required=True, help="output folder (replaced)")
+        _add_fields(p, cfg_cls)
+    args = vars(parser.parse_args(argv))
+    name, out = args.pop("generator"), args.pop("out")
+    cfg_cls, generate, _ = GENERATORS[name]
+    cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    path = generate(out, cfg)
+    print(f"wrote {name} dataset to {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
