@@ -6,6 +6,7 @@
 ([256, 512, 512], [4, 8, 16])
 """
 
+from .optimize import InferenceModule, fold_batchnorm, optimize_for_inference
 from .vgg import ARCHS, TAPS, VGGBackbone, VGGConfig, get_config
 from .weights import CAFFE, IMAGENET, InputNormalization, WeightsError
 
@@ -15,11 +16,14 @@ __all__ = [
     "ARCHS",
     "CAFFE",
     "IMAGENET",
+    "InferenceModule",
     "TAPS",
     "InputNormalization",
     "VGGBackbone",
     "VGGConfig",
     "WeightsError",
     "__version__",
+    "fold_batchnorm",
     "get_config",
+    "optimize_for_inference",
 ]
