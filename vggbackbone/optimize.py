@@ -293,7 +293,9 @@ def optimize_for_inference(
     if precision not in ("auto", *_DTYPES):
         raise ValueError(f"precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got {precision!r}")
     if compile not in (False, True, "default", "max-autotune", "reduce-overhead"):
-        raise ValueError(f"compile must be False, True, 'default', 'max-autotune' or 'reduce-overhead', got {compile!r}")
+        raise ValueError(
+            f"compile must be False, True, 'default', 'max-autotune' or 'reduce-overhead', got {compile!r}"
+        )
     device = torch.device(device) if device is not None else _model_device(model)
     if precision == "auto":
         precision = default_precision(device)

@@ -1,0 +1,325 @@
+"""Inference optimisation steps on VGG16 conv taps, torchvision fp32 eager = 1.0.
+
+    python benchmarks/optimize.py                       # 8x224, prints the table
+    python benchmarks/optimize.py --shapes 8x224,1x600x800 --write
+
+Contenders (all share one set of random weights, so errors are comparable):
+
+* torchvision ``create_feature_extractor`` on ``vgg16`` (taps = the ReLU before each pool) and
+  ``vgg16_bn`` (BatchNorm statistics randomised so folding has work to do): the baselines;
+* ours (``VGGBackbone``) eager, then :func:`vggbackbone.optimize_for_inference` step by step:
+  channels_last, BN folding, bf16/fp16 autocast (NCHW, channels_last), ``torch.compile`` with
+  freezing; smp's VGG16 encoder (weights=None) when segmentation-models-pytorch is installed.
+
+A reduced precision that the device has no fast kernels for (bf16/fp16 on a CPU without
+AMX/AVX512-BF16) runs 10-300x slower than fp32; those rows are measured on a small probe
+input (``--probe``, default 1x64x64) next to the torchvision baseline *at that probe size*,
+so their speedup is still a measured side-by-side ratio. ``--full-slow`` measures them at full
+size anyway (can take many minutes).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    count_gflops,
+    environment,
+    environment_markdown,
+    fmt,
+    markdown_table,
+    matmul_peak,
+    parse_args,
+    save_figure,
+    time_interleaved,
+    update_section,
+)
+from vggbackbone import VGGBackbone, optimize_for_inference  # noqa: E402
+from vggbackbone.optimize import fast_reduced_precision  # noqa: E402
+
+SCRIPT = "benchmarks/optimize.py"
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"8x224"`` -> (8, 224, 224); ``"1x600x800"`` -> (1, 600, 800)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) == 2:
+        return parts[0], parts[1], parts[1]
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    raise ValueError(f"shape must be NxS or NxHxW, got {text!r}")
+
+
+def torchvision_conv_taps(features: nn.Sequential) -> dict[str, str]:
+    """``{"features.<i>": "convK"}`` for the ReLU before each max-pool of a torchvision VGG."""
+    taps, block, last_relu = {}, 1, None
+    for i, m in enumerate(features):
+        if isinstance(m, nn.ReLU):
+            last_relu = i
+        elif isinstance(m, nn.MaxPool2d):
+            taps[f"features.{last_relu}"] = f"conv{block}"
+            block += 1
+    return taps
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@dataclass
+class Contender:
+    name: str
+    group: str  # the torchvision baseline it is compared with: "vgg16" or "vgg16_bn"
+    model: Callable[[Tensor], dict[str, Tensor]]
+    precision: str = "fp32"
+
+
+def build_models(device: torch.device, compile_modes: list[Any]) -> tuple[list[Contender], dict[str, Contender]]:
+    """All contenders (same weights per arch) and the two torchvision baselines."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    tv16 = torchvision.models.vgg16().eval()
+    tv16bn = torchvision.models.vgg16_bn().eval()
+    randomize_batchnorm(tv16bn)
+    ours: dict[str, VGGBackbone] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, tv in (("vgg16", tv16), ("vgg16_bn", tv16bn)):
+            path = Path(tmp) / f"{arch}.pth"
+            torch.save(tv.state_dict(), path)
+            ours[arch] = VGGBackbone(arch, weights=str(path)).eval().to(device)
+
+    def eager(m: nn.Module) -> Callable[[Tensor], Any]:
+        def run(x: Tensor) -> Any:
+            with torch.inference_mode():
+                return m(x)
+
+        return run
+
+    baselines = {}
+    for arch, tv in (("vgg16", tv16), ("vgg16_bn", tv16bn)):
+        extractor = create_feature_extractor(tv, torchvision_conv_taps(tv.features)).to(device)
+        baselines[arch] = Contender(f"torchvision {arch} (fp32 eager)", arch, eager(extractor))
+    rows = [baselines["vgg16"], Contender("ours vgg16 (fp32 eager)", "vgg16", eager(ours["vgg16"]))]
+    try:
+        import segmentation_models_pytorch as smp
+
+        enc = smp.encoders.get_encoder("vgg16", weights=None)
+        enc.load_state_dict({k: v for k, v in tv16.state_dict().items() if k.startswith("features.")})
+        enc = enc.eval().to(device)
+        smp_run = eager(enc)
+        rows.append(Contender("smp vgg16 encoder (fp32 eager)", "vgg16", lambda x: {"conv5": smp_run(x)[4]}))
+    except ImportError:
+        pass
+
+    def opt(arch: str, **kw: Any) -> nn.Module:
+        return optimize_for_inference(ours[arch], device=device, **kw)
+
+    rows += [
+        Contender("+ channels_last", "vgg16", opt("vgg16", precision="fp32")),
+        Contender("bf16 autocast, NCHW", "vgg16", opt("vgg16", precision="bf16", channels_last=False), "bf16"),
+        Contender("bf16 autocast + channels_last", "vgg16", opt("vgg16", precision="bf16"), "bf16"),
+        Contender("fp16 autocast + channels_last", "vgg16", opt("vgg16", precision="fp16"), "fp16"),
+    ]
+    for mode in compile_modes:
+        label = "compile" if mode is True else f"compile {mode}"
+        for precision in ("fp32", "bf16"):
+            model = opt("vgg16", precision=precision, compile=mode)
+            rows.append(Contender(f"{precision} + channels_last + {label} (freezing)", "vgg16", model, precision))
+    rows += [
+        baselines["vgg16_bn"],
+        Contender("ours vgg16_bn (fp32 eager)", "vgg16_bn", eager(ours["vgg16_bn"])),
+        Contender("+ BN folding, NCHW", "vgg16_bn", opt("vgg16_bn", precision="fp32", channels_last=False)),
+        Contender("+ BN folding + channels_last", "vgg16_bn", opt("vgg16_bn", precision="fp32")),
+    ]
+    return rows, baselines
+
+
+def measure(
+    rows: list[Contender],
+    baselines: dict[str, Contender],
+    shape: tuple[int, int, int],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> list[dict[str, Any]]:
+    """Time ``rows`` side by side on one input of ``shape``; error of conv5 vs the group's baseline."""
+    n, h, w = shape
+    x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        ref = {g: b.model(x)["conv5"].float() for g, b in baselines.items() if any(r.group == g for r in rows)}
+    gflop = {g: count_gflops(lambda b=b: b.model(x[:1])) * n for g, b in baselines.items()}
+    conv5: dict[str, Tensor] = {}
+
+    def call(r: Contender) -> Callable[[], None]:
+        def run() -> None:
+            conv5[r.name] = r.model(x)["conv5"]  # keep only conv5 (the taps at 8x224 are ~200 MB)
+
+        return run
+
+    all_rows = [b for b in baselines.values() if b.group in ref and b not in rows] + rows
+    timings = time_interleaved({r.name: call(r) for r in all_rows}, device, repeats=repeats, warmup=warmup)
+    out = []
+    for r in all_rows:
+        t = timings[r.name]
+        base = timings[baselines[r.group].name].median
+        err = ((conv5[r.name].float() - ref[r.group]).abs().max() / ref[r.group].abs().max()).item()
+        out.append(
+            dict(
+                name=r.name,
+                group=r.group,
+                precision=r.precision,
+                input=f"{n}x3x{h}x{w}",
+                images_s=n / t.median,
+                speedup=base / t.median,
+                speedup_best=min(timings[baselines[r.group].name].samples) / min(t.samples),
+                gflops_s=gflop[r.group] / t.median,
+                err=err,
+                first_s=t.first,
+                spread=t.spread,
+            )
+        )
+    return out
+
+
+def run(args: Any) -> None:
+    device = args.device
+    compile_modes: list[Any] = [] if args.no_compile else [True] + (["max-autotune"] if args.max_autotune else [])
+    print(f"measuring matmul peaks on {device} ...", flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    peaks = {p: matmul_peak(dt, device) for p, dt in dtypes.items()}
+    print("  " + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items()), flush=True)
+    fast = set(fast_reduced_precision(device))
+    probe = parse_shape(args.probe)
+
+    for shape_text in args.shapes.split(","):
+        shape = parse_shape(shape_text)
+        env = environment(device)
+        rows, baselines = build_models(device, compile_modes)  # fresh models: compiled ones see one shape
+        slow = [r for r in rows if r.precision != "fp32" and r.precision not in fast and not args.full_slow]
+        full = [r for r in rows if r not in slow]
+        print(f"{shape_text}: timing {len(full)} contenders at full size ...", flush=True)
+        results = measure(full, baselines, shape, device, args.repeats, args.warmup)
+        if slow:
+            print(f"{shape_text}: timing {len(slow)} slow contenders at probe size {args.probe} ...", flush=True)
+            results += measure(slow, {"vgg16": baselines["vgg16"]}, probe, device, min(args.repeats, 3), 1)
+        table = render(results, peaks, args.probe, bool(slow))
+        peak_lines = {f"{p} matmul peak (measured)": f"{fmt(v)} GFLOP/s" for p, v in peaks.items()}
+        header = environment_markdown(env, peak_lines)
+        command = f"python {SCRIPT} --shapes {shape_text} --repeats {args.repeats} --write"
+        body = f"Command: `{command}`\n\n{header}\n\n{table}"
+        print(body, flush=True)
+        if args.write:
+            name, img = section_name(shape_text, device), img_name(shape_text, device)
+            plot(results, name, img)
+            update_section(name, body + f"\n\n![{name}](img/{img}.png)", script=SCRIPT)
+        del rows, baselines
+
+
+def section_name(shape_text: str, device: torch.device) -> str:
+    """One section per shape and device type (CPU runs never overwrite GPU ones)."""
+    where = "" if device.type == "cpu" else f", {device.type}"
+    return f"Inference optimisation steps (VGG16 conv taps, {shape_text}{where})"
+
+
+def img_name(shape_text: str, device: torch.device) -> str:
+    return f"optimize_{shape_text}" + ("" if device.type == "cpu" else f"_{device.type}")
+
+
+def render(results: list[dict[str, Any]], peaks: dict[str, float], probe: str, probed: bool) -> str:
+    headers = [
+        "step", "input", "images/s", "speedup vs torchvision", "speedup (best-of)", "GFLOP/s", "% fp32 peak",
+        "% own-dtype peak",
+        "conv5 max rel. err", "first call s", "spread",
+    ]  # fmt: skip
+    rows = []
+    for r in results:
+        mark = " †" if r["input"] != results[0]["input"] else ""
+        rows.append(
+            [
+                r["name"] + mark,
+                r["input"],
+                fmt(r["images_s"]),
+                fmt(r["speedup"]) + "x",
+                fmt(r["speedup_best"]) + "x",
+                fmt(r["gflops_s"]),
+                fmt(100 * r["gflops_s"] / peaks["fp32"]) + "%",
+                "-" if r["precision"] == "fp32" else fmt(100 * r["gflops_s"] / peaks[r["precision"]]) + "%",
+                f"{r['err']:.1e}",
+                fmt(r["first_s"]),
+                fmt(100 * r["spread"], 2) + "%",
+            ]
+        )
+    notes = [
+        "Speedup is against the torchvision baseline of the same arch (vgg16 rows: torchvision vgg16; "
+        "vgg16_bn rows: torchvision vgg16_bn), timed interleaved in the same process; median of the repeats "
+        "(`speedup (best-of)`: ratio of the fastest repeats, less sensitive to other processes' load). "
+        "`spread` = (max - min) / median of the repeats. `first call s` includes compilation for compiled rows. "
+        "`% own-dtype peak`: a bf16/fp16 row against the measured matmul peak of that dtype (convolutions use "
+        "other kernels than `torch.mm`, so it can exceed 100% where that dtype has no fast GEMM).",
+    ]
+    if probed:
+        notes.append(
+            f"† measured on the probe input {probe} (N x S) because this device has no fast kernels for that "
+            "precision "
+            f"(see the environment lines); the speedup of a † row is against torchvision vgg16 fp32 timed at the "
+            f"same probe size."
+        )
+    return markdown_table(headers, rows) + "\n\n" + "\n\n".join(notes)
+
+
+def plot(results: list[dict[str, Any]], title: str, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(results) + 1.2))
+    labels = [r["name"] + (" †" if r["input"] != results[0]["input"] else "") for r in results]
+    values = [r["speedup"] for r in results]
+    palette = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:orange"}
+    colors = ["tab:gray" if r["name"].startswith("torchvision") else palette[r["precision"]] for r in results]
+    ax.barh(range(len(results)), values, color=colors)
+    ax.set_yticks(range(len(results)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2g}x", va="center", fontsize=7)
+    ax.set_xlabel("speedup vs torchvision fp32 eager (log scale; blue fp32, orange bf16/fp16)")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def extra(p: Any) -> None:
+        p.add_argument("--shapes", default="8x224", help="comma-separated NxS or NxHxW inputs, e.g. 8x224,1x600x800")
+        p.add_argument("--probe", default="1x64", help="input for precisions without fast kernels on this device")
+        p.add_argument("--full-slow", action="store_true", help="measure slow precisions at full size too")
+        p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+        p.add_argument("--max-autotune", action="store_true", help="also compile with mode='max-autotune'")
+
+    run(parse_args(__doc__.splitlines()[0], argv, extra))
+
+
+if __name__ == "__main__":
+    main()
