@@ -164,8 +164,8 @@ def render(results: list[dict[str, Any]], batch: int) -> str:
     ]
     note = (
         f"Batch {batch} per call, time per image = median call time / {batch}. GFLOPs per image count "
-        "convolutions and linear layers only (2 FLOPs per multiply-add); fwd+bwd counts the backward's "
-        "convolutions too (about 2x the forward; conv1's input gradient is not computed). "
+        "convolutions and linear layers only (2 FLOPs per multiply-add); fwd+bwd adds the backward "
+        "(about 2x the forward: input and weight gradients; none for the image itself). "
         "`spread` = (max - min) / median of the repeats."
     )
     return markdown_table(headers, rows) + "\n\n" + note
@@ -187,9 +187,9 @@ def plot(results: list[dict[str, Any]], name: str) -> None:
     ax1.set_ylabel("ms per image (log)")
     ax1.legend(fontsize=8)
     ax1.set_title("time per image, measured", fontsize=9)
-    for r, name in zip(results, labels):
+    for r, label in zip(results, labels):
         ax2.scatter(r["gflop_fwd"], r["train_ms"], s=max(8.0, r["params"] / 1e6))
-        ax2.annotate(name, (r["gflop_fwd"], r["train_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.annotate(label, (r["gflop_fwd"], r["train_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("forward GFLOPs per image (log)")

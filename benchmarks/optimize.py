@@ -20,7 +20,9 @@ size anyway (can take many minutes).
 
 from __future__ import annotations
 
-import copy
+import atexit
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -203,6 +205,10 @@ def measure(
 
 def run(args: Any) -> None:
     device = args.device
+    if not args.warm_compile_cache:  # `first call s` of compiled rows = a cold compile, reproducibly
+        cache = tempfile.mkdtemp(prefix="vggbackbone-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     compile_modes: list[Any] = [] if args.no_compile else [True] + (["max-autotune"] if args.max_autotune else [])
     print(f"measuring matmul peaks on {device} ...", flush=True)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -273,16 +279,17 @@ def render(results: list[dict[str, Any]], peaks: dict[str, float], probe: str, p
         "Speedup is against the torchvision baseline of the same arch (vgg16 rows: torchvision vgg16; "
         "vgg16_bn rows: torchvision vgg16_bn), timed interleaved in the same process; median of the repeats "
         "(`speedup (best-of)`: ratio of the fastest repeats, less sensitive to other processes' load). "
-        "`spread` = (max - min) / median of the repeats. `first call s` includes compilation for compiled rows. "
+        "`spread` = (max - min) / median of the repeats. `first call s` includes compilation for compiled rows "
+        "(a cold compile: the script gives inductor an empty cache directory). "
         "`% own-dtype peak`: a bf16/fp16 row against the measured matmul peak of that dtype (convolutions use "
         "other kernels than `torch.mm`, so it can exceed 100% where that dtype has no fast GEMM).",
     ]
     if probed:
         notes.append(
             f"† measured on the probe input {probe} (N x S) because this device has no fast kernels for that "
-            "precision "
-            f"(see the environment lines); the speedup of a † row is against torchvision vgg16 fp32 timed at the "
-            f"same probe size."
+            "precision (see the environment lines); the speedup of a † row is against torchvision vgg16 fp32 "
+            "timed at the same probe size. fp32 is less efficient on such a small input than at full size, so "
+            "† ratios flatter the reduced precision (`--probe 1x112` or `--full-slow` for closer numbers)."
         )
     return markdown_table(headers, rows) + "\n\n" + "\n\n".join(notes)
 
@@ -292,19 +299,24 @@ def plot(results: list[dict[str, Any]], title: str, name: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(results) + 1.2))
     labels = [r["name"] + (" †" if r["input"] != results[0]["input"] else "") for r in results]
     values = [r["speedup"] for r in results]
     palette = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:orange"}
     colors = ["tab:gray" if r["name"].startswith("torchvision") else palette[r["precision"]] for r in results]
-    ax.barh(range(len(results)), values, color=colors)
+    # bars grow from 1.0 (no change): right = faster, left = slower than torchvision
+    ax.barh(range(len(results)), [v - 1.0 for v in values], left=1.0, color=colors)
     ax.set_yticks(range(len(results)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="k", lw=0.8)
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2g}x", va="center", fontsize=7)
+        ax.text(max(v, 1.0), i, f" {v:.2g}x", va="center", fontsize=7)
     ax.set_xlabel("speedup vs torchvision fp32 eager (log scale; blue fp32, orange bf16/fp16)")
     ax.set_title(title, fontsize=9)
     save_figure(fig, name)
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--full-slow", action="store_true", help="measure slow precisions at full size too")
         p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
         p.add_argument("--max-autotune", action="store_true", help="also compile with mode='max-autotune'")
+        p.add_argument("--warm-compile-cache", action="store_true", help="reuse inductor's cache (faster first call)")
 
     run(parse_args(__doc__.splitlines()[0], argv, extra))
 

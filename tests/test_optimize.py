@@ -203,3 +203,43 @@ def test_compile_with_freezing_matches_eager() -> None:
     out = fast(x)["conv2"]
     assert rel_err(out, ref) < RELATIVE_TOLERANCE["fp32"]
     assert opt._compile_options(True, torch.device("cpu")) == {"freezing": True}
+
+
+def test_torchvision_faster_rcnn_on_vgg_backbone() -> None:
+    # The detector's shape (list of images in, list of {boxes, labels, scores} out) before the
+    # task model lands: torchvision's FasterRCNN on a small VGG-A-BN conv5.
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = VGGBackbone("vgg11_bn", ["conv5"], width_mult=0.125)
+    det = FasterRCNN(
+        backbone,
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        rpn_anchor_generator=AnchorGenerator(((16, 32),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["conv5"], 7, 2),
+        rpn_pre_nms_top_n_test=50,
+        rpn_post_nms_top_n_test=20,
+        box_score_thresh=0.0,
+        box_detections_per_img=10,
+    )
+    det = randomize_batchnorm(det).eval()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        ref = det(images)
+    fast = optimize_for_inference(det, precision="fp32")
+    assert fast.folded_batchnorms == 8
+    out = fast(images)
+    for o, r in zip(out, ref):
+        assert len(o["boxes"]) == len(r["boxes"]) == 10
+        assert torch.equal(o["labels"], r["labels"])
+        torch.testing.assert_close(o["boxes"], r["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(o["scores"], r["scores"], rtol=0, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out16 = optimize_for_inference(det, precision="bf16")(images)
+    # bf16 reorders near-tied detections of a random model, so only the structure is compared
+    assert [sorted(o) for o in out16] == [sorted(r) for r in ref]
+    assert all(o["boxes"].dtype == torch.float32 and o["boxes"].shape == (10, 4) for o in out16)

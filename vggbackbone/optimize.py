@@ -184,7 +184,8 @@ class InferenceModule(nn.Module):
     channels_last when enabled. It runs under :func:`torch.inference_mode`, and returns the
     model's outputs with floating tensors in float32 (their memory format may be
     channels_last: call ``.contiguous()`` before ``.view``). Attributes of the wrapped model
-    (``out_channels``, ``feature_info`` ...) are reachable on the wrapper.
+    (``out_channels``, ``feature_info`` ...) are reachable on the wrapper. The device is fixed
+    at creation (autocast and compilation are set up for it): to move, optimize again.
     """
 
     def __init__(
@@ -199,7 +200,7 @@ class InferenceModule(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.device = device
+        self.device = device  # fixed: autocast and compilation are set up for it
         self.precision = precision
         self.channels_last = channels_last
         self.compile_mode = compile
@@ -213,9 +214,7 @@ class InferenceModule(nn.Module):
         super().train(False)
 
     def _prepare_input(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t.to(self.device)
-        if self.channels_last and t.dim() == 4:
+        if self.channels_last and t.dim() == 4 and t.is_floating_point():
             return t.to(self.device, memory_format=torch.channels_last)
         return t.to(self.device)
 
