@@ -9,7 +9,9 @@ Contenders (all share one set of random weights, so errors are comparable):
   ``vgg16_bn`` (BatchNorm statistics randomised so folding has work to do): the baselines;
 * ours (``VGGBackbone``) eager, then :func:`vggbackbone.optimize_for_inference` step by step:
   channels_last, BN folding, bf16/fp16 autocast (NCHW, channels_last), ``torch.compile`` with
-  freezing; smp's VGG16 encoder (weights=None) when segmentation-models-pytorch is installed.
+  freezing; smp's VGG16 encoder (weights=None) when segmentation-models-pytorch is installed;
+  on CPU, the same backbone exported with ``torch.onnx.export`` and run by ONNX Runtime (when
+  installed) — not part of ``optimize_for_inference``, shown for comparison.
 
 A reduced precision that the device has no fast kernels for (bf16/fp16 on a CPU without
 AMX/AVX512-BF16) runs 10-300x slower than fp32; those rows are measured on a small probe
@@ -25,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +95,39 @@ class Contender:
     group: str  # the torchvision baseline it is compared with: "vgg16" or "vgg16_bn"
     model: Callable[[Tensor], dict[str, Tensor]]
     precision: str = "fp32"
+    setup_s: float = 0.0  # optimize_for_inference / ONNX export + session creation
 
 
-def build_models(device: torch.device, compile_modes: list[Any]) -> tuple[list[Contender], dict[str, Contender]]:
+def timed(build: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = build()
+    return out, time.perf_counter() - t0
+
+
+def onnxruntime_runner(model: nn.Module, shape: tuple[int, int, int]) -> Callable[[Tensor], dict[str, Tensor]] | None:
+    """``model`` exported with ``torch.onnx.export`` (static shape) and run by onnxruntime's CPU provider."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    n, h, w = shape
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (torch.randn(n, 3, h, w),), str(path), dynamo=True, external_data=False, verbose=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        return {"conv5": torch.from_numpy(session.run(None, {input_name: x.numpy()})[-1])}  # outputs in tap order
+
+    return run
+
+
+def build_models(
+    device: torch.device, compile_modes: list[Any], shape: tuple[int, int, int]
+) -> tuple[list[Contender], dict[str, Contender]]:
     """All contenders (same weights per arch) and the two torchvision baselines."""
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
@@ -133,25 +166,30 @@ def build_models(device: torch.device, compile_modes: list[Any]) -> tuple[list[C
     except ImportError:
         pass
 
-    def opt(arch: str, **kw: Any) -> nn.Module:
-        return optimize_for_inference(ours[arch], device=device, **kw)
+    def opt(name: str, arch: str, precision: str = "fp32", **kw: Any) -> Contender:
+        model, seconds = timed(lambda: optimize_for_inference(ours[arch], device=device, precision=precision, **kw))
+        return Contender(name, arch, model, precision, seconds)
 
     rows += [
-        Contender("+ channels_last", "vgg16", opt("vgg16", precision="fp32")),
-        Contender("bf16 autocast, NCHW", "vgg16", opt("vgg16", precision="bf16", channels_last=False), "bf16"),
-        Contender("bf16 autocast + channels_last", "vgg16", opt("vgg16", precision="bf16"), "bf16"),
-        Contender("fp16 autocast + channels_last", "vgg16", opt("vgg16", precision="fp16"), "fp16"),
+        opt("+ channels_last", "vgg16"),
+        opt("bf16 autocast, NCHW", "vgg16", "bf16", channels_last=False),
+        opt("bf16 autocast + channels_last", "vgg16", "bf16"),
+        opt("fp16 autocast + channels_last", "vgg16", "fp16"),
     ]
     for mode in compile_modes:
         label = "compile" if mode is True else f"compile {mode}"
         for precision in ("fp32", "bf16"):
-            model = opt("vgg16", precision=precision, compile=mode)
-            rows.append(Contender(f"{precision} + channels_last + {label} (freezing)", "vgg16", model, precision))
+            rows.append(opt(f"{precision} + channels_last + {label} (freezing)", "vgg16", precision, compile=mode))
+    if device.type == "cpu":
+        runner, seconds = timed(lambda: onnxruntime_runner(ours["vgg16"], shape))
+        if runner is not None:
+            name = "ONNX Runtime fp32 (torch.onnx.export, CPU provider)"
+            rows.append(Contender(name, "vgg16", runner, "fp32", seconds))
     rows += [
         baselines["vgg16_bn"],
         Contender("ours vgg16_bn (fp32 eager)", "vgg16_bn", eager(ours["vgg16_bn"])),
-        Contender("+ BN folding, NCHW", "vgg16_bn", opt("vgg16_bn", precision="fp32", channels_last=False)),
-        Contender("+ BN folding + channels_last", "vgg16_bn", opt("vgg16_bn", precision="fp32")),
+        opt("+ BN folding, NCHW", "vgg16_bn", channels_last=False),
+        opt("+ BN folding + channels_last", "vgg16_bn"),
     ]
     return rows, baselines
 
@@ -196,7 +234,7 @@ def measure(
                 speedup_best=min(timings[baselines[r.group].name].samples) / min(t.samples),
                 gflops_s=gflop[r.group] / t.median,
                 err=err,
-                first_s=t.first,
+                first_s=t.first + r.setup_s,
                 spread=t.spread,
             )
         )
@@ -220,7 +258,7 @@ def run(args: Any) -> None:
     for shape_text in args.shapes.split(","):
         shape = parse_shape(shape_text)
         env = environment(device)
-        rows, baselines = build_models(device, compile_modes)  # fresh models: compiled ones see one shape
+        rows, baselines = build_models(device, compile_modes, shape)  # fresh models: compiled ones see one shape
         slow = [r for r in rows if r.precision != "fp32" and r.precision not in fast and not args.full_slow]
         full = [r for r in rows if r not in slow]
         print(f"{shape_text}: timing {len(full)} contenders at full size ...", flush=True)
@@ -255,7 +293,7 @@ def render(results: list[dict[str, Any]], peaks: dict[str, float], probe: str, p
     headers = [
         "step", "input", "images/s", "speedup vs torchvision", "speedup (best-of)", "GFLOP/s", "% fp32 peak",
         "% own-dtype peak",
-        "conv5 max rel. err", "first call s", "spread",
+        "conv5 max rel. err", "setup + first call s", "spread",
     ]  # fmt: skip
     rows = []
     for r in results:
@@ -279,7 +317,9 @@ def render(results: list[dict[str, Any]], peaks: dict[str, float], probe: str, p
         "Speedup is against the torchvision baseline of the same arch (vgg16 rows: torchvision vgg16; "
         "vgg16_bn rows: torchvision vgg16_bn), timed interleaved in the same process; median of the repeats "
         "(`speedup (best-of)`: ratio of the fastest repeats, less sensitive to other processes' load). "
-        "`spread` = (max - min) / median of the repeats. `first call s` includes compilation for compiled rows "
+        "`spread` = (max - min) / median of the repeats. `setup + first call s`: optimize_for_inference or "
+        "ONNX export + session creation, plus the first "
+        "call, which includes compilation for compiled rows "
         "(a cold compile: the script gives inductor an empty cache directory). "
         "`% own-dtype peak`: a bf16/fp16 row against the measured matmul peak of that dtype (convolutions use "
         "other kernels than `torch.mm`, so it can exceed 100% where that dtype has no fast GEMM).",
