@@ -159,8 +159,13 @@ class _FC(nn.Sequential):
         super().__init__(layers)
 
 
-def _is_fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing()
+def _is_tracing(x: Tensor) -> bool:
+    """True under torch.jit.trace, torch.compile/export or torch.fx tracing (shapes are symbolic)."""
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or isinstance(x, torch.fx.Proxy)
+    )
 
 
 class VGGBackbone(nn.Module):
@@ -210,8 +215,6 @@ class VGGBackbone(nn.Module):
     Input ``(N, in_channels, H, W)``; ``H, W`` at least the stride of the deepest strided pool
     that runs (eager mode raises a clear error otherwise).
     """
-
-    return_layers: Dict[str, str]
 
     def __init__(
         self,
@@ -388,7 +391,7 @@ class VGGBackbone(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         """``x``: ``(N, C, H, W)`` -> ``OrderedDict`` of the requested taps (see the class table)."""
         if not torch.jit.is_scripting():
-            if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_fx_tracing()):
+            if not _is_tracing(x):
                 self._check_input(x)
         out: Dict[str, Tensor] = OrderedDict()
         for name, module in self.features.items():
