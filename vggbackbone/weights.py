@@ -269,6 +269,24 @@ def _resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
         ) from None
 
 
+def _load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, Tensor]:
+    """``w.get_state_dict()`` but with ``weights_only=True``: torchvision's own call unpickles the
+    cached file with ``weights_only=False``, so a tampered cache file could run code."""
+    from torch.hub import get_dir, load_state_dict_from_url
+
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
+    try:
+        obj = load_state_dict_from_url(w.url, progress=progress, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{cached}: refused to load torchvision weights {type(w).__name__}.{w.name}: the cached file pickles "
+            f"Python objects, not just tensors ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from e
+    return _unwrap(obj, str(cached))[0]
+
+
 def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -289,7 +307,7 @@ def load_vgg_state_dict(
             norm = InputNormalization.from_dict(meta["normalization"])
     else:
         w = _resolve_torchvision_weights(weights, cfg)
-        sd = w.get_state_dict(progress=progress, check_hash=True)
+        sd = _load_torchvision_state_dict(w, progress=progress)
         meta = {}
         desc = f"torchvision {type(w).__name__}.{w.name}"
         tf = w.transforms()
@@ -365,24 +383,34 @@ def load_backbone_weights(
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if shapes:
         raise WeightsError(f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8]))
-    nonfinite = [k for k in own if k in sd and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()]
+    nonfinite = [k for k in own if k in sd and not _all_finite(sd[k])]
     if nonfinite:
-        raise WeightsError(
-            f"{desc} has non-finite values in {nonfinite[:4]} (torchvision's IMAGENET1K_FEATURES ships NaN "
-            f"classifier weights): request taps up to pool5 only"
+        hint = (
+            " (torchvision's IMAGENET1K_FEATURES ships NaN classifier weights): request taps up to pool5 only"
+            if all(k.startswith(("features.fc6.", "features.fc7.")) for k in nonfinite)
+            else ""
         )
+        raise WeightsError(f"{desc} has non-finite values in {nonfinite[:4]}{hint}")
     own_sd = {k: sd[k] for k in own if k in sd}
     model.load_state_dict(own_sd, strict=False)
 
-    if normalization == "caffe" or (isinstance(normalization, InputNormalization) and normalization.name == "caffe"):
-        # weights trained on BGR: flip conv1_1's input channels so the model takes RGB
+    if normalization is None:
+        return norm if norm is not None else resolve_normalization(None, model.in_channels)
+    requested = resolve_normalization(normalization, model.in_channels)
+    if requested.name == "caffe" and meta["source"] != "native":
+        # Weights trained on BGR input: flip conv1_1's input channels so the model takes RGB.
+        # This package's own files are already stored RGB-first (flipped when first loaded).
         conv = model.features["conv1"][0]
         with torch.no_grad():
             conv.weight.copy_(conv.weight.flip(1))
-        return resolve_normalization("caffe", model.in_channels)
-    if normalization is not None:
-        return resolve_normalization(normalization, model.in_channels)
-    return norm if norm is not None else resolve_normalization(None, model.in_channels)
+    return requested
+
+
+def _all_finite(t: Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    # fast path: a finite sum means finite entries (one pass, no 100M-element bool mask)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _raw_keys_for_guess(weights: Any) -> dict[str, Tensor]:
