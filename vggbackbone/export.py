@@ -84,27 +84,30 @@ def verify_onnx(
     input_name: str = "images",
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    name: str | os.PathLike[str] | None = None,
 ) -> float:
     """Run ``path`` with onnxruntime on each input and compare with ``model``; return the worst error.
 
     The error of each output is ``max|onnx - torch| / max(1, max|torch|)``, so the tolerance
     reads the same for taps of any scale. Raises :class:`ExportVerificationError` (naming the
-    file, the output and the input shape) when it exceeds ``atol + rtol``, or when shapes differ.
+    file, or ``name`` if given, the output and the input shape) when it exceeds ``atol + rtol``,
+    or when shapes differ.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    label = name if name is not None else path  # the file's final name when checking a temp file
     worst = 0.0
     for x in inputs:
         with torch.no_grad():
             names, expected = _flatten_outputs(model(x))
         got = session.run(None, {input_name: x.detach().cpu().numpy()})
-        for name, want, have in zip(names, expected, got):
+        for out_name, want, have in zip(names, expected, got):
             want = want.detach().float().cpu()
             have_t = torch.from_numpy(have).float()
             if tuple(have_t.shape) != tuple(want.shape):
                 raise ExportVerificationError(
-                    f"{path}: output '{name}' has shape {tuple(have_t.shape)} in onnxruntime but "
+                    f"{label}: output '{out_name}' has shape {tuple(have_t.shape)} in onnxruntime but "
                     f"{tuple(want.shape)} in PyTorch for input {tuple(x.shape)}"
                 )
             if want.numel() == 0:
@@ -113,7 +116,7 @@ def verify_onnx(
             worst = max(worst, err)
             if err > atol + rtol:
                 raise ExportVerificationError(
-                    f"{path}: output '{name}' differs from PyTorch by {err:.3g} (relative to its max) "
+                    f"{label}: output '{out_name}' differs from PyTorch by {err:.3g} (relative to its max) "
                     f"for input {tuple(x.shape)}; tolerance {atol + rtol:.3g}"
                 )
     return worst
@@ -194,7 +197,7 @@ def export_onnx(
                 inputs = list(verify_inputs) if verify_inputs is not None else [example_input]
                 if verify_inputs is None and dynamic:
                     inputs.append(_second_input(example_input, size_multiple))
-                worst = verify_onnx(tmp, model, inputs, input_name=input_name, rtol=rtol, atol=atol)
+                worst = verify_onnx(tmp, model, inputs, input_name=input_name, rtol=rtol, atol=atol, name=path)
                 log.info("%s matches PyTorch on %d input(s) (worst relative error %.2g)", path, len(inputs), worst)
     finally:
         model.train(was_training)
