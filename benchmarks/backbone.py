@@ -85,7 +85,8 @@ def build_contenders(arch: str) -> dict[str, nn.Module]:
         out_indices = tuple(int(t[4:]) - 1 for t in TAPS)
         net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=out_indices).eval()
         # FeatureListNet flattens "features.<i>" into "features_<i>"
-        net.load_state_dict({k.replace("features.", "features_"): v for k, v in tv.features.state_dict(prefix="features.").items()})
+        sd = tv.features.state_dict(prefix="features.")
+        net.load_state_dict({k.replace("features.", "features_"): v for k, v in sd.items()})
         contenders["timm features_only"] = net
     return contenders
 
@@ -107,7 +108,10 @@ def check_same_outputs(contenders: dict[str, nn.Module], x: Tensor) -> None:
                 assert err < 1e-5, f"{name}: outputs differ from {ref_name} (max rel. err {err:.2g})"
 
 
-def bench_shape(contenders: dict[str, nn.Module], shape: tuple[int, int, int, int], args: Any, peak: float) -> list[list[str]]:
+def bench_shape(
+    contenders: dict[str, nn.Module], shape: tuple[int, int, int, int], args: Any, peak: float
+) -> list[list[str]]:
+    """Time every contender on one input shape; one table row each."""
     x = torch.randn(*shape, device=args.device)
     check_same_outputs(contenders, x)
     fns: dict[str, Callable[[], Any]] = {}
@@ -124,8 +128,9 @@ def bench_shape(contenders: dict[str, nn.Module], shape: tuple[int, int, int, in
     for name, t in timings.items():
         rate = gflops / t.median
         rows.append([
-            name, "x".join(map(str, shape)), fmt(t.median * 1e3), fmt(shape[0] / t.median), f"{base.median / t.median:.3f}",
-            f"{min(base.samples) / min(t.samples):.3f}", fmt(rate), f"{100 * rate / peak:.0f}%", f"{100 * t.spread:.0f}%",
+            name, "x".join(map(str, shape)), fmt(t.median * 1e3), fmt(shape[0] / t.median),
+            f"{base.median / t.median:.3f}", f"{min(base.samples) / min(t.samples):.3f}",
+            fmt(rate), f"{100 * rate / peak:.0f}%", f"{100 * t.spread:.0f}%",
         ])  # fmt: skip
     return rows
 

@@ -117,7 +117,8 @@ def test_layers_past_the_deepest_tap_are_not_built() -> None:
         if not list(m.children()):
             m.register_forward_hook(lambda mod, i, o, name=name: seen.append(name))
     bb(torch.randn(1, 3, 32, 32))
-    assert seen[-1] == "features.conv3.relu3_3" and len(seen) == len([m for m in bb.modules() if not list(m.children())])
+    leaves = [m for m in bb.modules() if not list(m.children())]
+    assert seen[-1] == "features.conv3.relu3_3" and len(seen) == len(leaves)
 
 
 def test_module_names_follow_caffe() -> None:
@@ -221,7 +222,8 @@ def test_output_stride_by_dilation(output_stride: int) -> None:
     for tap, s in zip(TAPS, dense.feature_info.reduction()):
         assert d[tap].shape[-2:] == (64 // s, 96 // s), tap
     # everything before the first stride-1 pool is the plain network, exactly
-    same = ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4"] + (["pool4", "conv5"] if output_stride == 16 else [])
+    same = ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4"]
+    same += ["pool4", "conv5"] if output_stride == 16 else []
     for tap in same:
         assert torch.equal(d[tap], p[tap]), tap
     with pytest.raises(ValueError, match=r"output_stride must be one of \[8, 16, 32\], got 4"):
@@ -246,7 +248,8 @@ def test_custom_block_spec_with_other_in_channels() -> None:
     assert list(bb.return_layers) == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc6", "fc7"]
     assert bb.feature_info.channels() == [16, 16, 24, 24, 40, 40, 4096, 4096]
     assert bb.feature_info.reduction() == [1, 2, 2, 4, 4, 8, 8, 8]
-    assert [n for n, m in bb.features.conv3.named_children() if isinstance(m, nn.Conv2d)] == ["conv3_1", "conv3_2", "conv3_3"]
+    convs3 = [n for n, m in bb.features.conv3.named_children() if isinstance(m, nn.Conv2d)]
+    assert convs3 == ["conv3_1", "conv3_2", "conv3_3"]
     assert isinstance(bb.features.conv3.bn3_3, nn.BatchNorm2d)
     assert bb.normalization.mean == (0.5,) * 4  # no ImageNet statistics for 4-channel input
     convs = [(4, 16), (16, 24), (24, 24), (24, 40), (40, 40), (40, 40)]
@@ -411,7 +414,8 @@ def test_torchvision_faster_rcnn_trains_on_vggbackbone() -> None:
         for x0, y0, x1, y1 in boxes:
             img[:, y0:y1, x0:x1] = 0.9
         images.append(img)
-        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor([1 + i, 2][: len(boxes)])})
+        labels = torch.tensor([1 + i, 2][: len(boxes)])
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": labels})
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     model.train()

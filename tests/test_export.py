@@ -106,7 +106,8 @@ def test_onnx_export_dynamic_batch_and_size(tmp_path) -> None:
 
     from vggbackbone.export import export_onnx
 
-    bb = randomize_(VGGBackbone("vgg11_bn", list(TAPS), width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True))
+    kw = dict(width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True)
+    bb = randomize_(VGGBackbone("vgg11_bn", list(TAPS), **kw))
     path = export_onnx(bb.eval(), tmp_path / "bb.onnx", torch.randn(1, 3, 64, 64))
     assert [p.name for p in tmp_path.iterdir()] == ["bb.onnx"]  # atomic: no temp file left
 
@@ -154,8 +155,10 @@ def test_export_cli(tmp_path, capsys) -> None:
     weights = src.save_weights(tmp_path / "w.safetensors")
     out = tmp_path / "model.onnx"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "vggbackbone.export", "--arch", "vgg11_bn", "--taps", "conv3", "conv4", "conv5",
-           "--weights", str(weights), "--width-mult", "0.125", "--input-size", "64", "64", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "vggbackbone.export", "--arch", "vgg11_bn", "--taps", "conv3", "conv4", "conv5",
+        "--weights", str(weights), "--width-mult", "0.125", "--input-size", "64", "64", "--out", str(out),
+    ]  # fmt: skip
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "matches PyTorch on 2 input(s)" in res.stderr

@@ -106,7 +106,8 @@ def test_torchvision_features_weights_nan_classifier_only_matters_for_fc_taps(bi
     assert bb.normalization.mean == pytest.approx((0.48235, 0.45882, 0.40784))  # from w.transforms()
     assert bb.normalization.std == pytest.approx((1 / 255,) * 3)
     assert bb.normalization.name == "IMAGENET1K_FEATURES"
-    with pytest.raises(WeightsError, match=r"non-finite values in \['features.fc6.conv.weight'.*request taps up to pool5"):
+    nan_error = r"non-finite values in \['features.fc6.conv.weight'.*request taps up to pool5"
+    with pytest.raises(WeightsError, match=nan_error):
         VGGBackbone("vgg16", ["fc7"], weights=w, progress=False)
 
 
@@ -143,7 +144,8 @@ def test_save_weights_round_trip_keeps_arch_and_normalization(tmp_path, suffix: 
     kw = dict(width_mult=0.125, fc_channels=64)
     src = randomize_(VGGBackbone("vgg16_bn", taps, normalization=CAFFE, **kw)).eval()
     path = src.save_weights(tmp_path / f"w{suffix}")
-    assert path == tmp_path / f"w{suffix}" and sorted(p.name for p in tmp_path.iterdir()) == [f"w{suffix}"]  # no temp left
+    assert path == tmp_path / f"w{suffix}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"w{suffix}"]  # no temp file left
 
     dst = VGGBackbone("vgg16_bn", taps, weights=path, **kw).eval()
     assert dst.normalization == CAFFE  # travels with the file, not passed again
@@ -160,7 +162,8 @@ def test_save_weights_round_trip_keeps_arch_and_normalization(tmp_path, suffix: 
 
     with pytest.raises(WeightsError, match=rf"{path}: saved from arch vgg16_bn, but this backbone is vgg13_bn"):
         VGGBackbone("vgg13_bn", ["conv3"], weights=path, **kw)
-    with pytest.raises(WeightsError, match=r"(?s)wrong shape.*features.conv1.conv1_1.weight: file \(8, 3, 3, 3\) vs model \(64, 3, 3, 3\)"):
+    shape_error = r"(?s)wrong shape.*features.conv1.conv1_1.weight: file \(8, 3, 3, 3\) vs model \(64, 3, 3, 3\)"
+    with pytest.raises(WeightsError, match=shape_error):
         VGGBackbone("vgg16_bn", ["conv3"], weights=path)
 
 
@@ -223,16 +226,22 @@ def test_wrong_arch_file_names_the_file_and_the_keys(tmp_path) -> None:
         "build VGGBackbone('vgg13', ...) for this file"
     )
     # vgg16 and vgg16_c (C) share a key layout; the kernel shapes tell them apart
-    with pytest.raises(WeightsError, match=r"(?s)wrong shape.*conv3_3.weight: file \(256, 256, 3, 3\) vs model \(256, 256, 1, 1\)"):
+    shape_error = r"(?s)wrong shape.*conv3_3.weight: file \(256, 256, 3, 3\) vs model \(256, 256, 1, 1\)"
+    with pytest.raises(WeightsError, match=shape_error):
         VGGBackbone("vgg16_c", ["conv5"], weights=_features_file(tmp_path, "vgg16"))
     # a features file cut short names what is missing
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in tv_features_state_dict("vgg13").items() if not k.startswith("features.22.")}, partial)
-    with pytest.raises(WeightsError, match=r"does not match VGGBackbone\(vgg13\)\n  missing keys \(2\): \['features.conv5.conv5_2.weight', 'features.conv5.conv5_2.bias'\]"):
+    missing = (
+        r"does not match VGGBackbone\(vgg13\)\n"
+        r"  missing keys \(2\): \['features.conv5.conv5_2.weight', 'features.conv5.conv5_2.bias'\]"
+    )
+    with pytest.raises(WeightsError, match=missing):
         VGGBackbone("vgg13", ["conv5"], weights=partial)
     VGGBackbone("vgg13", ["conv4"], weights=partial)  # the missing layer is not built
 
-    with pytest.raises(WeightsError, match=r"features.conv1.conv1_1.weight: file \(64, 3, 3, 3\) vs model \(64, 1, 3, 3\)"):
+    shape_error = r"features.conv1.conv1_1.weight: file \(64, 3, 3, 3\) vs model \(64, 1, 3, 3\)"
+    with pytest.raises(WeightsError, match=shape_error):
         VGGBackbone("vgg13", ["conv2"], weights=path, in_channels=1)
     with pytest.raises(WeightsError, match="is a vgg13_bn state dict .* but this backbone is vgg13"):
         VGGBackbone("vgg13", ["conv2"], weights=_features_file(tmp_path, "vgg13_bn"))

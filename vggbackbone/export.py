@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32])
     parser.add_argument("--ceil-mode", action="store_true", help="Caffe-style ceil rounding in the max-pools")
     parser.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (must match --weights)")
-    parser.add_argument("--normalization", default=None, choices=["imagenet", "caffe"], help="override the weights' input normalisation")
+    parser.add_argument(
+        "--normalization", default=None, choices=["imagenet", "caffe"], help="override the weights' input normalisation"
+    )
     parser.add_argument("--static", action="store_true", help="fix batch/height/width to the example input's")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")

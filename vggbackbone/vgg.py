@@ -286,6 +286,7 @@ class VGGBackbone(nn.Module):
         min_size = 1
         # With weights, every parameter and buffer comes from the file (the load is strict), so
         # build on the meta device: no random init of ~130M parameters that would be overwritten.
+        device = torch.get_default_device()  # where the loaded weights go (honours `with torch.device(...)`)
         device_ctx = torch.device("meta") if weights is not None else contextlib.nullcontext()
         with device_ctx:
             for i, spec in enumerate(cfg.blocks, start=1):
@@ -293,7 +294,9 @@ class VGGBackbone(nn.Module):
                     break
                 ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
                 spec_w = BlockSpec(ch, spec.kernels)
-                stages[f"conv{i}"] = _make_block(i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1)
+                stages[f"conv{i}"] = _make_block(
+                    i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1
+                )
                 info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
                 in_ch = ch
                 if f"pool{i}" not in build:
@@ -329,7 +332,7 @@ class VGGBackbone(nn.Module):
         else:
             from .weights import load_backbone_weights
 
-            self.to_empty(device="cpu")
+            self.to_empty(device=device)
             for name, buf in self.named_buffers():
                 if name.endswith("num_batches_tracked"):  # the only key a file may lack
                     buf.zero_()
