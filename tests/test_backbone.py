@@ -436,3 +436,31 @@ def test_torchvision_faster_rcnn_trains_on_vggbackbone() -> None:
     with torch.no_grad():
         (det,) = model([images[0]])
     assert set(det) == {"boxes", "labels", "scores"}
+
+
+# ------------------------------------------------------------------------------ no extra work
+def test_forward_runs_exactly_torchvisions_aten_ops() -> None:
+    """Ours does the same work as torchvision's extractor: no copies, no layout changes.
+
+    (Speed is measured in benchmarks/backbone.py, never asserted; this is the structural reason
+    the ratio there is 1.0 within noise.)
+    """
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    net = nn.Sequential()
+    net.features = tv_features("vgg16")
+    tv = create_feature_extractor(net, {"features.15": "conv3", "features.22": "conv4", "features.29": "conv5"})
+    ours = VGGBackbone("vgg16", ["conv3", "conv4", "conv5"]).eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    def aten_ops(model: nn.Module) -> Counter:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+        return Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
+
+    ops = aten_ops(ours)
+    assert ops == aten_ops(tv)
+    assert ops["aten::conv2d"] == 13 and ops["aten::relu_"] == 13 and ops["aten::max_pool2d"] == 4
