@@ -142,7 +142,8 @@ class ReIDNet(nn.Module):
         if num_classes == 0:
             self.classifier = nn.Identity()
             return
-        self.classifier = nn.Linear(self.embedding_dim, num_classes, bias=False)
+        ref = self.mean  # build on the model's current device
+        self.classifier = nn.Linear(self.embedding_dim, num_classes, bias=False, device=ref.device)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward_features(self, x: Tensor) -> Tensor:
