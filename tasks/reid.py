@@ -201,6 +201,24 @@ class ReIDTask(TaskModule):
             warn_skipped(skipped, f"training epoch {self.current_epoch}")
 
     # ------------------------------------------------------------------ evaluation
+    def _sync_buffers(self) -> None:
+        """Give every process rank 0's BatchNorm statistics before evaluating.
+
+        DDP broadcasts buffers only before *training* forwards; each rank's last training step
+        then updates its running statistics with its own batch, so without this each process
+        would embed with slightly different BatchNorm statistics, and none of them with those
+        of the checkpoint (saved by rank 0).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for buf in self.buffers():
+                dist.broadcast(buf, src=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_buffers()
+
+    def on_test_epoch_start(self) -> None:
+        self._sync_buffers()
+
     def _eval_step(self, batch: dict[str, Any]) -> None:
         self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
         if batch["image"].numel() == 0:
@@ -227,18 +245,20 @@ class ReIDTask(TaskModule):
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
         gathered = all_gather_objects((local, self._skipped))
         self._skipped = []
+        # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         metrics: dict[str, float] | None = None
         if self.trainer.is_global_zero:
             arrays = [g[0] for g in gathered if g[0] is not None]
             warn_skipped([s for g in gathered for s in g[1]], f"{prefix} evaluation")
             if arrays and not self.trainer.sanity_checking:
-                metrics = self._rank(prefix, *[np.concatenate(a) for a in zip(*arrays)])
+                metrics = self._rank(prefix, log_dir, *[np.concatenate(a) for a in zip(*arrays)])
         # every process logs the same numbers (rank 0 computed them once)
         metrics = all_gather_objects(metrics)[0]
         if metrics:
             self.log_dict(metrics, sync_dist=True)
 
-    def _rank(self, prefix: str, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    def _rank(self, prefix: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> dict[str, float]:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
         hp = self.hparams
@@ -254,7 +274,6 @@ class ReIDTask(TaskModule):
         )  # fmt: skip
         metrics = {f"{prefix}/{k}": v for k, v in res.as_dict().items()}
         when = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else str(self.trainer.state.fn)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         report: dict[str, Any] = {
             **metrics,
             "stage": prefix,

@@ -226,6 +226,9 @@ class _ShardWriter(BasePredictionWriter):
                 f.close()
         self.rec_file = self.skip_file = None
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()  # the shards stay: running the same extraction again resumes from them
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
         trainer.strategy.barrier("reid-extract-shards")
@@ -298,6 +301,7 @@ def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
     shutil.rmtree(parts, ignore_errors=True)
     if len(skipped):
         warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
+    print(f"extract: {len(kept)} embeddings of dimension {dim} -> {out} ({len(skipped)} unreadable image(s) skipped)")
     return out
 
 
@@ -316,9 +320,9 @@ def _load_model(model: Any) -> tuple[pl.LightningModule, dict[str, Any], tuple[i
         ckpt = Path(model)
         if not ckpt.is_file():
             raise FileNotFoundError(f"{ckpt}: checkpoint not found")
-        raw = torch.load(ckpt, map_location="cpu", weights_only=False)  # noqa: S614 - a Lightning checkpoint holds its config
+        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
         size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
-        task = ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+        task = ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
         st = ckpt.stat()
         fp = {"model": str(ckpt.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return task, fp, tuple(size) if size else None
@@ -380,10 +384,10 @@ def extract_embeddings(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
         trainer.predict(module, datamodule=data, return_predictions=False)
+    if trainer.is_global_zero and data.resumed:
+        print(f"extract: resumed, {data.resumed} of {len(names)} images were done by an earlier run")
     if trainer.is_global_zero and not writer.merged:  # nothing was left to embed (resumed run)
         merge_shards(parts, out, names)
-    if trainer.is_global_zero:
-        print(f"extract: {len(names)} images -> {out} ({data.resumed} done by an earlier run)")
     return out
 
 
