@@ -13,6 +13,8 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +31,17 @@ from tasks.reid_data import ReIDDataModule
 from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import reid_vgg
 
-__all__ = ["CenterLoss", "ReIDTask", "main"]
+__all__ = ["CenterLoss", "EVAL_OPTIONS", "ReIDTask", "main"]
+
+#: Evaluation settings, kept out of the checkpoint's hyper-parameters: LightningCLI 2.6 replaces
+#: the model's config with the checkpoint's hyper-parameters when ``--ckpt_path`` is given
+#: (Lightning-AI/pytorch-lightning#21455), which would make ``validate --ckpt_path X
+#: --model.rerank true`` silently evaluate without re-ranking. ``weights_backbone`` is left out
+#: too: a checkpoint carries its weights, evaluating it must not download ImageNet weights.
+EVAL_OPTIONS = (
+    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
+    "grid_queries", "grid_topk",
+)  # fmt: skip
 
 
 class CenterLoss(nn.Module):
@@ -115,7 +127,8 @@ class ReIDTask(TaskModule):
         optim: OptimConfig = OptimConfig(name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=[*EVAL_OPTIONS, "weights_backbone"])
+        self.eval_options = {k: v for k, v in locals().items() if k in EVAL_OPTIONS}
         self.optim = optim
         self.model = reid_vgg(
             arch,
@@ -261,9 +274,12 @@ class ReIDTask(TaskModule):
     def _rank(self, prefix: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> dict[str, float]:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
-        hp = self.hparams
+        hp = argparse.Namespace(**self.eval_options)
         feats = torch.from_numpy(emb).to(self.device)
         q, g = is_query, ~is_query
+        if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
+            warnings.warn(f"{prefix} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded", stacklevel=2)
+            return {}
         res = rank_embeddings(
             feats[torch.from_numpy(q).to(self.device)],
             feats[torch.from_numpy(g).to(self.device)],
@@ -273,7 +289,8 @@ class ReIDTask(TaskModule):
             topk=hp.grid_topk if hp.grid_queries > 0 else 0,
         )  # fmt: skip
         metrics = {f"{prefix}/{k}": v for k, v in res.as_dict().items()}
-        when = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else str(self.trainer.state.fn)
+        fn = self.trainer.state.fn.value if self.trainer.state.fn is not None else prefix
+        when = f"epoch{self.current_epoch:03d}" if fn == "fit" else fn
         report: dict[str, Any] = {
             **metrics,
             "stage": prefix,
@@ -308,7 +325,7 @@ class ReIDTask(TaskModule):
         from tasks.reid_viz import save_retrieval_grid
 
         samples = dm.eval_samples()
-        rows = np.linspace(0, len(q_index) - 1, min(self.hparams.grid_queries, len(q_index))).round().astype(int)
+        rows = np.linspace(0, len(q_index) - 1, min(self.eval_options["grid_queries"], len(q_index))).round().astype(int)
         q_paths = [samples[q_index[r]].path for r in rows]
         results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
         matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]

@@ -1,6 +1,6 @@
 """Multi-process ReID through the real CLI (2 CPU processes, gloo): training + evaluation under DDP
 give the same mAP/CMC as a 1-process evaluation of the same checkpoint, and 2-process extraction
-writes the same file as a 1-process extraction."""
+writes, in input order, exactly the checkpoint model's embeddings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from tasks.images import read_image
 from tasks.reid import ReIDTask
-from tasks.reid_extract import extract_embeddings, load_embeddings
+from tasks.reid_extract import load_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,9 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     ckpt = tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     assert ddp_metrics["epoch"] == 0 and Path(ddp_metrics["retrieval_grid"]).is_file()
 
+    # (an evaluation option given on the command line wins over the checkpoint's hyper-parameters)
     _cli("validate", "--config", str(cfg), "--trainer.devices", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "val"),
-         "--ckpt_path", str(ckpt))  # fmt: skip
+         "--ckpt_path", str(ckpt), "--model.max_rank", "6")  # fmt: skip
     one = json.loads((tmp_path / "val" / "version_0" / "reid_metrics.json").read_text())
 
     # every query and gallery image counted once across the two processes (odd-sized sets)
@@ -78,12 +79,14 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     n_gallery = len([p for p in (tmp_path / "market" / "bounding_box_test").glob("*.jpg") if not p.name.startswith("-1")])
     assert (ddp_metrics["num_query"], ddp_metrics["num_gallery"]) == (one["num_query"], one["num_gallery"]) == (n_query, n_gallery)
     assert n_query % 2 == 1 or n_gallery % 2 == 1
-    for key in ("val/mAP", "val/rank1", "val/rank5", "val/rank10"):
+    for key in ("val/mAP", "val/rank1", "val/rank5"):
         assert ddp_metrics[key] == pytest.approx(one[key], abs=1e-6), key
-    np.testing.assert_allclose(ddp_metrics["cmc"], one["cmc"], atol=1e-6)
+    assert len(ddp_metrics["cmc"]) == 10 and len(one["cmc"]) == 6
+    np.testing.assert_allclose(ddp_metrics["cmc"][:6], one["cmc"], atol=1e-6)
     assert 0 < one["val/mAP"] <= 1
 
-    # extraction: 2 processes through the CLI == 1 process from Python; rows match the inputs
+    # extraction with 2 processes through the CLI: rows in input order, each the checkpoint
+    # model's embedding of its image; the unreadable file skipped and named
     images = tmp_path / "images"
     images.mkdir()
     for p in sorted((tmp_path / "market" / "query").glob("*.jpg")):
@@ -91,18 +94,13 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     (images / "sub").mkdir()
     (images / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     _cli("extract", "--ckpt", str(ckpt), "--images", str(images), "--out", str(tmp_path / "two.npz"), *ddp, "--batch_size", "3")
-    extract_embeddings(ckpt, images, tmp_path / "one.npz", batch_size=4, num_workers=0,
-                       trainer={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
-    two, one_x = load_embeddings(tmp_path / "two.npz"), load_embeddings(tmp_path / "one.npz")
+    two = load_embeddings(tmp_path / "two.npz")
     names = sorted(p.name for p in images.glob("*.jpg"))
-    assert two["paths"].tolist() == one_x["paths"].tolist() == names
+    assert two["paths"].tolist() == names
     assert two["skipped_paths"].tolist() == ["sub/broken.jpg"] and "cannot decode" in str(two["skipped_reasons"][0])
-    np.testing.assert_allclose(two["embeddings"], one_x["embeddings"], atol=1e-5)
-    assert not list(tmp_path.glob(".*.parts"))  # shards cleaned up
-
+    assert not list(tmp_path.glob(".*.parts"))  # shards merged and removed
     task = ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     tf = v2.Compose([v2.Resize((32, 16), antialias=True), v2.ToDtype(torch.float32, scale=True)])
-    pick = [0, len(names) - 1]
-    x = torch.stack([tf(read_image(images / names[i])) for i in pick])
     with torch.no_grad():
-        np.testing.assert_allclose(two["embeddings"][pick], task.model(x).numpy(), atol=1e-5)
+        direct = task.model(torch.stack([tf(read_image(images / n)) for n in names])).numpy()
+    np.testing.assert_allclose(two["embeddings"], direct, atol=1e-5)

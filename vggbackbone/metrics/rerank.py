@@ -157,14 +157,19 @@ class KReciprocalReRanker:
             expansion = torch.cat([r, torch.where(keep[..., None], cand, -1).flatten(1)], dim=1)
             expansion = _unique_rows(expansion)
             ok = expansion >= 0
-            i_idx = torch.arange(sl.start, sl.stop, device=ranks.device)[:, None].expand_as(expansion)
-            j_idx = expansion.clamp(min=0)
-            d = ((self.feats[i_idx[ok]] - self.feats[j_idx[ok]]) ** 2).sum(1) / self.row_max[i_idx[ok]]
+            i_idx = torch.arange(sl.start, sl.stop, device=ranks.device)[:, None].expand_as(expansion)[ok]
+            j_idx = expansion[ok]
+            # squared distances of the pairs, a few at a time (each pair gathers two D-vectors)
+            pair_step = max(1, _CHUNK_ELEMS // self.feats.shape[1])
+            d = torch.cat([
+                ((self.feats[i_idx[s : s + pair_step]] - self.feats[j_idx[s : s + pair_step]]) ** 2).sum(1)
+                for s in range(0, len(i_idx), pair_step)
+            ]) / self.row_max[i_idx]  # fmt: skip
             w = torch.exp(-d)
-            denom = torch.zeros(sl.stop - sl.start, device=w.device).index_add_(0, i_idx[ok] - sl.start, w)
-            rows.append(i_idx[ok])
-            cols.append(j_idx[ok])
-            vals.append(w / denom[i_idx[ok] - sl.start])
+            denom = torch.zeros(sl.stop - sl.start, device=w.device).index_add_(0, i_idx - sl.start, w)
+            rows.append(i_idx)
+            cols.append(j_idx)
+            vals.append(w / denom[i_idx - sl.start])
         return torch.cat(rows), torch.cat(cols), torch.cat(vals)
 
     def distances(self, a: int, b: int) -> Tensor:
