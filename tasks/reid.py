@@ -128,7 +128,10 @@ class ReIDTask(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[*EVAL_OPTIONS, "weights_backbone"])
-        self.eval_options = {k: v for k, v in locals().items() if k in EVAL_OPTIONS}
+        self.eval_options = dict(
+            distance=distance, rerank=rerank, rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda,
+            max_rank=max_rank, eval_chunk_size=eval_chunk_size, grid_queries=grid_queries, grid_topk=grid_topk,
+        )  # fmt: skip
         self.optim = optim
         self.model = reid_vgg(
             arch,

@@ -352,7 +352,7 @@ class ReIDDataModule(TaskDataModule):
             relabel = {pid: i for i, pid in enumerate(pids)}
             self.train_set = ReIDDataset(train, self.train_transform, [relabel[s.pid] for s in train])
             self._num_classes = len(pids)
-        if stage in (None, "fit", "validate", "test") and self.query_set is None:
+        if stage in (None, "fit", "validate", "test", "predict") and self.query_set is None:
             self.query_set = ReIDDataset(self.read_split("query"), self.eval_transform)
             self.gallery_set = ReIDDataset(self.read_split("gallery"), self.eval_transform)
 
@@ -385,4 +385,8 @@ class ReIDDataModule(TaskDataModule):
         return self.make_loader(_Concat(self.query_set, self.gallery_set), train=False, collate_fn=collate_reid)
 
     def test_dataloader(self) -> Any:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        """Query then gallery (``python -m tasks.reid predict``; ``extract`` writes a file instead)."""
         return self.val_dataloader()

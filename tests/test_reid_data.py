@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tasks.data.market import MarketConfig, ensure_market, generate_market
 from tasks.reid_data import (
