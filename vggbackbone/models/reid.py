@@ -26,13 +26,6 @@ from ..vgg import ArchSpec, VGGBackbone
 
 __all__ = ["GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
 
-# TEMPORARY (remove once the backbone branch's fix de84017 is on main): VGGBackbone.forward on
-# main calls torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing, which torch does not have,
-# so every eager forward raises AttributeError. Alias it to the real helper; no-op once fixed.
-if not hasattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing"):  # pragma: no cover
-    torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing
-
-
 class ReIDOutput(NamedTuple):
     """Training output of :class:`ReIDNet`.
 
