@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
@@ -39,9 +38,11 @@ def read_image(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> tor
         raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0]})") from e
 
 
-@dataclass(frozen=True)
-class SkippedSample:
-    """Returned by a dataset instead of a sample it could not read (a collate drops it)."""
+class SkippedSample(NamedTuple):
+    """Returned by a dataset instead of a sample it could not read (a collate drops it).
+
+    A ``NamedTuple`` so it survives Lightning's batch transfer (frozen dataclasses do not).
+    """
 
     path: str
     reason: str
