@@ -160,7 +160,7 @@ class _FC(nn.Sequential):
 
 
 def _is_fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing()
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 class VGGBackbone(nn.Module):
