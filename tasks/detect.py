@@ -238,6 +238,15 @@ def evaluate_split(
 
 
 # ---------------------------------------------------------------------------- model
+def _to_numpy(detections: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """One image's ``boxes``/``scores`` (float32) and ``labels`` (int64) as numpy, on the CPU."""
+    return {
+        "boxes": detections["boxes"].detach().float().cpu().numpy(),
+        "scores": detections["scores"].detach().float().cpu().numpy(),
+        "labels": detections["labels"].detach().long().cpu().numpy(),
+    }
+
+
 class DetectionTask(TaskModule):
     """Faster R-CNN on VGGBackbone (:func:`vggbackbone.models.fasterrcnn_vgg`).
 
@@ -253,6 +262,8 @@ class DetectionTask(TaskModule):
             parameters are those under ``model.backbone`` (for ``backbone_lr_mult``).
         metrics_file: where validate/test write their metrics as JSON, relative to the
             trainer's log folder (``None``: not written).
+        detections_file: also write the gathered detections there as COCO results, e.g.
+            ``"{stage}_detections.json"`` (default ``None``: large on big sets).
     """
 
     def __init__(
@@ -274,6 +285,7 @@ class DetectionTask(TaskModule):
         detector: dict[str, Any] | None = None,
         optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, weight_decay=5e-4, scheduler="step", milestones=[0.75]),  # noqa: B008
         metrics_file: str | None = "{stage}_metrics.json",
+        detections_file: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -287,6 +299,7 @@ class DetectionTask(TaskModule):
             optim = OptimConfig(**{**optim.__dict__, "backbone_prefix": "model.backbone"})
         self.optim = optim
         self.metrics_file = metrics_file
+        self.detections_file = detections_file
         self.model = fasterrcnn_vgg(
             arch if isinstance(arch, str) else [tuple(b) for b in arch],
             num_classes=len(self.classes) + 1,
@@ -333,7 +346,7 @@ class DetectionTask(TaskModule):
             return
         outputs = self.model(batch.images)
         for t, o in zip(batch.targets, outputs):
-            self._predictions[int(t["image_id"])] = {k: o[k].detach().float().cpu().numpy() for k in ("boxes", "scores", "labels")}
+            self._predictions[int(t["image_id"])] = _to_numpy(o)
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = {}
@@ -373,10 +386,15 @@ class DetectionTask(TaskModule):
         fn = self.trainer.state.fn
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
         if fn != "fit" or last_epoch:
-            print_metrics(f"{stage} ({split.source}, {int(metrics['images'])} images)", metrics, table)
-        if self.metrics_file and self.trainer.log_dir and is_global_zero():
-            out = {"stage": stage, "epoch": self.current_epoch, "global_step": self.global_step, **metrics}
-            write_json(Path(self.trainer.log_dir) / self.metrics_file.format(stage=stage), out)
+            print_metrics(f"{stage}: {Path(split.source).name}, {int(metrics['images'])} images", metrics, table)
+        log_dir = self.trainer.log_dir
+        if log_dir and is_global_zero():
+            if self.metrics_file:
+                out = {"stage": stage, "epoch": self.current_epoch, "global_step": self.global_step, **metrics}
+                write_json(Path(log_dir) / self.metrics_file.format(stage=stage), out)
+            if self.detections_file:
+                results = detections_to_coco(dict(sorted(predictions.items())), split.category_ids)
+                write_json(Path(log_dir) / self.detections_file.format(stage=stage), results)
 
     # -- prediction --
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
@@ -388,7 +406,7 @@ class DetectionTask(TaskModule):
                 "image_id": int(t["image_id"]),
                 "path": t.get("path"),
                 "out_name": t.get("out_name"),
-                **{k: o[k].detach().float().cpu().numpy() for k in ("boxes", "scores", "labels")},
+                **_to_numpy(o),
             }
             for t, o in zip(batch.targets, outputs)
         ]
@@ -440,7 +458,7 @@ class DetectionWriter(BasePredictionWriter):
                 continue
             keep = pred["scores"] >= self.score_threshold
             labels = pred["labels"][keep]
-            names = [f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}" for lab, s in zip(labels, pred["scores"][keep])]
+            names = [f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}" for lab, s in zip(labels.tolist(), pred["scores"][keep])]
             canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
             drawn = draw_bounding_boxes(
                 canvas,

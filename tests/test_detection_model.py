@@ -164,3 +164,18 @@ def test_a_few_training_steps_lower_the_loss() -> None:
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("roi_pool", ["align", "pool"])
+def test_bfloat16_autocast_on_cpu(roi_pool) -> None:
+    """``trainer.precision: bf16-mixed`` on CPU: torchvision's CPU RoIPool has no bf16 kernel, ours copes."""
+    model = fasterrcnn_vgg("vgg11", num_classes=3, width_mult=0.125, min_size=64, max_size=96,
+                           anchor_sizes=[16, 32, 64], roi_pool=roi_pool)  # fmt: skip
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.backbone.features["conv1"][0].weight.grad is not None

@@ -121,7 +121,11 @@ class RoIPoolSingleLevel(nn.Module):
         self.pool = RoIPool((output_size, output_size), spatial_scale=1.0 / stride)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        return self.pool(x[self.featmap_name], boxes)
+        feat = x[self.featmap_name]
+        if feat.device.type == "cpu" and feat.dtype in (torch.float16, torch.bfloat16):
+            # torchvision's CPU RoIPool kernel has no half/bfloat16 version (CPU autocast)
+            return self.pool(feat.float(), [b.float() for b in boxes])
+        return self.pool(feat, boxes)
 
 
 class VGGFPNBackbone(nn.Module):
