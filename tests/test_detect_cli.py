@@ -96,6 +96,20 @@ def test_fit_resume_validate_predict(tmp_path) -> None:
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files
 
 
+def test_unreadable_images_are_skipped_by_fit_and_left_out_of_the_metrics(tmp_path) -> None:
+    from tasks.data.shapes import ShapesConfig, generate_shapes
+    from tasks.detect import main
+
+    root = generate_shapes(tmp_path / "shapes", ShapesConfig(**SHAPES), progress=False)
+    (root / "images" / "train" / "000001.jpg").write_bytes(b"not a jpeg")
+    (root / "images" / "val" / f"{SHAPES['num_train'] + 1:06d}.jpg").unlink()
+    cfg = _config(tmp_path, limit_train_batches=None)  # one whole epoch: every training image is read
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\)"):
+        main(["fit", "--config", str(cfg)])
+    metrics = json.loads((_versions(tmp_path)[-1] / "val_metrics.json").read_text())
+    assert metrics["images"] == SHAPES["num_val"] - 1
+
+
 @pytest.mark.slow
 def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
     """fit with 2 CPU processes (gloo); its final validation must equal a 1-process validate.

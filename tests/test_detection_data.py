@@ -164,7 +164,11 @@ def test_missing_and_corrupt_images_are_skipped_with_a_counted_warning(shapes_co
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)") as record:
         batch = collate_detection(items)
     assert str(split.records[0].path) in str(record[0].message)
-    assert len(batch) == 2 and len(batch.skipped) == 2
+    assert len(batch) == 2 and [p for p, _ in batch.skipped] == [str(r.path) for r in split.records[:2]]
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    moved = move_data_to_device(batch, torch.device("cpu"))  # what Lightning does with every batch
+    assert moved.skipped == batch.skipped and len(moved.images) == 2
 
 
 def test_image_whose_size_disagrees_with_its_annotation_is_skipped(shapes_copy) -> None:

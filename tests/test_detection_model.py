@@ -155,15 +155,15 @@ def test_a_few_training_steps_lower_the_loss() -> None:
         {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
         {"boxes": torch.tensor([[50.0, 40.0, 90.0, 80.0]]), "labels": torch.tensor([2])},
     ]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
     losses = []
-    for _ in range(12):
+    for _ in range(15):
         loss = sum(model(images, targets).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.6 * losses[0], losses
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses  # ~0.5 x after 15 steps
 
 
 @pytest.mark.parametrize("roi_pool", ["align", "pool"])

@@ -418,11 +418,15 @@ class ImageFolderDataset(Dataset):
 
 @dataclass
 class DetectionBatch:
-    """A collated batch: lists of images and targets, plus the samples that were skipped."""
+    """A collated batch: lists of images and targets, plus ``(path, reason)`` of skipped samples.
+
+    (Plain tuples, not :class:`~tasks.images.SkippedSample`: Lightning's device transfer
+    rebuilds dataclasses and refuses frozen ones.)
+    """
 
     images: list[torch.Tensor]
     targets: list[dict[str, Any]]
-    skipped: list[SkippedSample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -432,4 +436,4 @@ def collate_detection(samples: Sequence[Any]) -> DetectionBatch:
     """Detection models take lists (images differ in size); unreadable samples are dropped with a warning."""
     kept, skipped = drop_skipped(samples)
     warn_skipped(skipped, "detection data")
-    return DetectionBatch([s[0] for s in kept], [s[1] for s in kept], skipped)
+    return DetectionBatch([s[0] for s in kept], [s[1] for s in kept], [(s.path, s.reason) for s in skipped])
