@@ -54,7 +54,7 @@ from tasks.data.detection import (
 )
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
-from vggbackbone.metrics import COCO_STATS, coco_evaluate, detections_to_coco, voc_evaluate
+from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
 from vggbackbone.models import fasterrcnn_vgg
 from vggbackbone.utils import atomic_path
 
@@ -162,7 +162,9 @@ class DetectionData(TaskDataModule):
                 images = Path(image_dir) if image_dir else find_coco_images(self.root, self.sets[stage])
                 split = read_coco(self._ann_file(stage), images)
                 if self._classes is not None and split.classes != self._classes:
-                    raise ValueError(f"{split.source}: categories {split.classes} differ from data.classes {self._classes}")
+                    raise ValueError(
+                        f"{split.source}: categories {split.classes} differ from data.classes {self._classes}"
+                    )
             elif self.format == "voc":
                 split = read_voc(self.root, self.sets[stage], self.classes)
             else:
@@ -195,7 +197,8 @@ class DetectionData(TaskDataModule):
                 self.predict_set: Dataset = ImageFolderDataset(self.predict_path)
             else:
                 val = self.split("val")
-                self.predict_set = ImageFolderDataset([r.path for r in val.records], ids=[r.image_id for r in val.records])
+                paths, ids = [r.path for r in val.records], [r.image_id for r in val.records]
+                self.predict_set = ImageFolderDataset(paths, ids=ids)
 
     def train_dataloader(self) -> Any:
         return self.make_loader(self.train_set, train=True, collate_fn=collate_detection)
@@ -227,7 +230,11 @@ def evaluate_split(
     table: list[tuple[str, list[Any]]] = [("class", list(split.classes)), ("COCO AP", per_class_ap)]
     if split.format == "voc":
         keep = set(ids)
-        gt = {r.image_id: {"boxes": r.boxes, "labels": r.labels, "ignore": r.ignore} for r in split.records if r.image_id in keep}
+        gt = {
+            r.image_id: {"boxes": r.boxes, "labels": r.labels, "ignore": r.ignore}
+            for r in split.records
+            if r.image_id in keep
+        }
         voc = voc_evaluate(gt, predictions, len(split.classes), class_names=split.classes)
         metrics["VOC07_mAP"] = voc["mAP_07"]
         metrics["VOC_mAP"] = voc["mAP"]
@@ -283,7 +290,9 @@ class DetectionTask(TaskModule):
         min_size: int | list[int] = 600,
         max_size: int = 1000,
         detector: dict[str, Any] | None = None,
-        optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, weight_decay=5e-4, scheduler="step", milestones=[0.75]),  # noqa: B008
+        optim: OptimConfig = OptimConfig(  # noqa: B008
+            name="sgd", lr=0.01, weight_decay=5e-4, scheduler="step", milestones=[0.75]
+        ),
         metrics_file: str | None = "{stage}_metrics.json",
         detections_file: str | None = None,
     ) -> None:
@@ -374,7 +383,12 @@ class DetectionTask(TaskModule):
         if self.trainer.sanity_checking:
             return
         dataset = loader.dataset if not isinstance(loader, (list, tuple)) else loader[0].dataset
-        split: DetectionSplit = dataset.split
+        split: DetectionSplit | None = getattr(dataset, "split", None)
+        if split is None:
+            raise TypeError(
+                f"{stage} data must be a tasks.data.detection.DetectionDataset (its .split is the ground truth), "
+                f"got {type(dataset).__name__}"
+            )
         metrics: dict[str, float] = {}
         table: list[tuple[str, list[Any]]] = []
         if is_global_zero():
@@ -429,7 +443,9 @@ class DetectionWriter(BasePredictionWriter):
     Every file is written atomically.
     """
 
-    def __init__(self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2) -> None:
+    def __init__(
+        self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2
+    ) -> None:
         super().__init__("batch")
         self.output_dir = Path(output_dir)
         self.score_threshold = score_threshold
@@ -443,7 +459,14 @@ class DetectionWriter(BasePredictionWriter):
         self._detections, self._images, self._grid = {}, {}, []
 
     def write_on_batch_end(
-        self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: DetectionBatch, batch_idx: int, dataloader_idx: int
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Any,
+        batch: DetectionBatch,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         from torchvision.utils import draw_bounding_boxes
 
@@ -458,7 +481,10 @@ class DetectionWriter(BasePredictionWriter):
                 continue
             keep = pred["scores"] >= self.score_threshold
             labels = pred["labels"][keep]
-            names = [f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}" for lab, s in zip(labels.tolist(), pred["scores"][keep])]
+            names = [
+                f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}"
+                for lab, s in zip(labels.tolist(), pred["scores"][keep])
+            ]
             canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
             drawn = draw_bounding_boxes(
                 canvas,
@@ -484,7 +510,10 @@ class DetectionWriter(BasePredictionWriter):
         grids = all_gather_objects(self._grid)
         if not is_global_zero():
             return
-        category_ids = getattr(pl_module, "category_ids", None) or list(range(1, 1 + int(max([1] + [int(p["labels"].max(initial=0)) for p in detections.values()]))))
+        category_ids = getattr(pl_module, "category_ids", None)
+        if not category_ids:  # a module without them: labels are the category ids
+            top = max((int(p["labels"].max(initial=0)) for p in detections.values()), default=0)
+            category_ids = list(range(1, top + 1))
         results = detections_to_coco(dict(sorted(detections.items())), category_ids)
         write_json(self.output_dir / "detections.json", results)
         write_json(self.output_dir / "images.json", [images[i] for i in sorted(images)])
@@ -494,7 +523,8 @@ class DetectionWriter(BasePredictionWriter):
         kept = sum(int((p["scores"] >= self.score_threshold).sum()) for p in detections.values())
         print(
             f"predict: {len(images)} images, {len(results)} detections ({kept} with score >= {self.score_threshold}) "
-            f"-> {self.output_dir / 'detections.json'}" + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
+            f"-> {self.output_dir / 'detections.json'}"
+            + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
         )
 
 
@@ -520,7 +550,10 @@ def main(args: list[str] | None = None) -> Any:
         DetectionData,
         task="detect",
         monitor=("val/AP", "max"),
-        links=[("data.classes", "model.classes", "instantiate"), ("data.category_ids", "model.category_ids", "instantiate")],
+        links=[
+            ("data.classes", "model.classes", "instantiate"),
+            ("data.category_ids", "model.category_ids", "instantiate"),
+        ],
         callbacks={"writer": DetectionWriter},
         args=args,
     )

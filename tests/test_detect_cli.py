@@ -31,16 +31,23 @@ def _config(tmp: Path, **trainer: object) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "default_root_dir": str(tmp / "runs"),
-            "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp / "runs"), "name": "csv"}}],
+            "logger": [
+                {
+                    "class_path": "pytorch_lightning.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(tmp / "runs"), "name": "csv"},
+                }
+            ],
             **trainer,
         },
         "model": {
             "arch": "vgg11_bn", "width_mult": 0.125, "fpn": True, "min_size": 64, "max_size": 96,
             "anchor_sizes": [16, 32, 64, 128],
-            "detector": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32},
+            "detector": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+                         "box_batch_size_per_image": 32},
             "optim": {"name": "sgd", "lr": 0.01, "scheduler": "cosine", "warmup_steps": 2},
         },  # fmt: skip
-        "data": {"root": str(tmp / "shapes"), "shapes": SHAPES, "batch_size": 2, "eval_batch_size": 1, "num_workers": 0},
+        "data": {"root": str(tmp / "shapes"), "shapes": SHAPES, "batch_size": 2, "eval_batch_size": 1,
+                 "num_workers": 0},  # fmt: skip
         "writer": {"output_dir": str(tmp / "pred")},
     }
     path = tmp / "detect.yaml"
@@ -117,7 +124,8 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
     (``trainer.sync_batchnorm`` is a GPU feature: PyTorch's DDP refuses SyncBatchNorm on CPU.)
     """
     cfg = _config(tmp_path, max_epochs=1)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")  # same threads, same numerics
 
     def run(*args: str) -> None:
         proc = subprocess.run(

@@ -29,7 +29,10 @@ GT = {
 
 
 def _perfect() -> dict[int, dict[str, np.ndarray]]:
-    return {i: {"boxes": np.array(b, np.float32), "scores": np.linspace(0.9, 0.8, len(b)), "labels": np.array(l)} for i, (b, l) in GT.items()}
+    return {
+        i: {"boxes": np.array(b, np.float32), "scores": np.linspace(0.9, 0.8, len(b)), "labels": np.array(l)}
+        for i, (b, l) in GT.items()
+    }
 
 
 def test_perfect_predictions_give_ap_one() -> None:
@@ -80,14 +83,14 @@ def test_voc_known_answer_and_difficult_objects() -> None:
     """
     gt = {1: {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]), "labels": np.array([1, 1, 1]),
               "ignore": np.array([False, False, True])}}  # fmt: skip
-    preds = {1: {"boxes": np.array([[0, 0, 10, 10], [80, 80, 90, 90], [20, 20, 30, 30]]), "scores": np.array([0.9, 0.8, 0.7]),
-                 "labels": np.array([1, 1, 1])}}  # fmt: skip
+    preds = {1: {"boxes": np.array([[0, 0, 10, 10], [80, 80, 90, 90], [20, 20, 30, 30]]),
+                 "scores": np.array([0.9, 0.8, 0.7]), "labels": np.array([1, 1, 1])}}  # fmt: skip
     out = voc_evaluate(gt, preds, 1, class_names=["thing"])
     assert out["AP"]["thing"] == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert out["mAP_07"] == pytest.approx((6 + 5 * 2 / 3) / 11)
     # a confident detection on the difficult object is neither a true nor a false positive
-    with_difficult = {1: {k: np.concatenate([[v[0] if k != "boxes" else [50, 50, 60, 60]], v]) for k, v in preds[1].items()}}
-    with_difficult[1]["scores"][0] = 0.95
+    on_difficult = {"boxes": [50, 50, 60, 60], "scores": 0.95, "labels": 1}
+    with_difficult = {1: {k: np.concatenate([[on_difficult[k]], v]) for k, v in preds[1].items()}}
     assert voc_evaluate(gt, with_difficult, 1)["mAP"] == pytest.approx(out["mAP"])
     # a duplicate of a found object is a false positive
     dup = {1: {k: np.concatenate([v[:1], v]) for k, v in preds[1].items()}}

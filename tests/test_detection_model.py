@@ -77,8 +77,8 @@ def test_torchvision_classifier_shapes_load_into_the_head() -> None:
               "features.fc7.conv.weight": torch.randn(32, 32), "features.fc7.conv.bias": torch.randn(32)}  # fmt: skip
     assert head.load_classifier(linear)
     x = torch.randn(2, 16, 7, 7)
-    expected = torch.relu(torch.relu(x.flatten(1) @ linear["features.fc6.conv.weight"].T + linear["features.fc6.conv.bias"])
-                          @ linear["features.fc7.conv.weight"].T + linear["features.fc7.conv.bias"])  # fmt: skip
+    fc6 = torch.relu(x.flatten(1) @ linear["features.fc6.conv.weight"].T + linear["features.fc6.conv.bias"])
+    expected = torch.relu(fc6 @ linear["features.fc7.conv.weight"].T + linear["features.fc7.conv.bias"])
     torch.testing.assert_close(head(x), expected)
     with pytest.raises(ValueError, match="do not fit"):
         VGGBoxHead(8, 32).load_classifier(linear)

@@ -144,7 +144,9 @@ def find_coco_images(root: Path, set_name: str) -> Path:
     for cand in (root / "images" / set_name, root / set_name, root / "images"):
         if cand.is_dir():
             return cand
-    raise FileNotFoundError(f"{root}: no image folder for set {set_name!r} (looked for images/{set_name}/ and {set_name}/)")
+    raise FileNotFoundError(
+        f"{root}: no image folder for set {set_name!r} (looked for images/{set_name}/ and {set_name}/)"
+    )
 
 
 def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
@@ -181,13 +183,17 @@ def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
     clipped_count = 0
     orphans = [a["id"] for a in data["annotations"] if a.get("image_id") not in coco.imgs]
     if orphans:
-        warnings.warn(f"{ann_file}: ignored {len(orphans)} annotation(s) of images not listed: ids {orphans[:5]}", stacklevel=2)
+        warnings.warn(
+            f"{ann_file}: ignored {len(orphans)} annotation(s) of images not listed: ids {orphans[:5]}", stacklevel=2
+        )
     for img_id in sorted(coco.imgs):
         info = coco.imgs[img_id]
         anns = coco.imgToAnns.get(img_id, [])
         unknown = [a["id"] for a in anns if a.get("category_id") not in label_of]
         if unknown:
-            raise ValueError(f"{ann_file}: annotation(s) {unknown[:5]} of image {img_id} have a category_id not in 'categories'")
+            raise ValueError(
+                f"{ann_file}: annotation(s) {unknown[:5]} of image {img_id} have a category_id not in 'categories'"
+            )
         boxes = np.array([a.get("bbox", [np.nan] * 4) for a in anns], np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         w, h = int(info.get("width", 0) or 0), int(info.get("height", 0) or 0)
@@ -278,7 +284,9 @@ def read_voc(
         for obj in tree.iter("object"):
             name = _voc_text(obj, "name", xml)
             if name not in label_of:
-                raise ValueError(f"{xml}: object class {name!r} is not one of the {len(classes)} classes {list(classes)}")
+                raise ValueError(
+                    f"{xml}: object class {name!r} is not one of the {len(classes)} classes {list(classes)}"
+                )
             bb = obj.find("bndbox")
             if bb is None:
                 raise ValueError(f"{xml}: object {name!r} has no <bndbox>")
@@ -305,7 +313,8 @@ def read_voc(
             )
         )
     _warn_boxes(f"{root} ({sets})", dropped, clipped_count)
-    return DetectionSplit(records, list(classes), list(range(1, len(classes) + 1)), f"{root} ({sets})", "voc", len(dropped), clipped_count)
+    category_ids = list(range(1, len(classes) + 1))
+    return DetectionSplit(records, list(classes), category_ids, f"{root} ({sets})", "voc", len(dropped), clipped_count)
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -412,7 +421,12 @@ class ImageFolderDataset(Dataset):
             raw = read_image(path)
         except BadImageError as e:
             return SkippedSample(e.path, e.reason)
-        target = {"image_id": self.ids[idx], "size": tuple(raw.shape[-2:]), "path": str(path), "out_name": self.out_names[idx]}
+        target = {
+            "image_id": self.ids[idx],
+            "size": tuple(raw.shape[-2:]),
+            "path": str(path),
+            "out_name": self.out_names[idx],
+        }
         return self.to_float(tv_tensors.Image(raw)), target
 
 

@@ -43,7 +43,7 @@ def detections_to_coco(
                 {
                     "image_id": int(image_id),
                     "category_id": int(category_ids[int(lab) - 1]),
-                    "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+                    "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                     "score": round(float(s), 5),
                 }
             )
@@ -81,7 +81,11 @@ def coco_evaluate(
             coco_dt = coco_gt.loadRes(res)
         else:  # loadRes refuses an empty list; an empty result set is a valid (zero) answer
             coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [], "categories": list(coco_gt.dataset["categories"])}
+            coco_dt.dataset = {
+                "images": list(coco_gt.dataset["images"]),
+                "annotations": [],
+                "categories": list(coco_gt.dataset["categories"]),
+            }
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:

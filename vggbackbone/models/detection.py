@@ -87,11 +87,13 @@ class VGGBoxHead(nn.Sequential):
         keys = [f"features.{fc}.conv.{p}" for fc in ("fc6", "fc7") for p in ("weight", "bias")]
         missing = [k for k in keys if k not in state_dict]
         if missing:
-            warnings.warn(f"{source}: no classifier fc6/fc7 weights ({missing}); the box head starts from random init", stacklevel=3)
+            msg = f"{source}: no classifier fc6/fc7 weights ({missing}); the box head starts from random init"
+            warnings.warn(msg, stacklevel=3)
             return False
         tensors = {k: state_dict[k] for k in keys}
         if not all(torch.isfinite(t).all() for t in tensors.values()):
-            warnings.warn(f"{source}: classifier fc6/fc7 weights are not finite; the box head starts from random init", stacklevel=3)
+            msg = f"{source}: classifier fc6/fc7 weights are not finite; the box head starts from random init"
+            warnings.warn(msg, stacklevel=3)
             return False
         new = {
             "fc6.weight": tensors["features.fc6.conv.weight"].reshape(tensors["features.fc6.conv.weight"].shape[0], -1),
@@ -100,7 +102,11 @@ class VGGBoxHead(nn.Sequential):
             "fc7.bias": tensors["features.fc7.conv.bias"],
         }
         own = self.state_dict()
-        wrong = [f"{k}: file {tuple(v.shape)} vs head {tuple(own[k].shape)}" for k, v in new.items() if v.shape != own[k].shape]
+        wrong = [
+            f"{k}: file {tuple(v.shape)} vs head {tuple(own[k].shape)}"
+            for k, v in new.items()
+            if v.shape != own[k].shape
+        ]
         if wrong:
             raise WeightsError(f"{source}: classifier fc6/fc7 do not fit the box head: " + "; ".join(wrong))
         self.load_state_dict(new)
@@ -221,12 +227,16 @@ def fasterrcnn_vgg(
         frozen_stages = 2 if pretrained else 0
     cfg = get_config(arch)
     if len(cfg.blocks) != 5:
-        raise ValueError(f"fasterrcnn_vgg needs a 5-block VGG (conv5 at stride 16), got {len(cfg.blocks)} blocks: {arch!r}")
+        raise ValueError(
+            f"fasterrcnn_vgg needs a 5-block VGG (conv5 at stride 16), got {len(cfg.blocks)} blocks: {arch!r}"
+        )
     if cfg.batch_norm and norm_layer is None:
         norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     sizes = tuple(anchor_sizes) if anchor_sizes is not None else (FPN_ANCHOR_SIZES if fpn else CLASSIC_ANCHOR_SIZES)
     ratios = tuple(float(r) for r in aspect_ratios)
-    common: dict[str, Any] = dict(weights=weights_backbone, frozen_stages=frozen_stages, width_mult=width_mult, progress=progress)
+    common: dict[str, Any] = dict(
+        weights=weights_backbone, frozen_stages=frozen_stages, width_mult=width_mult, progress=progress
+    )
     if norm_layer is not None:
         common["norm_layer"] = norm_layer
 
@@ -240,9 +250,12 @@ def fasterrcnn_vgg(
         backbone: nn.Module = VGGFPNBackbone(body, out_channels=fpn_channels)
         num_levels = len(taps) + 1
         if len(sizes) != num_levels:
-            raise ValueError(f"FPN on {taps} + pool has {num_levels} levels; anchor_sizes needs one size per level, got {sizes}")
+            raise ValueError(
+                f"FPN on {taps} + pool has {num_levels} levels; anchor_sizes needs one size per level, got {sizes}"
+            )
         anchor_gen = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * num_levels)
-        pooler: nn.Module = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(len(taps))], output_size=7, sampling_ratio=2)
+        level_names = [str(i) for i in range(len(taps))]  # the pooled level only feeds the RPN
+        pooler: nn.Module = MultiScaleRoIAlign(featmap_names=level_names, output_size=7, sampling_ratio=2)
         rep = representation_size or scaled(1024)
         box_head: nn.Module = TwoMLPHead(fpn_channels * 7 * 7, rep)
         normalization = body.normalization
