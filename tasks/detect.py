@@ -400,7 +400,7 @@ class DetectionTask(TaskModule):
         fn = self.trainer.state.fn
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
         if fn != "fit" or last_epoch:
-            print_metrics(f"{stage}: {Path(split.source).name}, {int(metrics['images'])} images", metrics, table)
+            print_metrics(f"{stage} ({int(metrics['images'])} images)", metrics, table)
         log_dir = self.trainer.log_dir
         if log_dir and is_global_zero():
             if self.metrics_file:
