@@ -122,6 +122,7 @@ class DetectionData(TaskDataModule):
         self.hflip, self.photometric = hflip, photometric
         self.shapes = shapes
         self._splits: dict[str, DetectionSplit] = {}
+        self._categories: list[dict[str, Any]] | None = None
 
     # -- classes (linked to the model at instantiation, before any data is read) --
     @property
@@ -133,22 +134,36 @@ class DetectionData(TaskDataModule):
             return list(SHAPES_CLASSES)
         if self.format == "voc":
             return list(VOC_CLASSES)
-        for stage in ("val", "train", "test"):  # categories only: the smallest file will do
-            ann = self._ann_file(stage)
-            if ann.is_file():
-                cats = json.loads(ann.read_text()).get("categories") or []
-                return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
-        raise FileNotFoundError(f"{self.root}: no COCO annotation file found to read the class names from")
+        return [c["name"] for c in self._file_categories()]
 
     @property
     def category_ids(self) -> list[int]:
         """COCO category id of each label (results JSON); ``1..K`` unless a COCO file says otherwise."""
         if self.format == "coco" and self.shapes is None and self._classes is None:
+            return [int(c["id"]) for c in self._file_categories()]
+        return list(range(1, len(self.classes) + 1))
+
+    def _file_categories(self) -> list[dict[str, Any]]:
+        """``categories`` of the first COCO annotation file found (val first: the smallest), by id."""
+        if self._categories is None:
             for stage in ("val", "train", "test"):
                 ann = self._ann_file(stage)
-                if ann.is_file():
-                    return sorted(c["id"] for c in json.loads(ann.read_text()).get("categories") or [])
-        return list(range(1, len(self.classes) + 1))
+                if not ann.is_file():
+                    continue
+                try:
+                    cats = json.loads(ann.read_text()).get("categories") or []
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                    raise ValueError(f"{ann}: cannot read the categories ({e})") from e
+                if not cats:
+                    raise ValueError(f"{ann}: no categories listed")
+                self._categories = sorted(cats, key=lambda c: c["id"])
+                break
+            else:
+                raise FileNotFoundError(
+                    f"{self.root}: no COCO annotation file to read the class names from "
+                    f"(looked for {self._ann_file('val')} and {self._ann_file('train')})"
+                )
+        return self._categories
 
     def _ann_file(self, stage: str) -> Path:
         explicit = self.anns[stage]
@@ -265,8 +280,8 @@ class DetectionTask(TaskModule):
             :func:`~vggbackbone.models.fasterrcnn_vgg`.
         detector: any other ``torchvision`` ``FasterRCNN`` argument
             (``rpn_pre_nms_top_n_train``, ``box_score_thresh``, ``box_detections_per_img``...).
-        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); the backbone's
-            parameters are those under ``model.backbone`` (for ``backbone_lr_mult``).
+        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
+            applies to the VGG (``model.backbone.`` or, with the FPN, ``model.backbone.body.``).
         metrics_file: where validate/test write their metrics as JSON, relative to the
             trainer's log folder (``None``: not written).
         detections_file: also write the gathered detections there as COCO results, e.g.
@@ -304,8 +319,9 @@ class DetectionTask(TaskModule):
         self.category_ids = list(category_ids) if category_ids else list(range(1, len(self.classes) + 1))
         if len(self.category_ids) != len(self.classes):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.classes)} classes")
-        if optim.backbone_prefix == "backbone":  # the detector lives under self.model
-            optim = OptimConfig(**{**optim.__dict__, "backbone_prefix": "model.backbone"})
+        if optim.backbone_prefix == "backbone":  # the default: point it at the VGG inside self.model
+            vgg = "model.backbone.body." if fpn else "model.backbone."  # the FPN itself is new: full lr
+            optim = OptimConfig(**{**optim.__dict__, "backbone_prefix": vgg})
         self.optim = optim
         self.metrics_file = metrics_file
         self.detections_file = detections_file

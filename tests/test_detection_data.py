@@ -242,3 +242,15 @@ def test_data_module_generates_the_shapes_and_links_classes(tmp_path) -> None:
         warnings.simplefilter("error")
         coco = DetectionData(root=str(tmp_path / "shapes"), num_workers=0)  # plain COCO tree, classes from the file
         assert coco.classes == list(CLASSES)
+
+
+def test_data_module_reads_coco_categories_from_the_file(tmp_path) -> None:
+    from tasks.detect import DetectionData
+
+    dm = DetectionData(root=str(tmp_path), train_set="train2017", val_set="val2017", num_workers=0)
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        _ = dm.classes
+    (tmp_path / "annotations").mkdir()
+    cats = [{"id": 9, "name": "dog"}, {"id": 3, "name": "cat"}]
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": [], "categories": cats}))
+    assert dm.classes == ["cat", "dog"] and dm.category_ids == [3, 9]  # labels 1, 2 -> ids 3, 9

@@ -179,3 +179,18 @@ def test_bfloat16_autocast_on_cpu(roi_pool) -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone.features["conv1"][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("fpn", [False, True])
+def test_backbone_lr_mult_reaches_the_vgg_only(fpn) -> None:
+    from tasks.core import OptimConfig, build_optimizer
+    from tasks.detect import DetectionTask
+
+    task = DetectionTask(classes=["a", "b"], arch="vgg11", width_mult=0.125, fpn=fpn,
+                         optim=OptimConfig(lr=0.1, backbone_lr_mult=0.1))  # fmt: skip
+    opt, _ = build_optimizer(task, task.optim, total_steps=10)
+    vgg = {id(p) for p in (task.model.backbone.body if fpn else task.model.backbone).parameters()}
+    for group in opt.param_groups:
+        in_vgg = {id(p) in vgg for p in group["params"]}
+        assert len(in_vgg) == 1  # a group is all VGG or all new layers
+        assert group["lr"] == pytest.approx(0.01 if in_vgg.pop() else 0.1)
