@@ -304,6 +304,7 @@ class TaskCLI(LightningCLI):
 
     task_monitor: tuple[str, str] = ("val/loss", "min")
     task_links: Sequence[tuple[str, str, str]] = ()
+    task_callbacks: Mapping[str, type[pl.Callback]] = {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -320,6 +321,8 @@ class TaskCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        for key, callback_class in self.task_callbacks.items():
+            parser.add_lightning_class_args(callback_class, key)
         for source, target, apply_on in self.task_links:
             parser.link_arguments(source, target, apply_on=apply_on)
 
@@ -331,21 +334,25 @@ def cli_main(
     task: str,
     monitor: tuple[str, str],
     links: Iterable[tuple[str, str, str]] = (),
+    callbacks: Mapping[str, type[pl.Callback]] | None = None,
     extra_commands: Mapping[str, Callable[[list[str]], Any]] | None = None,
     args: list[str] | None = None,
     run: bool = True,
 ) -> TaskCLI | Any:
     """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
 
-    ``extra_commands`` maps further subcommands (``extract``, ``export``...) to functions that
-    take the remaining argv. Logs and checkpoints go to ``runs/<task>/`` unless the YAML says
-    otherwise (``trainer.default_root_dir``, ``trainer.logger``).
+    ``callbacks`` maps YAML keys to callback classes that are always on (configured as
+    ``<key>.<arg>``, e.g. a prediction writer). ``extra_commands`` maps further subcommands
+    (``extract``, ``export``...) to functions that take the remaining argv. Logs and
+    checkpoints go to ``runs/<task>/`` unless the YAML says otherwise
+    (``trainer.default_root_dir``, ``trainer.logger``).
     """
     argv = list(sys.argv[1:] if args is None else args)
     if extra_commands and argv and argv[0] in extra_commands:
         return extra_commands[argv[0]](argv[1:])
 
-    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), {"task_monitor": monitor, "task_links": tuple(links)})
+    attrs = {"task_monitor": monitor, "task_links": tuple(links), "task_callbacks": dict(callbacks or {})}
+    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), attrs)
     root = f"runs/{task}"
     trainer_defaults = {
         "default_root_dir": root,
