@@ -16,6 +16,7 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -100,8 +101,8 @@ class SegmentationModel(TaskModule):
         window, window_overlap: sliding-window size and overlap fraction.
         predict_dir: where ``predict`` writes masks and overlays.
         overlay_alpha: mask opacity in the overlays.
-        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); set
-            ``backbone_prefix: model.backbone`` to give the backbone its own learning rate.
+        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
+            applies to ``model.backbone`` (the default ``backbone_prefix`` is mapped there).
     """
 
     def __init__(
@@ -125,7 +126,8 @@ class SegmentationModel(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optim = optim
+        # OptimConfig's default prefix "backbone" means this model's backbone, which lives at model.backbone
+        self.optim = dataclasses.replace(optim, backbone_prefix="model.backbone") if optim.backbone_prefix == "backbone" else optim
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
@@ -182,7 +184,9 @@ class SegmentationModel(TaskModule):
         return self.model(x)
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch["id"]:  # every image of the batch was unreadable (already warned about)
+            return None
         logits = self(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))

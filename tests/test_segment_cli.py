@@ -38,7 +38,7 @@ def _config(tmp: Path) -> Path:
             "head_kwargs": {"fc_channels": 16},
             "loss": "ce+dice",
             "predict_dir": str(tmp / "predict"),
-            "optim": {"name": "adamw", "lr": 0.001, "backbone_prefix": "model.backbone"},
+            "optim": {"name": "adamw", "lr": 0.001, "backbone_lr_mult": 0.5},
         },
         "data": {
             "root": str(tmp / "shapes"),
