@@ -99,6 +99,9 @@ class SegmentationModel(TaskModule):
         aux_loss_weight: weight of the Dice/Lovasz term.
         inference: ``whole`` (each image at its size) or ``slide`` (``window`` crops).
         window, window_overlap: sliding-window size and overlap fraction.
+        inference_scale: resize images by this factor before the network and the logits back
+            to full size (metrics are always computed on the full-resolution masks); pair it
+            with a matching ``data.scale_size`` to train at that resolution.
         predict_dir: where ``predict`` writes masks and overlays.
         overlay_alpha: mask opacity in the overlays.
         optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
@@ -120,6 +123,7 @@ class SegmentationModel(TaskModule):
         inference: Literal["whole", "slide"] = "whole",
         window: int = 512,
         window_overlap: float = 1 / 3,
+        inference_scale: float = 1.0,
         predict_dir: str = "runs/segment/predict",
         overlay_alpha: float = 0.5,
         optim: OptimConfig = OptimConfig(),
@@ -143,6 +147,9 @@ class SegmentationModel(TaskModule):
         self.aux_loss = self._aux_loss(loss)
         self.aux_loss_weight = aux_loss_weight
         self.inference, self.window, self.window_overlap = inference, window, window_overlap
+        if inference_scale <= 0:
+            raise ValueError(f"inference_scale must be > 0, got {inference_scale}")
+        self.inference_scale = inference_scale
         self.predict_dir, self.overlay_alpha = Path(predict_dir), overlay_alpha
         self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
         self._eval_loss: list[Tensor] = []
@@ -177,11 +184,19 @@ class SegmentationModel(TaskModule):
 
     @torch.no_grad()
     def predict_logits(self, image: Tensor) -> Tensor:
-        """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window."""
+        """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window, at
+        ``inference_scale`` (logits resized back to ``H x W``)."""
         x = self.normalize(image[None])
+        size = x.shape[-2:]
+        if self.inference_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.inference_scale, mode="bilinear", antialias=True)
         if self.inference == "slide":
-            return sliding_window_logits(self.model, x, self.window, self.window_overlap)
-        return self.model(x)
+            logits = sliding_window_logits(self.model, x, self.window, self.window_overlap)
+        else:
+            logits = self.model(x)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear")
+        return logits
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

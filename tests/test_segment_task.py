@@ -48,3 +48,15 @@ def test_slide_and_whole_inference_agree_on_window_sized_images() -> None:
     torch.testing.assert_close(slide.predict_logits(image), whole.predict_logits(image))
     big = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
     assert slide.predict_logits(big).shape == (1, 3, 100, 150)
+
+
+def test_inference_scale_resizes_in_and_out() -> None:
+    full = SegmentationModel(num_classes=3, **TINY).eval()
+    half = SegmentationModel(num_classes=3, inference_scale=0.5, **TINY).eval()
+    half.load_state_dict(full.state_dict())
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    out = half.predict_logits(image)
+    assert out.shape == (1, 3, 50, 70)
+    small = torch.nn.functional.interpolate(image[None].float(), size=(25, 35), mode="bilinear", antialias=True)
+    expected = torch.nn.functional.interpolate(full.model(full.normalize(small / 255)), size=(50, 70), mode="bilinear")
+    torch.testing.assert_close(out, expected)
