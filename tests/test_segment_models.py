@@ -138,7 +138,8 @@ def test_unet_loads_backbone_weights_from_torchvision_state_dict(tmp_path) -> No
     import torchvision
 
     tv = torchvision.models.vgg11(weights=None)
-    torch.save(tv.state_dict(), tmp_path / "vgg11.pth")
+    # the convolutional part only (what a U-Net uses; the classifier would add 500 MB)
+    torch.save({k: v for k, v in tv.state_dict().items() if k.startswith("features.")}, tmp_path / "vgg11.pth")
     model = unet_vgg("vgg11", 3, weights_backbone=tmp_path / "vgg11.pth", decoder_channels=[16, 16, 8, 8, 8]).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
