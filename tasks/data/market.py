@@ -23,13 +23,13 @@ Deterministic from the seed and atomic (built in a temporary folder, renamed int
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ._build import building, ensure_dataset
 
 __all__ = ["MarketConfig", "ensure_market", "generate_market"]
 
@@ -282,8 +282,6 @@ def _render(rng: np.random.Generator, cfg: MarketConfig, cam: _Camera, ident: _I
 def generate_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, progress: bool = True) -> Path:
     """Write the dataset described by ``cfg`` under ``root`` (replacing what is there)."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     rng = np.random.default_rng(cfg.seed)
     cameras = [_make_camera(rng) for _ in range(cfg.num_cameras)]
     pids = rng.permutation(np.arange(1, 1501))[: cfg.num_train_ids + cfg.num_test_ids]
@@ -316,7 +314,7 @@ def generate_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, pro
         iterator = tqdm(plan, desc=f"generating market in {root}", disable=not progress, leave=False)
     except ImportError:  # pragma: no cover
         pass
-    try:
+    with building(root) as tmp:
         for folder in ("bounding_box_train", "query", "bounding_box_test"):
             (tmp / folder).mkdir()
         for folder, pid, cam, ident, junk in iterator:
@@ -328,25 +326,9 @@ def generate_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, pro
             _render(rng, cfg, cameras[cam], ident, junk).save(tmp / folder / name, quality=92)
         spec = asdict(cfg) | {"train_pids": train_pids, "test_pids": test_pids}
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return root
 
 
 def ensure_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, progress: bool = True) -> Path:
     """Generate the dataset unless ``root`` already holds one made with the same ``cfg``."""
-    root = Path(root)
-    spec = root / SPEC_FILE
-    if spec.is_file():
-        try:
-            saved = json.loads(spec.read_text())
-            saved = {k: v for k, v in saved.items() if k in MarketConfig.__dataclass_fields__}
-            if MarketConfig(**saved) == cfg:
-                return root
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass
-    return generate_market(root, cfg, progress=progress)
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_market, progress=progress)
