@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tasks.core import OptimConfig, TaskModule, all_gather_objects, cli_main, print_metrics, write_json
 from tasks.images import SkippedSample, warn_skipped
-from tasks.reid_data import ReIDDataModule
+from tasks.data.reid import ReIDDataModule
 from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import reid_vgg
 

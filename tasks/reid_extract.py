@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from tasks.images import BadImageError, SkippedSample, read_image, warn_skipped
-from tasks.reid_data import IMAGE_EXTENSIONS
+from tasks.data.reid import IMAGE_EXTENSIONS
 from vggbackbone.utils import atomic_path
 
 __all__ = ["extract_embeddings", "extract_main", "list_images", "load_embeddings"]

@@ -30,7 +30,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from tasks.core import OptimConfig, TaskModule, cli_main, is_global_zero, print_metrics, write_json
 from tasks.data.shapes import voc_palette
-from tasks.segment_data import IGNORE_INDEX, SegmentationData
+from tasks.data.segmentation import IGNORE_INDEX, SegmentationData
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path

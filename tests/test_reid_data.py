@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tasks.data.market import MarketConfig, ensure_market, generate_market
-from tasks.reid_data import (
+from tasks.data.reid import (
     PKSampler,
     ReIDDataModule,
     ReIDDataset,

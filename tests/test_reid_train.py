@@ -9,7 +9,7 @@ import torch
 from tasks.core import OptimConfig
 from tasks.data.market import MarketConfig
 from tasks.reid import CenterLoss, ReIDTask
-from tasks.reid_data import ReIDDataModule
+from tasks.data.reid import ReIDDataModule
 
 TINY = MarketConfig(
     num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3, max_per_camera=3,

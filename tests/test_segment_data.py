@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 from tasks.data.shapes import ShapesConfig, ensure_shapes, voc_palette
 from tasks.images import SkippedSample
 from tasks.segment import sliding_window_logits, write_prediction
-from tasks.segment_data import (
+from tasks.data.segmentation import (
     BadMaskError,
     COCOSegmentation,
     SegmentationData,
