@@ -294,16 +294,42 @@ def print_metrics(title: str, metrics: Mapping[str, float], table: Sequence[tupl
 
 
 # ---------------------------------------------------------------------------- CLI
+class OptionalLearningRateMonitor(LearningRateMonitor):
+    """``LearningRateMonitor`` that stands aside when the run has no logger (``logger: false``)."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._active = bool(trainer.loggers)
+        if self._active:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_active", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_active", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 class TaskCLI(LightningCLI):
     """LightningCLI with the callbacks every task wants, configurable from YAML.
 
-    ``checkpoint:`` configures the forced ``ModelCheckpoint`` (monitor/mode set per task) and
-    ``lr_monitor:`` the ``LearningRateMonitor``; argument links from the data module to the
-    model (``data.num_classes -> model.num_classes``...) come from the task's ``links``.
+    * ``checkpoint:`` the best checkpoint by the task's metric (``best-<epoch>.ckpt``);
+    * ``last_checkpoint:`` ``last.ckpt``, rewritten at the end of every training epoch, which is
+      what ``--ckpt_path last`` and resuming use (Lightning 2.6's ``save_last`` only rewrites it
+      when a new best is saved);
+    * ``lr_monitor:`` learning-rate logging (inactive with ``trainer.logger: false``);
+    * the task's own always-on callbacks (``callbacks=`` of :func:`cli_main`).
+
+    Argument links from the data module to the model (``data.num_classes -> model.num_classes``)
+    come from the task's ``links``. When ``trainer.default_root_dir`` is changed, the default
+    loggers follow it.
     """
 
+    task_name: str = "task"
     task_monitor: tuple[str, str] = ("val/loss", "min")
     task_links: Sequence[tuple[str, str, str]] = ()
+    task_callbacks: Mapping[str, type[pl.Callback]] = {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -312,16 +338,42 @@ class TaskCLI(LightningCLI):
             {
                 "checkpoint.monitor": monitor,
                 "checkpoint.mode": mode,
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.save_on_train_epoch_end": True,
+            }
+        )
+        parser.add_lightning_class_args(OptionalLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        for key, callback_class in self.task_callbacks.items():
+            parser.add_lightning_class_args(callback_class, key)
         for source, target, apply_on in self.task_links:
             parser.link_arguments(source, target, apply_on=apply_on)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = cfg.get("trainer")
+        if trainer is None:
+            return
+        default_root = f"runs/{self.task_name}"
+        root = trainer.get("default_root_dir")
+        loggers = trainer.get("logger")
+        if root and root != default_root and isinstance(loggers, list):
+            for logger in loggers:
+                init = logger.get("init_args") if hasattr(logger, "get") else None
+                if init is not None and init.get("save_dir") == default_root:
+                    init["save_dir"] = root
 
 
 def cli_main(
@@ -331,25 +383,34 @@ def cli_main(
     task: str,
     monitor: tuple[str, str],
     links: Iterable[tuple[str, str, str]] = (),
+    callbacks: Mapping[str, type[pl.Callback]] | None = None,
     extra_commands: Mapping[str, Callable[[list[str]], Any]] | None = None,
     args: list[str] | None = None,
     run: bool = True,
 ) -> TaskCLI | Any:
     """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
 
-    ``extra_commands`` maps further subcommands (``extract``, ``export``...) to functions that
-    take the remaining argv. Logs and checkpoints go to ``runs/<task>/`` unless the YAML says
-    otherwise (``trainer.default_root_dir``, ``trainer.logger``).
+    ``callbacks`` maps YAML keys to callback classes that are always on (configured as
+    ``<key>.<arg>``, e.g. a prediction writer). ``extra_commands`` maps further subcommands
+    (``extract``, ``export``...) to functions that take the remaining argv. Logs and
+    checkpoints go to ``runs/<task>/`` unless the YAML says otherwise
+    (``trainer.default_root_dir``, ``trainer.logger``).
     """
     argv = list(sys.argv[1:] if args is None else args)
     if extra_commands and argv and argv[0] in extra_commands:
         return extra_commands[argv[0]](argv[1:])
 
-    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), {"task_monitor": monitor, "task_links": tuple(links)})
+    attrs = {
+        "task_name": task,
+        "task_monitor": monitor,
+        "task_links": tuple(links),
+        "task_callbacks": dict(callbacks or {}),
+    }
+    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), attrs)
     root = f"runs/{task}"
     trainer_defaults = {
         "default_root_dir": root,
-        "plugins": [AtomicCheckpointIO()],
+        "plugins": [{"class_path": "tasks.core.AtomicCheckpointIO"}],
         "logger": [
             # the first logger's folder (runs/<task>/version_N) also holds checkpoints and config.yaml
             {
@@ -367,7 +428,7 @@ def cli_main(
             trainer_defaults=trainer_defaults,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            args=argv,
+            args=args,  # None: LightningCLI reads sys.argv itself (and does not warn)
             run=run,
         )
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 __all__ = ["BadImageError", "SkippedSample", "drop_skipped", "read_image", "warn_skipped"]
 
@@ -23,10 +23,13 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
-def read_image(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
-    """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (RGB by default; JPEG, PNG, GIF, WEBP).
+def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+    """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (``mode`` is a PIL mode: RGB, L, ...).
 
-    Raises :class:`BadImageError` naming the file for a missing, empty or corrupt image.
+    Raises :class:`BadImageError` naming the file for a missing, empty, truncated or corrupt
+    image. Decoding goes through Pillow: torchvision's own decoders are deprecated since 0.29
+    (superseded by TorchCodec, which is not a dependency here) and Pillow reads every format
+    the datasets use.
     """
     p = Path(path)
     if not p.is_file():
@@ -34,14 +37,20 @@ def read_image(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> tor
     if p.stat().st_size == 0:
         raise BadImageError(p, "image file is empty")
     try:
-        return decode_image(str(p), mode=mode)
-    except (RuntimeError, ValueError) as e:
+        with Image.open(p) as img:
+            arr = np.asarray(img.convert(mode))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0]})") from e
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-@dataclass(frozen=True)
-class SkippedSample:
-    """Returned by a dataset instead of a sample it could not read (a collate drops it)."""
+class SkippedSample(NamedTuple):
+    """Returned by a dataset instead of a sample it could not read (a collate drops it).
+
+    A ``NamedTuple`` so it survives Lightning's batch transfer (frozen dataclasses do not).
+    """
 
     path: str
     reason: str

@@ -27,6 +27,7 @@ explicit key map (:mod:`vggbackbone.weights`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
@@ -190,9 +191,10 @@ class VGGBackbone(nn.Module):
         frozen_stages: blocks ``1..k`` get ``requires_grad=False`` and stay in eval mode
             (6 and 7 also freeze fc6, fc7). ``0`` trains everything.
         norm_eval: keep every BatchNorm in eval mode (running statistics frozen) in ``train()``.
-        output_stride: 32 (plain VGG), 16 or 8. Pools past that stride become 3x3/1 max-pools
-            and the following convs are dilated (DeepLab): at 8, conv5 runs at stride 8 with
-            dilation 2, pool5/fc6/fc7 at stride 8 (fc6 dilation 4).
+        output_stride: 32 (plain VGG; the default, ``2**num_blocks`` for shorter custom specs),
+            16 or 8. Pools past that stride become 3x3/1 max-pools and the following convs are
+            dilated (DeepLab): at 8, conv5 runs at stride 8 with dilation 2, pool5/fc6/fc7 at
+            stride 8 (fc6 dilation 4).
         ceil_mode: max-pool rounding. ``False`` (torchvision): tap ``k`` of an ``H x W`` input
             is ``floor(H / s) x floor(W / s)``; ``True`` (Caffe): ``ceil``.
         width_mult: multiply every channel count (rounded to a multiple of 8) for small models.
@@ -227,7 +229,7 @@ class VGGBackbone(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         frozen_stages: int = 0,
         norm_eval: bool = False,
-        output_stride: int = 32,
+        output_stride: int | None = None,
         ceil_mode: bool = False,
         width_mult: float = 1.0,
         fc_channels: int | None = None,
@@ -258,6 +260,8 @@ class VGGBackbone(nn.Module):
 
         n_blocks = len(cfg.blocks)
         allowed = [2**k for k in range(min(3, n_blocks), n_blocks + 1)]
+        if output_stride is None:
+            output_stride = 2**n_blocks  # no dilation (32 for the paper's five blocks)
         if output_stride not in allowed:
             raise ValueError(f"output_stride must be one of {allowed}, got {output_stride}")
         n_strided = int(math.log2(output_stride))  # pools 1..n_strided keep stride 2
@@ -280,32 +284,39 @@ class VGGBackbone(nn.Module):
         info: dict[str, dict[str, Any]] = {}
         in_ch, stride, dilation = in_channels, 1, 1
         min_size = 1
-        for i, spec in enumerate(cfg.blocks, start=1):
-            if f"conv{i}" not in build:
-                break
-            ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
-            spec_w = BlockSpec(ch, spec.kernels)
-            stages[f"conv{i}"] = _make_block(i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1)
-            info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
-            in_ch = ch
-            if f"pool{i}" not in build:
-                break
-            if i <= n_strided:
-                stages[f"pool{i}"] = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
-                stride *= 2
-                min_size = stride if not ceil_mode else 1
-            else:  # DeepLab: keep resolution, dilate what follows
-                stages[f"pool{i}"] = nn.MaxPool2d(3, 1, padding=1)
-                dilation *= 2
-            info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
-        fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
-        if "fc6" in build:
-            stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None)
-            info["fc6"] = {"num_chs": fc_ch, "reduction": stride}
-        if "fc7" in build:
-            stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None)
-            info["fc7"] = {"num_chs": fc_ch, "reduction": stride}
-        self.features = nn.ModuleDict(stages)
+        # With weights, every parameter and buffer comes from the file (the load is strict), so
+        # build on the meta device: no random init of ~130M parameters that would be overwritten.
+        device = torch.get_default_device()  # where the loaded weights go (honours `with torch.device(...)`)
+        device_ctx = torch.device("meta") if weights is not None else contextlib.nullcontext()
+        with device_ctx:
+            for i, spec in enumerate(cfg.blocks, start=1):
+                if f"conv{i}" not in build:
+                    break
+                ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
+                spec_w = BlockSpec(ch, spec.kernels)
+                stages[f"conv{i}"] = _make_block(
+                    i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1
+                )
+                info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
+                in_ch = ch
+                if f"pool{i}" not in build:
+                    break
+                if i <= n_strided:
+                    stages[f"pool{i}"] = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
+                    stride *= 2
+                    min_size = stride if not ceil_mode else 1
+                else:  # DeepLab: keep resolution, dilate what follows
+                    stages[f"pool{i}"] = nn.MaxPool2d(3, 1, padding=1)
+                    dilation *= 2
+                info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
+            fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
+            if "fc6" in build:
+                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None)
+                info["fc6"] = {"num_chs": fc_ch, "reduction": stride}
+            if "fc7" in build:
+                stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None)
+                info["fc7"] = {"num_chs": fc_ch, "reduction": stride}
+            self.features = nn.ModuleDict(stages)
         self.min_input_size = min_size
 
         ordered = [t for t in build if t in rl]
@@ -315,11 +326,16 @@ class VGGBackbone(nn.Module):
         )
         self.out_channels: int = info[ordered[-1]]["num_chs"]
 
-        self._init_weights()
         self.normalization = resolve_normalization(normalization, in_channels)
-        if weights is not None:
+        if weights is None:
+            self._init_weights()
+        else:
             from .weights import load_backbone_weights
 
+            self.to_empty(device=device)
+            for name, buf in self.named_buffers():
+                if name.endswith("num_batches_tracked"):  # the only key a file may lack
+                    buf.zero_()
             self.normalization = load_backbone_weights(self, weights, normalization, progress=progress)
         self._freeze()
 

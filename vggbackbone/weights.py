@@ -174,17 +174,23 @@ def to_canonical(state_dict: Mapping[str, Tensor], cfg: VGGConfig) -> tuple[dict
     return mapped, unexpected, source
 
 
+def _layout_keys(cfg: VGGConfig) -> set[str]:
+    return {f"features.{i}.{p}" for i, path in flat_layout(cfg).items() for p in _params_of(path)}
+
+
+def matching_archs(state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Named archs whose torchvision/timm flat layout has exactly these ``features.*`` keys.
+
+    Usually one; ``vgg16`` and ``vgg16_c`` share a layout (C differs in kernel shapes only).
+    """
+    present = {k for k in state_dict if k.startswith("features.") and not k.endswith("num_batches_tracked")}
+    return [name for name, cfg in ARCHS.items() if _layout_keys(cfg) == present]
+
+
 def guess_arch(state_dict: Mapping[str, Tensor]) -> str | None:
-    """The named arch whose torchvision/timm flat layout matches these keys exactly, if any."""
-    present = {
-        k for k in state_dict
-        if k.startswith("features.") and not k.endswith("num_batches_tracked")
-    }
-    for name, cfg in ARCHS.items():
-        expected = {f"features.{i}.{p}" for i, path in flat_layout(cfg).items() for p in _params_of(path)}
-        if expected == present:
-            return name
-    return None
+    """The first named arch whose torchvision/timm flat layout matches these keys exactly, if any."""
+    matches = matching_archs(state_dict)
+    return matches[0] if matches else None
 
 
 def _params_of(path: str) -> tuple[str, ...]:
@@ -192,6 +198,11 @@ def _params_of(path: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------- reading files
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Find the tensor dict inside a checkpoint-like object; return it with any metadata."""
     meta: dict[str, Any] = {}
@@ -241,10 +252,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
         raise WeightsError(
             f"{path}: refused to load: the file pickles Python objects, not just tensors, and weights are only "
             f"read with torch.load(weights_only=True) so a file never runs code. Save model.state_dict() "
-            f"instead. ({str(e).splitlines()[0]})"
+            f"instead. ({_first_line(e)})"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from e
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from e
     return _unwrap(obj, str(path))
 
 
@@ -269,6 +280,24 @@ def _resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
         ) from None
 
 
+def _load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, Tensor]:
+    """``w.get_state_dict()`` but with ``weights_only=True``: torchvision's own call unpickles the
+    cached file with ``weights_only=False``, so a tampered cache file could run code."""
+    from torch.hub import get_dir, load_state_dict_from_url
+
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
+    try:
+        obj = load_state_dict_from_url(w.url, progress=progress, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{cached}: refused to load torchvision weights {type(w).__name__}.{w.name}: the cached file pickles "
+            f"Python objects, not just tensors ({_first_line(e)})"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({_first_line(e)})") from e
+    return _unwrap(obj, str(cached))[0]
+
+
 def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -289,13 +318,15 @@ def load_vgg_state_dict(
             norm = InputNormalization.from_dict(meta["normalization"])
     else:
         w = _resolve_torchvision_weights(weights, cfg)
-        sd = w.get_state_dict(progress=progress, check_hash=True)
+        sd = _load_torchvision_state_dict(w, progress=progress)
         meta = {}
         desc = f"torchvision {type(w).__name__}.{w.name}"
         tf = w.transforms()
         norm = InputNormalization(tuple(tf.mean), tuple(tf.std), "imagenet" if tuple(tf.mean) == IMAGENET.mean else w.name)
     mapped, unexpected, source = to_canonical(sd, cfg)
     meta.setdefault("source", source)
+    if source != "native":
+        meta["layout_archs"] = matching_archs(sd)
     if norm is None and source in ("torchvision", "timm", "flat"):
         norm = IMAGENET  # both libraries' ImageNet weights use these statistics
     return mapped, unexpected, norm, meta, desc
@@ -345,6 +376,14 @@ def load_backbone_weights(
     if file_arch is not None and file_arch != model.arch:
         raise WeightsError(f"{desc}: saved from arch {file_arch}, but this backbone is {model.arch}")
 
+    layout_archs = meta.get("layout_archs")
+    if layout_archs and _layout_keys(model.config) != _layout_keys(ARCHS[layout_archs[0]]):
+        # Mapped through our layout, another arch's flat indices would land on the wrong layers.
+        raise WeightsError(
+            f"{desc} is a {' or '.join(layout_archs)} state dict ({meta['source']} layout), "
+            f"but this backbone is {model.arch}: build VGGBackbone({layout_archs[-1]!r}, ...) for this file"
+        )
+
     own = model.state_dict()
     full = _full_keys(model)
     # channels of the input to fc6 = last block's width
@@ -355,43 +394,42 @@ def load_backbone_weights(
     unexpected = unexpected + [k for k in sd if k not in own and k not in full]
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     if unexpected or missing:
-        guess = guess_arch(_raw_keys_for_guess(weights)) if unexpected else None
-        hint = f" The file looks like a {guess} state dict." if guess and guess != model.arch else ""
         raise WeightsError(
-            f"{desc} does not match VGGBackbone({model.arch}).{hint}\n"
+            f"{desc} does not match VGGBackbone({model.arch})\n"
             f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
             f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if shapes:
         raise WeightsError(f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8]))
-    nonfinite = [k for k in own if k in sd and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()]
+    nonfinite = [k for k in own if k in sd and not _all_finite(sd[k])]
     if nonfinite:
-        raise WeightsError(
-            f"{desc} has non-finite values in {nonfinite[:4]} (torchvision's IMAGENET1K_FEATURES ships NaN "
-            f"classifier weights): request taps up to pool5 only"
+        hint = (
+            " (torchvision's IMAGENET1K_FEATURES ships NaN classifier weights): request taps up to pool5 only"
+            if all(k.startswith(("features.fc6.", "features.fc7.")) for k in nonfinite)
+            else ""
         )
+        raise WeightsError(f"{desc} has non-finite values in {nonfinite[:4]}{hint}")
     own_sd = {k: sd[k] for k in own if k in sd}
     model.load_state_dict(own_sd, strict=False)
 
-    if normalization == "caffe" or (isinstance(normalization, InputNormalization) and normalization.name == "caffe"):
-        # weights trained on BGR: flip conv1_1's input channels so the model takes RGB
+    if normalization is None:
+        return norm if norm is not None else resolve_normalization(None, model.in_channels)
+    requested = resolve_normalization(normalization, model.in_channels)
+    if requested.name == "caffe" and meta["source"] != "native":
+        # Weights trained on BGR input: flip conv1_1's input channels so the model takes RGB.
+        # This package's own files are already stored RGB-first (flipped when first loaded).
         conv = model.features["conv1"][0]
         with torch.no_grad():
             conv.weight.copy_(conv.weight.flip(1))
-        return resolve_normalization("caffe", model.in_channels)
-    if normalization is not None:
-        return resolve_normalization(normalization, model.in_channels)
-    return norm if norm is not None else resolve_normalization(None, model.in_channels)
+    return requested
 
 
-def _raw_keys_for_guess(weights: Any) -> dict[str, Tensor]:
-    try:
-        if isinstance(weights, (str, os.PathLike)) and Path(weights).exists():
-            return load_state_dict_file(weights)[0]
-    except (WeightsError, OSError):
-        pass
-    return {}
+def _all_finite(t: Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    # fast path: a finite sum means finite entries (one pass, no 100M-element bool mask)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def save_backbone_weights(model: VGGBackbone, path: str | os.PathLike[str]) -> Path:

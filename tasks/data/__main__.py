@@ -12,11 +12,13 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from .market import MarketConfig, generate_market
 from .shapes import ShapesConfig, generate_shapes
 
 #: name -> (config dataclass, generate(root, cfg) -> Path, help)
 GENERATORS: dict[str, tuple[type, Callable[..., Any], str]] = {
     "shapes": (ShapesConfig, generate_shapes, "synthetic shapes: COCO + VOC layouts, boxes and masks"),
+    "market": (MarketConfig, generate_market, "synthetic pedestrians in Market-1501 layout (ReID)"),
 }
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +30,8 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ._build import building, ensure_dataset
 
 __all__ = ["CLASSES", "ShapesConfig", "ensure_shapes", "generate_shapes", "voc_palette"]
 
@@ -182,12 +182,9 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
     from pycocotools import mask as mask_utils
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     rng = np.random.default_rng(cfg.seed)
     palette = voc_palette()
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
-    voc = tmp / "VOCdevkit" / "VOC2007"
     splits = {"train": cfg.num_train, "val": cfg.num_val}
     iterator = [(split, k) for split, n in splits.items() for k in range(n)]
     try:
@@ -199,7 +196,8 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
     coco: dict[str, dict] = {s: {"images": [], "annotations": [], "categories": categories} for s in splits}
     voc_ids: dict[str, list[str]] = {s: [] for s in splits}
     ann_id = 1
-    try:
+    with building(root) as tmp:
+        voc = tmp / "VOCdevkit" / "VOC2007"
         for split, k in iterator:
             image_id = k + 1 + (0 if split == "train" else cfg.num_train)
             file_id = f"{image_id:06d}"
@@ -266,26 +264,9 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
                 (d / "trainval.txt").write_text("".join(f"{i}\n" for s in splits for i in voc_ids[s]))
         spec = asdict(cfg) | {"classes": list(CLASSES)}
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return root
 
 
 def ensure_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, progress: bool = True) -> Path:
     """Generate the dataset unless ``root`` already holds one made with the same ``cfg``."""
-    root = Path(root)
-    spec = root / SPEC_FILE
-    if spec.is_file():
-        try:
-            saved = json.loads(spec.read_text())
-            saved.pop("classes", None)
-            saved["layouts"] = tuple(saved.get("layouts", ()))
-            if ShapesConfig(**saved) == cfg:
-                return root
-        except (json.JSONDecodeError, TypeError):
-            pass
-    return generate_shapes(root, cfg, progress=progress)
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_shapes, progress=progress)

@@ -1,0 +1,417 @@
+"""Segmentation data: PASCAL VOC layout, COCO instance masks, joint image/mask transforms.
+
+* :class:`VOCSegmentation`: ``VOCdevkit/VOC20xx/{JPEGImages,SegmentationClass,
+  ImageSets/Segmentation/<split>.txt}``; masks are palette (or grayscale) PNGs of class indices,
+  255 = void/ignore.
+* :class:`COCOSegmentation`: a COCO instances JSON + image folder; the instance masks
+  (polygons or RLE, decoded by pycocotools) are painted into one semantic mask, largest
+  objects first so small ones stay visible; crowd regions become 255 (ignored).
+* :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
+  ``tv_tensors.Mask`` together (random scale, crop padded with 255 in the mask, flip).
+* :class:`SegmentationData`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
+  generates the synthetic shapes data when asked (``shapes:``) and it is missing.
+
+Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
+A missing or corrupt image is skipped with one counted warning per batch; a mask that does not
+fit its image or holds labels outside ``[0, num_classes)`` (other than 255) raises an error
+naming the file, since training on it would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tasks.core import TaskDataModule
+from tasks.data.shapes import CLASSES as SHAPES_CLASSES
+from tasks.data.shapes import ShapesConfig, ensure_shapes
+from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image, warn_skipped
+
+__all__ = [
+    "IGNORE_INDEX",
+    "VOC_CLASSES",
+    "BadMaskError",
+    "COCOSegmentation",
+    "ImageList",
+    "SegmentationData",
+    "VOCSegmentation",
+    "collate_eval",
+    "collate_train",
+    "read_mask",
+    "train_transforms",
+]
+
+IGNORE_INDEX = 255
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class BadMaskError(ValueError):
+    """A mask that cannot be used with its image. ``str(e)`` starts with the mask's path."""
+
+
+def check_mask(mask: torch.Tensor, num_classes: int, path: str | Path, image_size: tuple[int, int] | None) -> None:
+    """Raise :class:`BadMaskError` if ``mask`` has the wrong size or labels outside the classes."""
+    if image_size is not None and tuple(mask.shape[-2:]) != tuple(image_size):
+        raise BadMaskError(
+            f"{path}: mask is {mask.shape[-2]}x{mask.shape[-1]} (HxW) but its image is {image_size[0]}x{image_size[1]}"
+        )
+    labels = torch.unique(mask)
+    bad = labels[(labels >= num_classes) & (labels != IGNORE_INDEX)]
+    if bad.numel():
+        raise BadMaskError(
+            f"{path}: mask has labels {bad.tolist()[:10]} outside 0..{num_classes - 1} "
+            f"({num_classes} classes; {IGNORE_INDEX} = ignore)"
+        )
+
+
+def read_mask(path: str | Path, num_classes: int, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read a PNG of class indices (palette ``P`` or grayscale ``L``) as an int64 ``(H, W)`` tensor.
+
+    Raises :class:`BadMaskError` naming the file when it is missing, unreadable, not a mask
+    of indices (e.g. an RGB picture), of another size than ``image_size`` ``(H, W)``, or holds
+    labels outside ``[0, num_classes)`` other than 255.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadMaskError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode not in ("P", "L"):
+                raise BadMaskError(
+                    f"{path}: a mask must be a palette (P) or grayscale (L) PNG of class indices, got mode {mode}"
+                )
+            arr = np.array(im)
+    except (OSError, SyntaxError) as e:
+        raise BadMaskError(f"{path}: cannot read mask ({e})") from e
+    mask = torch.from_numpy(arr.astype(np.int64))
+    check_mask(mask, num_classes, path, image_size)
+    return mask
+
+
+def _load(image_path: Path, sample_id: str, mask_fn: Callable[[tuple[int, int]], torch.Tensor] | None) -> dict | SkippedSample:
+    try:
+        image = read_image(image_path)
+    except BadImageError as e:
+        return SkippedSample(str(image_path), e.reason)
+    out: dict[str, Any] = {"image": tv_tensors.Image(image), "id": sample_id, "path": str(image_path)}
+    if mask_fn is not None:
+        out["mask"] = tv_tensors.Mask(mask_fn((image.shape[-2], image.shape[-1])))
+    return out
+
+
+class _SegmentationDataset(Dataset):
+    num_classes: int
+    transforms: Callable[[dict], dict] | None
+
+    def _finish(self, sample: dict | SkippedSample) -> dict | SkippedSample:
+        if isinstance(sample, SkippedSample) or self.transforms is None:
+            return sample
+        return self.transforms(sample)
+
+
+class VOCSegmentation(_SegmentationDataset):
+    """PASCAL VOC segmentation layout.
+
+    Args:
+        root: the ``VOC20xx`` folder (holding ``JPEGImages``), or a folder holding
+            ``VOCdevkit/<year>``.
+        split: name of a list in ``ImageSets/Segmentation`` (``train``, ``val``, ``trainval``).
+        num_classes: classes including background (21 for VOC).
+        year: ``VOC2007`` or ``VOC2012`` when ``root`` holds ``VOCdevkit``.
+        transforms: joint transform of the sample dict (see :func:`train_transforms`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        num_classes: int = len(VOC_CLASSES),
+        year: str = "VOC2012",
+        transforms: Callable[[dict], dict] | None = None,
+    ) -> None:
+        root = Path(root)
+        self.root = root if (root / "JPEGImages").is_dir() else root / "VOCdevkit" / year
+        list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_file.is_file():
+            raise FileNotFoundError(f"{list_file}: VOC split list not found (is {root} a VOC folder?)")
+        self.ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+        if not self.ids:
+            raise ValueError(f"{list_file}: the split list is empty")
+        self.num_classes = num_classes
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict | SkippedSample:
+        sid = self.ids[i]
+        mask_path = self.root / "SegmentationClass" / f"{sid}.png"
+        sample = _load(
+            self.root / "JPEGImages" / f"{sid}.jpg", sid, lambda size: read_mask(mask_path, self.num_classes, size)
+        )
+        return self._finish(sample)
+
+
+class COCOSegmentation(_SegmentationDataset):
+    """COCO instance annotations turned into semantic masks with pycocotools.
+
+    Args:
+        ann_file: COCO instances JSON.
+        image_dir: folder of the images (``file_name`` is relative to it).
+        classes: class names, ``classes[0]`` being background; category ``name`` -> index.
+            Categories not listed are painted as background.
+        transforms: joint transform of the sample dict.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        classes: Sequence[str],
+        transforms: Callable[[dict], dict] | None = None,
+    ) -> None:
+        from pycocotools.coco import COCO
+
+        self.ann_file = Path(ann_file)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"{self.ann_file}: COCO annotation file not found")
+        try:
+            self.coco = _quiet(lambda: COCO(str(self.ann_file)))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.ann_file}: not a COCO instances file ({e})") from e
+        self.image_dir = Path(image_dir)
+        self.ids = sorted(self.coco.getImgIds())
+        if not self.ids:
+            raise ValueError(f"{self.ann_file}: no images in the annotation file")
+        index = {name: k for k, name in enumerate(classes)}
+        self.cat_to_label = {c["id"]: index.get(c["name"], 0) for c in self.coco.loadCats(self.coco.getCatIds())}
+        self.num_classes = len(classes)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def semantic_mask(self, image_id: int, size: tuple[int, int]) -> torch.Tensor:
+        """``(H, W)`` int64: instances painted largest first; crowd regions = 255."""
+        info = self.coco.imgs[image_id]
+        if (info["height"], info["width"]) != tuple(size):
+            raise BadMaskError(
+                f"{self.ann_file}: image {info['file_name']} is {size[0]}x{size[1]} but the annotation says "
+                f"{info['height']}x{info['width']}"
+            )
+        mask = np.zeros(size, np.uint8)
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))
+        for ann in sorted(anns, key=lambda a: -float(a.get("area", 0))):
+            m = self.coco.annToMask(ann).astype(bool)
+            mask[m] = IGNORE_INDEX if ann.get("iscrowd", 0) else self.cat_to_label.get(ann["category_id"], 0)
+        return torch.from_numpy(mask.astype(np.int64))
+
+    def __getitem__(self, i: int) -> dict | SkippedSample:
+        image_id = self.ids[i]
+        info = self.coco.imgs[image_id]
+        sample = _load(self.image_dir / info["file_name"], str(image_id), lambda size: self.semantic_mask(image_id, size))
+        return self._finish(sample)
+
+
+class ImageList(Dataset):
+    """Images without masks, for ``predict``: a folder (searched recursively) or a text file of paths."""
+
+    def __init__(self, source: str | Path) -> None:
+        source = Path(source)
+        if source.is_dir():
+            self.paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            self.paths = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
+        else:
+            raise FileNotFoundError(f"{source}: no such folder or image list")
+        if not self.paths:
+            raise ValueError(f"{source}: no images found")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict | SkippedSample:
+        return _load(self.paths[i], self.paths[i].stem, None)
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
+        return fn()
+
+
+# ---------------------------------------------------------------------------- transforms
+def train_transforms(
+    crop_size: int,
+    scale_size: int | None = None,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    hflip: bool = True,
+) -> v2.Compose:
+    """Random scale (``v2.ScaleJitter``: fit in ``scale_size`` times a factor in ``scale_range``),
+    random ``crop_size`` crop (padded with 0 in the image and 255 = ignore in the mask) and
+    horizontal flip, applied jointly to ``tv_tensors.Image`` and ``tv_tensors.Mask`` (masks
+    are resized with nearest neighbour)."""
+    size = scale_size or crop_size
+    steps: list[Any] = [
+        v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def collate_train(samples: list[Any]) -> dict[str, Any]:
+    """Same-size crops -> ``{"image": uint8 (N, 3, h, w), "mask": int64 (N, h, w), "id": [...]}``."""
+    kept, skipped = drop_skipped(samples)
+    warn_skipped(skipped, "segmentation training data")
+    return {
+        "image": torch.stack([s["image"].as_subclass(torch.Tensor) for s in kept]) if kept else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+        "mask": torch.stack([s["mask"].as_subclass(torch.Tensor).long() for s in kept]) if kept else torch.empty(0, 1, 1, dtype=torch.long),
+        "id": [s["id"] for s in kept],
+    }
+
+
+def collate_eval(samples: list[Any]) -> dict[str, Any]:
+    """Images of any size -> lists (evaluation runs image by image at full resolution)."""
+    kept, skipped = drop_skipped(samples)
+    warn_skipped(skipped, "segmentation evaluation data")
+    out: dict[str, Any] = {
+        "image": [s["image"].as_subclass(torch.Tensor) for s in kept],
+        "id": [s["id"] for s in kept],
+        "path": [s["path"] for s in kept],
+    }
+    if kept and "mask" in kept[0]:
+        out["mask"] = [s["mask"].as_subclass(torch.Tensor).long() for s in kept]
+    return out
+
+
+# ---------------------------------------------------------------------------- data module
+class SegmentationData(TaskDataModule):
+    """Semantic-segmentation data for ``python -m tasks.segment``.
+
+    Args:
+        root: dataset folder.
+        layout: ``voc`` (``VOCdevkit/<voc_year>`` or a ``VOC20xx`` folder) or ``coco``.
+        classes: class names with ``background`` first. Default: VOC's 21 for ``voc``, the
+            shapes classes when ``shapes`` is set, the categories of the training JSON for ``coco``.
+        train_split, val_split, test_split: split names (VOC list names; COCO ``{split}`` in
+            ``coco_ann_file`` / ``coco_image_dir``). ``test_split`` defaults to ``val_split``.
+        predict_images: folder or text file of images for ``predict`` (default: ``val_split``).
+        voc_year: ``VOC2007`` / ``VOC2012``.
+        coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
+        shapes: generate the synthetic shapes dataset in ``root`` with these settings when it
+            is missing (the demo's embedded data).
+        crop_size, scale_size, scale_range, hflip: training augmentation (:func:`train_transforms`).
+        batch_size, eval_batch_size, num_workers: loaders (evaluation runs image by image
+            inside a batch, at each image's own size).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        layout: Literal["voc", "coco"] = "voc",
+        classes: list[str] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        predict_images: str | None = None,
+        voc_year: str = "VOC2007",
+        coco_ann_file: str = "annotations/instances_{split}.json",
+        coco_image_dir: str = "images/{split}",
+        shapes: ShapesConfig | None = None,
+        crop_size: int = 320,
+        scale_size: int | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
+        self.root = Path(root)
+        self.layout = layout
+        self.train_split, self.val_split = train_split, val_split
+        self.test_split = test_split or val_split
+        self.predict_images = predict_images
+        self.voc_year = voc_year
+        self.coco_ann_file, self.coco_image_dir = coco_ann_file, coco_image_dir
+        self.shapes = shapes
+        self.crop_size, self.scale_size, self.scale_range, self.hflip = crop_size, scale_size, scale_range, hflip
+        self.classes = list(classes) if classes else self._default_classes()
+        if len(self.classes) < 2:
+            raise ValueError(f"classes needs background and at least one class, got {self.classes}")
+
+    def _default_classes(self) -> list[str]:
+        if self.shapes is not None:
+            return ["background", *SHAPES_CLASSES]
+        if self.layout == "voc":
+            return list(VOC_CLASSES)
+        ann = self.root / self.coco_ann_file.format(split=self.train_split)
+        if not ann.is_file():
+            raise FileNotFoundError(f"{ann}: needed to read the class names; set data.classes or create the data first")
+        cats = sorted(json.loads(ann.read_text()).get("categories", []), key=lambda c: c["id"])
+        return ["background", *(c["name"] for c in cats)]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background (linked to ``model.num_classes``)."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def prepare_data(self) -> None:
+        if self.shapes is not None:
+            ensure_shapes(self.root, self.shapes)
+
+    def dataset(self, split: str, transforms: Callable[[dict], dict] | None = None) -> Dataset:
+        """The ``split`` of the configured layout."""
+        if self.layout == "voc":
+            return VOCSegmentation(self.root, split, self.num_classes, self.voc_year, transforms)
+        return COCOSegmentation(
+            self.root / self.coco_ann_file.format(split=split),
+            self.root / self.coco_image_dir.format(split=split),
+            self.classes,
+            transforms,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            tf = train_transforms(self.crop_size, self.scale_size, self.scale_range, self.hflip)
+            self.train_set = self.dataset(self.train_split, tf)
+        if stage in (None, "fit", "validate"):
+            self.val_set = self.dataset(self.val_split)
+        if stage in (None, "test"):
+            self.test_set = self.dataset(self.test_split)
+        if stage in (None, "predict"):
+            self.predict_set = ImageList(self.predict_images) if self.predict_images else self.dataset(self.val_split)
+
+    def train_dataloader(self) -> Any:
+        return self.make_loader(self.train_set, train=True, collate_fn=collate_train)
+
+    def val_dataloader(self) -> Any:
+        return self.make_loader(self.val_set, train=False, collate_fn=collate_eval)
+
+    def test_dataloader(self) -> Any:
+        return self.make_loader(self.test_set, train=False, collate_fn=collate_eval)
+
+    def predict_dataloader(self) -> Any:
+        return self.make_loader(self.predict_set, train=False, collate_fn=collate_eval)

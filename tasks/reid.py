@@ -1,0 +1,367 @@
+"""Person re-identification: ``python -m tasks.reid fit|validate|test|predict|extract``.
+
+Training follows the "strong baseline" (Luo et al. 2019): PK batches, cross-entropy with label
+smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features (optionally a
+center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
+embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
+cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
+``<log_dir>/reid_metrics.json`` and a retrieval grid ``<log_dir>/retrieval/<when>.png``.
+
+``extract`` turns a folder or list of images into an embeddings file, see
+:mod:`tasks.reid_extract`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners, reducers
+from torch import Tensor, nn
+
+from tasks.core import OptimConfig, TaskModule, all_gather_objects, cli_main, print_metrics, write_json
+from tasks.images import SkippedSample, warn_skipped
+from tasks.data.reid import ReIDDataModule
+from vggbackbone.metrics import rank_embeddings
+from vggbackbone.models import reid_vgg
+
+__all__ = ["CenterLoss", "EVAL_OPTIONS", "ReIDTask", "main"]
+
+#: Evaluation settings, kept out of the checkpoint's hyper-parameters: LightningCLI 2.6 replaces
+#: the model's config with the checkpoint's hyper-parameters when ``--ckpt_path`` is given
+#: (Lightning-AI/pytorch-lightning#21455), which would make ``validate --ckpt_path X
+#: --model.rerank true`` silently evaluate without re-ranking. ``weights_backbone`` is left out
+#: too: a checkpoint carries its weights, evaluating it must not download ImageNet weights.
+EVAL_OPTIONS = (
+    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
+    "grid_queries", "grid_topk",
+)  # fmt: skip
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al. 2016): ``mean_i ||f_i - c_{y_i}||^2 / 2``.
+
+    pytorch-metric-learning has no center loss. The centres follow the paper's own update rule
+    (``c_j -= alpha * sum_{y_i=j}(c_j - f_i) / (1 + n_j)``) instead of the main optimiser, whose
+    Adam steps of ~lr would barely move them; under DDP the per-class sums are all-reduced so
+    every process keeps the same centres.
+    """
+
+    def __init__(self, num_classes: int, dim: int, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.register_buffer("centers", torch.zeros(num_classes, dim))
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        centers = self.centers[labels]
+        loss = 0.5 * (features - centers).pow(2).sum(1).mean()
+        if self.training:
+            with torch.no_grad():
+                diff = torch.zeros_like(self.centers).index_add_(0, labels, centers - features.detach().float())
+                count = torch.zeros(len(self.centers), device=features.device).index_add_(
+                    0, labels, torch.ones_like(labels, dtype=torch.float)
+                )
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(diff)
+                    dist.all_reduce(count)
+                self.centers -= self.alpha * diff / (1.0 + count[:, None])
+        return loss
+
+
+class ReIDTask(TaskModule):
+    """A :class:`~vggbackbone.models.ReIDNet` trained for re-identification.
+
+    Args:
+        arch, weights_backbone, width_mult, frozen_stages, batch_norm_eval: the VGG backbone
+            (``batch_norm_eval`` = ``norm_eval``: BatchNorm statistics frozen).
+        output_stride: 16 (plain conv5) or 8 (dilated conv5), see ``reid_vgg``.
+        pooling, gem_p, embedding_dim, bnneck, normalize: the head, see ``ReIDNet``.
+        num_classes: training identities; ``None`` takes them from the data module at fit time.
+        label_smoothing: cross-entropy label smoothing (0.1 in the strong baseline).
+        ce_weight, triplet_weight, center_weight: loss weights (center: 0 = off, 5e-4 in BoT).
+        triplet_margin: margin of the batch-hard triplet loss (euclidean, on pre-BN features).
+        center_alpha: centre update rate of the center loss.
+        distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
+        rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
+        max_rank: length of the CMC curve written to ``reid_metrics.json``.
+        eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
+        grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
+        optim: optimiser and schedule (``tasks.core.OptimConfig``).
+    """
+
+    def __init__(
+        self,
+        arch: str = "vgg16",
+        weights_backbone: str | None = None,
+        width_mult: float = 1.0,
+        frozen_stages: int = 0,
+        batch_norm_eval: bool = False,
+        output_stride: int | None = None,
+        pooling: Literal["avg", "max", "gem"] = "gem",
+        gem_p: float = 3.0,
+        embedding_dim: int | None = None,
+        bnneck: bool = True,
+        normalize: bool = True,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.1,
+        ce_weight: float = 1.0,
+        triplet_weight: float = 1.0,
+        triplet_margin: float = 0.3,
+        center_weight: float = 0.0,
+        center_alpha: float = 0.5,
+        distance: Literal["cosine", "euclidean"] = "cosine",
+        rerank: bool = False,
+        rerank_k1: int = 20,
+        rerank_k2: int = 6,
+        rerank_lambda: float = 0.3,
+        max_rank: int = 50,
+        eval_chunk_size: int | None = None,
+        grid_queries: int = 8,
+        grid_topk: int = 10,
+        optim: OptimConfig = OptimConfig(name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=[*EVAL_OPTIONS, "weights_backbone"])
+        self.eval_options = dict(
+            distance=distance, rerank=rerank, rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda,
+            max_rank=max_rank, eval_chunk_size=eval_chunk_size, grid_queries=grid_queries, grid_topk=grid_topk,
+        )  # fmt: skip
+        self.optim = optim
+        self.model = reid_vgg(
+            arch,
+            num_classes or 0,
+            weights_backbone=weights_backbone,
+            output_stride=output_stride,
+            pooling=pooling,
+            gem_p=gem_p,
+            embedding_dim=embedding_dim,
+            bnneck=bnneck,
+            normalize=normalize,
+            width_mult=width_mult,
+            frozen_stages=frozen_stages,
+            norm_eval=batch_norm_eval,
+        )
+        dist_fn = distances.LpDistance(normalize_embeddings=False)  # the baseline's plain euclidean
+        self.miner = miners.BatchHardMiner(distance=dist_fn)
+        # MeanReducer: average over every anchor, as the strong baseline (pml's default averages
+        # only the triplets with a non-zero loss)
+        self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=dist_fn, reducer=reducers.MeanReducer())
+        self.center: CenterLoss | None = None
+        if num_classes and center_weight > 0:
+            self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha)
+        self._eval_parts: list[tuple[Tensor, ...]] = []
+        self._skipped: list[SkippedSample] = []
+
+    # ------------------------------------------------------------------ classes known late
+    def _set_num_classes(self, n: int) -> None:
+        self.model.reset_classifier(n)
+        self.hparams["num_classes"] = n
+        if self.hparams.center_weight > 0:
+            self.center = CenterLoss(n, self.model.embedding_dim, self.hparams.center_alpha).to(self.model.mean.device)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        n = getattr(dm, "num_classes", None)
+        if n is None:
+            if self.model.num_classes == 0:
+                raise ValueError("model.num_classes is not set and the data module does not say how many identities it has")
+            return
+        if self.model.num_classes == 0:
+            self._set_num_classes(int(n))
+        elif self.model.num_classes != n:
+            raise ValueError(f"model.num_classes={self.model.num_classes} but the training set has {n} identities")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint knows its classifier size even when this module was built without one
+        w = checkpoint.get("state_dict", {}).get("model.classifier.weight")
+        n = 0 if w is None else int(w.shape[0])
+        if n != self.model.num_classes:
+            self._set_num_classes(n)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images: Tensor) -> Any:
+        return self.model(images)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
+        images, pids = batch["image"], batch["pid"]
+        if images.numel() == 0:
+            return None
+        logits, feats = self.model(images)
+        ce = F.cross_entropy(logits, pids, label_smoothing=self.hparams.label_smoothing)
+        tri = self.triplet(feats, pids, self.miner(feats, pids))
+        loss = self.hparams.ce_weight * ce + self.hparams.triplet_weight * tri
+        logs = {"train/ce": ce, "train/triplet": tri, "train/acc": (logits.argmax(1) == pids).float().mean()}
+        if self.center is not None:
+            c = self.center(feats, pids)
+            loss = loss + self.hparams.center_weight * c
+            logs["train/center"] = c
+        if isinstance(self.model.pool, nn.Module) and hasattr(self.model.pool, "p"):
+            logs["train/gem_p"] = self.model.pool.p.detach()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(pids))
+        self.log_dict(logs, batch_size=len(pids))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        skipped = [s for part in all_gather_objects(self._skipped) for s in part]
+        self._skipped = []
+        if self.trainer.is_global_zero:
+            warn_skipped(skipped, f"training epoch {self.current_epoch}")
+
+    # ------------------------------------------------------------------ evaluation
+    def _sync_buffers(self) -> None:
+        """Give every process rank 0's BatchNorm statistics before evaluating.
+
+        DDP broadcasts buffers only before *training* forwards; each rank's last training step
+        then updates its running statistics with its own batch, so without this each process
+        would embed with slightly different BatchNorm statistics, and none of them with those
+        of the checkpoint (saved by rank 0).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for buf in self.buffers():
+                dist.broadcast(buf, src=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_buffers()
+
+    def on_test_epoch_start(self) -> None:
+        self._sync_buffers()
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
+        if batch["image"].numel() == 0:
+            return
+        emb = self.model(batch["image"])
+        self._eval_parts.append(
+            (batch["index"].cpu(), batch["pid"].cpu(), batch["camid"].cpu(), batch["is_query"].cpu(), emb.float().cpu())
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def _evaluate(self, prefix: str) -> None:
+        parts, self._eval_parts = self._eval_parts, []
+        local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
+        gathered = all_gather_objects((local, self._skipped))
+        self._skipped = []
+        # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        metrics: dict[str, float] | None = None
+        if self.trainer.is_global_zero:
+            arrays = [g[0] for g in gathered if g[0] is not None]
+            warn_skipped([s for g in gathered for s in g[1]], f"{prefix} evaluation")
+            if arrays and not self.trainer.sanity_checking:
+                metrics = self._rank(prefix, log_dir, *[np.concatenate(a) for a in zip(*arrays)])
+        # every process logs the same numbers (rank 0 computed them once)
+        metrics = all_gather_objects(metrics)[0]
+        if metrics:
+            self.log_dict(metrics, sync_dist=True)
+
+    def _rank(self, prefix: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+        index, first = np.unique(index, return_index=True)  # one embedding per sample
+        pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
+        hp = argparse.Namespace(**self.eval_options)
+        feats = torch.from_numpy(emb).to(self.device)
+        q, g = is_query, ~is_query
+        if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
+            warnings.warn(f"{prefix} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded", stacklevel=2)
+            return {}
+        res = rank_embeddings(
+            feats[torch.from_numpy(q).to(self.device)],
+            feats[torch.from_numpy(g).to(self.device)],
+            pid[q], pid[g], camid[q], camid[g],
+            metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
+            rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
+            topk=hp.grid_topk if hp.grid_queries > 0 else 0,
+        )  # fmt: skip
+        metrics = {f"{prefix}/{k}": v for k, v in res.as_dict().items()}
+        fn = self.trainer.state.fn.value if self.trainer.state.fn is not None else prefix
+        when = f"epoch{self.current_epoch:03d}" if fn == "fit" else fn
+        report: dict[str, Any] = {
+            **metrics,
+            "stage": prefix,
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+            "num_query": int(q.sum()),
+            "num_gallery": int(g.sum()),
+            "num_valid_queries": res.num_valid_queries,
+            "cmc": res.cmc.tolist(),
+            "distance": hp.distance,
+            "rerank": hp.rerank,
+        }
+        grid = self._save_grid(log_dir / "retrieval" / f"{prefix}_{when}.png", index[q], index[g], res)
+        if grid is not None:
+            report["retrieval_grid"] = str(grid)
+        write_json(log_dir / "reid_metrics.json", report)
+        print_metrics(
+            f"ReID {prefix} {when}",
+            {k.split("/")[1]: v for k, v in metrics.items()},
+            table=[
+                ("queries", [int(q.sum())]),
+                ("gallery", [int(g.sum())]),
+                ("distance", [hp.distance + (" + re-ranking" if hp.rerank else "")]),
+            ],
+        )
+        return metrics
+
+    def _save_grid(self, path: Path, q_index: np.ndarray, g_index: np.ndarray, res: Any) -> Path | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if res.topk is None or not hasattr(dm, "eval_samples"):
+            return None
+        from tasks.reid_viz import save_retrieval_grid
+
+        samples = dm.eval_samples()
+        rows = np.linspace(0, len(q_index) - 1, min(self.eval_options["grid_queries"], len(q_index))).round().astype(int)
+        q_paths = [samples[q_index[r]].path for r in rows]
+        results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
+        matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]
+        path, arr = save_retrieval_grid(path, q_paths, results, matches)
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_image"):  # TensorBoard
+                exp.add_image("retrieval", arr, self.global_step, dataformats="HWC")
+        return path
+
+    # ------------------------------------------------------------------ prediction (extraction)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        emb = self.model(batch["image"]) if batch["image"].numel() else torch.empty(0, self.model.embedding_dim)
+        return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+
+def main(args: list[str] | None = None) -> Any:
+    """``python -m tasks.reid fit|validate|test|predict|extract ...``."""
+    from tasks.reid_extract import extract_main
+
+    return cli_main(
+        ReIDTask,
+        ReIDDataModule,
+        task="reid",
+        monitor=("val/mAP", "max"),
+        extra_commands={"extract": extract_main},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

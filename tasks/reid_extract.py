@@ -1,0 +1,422 @@
+"""Embeddings of many images: ``python -m tasks.reid extract --ckpt C --images DIR_OR_LIST --out F.npz``.
+
+Runs Lightning's predict loop, so ``--trainer.devices 8 --trainer.strategy ddp`` spreads the
+images over 8 processes exactly as training does. Each process streams its embeddings to a shard
+beside the output (``.F.npz.parts/``), batch by batch; when all are done, global rank 0 merges
+the shards, in input order, into the output file, chunk by chunk (memory stays flat however many
+images), and renames it into place (atomic). An interrupted run keeps its shards: running the same
+command again (same checkpoint, same image list) only embeds the images not done yet.
+
+Output, a NumPy ``.npz`` (``np.load(path)``, or :func:`load_embeddings`):
+
+* ``embeddings``: ``(N, D)`` float32, row ``i`` the embedding of ``paths[i]`` (as the model's
+  eval forward returns it: post-BNNeck, L2-normalised by default);
+* ``paths``: ``(N,)`` str, the image paths in input order (relative to the folder for a folder
+  input, as written in the list for a list input);
+* ``skipped_paths``, ``skipped_reasons``: ``(M,)`` str, images that could not be read (counted
+  in a warning, never embedded).
+
+Input: a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, sorted) or a text file with
+one image path per line (relative paths are relative to the list's folder; blank lines and
+``#`` comments ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from tasks.images import BadImageError, SkippedSample, read_image, warn_skipped
+from tasks.data.reid import IMAGE_EXTENSIONS
+from vggbackbone.utils import atomic_path
+
+__all__ = ["extract_embeddings", "extract_main", "list_images", "load_embeddings"]
+
+MANIFEST = "manifest.json"
+_MERGE_ROWS = 65536
+
+
+# ---------------------------------------------------------------------------- inputs
+def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[str], list[Path]]:
+    """``(names, files)``: the names written to the output and the files to read, in order."""
+    if not isinstance(images, (str, Path)):
+        files = [Path(p) for p in images]
+        return [str(p) for p in images], files
+    src = Path(images)
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        return [p.relative_to(src).as_posix() for p in files], files
+    if src.is_file():
+        names = []
+        for line in src.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                names.append(line)
+        if not names:
+            raise ValueError(f"{src}: the image list is empty")
+        return names, [Path(n) if Path(n).is_absolute() else src.parent / n for n in names]
+    raise FileNotFoundError(f"{src}: no such folder or image list")
+
+
+class _ImageList(Dataset):
+    def __init__(self, files: Sequence[Path], indices: np.ndarray, image_size: tuple[int, int]) -> None:
+        self.files, self.indices = files, indices
+        self.transform = v2.Compose([v2.Resize(tuple(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | SkippedSample]:
+        index = int(self.indices[i])
+        try:
+            return index, self.transform(read_image(self.files[index]))
+        except BadImageError as e:
+            return index, SkippedSample(str(self.files[index]), e.reason)
+
+
+def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
+    good = [(i, x) for i, x in items if isinstance(x, Tensor)]
+    return {
+        "image": torch.stack([x for _, x in good]) if good else torch.empty(0),
+        "index": torch.tensor([i for i, _ in good], dtype=torch.long),
+        "skipped": [(i, x.reason) for i, x in items if isinstance(x, SkippedSample)],
+    }
+
+
+# ---------------------------------------------------------------------------- shards
+def _record_dtype(dim: int) -> np.dtype:
+    # one fixed-size record per image, so a crash mid-write loses at most a partial last record
+    return np.dtype([("index", "<i8"), ("embedding", "<f4", (dim,))])
+
+
+def _read_records(path: Path) -> np.ndarray:
+    dim = int(path.stem.rsplit("-d", 1)[1])
+    dtype = _record_dtype(dim)
+    n = path.stat().st_size // dtype.itemsize
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _read_skips(path: Path) -> dict[int, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        idx, _, reason = line.partition("\t")
+        if idx.isdigit() and reason:
+            out[int(idx)] = reason
+    return out
+
+
+class _EmbedModule(pl.LightningModule):
+    """Wraps a plain ``nn.Module`` (eval forward = embeddings) for Lightning's predict loop."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        emb = self.net(batch["image"]) if batch["image"].numel() else None
+        return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
+
+
+class _ExtractData(pl.LightningDataModule):
+    """Images still to embed. ``setup`` runs once the processes exist: rank 0 checks the shards
+    of an earlier run against the manifest (keeps them or clears them), then every rank reads
+    which images are done."""
+
+    def __init__(self, names: list[str], files: list[Path], parts: Path, fingerprint: dict[str, Any],
+                 image_size: tuple[int, int], batch_size: int, num_workers: int) -> None:  # fmt: skip
+        super().__init__()
+        self.names, self.files, self.parts, self.fingerprint = names, files, parts, fingerprint
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.attempt = 0
+        self.resumed = 0
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        if trainer.is_global_zero:
+            manifest = self.parts / MANIFEST
+            attempt = 0
+            if manifest.is_file():
+                try:
+                    old = json.loads(manifest.read_text())
+                    if old.get("fingerprint") == self.fingerprint:
+                        attempt = int(old["attempt"]) + 1
+                except (json.JSONDecodeError, KeyError, ValueError):
+                    pass
+            if attempt == 0 and self.parts.exists():
+                shutil.rmtree(self.parts)  # shards of another model or image list
+            self.parts.mkdir(parents=True, exist_ok=True)
+            with atomic_path(manifest) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "attempt": attempt}))
+        trainer.strategy.barrier("reid-extract-manifest")
+        self.attempt = int(json.loads((self.parts / MANIFEST).read_text())["attempt"])
+        done = np.zeros(len(self.names), bool)
+        for rec in self.parts.glob("a*-r*-d*.rec"):
+            done[np.asarray(_read_records(rec)["index"])] = True
+        for skip in self.parts.glob("a*-r*.skip"):
+            done[list(_read_skips(skip))] = True
+        self.resumed = int(done.sum())
+        self.todo = np.flatnonzero(~done)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            _ImageList(self.files, self.todo, self.image_size),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class _ShardWriter(BasePredictionWriter):
+    """Appends each batch's ``(index, embedding)`` records to this rank's shard, then (rank 0,
+    after every rank is done) merges the shards into the output file."""
+
+    def __init__(self, data: _ExtractData, out: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.data, self.out = data, out
+        self.rec_file: Any = None
+        self.skip_file: Any = None
+        self.merged = False
+
+    def _prefix(self, trainer: pl.Trainer) -> str:
+        return f"a{self.data.attempt}-r{trainer.global_rank}"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:  # type: ignore[override]
+        if prediction["skipped"]:
+            if self.skip_file is None:
+                self.skip_file = open(self.data.parts / f"{self._prefix(trainer)}.skip", "a")
+            self.skip_file.write("".join(f"{i}\t{r}\n" for i, r in prediction["skipped"]))
+            self.skip_file.flush()
+        emb = prediction["embedding"]
+        if emb is None or emb.numel() == 0:
+            return
+        emb = emb.detach().float().cpu().numpy()
+        if self.rec_file is None:
+            self.rec_file = open(self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab")
+        rec = np.empty(len(emb), _record_dtype(emb.shape[1]))
+        rec["index"] = prediction["index"].cpu().numpy()
+        rec["embedding"] = emb
+        self.rec_file.write(rec.tobytes())
+        self.rec_file.flush()
+
+    def _close(self) -> None:
+        for f in (self.rec_file, self.skip_file):
+            if f is not None:
+                f.close()
+        self.rec_file = self.skip_file = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()  # the shards stay: running the same extraction again resumes from them
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+        trainer.strategy.barrier("reid-extract-shards")
+        if trainer.is_global_zero:
+            merge_shards(self.data.parts, self.out, self.data.names)
+            self.merged = True
+        trainer.strategy.barrier("reid-extract-merged")
+
+
+# ---------------------------------------------------------------------------- merging
+def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Any) -> None:
+    """Stream an ``.npy`` member into a zip (np.savez would need the whole array in memory)."""
+    with zf.open(name, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        for chunk in chunks:
+            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
+    """Merge the shards in ``parts`` into ``out`` (``.npz``) in input order; remove ``parts``."""
+    recs = [_read_records(p) for p in sorted(parts.glob("a*-r*-d*.rec"))]
+    recs = [r for r in recs if len(r)]
+    skips: dict[int, str] = {}
+    for p in sorted(parts.glob("a*-r*.skip")):
+        skips.update(_read_skips(p))
+    dims = {r.dtype["embedding"].shape[0] for r in recs}
+    if len(dims) > 1:
+        raise RuntimeError(f"{parts}: shards disagree on the embedding size {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    has = np.zeros(len(names), bool)
+    for r in recs:
+        has[np.asarray(r["index"])] = True
+    missing = np.flatnonzero(~has)
+    missing = missing[~np.isin(missing, list(skips))]
+    if len(missing):
+        raise RuntimeError(f"{parts}: {len(missing)} image(s) were neither embedded nor skipped, e.g. {names[missing[0]]}")
+    kept = np.flatnonzero(has)
+    # each shard is written in increasing index order: a chunk of the output is a slice of each
+    orders = [np.argsort(np.asarray(r["index"]), kind="stable") for r in recs]
+    sorted_idx = [np.asarray(r["index"])[o] for r, o in zip(recs, orders)]
+
+    def embedding_chunks():
+        for a in range(0, len(kept), _MERGE_ROWS):
+            lo_i, hi_i = kept[a], kept[min(len(kept), a + _MERGE_ROWS) - 1] + 1
+            idx_parts, emb_parts = [], []
+            for r, o, s in zip(recs, orders, sorted_idx):
+                lo, hi = np.searchsorted(s, [lo_i, hi_i])
+                rows = o[lo:hi]
+                idx_parts.append(s[lo:hi])
+                emb_parts.append(np.asarray(r["embedding"][np.sort(rows)])[np.argsort(np.argsort(rows))])
+            idx = np.concatenate(idx_parts)
+            emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
+            _, first = np.unique(idx, return_index=True)  # a record written twice counts once
+            yield emb[first]
+
+    def path_chunks(sel: np.ndarray, width: int):
+        for a in range(0, len(sel), _MERGE_ROWS):
+            yield np.array([names[i] for i in sel[a : a + _MERGE_ROWS]], dtype=f"<U{width}")
+
+    skipped = np.array(sorted(i for i in skips if not has[i]), dtype=np.int64)
+    width = max((len(names[i]) for i in kept), default=1)
+    with atomic_path(out) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
+            _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
+            sw = max((len(names[i]) for i in skipped), default=1)
+            _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
+            reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
+            _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
+    shutil.rmtree(parts, ignore_errors=True)
+    if len(skipped):
+        warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
+    print(f"extract: {len(kept)} embeddings of dimension {dim} -> {out} ({len(skipped)} unreadable image(s) skipped)")
+    return out
+
+
+def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"embeddings": (N, D) float32, "paths": (N,), "skipped_paths": (M,), "skipped_reasons": (M,)}``."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------- entry points
+def _load_model(model: Any) -> tuple[pl.LightningModule, dict[str, Any], tuple[int, int] | None]:
+    """``(module, fingerprint, image size from the checkpoint)`` for a path, a ReIDTask or an nn.Module."""
+    if isinstance(model, (str, Path)):
+        from tasks.reid import ReIDTask
+
+        ckpt = Path(model)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: checkpoint not found")
+        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+        size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
+        task = ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        st = ckpt.stat()
+        fp = {"model": str(ckpt.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return task, fp, tuple(size) if size else None
+    module = model if isinstance(model, pl.LightningModule) else _EmbedModule(model)
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return module, {"model": type(model).__name__, "weights_sha1": h.hexdigest()}, None
+
+
+def extract_embeddings(
+    model: str | Path | nn.Module,
+    images: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    image_size: tuple[int, int] | None = None,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    trainer: pl.Trainer | dict[str, Any] | None = None,
+) -> Path:
+    """Embed ``images`` with ``model`` into ``out`` (``.npz``, see the module doc); return ``out``.
+
+    Args:
+        model: a checkpoint of ``python -m tasks.reid fit``, a ``ReIDTask``, or any ``nn.Module``
+            whose eval forward maps ``(N, 3, H, W)`` images in ``[0, 1]`` to ``(N, D)``
+            (a :class:`~vggbackbone.models.ReIDNet`).
+        images: a folder, an image-list file, or a sequence of paths.
+        out: the output ``.npz``.
+        image_size: ``(height, width)`` images are resized to; default: the checkpoint's
+            training size (required for a plain module).
+        batch_size, num_workers: loader settings per process.
+        trainer: a ``pl.Trainer`` or its keyword arguments (``devices``, ``strategy``,
+            ``accelerator``, ``precision``...); default: one device, no logger.
+    """
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise ValueError(f"{out}: the output must be a .npz file")
+    module, fingerprint, ckpt_size = _load_model(model)
+    size = tuple(image_size) if image_size is not None else ckpt_size
+    if size is None:
+        raise ValueError("image_size is required when the model is not a checkpoint that records it")
+    names, files = list_images(images)
+    fingerprint |= {
+        "images_sha1": hashlib.sha1("\n".join(str(f) for f in files).encode()).hexdigest(),
+        "num_images": len(files),
+        "image_size": list(size),
+    }
+    parts = out.parent / f".{out.name}.parts"
+    data = _ExtractData(names, files, parts, fingerprint, size, batch_size, num_workers)  # type: ignore[arg-type]
+    writer = _ShardWriter(data, out)
+    if not isinstance(trainer, pl.Trainer):
+        kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False} | dict(trainer or {})
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [writer]
+        trainer = pl.Trainer(**kwargs)
+    else:
+        trainer.callbacks.append(writer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    if trainer.is_global_zero and data.resumed:
+        print(f"extract: resumed, {data.resumed} of {len(names)} images were done by an earlier run")
+    if trainer.is_global_zero and not writer.merged:  # nothing was left to embed (resumed run)
+        merge_shards(parts, out, names)
+    return out
+
+
+def extract_main(argv: list[str]) -> Path:
+    """``python -m tasks.reid extract --ckpt C --images DIR_OR_LIST --out F.npz [--trainer.* ...]``."""
+    from pytorch_lightning.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(prog="python -m tasks.reid extract", description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `python -m tasks.reid fit`")
+    parser.add_argument("--images", required=True, help="a folder of images or a text file listing them")
+    parser.add_argument("--out", required=True, help="output .npz (embeddings, paths, skipped_paths, skipped_reasons)")
+    parser.add_argument("--image_size", type=tuple[int, int] | None, default=None, help="height width (default: the checkpoint's)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_lightning_class_args(pl.Trainer, "trainer")
+    parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False})
+    cfg = parser.instantiate_classes(parser.parse_args(argv))  # builds --trainer.callbacks etc.
+    return extract_embeddings(
+        cfg.ckpt,
+        cfg.images,
+        cfg.out,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        trainer=cfg.trainer.as_dict(),
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    extract_main(sys.argv[1:])

@@ -1,0 +1,295 @@
+"""``python -m tasks.segment fit|validate|test|predict --config configs/segment/<name>.yaml``.
+
+Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggbackbone.models`).
+
+* loss: cross-entropy with ``ignore_index=255``, optionally plus smp's Dice or Lovasz loss;
+* metrics over the whole evaluation set, whatever the number of processes: one confusion
+  matrix per process (torchmetrics), summed across processes, then mIoU, per-class IoU, pixel
+  and mean accuracy (:mod:`vggbackbone.metrics.segmentation`). Evaluation runs each image
+  alone at its own size, so a prediction never depends on which images share its batch or
+  process; the numbers are printed as a table, logged, and written to
+  ``<log_dir>/metrics_<stage>.json``;
+* inference: whole image, or sliding windows for images larger than the network should see;
+* ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
+  ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import draw_segmentation_masks
+
+from tasks.core import OptimConfig, TaskModule, cli_main, is_global_zero, print_metrics, write_json
+from tasks.data.shapes import voc_palette
+from tasks.data.segmentation import IGNORE_INDEX, SegmentationData
+from vggbackbone.metrics.segmentation import segmentation_scores
+from vggbackbone.models import fcn_vgg, unet_vgg
+from vggbackbone.utils import atomic_path
+
+__all__ = ["SegmentationModel", "build_segmentation_model", "main", "sliding_window_logits"]
+
+Head = Literal["fcn32s", "fcn16s", "fcn8s", "unet"]
+
+
+def build_segmentation_model(head: Head, arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """``fcn32s``/``fcn16s``/``fcn8s`` -> :func:`fcn_vgg`; ``unet`` -> :func:`unet_vgg`."""
+    if head.startswith("fcn"):
+        return fcn_vgg(arch, num_classes, head[3:], **kwargs)
+    if head == "unet":
+        return unet_vgg(arch, num_classes, **kwargs)
+    raise ValueError(f"unknown segmentation head {head!r}; choose fcn32s, fcn16s, fcn8s or unet")
+
+
+def sliding_window_logits(
+    model: nn.Module, image: Tensor, window: int, overlap: float = 1 / 3, batch_size: int = 4
+) -> Tensor:
+    """Logits ``(1, K, H, W)`` of ``image`` ``(1, C, H, W)`` from overlapping ``window`` crops, averaged.
+
+    Windows are placed every ``window * (1 - overlap)`` pixels and the last one is shifted to end
+    at the border, so none is padded (a side shorter than ``window`` is taken whole). Written
+    here because neither torchvision nor smp has one (MONAI's is not a dependency).
+    """
+    _, _, h, w = image.shape
+    wh, ww = min(window, h), min(window, w)
+    stride = max(1, int(window * (1 - overlap)))
+
+    def starts(size: int, win: int) -> list[int]:
+        n = max(1, math.ceil((size - win) / stride) + 1)
+        return sorted({min(i * stride, size - win) for i in range(n)})
+
+    boxes = [(y, x) for y in starts(h, wh) for x in starts(w, ww)]
+    logits: Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=image.device, dtype=image.dtype)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i : i + batch_size]
+        out = model(torch.cat([image[..., y : y + wh, x : x + ww] for y, x in chunk]))
+        if logits is None:
+            logits = image.new_zeros(1, out.shape[1], h, w, dtype=out.dtype)
+        for k, (y, x) in enumerate(chunk):
+            logits[..., y : y + wh, x : x + ww] += out[k]
+            count[..., y : y + wh, x : x + ww] += 1
+    assert logits is not None
+    return logits / count
+
+
+class SegmentationModel(TaskModule):
+    """Semantic segmentation on VGGBackbone.
+
+    Args:
+        num_classes: classes including background (linked from ``data.num_classes``).
+        class_names: names for the per-class table (linked from ``data.class_names``).
+        head: ``fcn32s``, ``fcn16s``, ``fcn8s`` (FCN-8s trained at once, with the reference skip
+            scaling) or ``unet`` (smp's U-Net decoder).
+        arch: VGG arch (``vgg16``, ``vgg16_bn``...).
+        weights_backbone: backbone weights (path or torchvision weights name).
+        width_mult: channel multiplier of the backbone (small models for CPU demos).
+        frozen_stages: VGG blocks 1..k not trained.
+        head_kwargs: further arguments of :func:`fcn_vgg` / :func:`unet_vgg` (``decoder_channels``,
+            ``pool4_scale``, ``fc_channels``...).
+        loss: ``ce``, ``ce+dice`` or ``ce+lovasz`` (smp's losses, multiclass, ignoring 255).
+        aux_loss_weight: weight of the Dice/Lovasz term.
+        inference: ``whole`` (each image at its size) or ``slide`` (``window`` crops).
+        window, window_overlap: sliding-window size and overlap fraction.
+        inference_scale: resize images by this factor before the network and the logits back
+            to full size (metrics are always computed on the full-resolution masks); pair it
+            with a matching ``data.scale_size`` to train at that resolution.
+        predict_dir: where ``predict`` writes masks and overlays.
+        overlay_alpha: mask opacity in the overlays.
+        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
+            applies to ``model.backbone`` (the default ``backbone_prefix`` is mapped there).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        class_names: list[str] | None = None,
+        head: Head = "fcn8s",
+        arch: str = "vgg16",
+        weights_backbone: str | None = None,
+        width_mult: float = 1.0,
+        frozen_stages: int = 0,
+        head_kwargs: dict[str, Any] | None = None,
+        loss: Literal["ce", "ce+dice", "ce+lovasz"] = "ce",
+        aux_loss_weight: float = 1.0,
+        inference: Literal["whole", "slide"] = "whole",
+        window: int = 512,
+        window_overlap: float = 1 / 3,
+        inference_scale: float = 1.0,
+        predict_dir: str = "runs/segment/predict",
+        overlay_alpha: float = 0.5,
+        optim: OptimConfig = OptimConfig(),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # OptimConfig's default prefix "backbone" means this model's backbone, which lives at model.backbone
+        self.optim = dataclasses.replace(optim, backbone_prefix="model.backbone") if optim.backbone_prefix == "backbone" else optim
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.model = build_segmentation_model(
+            head, arch, num_classes, weights_backbone=weights_backbone, width_mult=width_mult,
+            frozen_stages=frozen_stages, **(head_kwargs or {}),
+        )  # fmt: skip
+        norm = self.model.normalization
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
+        self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.aux_loss = self._aux_loss(loss)
+        self.aux_loss_weight = aux_loss_weight
+        self.inference, self.window, self.window_overlap = inference, window, window_overlap
+        if inference_scale <= 0:
+            raise ValueError(f"inference_scale must be > 0, got {inference_scale}")
+        self.inference_scale = inference_scale
+        self.predict_dir, self.overlay_alpha = Path(predict_dir), overlay_alpha
+        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+        self._eval_loss: list[Tensor] = []
+
+    @staticmethod
+    def _aux_loss(name: str) -> nn.Module | None:
+        from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
+
+        if name == "ce":
+            return None
+        if name == "ce+dice":
+            return DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
+        if name == "ce+lovasz":
+            return LovaszLoss("multiclass", ignore_index=IGNORE_INDEX)
+        raise ValueError(f"unknown loss {name!r}; choose ce, ce+dice or ce+lovasz")
+
+    # ------------------------------------------------------------------ model
+    def forward(self, images: Tensor) -> Tensor:
+        """uint8 or [0, 1] float ``(N, 3, H, W)`` -> logits ``(N, K, H, W)``."""
+        return self.model(self.normalize(images))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
+        loss = self.ce(logits, masks)
+        if self.aux_loss is not None:
+            loss = loss + self.aux_loss_weight * self.aux_loss(logits, masks)
+        return loss
+
+    @torch.no_grad()
+    def predict_logits(self, image: Tensor) -> Tensor:
+        """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window, at
+        ``inference_scale`` (logits resized back to ``H x W``)."""
+        x = self.normalize(image[None])
+        size = x.shape[-2:]
+        if self.inference_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.inference_scale, mode="bilinear", antialias=True)
+        if self.inference == "slide":
+            logits = sliding_window_logits(self.model, x, self.window, self.window_overlap)
+        else:
+            logits = self.model(x)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear")
+        return logits
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch["id"]:  # every image of the batch was unreadable (already warned about)
+            return None
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        for image, mask in zip(batch["image"], batch["mask"]):
+            logits = self.predict_logits(image)
+            self.confmat.update(logits.argmax(1), mask[None])
+            self._eval_loss.append(self.ce(logits, mask[None]).detach())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        conf = self.confmat.compute().cpu()  # summed over every process (a collective)
+        self.confmat.reset()
+        losses = torch.stack(self._eval_loss) if self._eval_loss else torch.zeros(0, device=self.device)
+        self._eval_loss.clear()
+        total = self.all_gather(torch.stack([losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)]))
+        total = total.reshape(-1, 2).sum(0)
+        if self.trainer.sanity_checking:
+            return
+        scores = segmentation_scores(conf)
+        metrics = scores.as_dict(self.class_names)
+        metrics["loss"] = float(total[0] / total[1].clamp(min=1))
+        for k, v in metrics.items():
+            value = 0.0 if math.isnan(v) else v
+            self.log(f"{stage}/{k}", value, sync_dist=True, prog_bar=k == "mIoU")
+        print_metrics(
+            f"{stage}: {int(conf.sum())} pixels",
+            {k: metrics[k] for k in ("mIoU", "pixel_acc", "mean_acc", "loss")},
+            table=[("class", self.class_names), ("IoU", scores.iou.tolist()), ("acc", scores.acc.tolist())],
+        )
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        write_json(Path(log_dir) / f"metrics_{stage}.json", {**metrics, "confusion_matrix": conf.tolist()})
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        written = []
+        for image, sid in zip(batch["image"], batch["id"]):
+            pred = self.predict_logits(image).argmax(1)[0].to(torch.uint8).cpu()
+            written.append(str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha)))
+        return written
+
+    def on_predict_epoch_end(self) -> None:
+        if is_global_zero():
+            print(f"predict: masks and overlays written to {self.predict_dir}")
+
+
+def write_prediction(out_dir: Path, sample_id: str, image: Tensor, pred: Tensor, num_classes: int, alpha: float = 0.5) -> Path:
+    """Write ``<id>.png`` (palette PNG of class indices) and ``<id>_overlay.png``; return the mask path.
+
+    ``image``: uint8 ``(3, H, W)``; ``pred``: uint8 ``(H, W)`` class indices. Files are written
+    atomically.
+    """
+    palette = voc_palette()
+    mask_path = Path(out_dir) / f"{sample_id}.png"
+    png = Image.fromarray(pred.numpy(), mode="P")
+    png.putpalette(palette)
+    with atomic_path(mask_path) as tmp:
+        png.save(tmp, format="PNG")
+    classes = torch.arange(1, num_classes)  # background stays unpainted
+    colors = [tuple(palette[3 * k : 3 * k + 3]) for k in classes.tolist()]
+    overlay = draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=alpha, colors=colors)
+    with atomic_path(Path(out_dir) / f"{sample_id}_overlay.png") as tmp:
+        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    return mask_path
+
+
+LINKS = [
+    ("data.num_classes", "model.num_classes", "instantiate"),
+    ("data.class_names", "model.class_names", "instantiate"),
+]
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m tasks.segment``."""
+    return cli_main(SegmentationModel, SegmentationData, task="segment", monitor=("val/mIoU", "max"), links=LINKS, args=args)
+
+
+if __name__ == "__main__":
+    main()

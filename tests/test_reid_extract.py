@@ -1,0 +1,103 @@
+"""Embedding extraction from Python: folder and list inputs, unreadable files, order, resuming
+after a crash, atomic output, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from tasks.images import read_image
+from tasks.reid_extract import extract_embeddings, list_images, load_embeddings
+from vggbackbone.models import reid_vgg
+
+TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+@pytest.fixture()
+def images(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "b").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]:
+        Image.fromarray(rng.integers(0, 255, (40, 20, 3), dtype=np.uint8)).save(root / name)
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture()
+def net():
+    torch.manual_seed(0)
+    return reid_vgg("vgg11", width_mult=0.125, embedding_dim=12).eval()
+
+
+def _direct(net, files):
+    tf = v2.Compose([v2.Resize((32, 16), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    with torch.no_grad():
+        return net(torch.stack([tf(read_image(f)) for f in files])).numpy()
+
+
+def test_folder_rows_match_paths_and_bad_files_are_skipped(tmp_path, images, net):
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): b/empty.jpg \(image file is empty\)"):
+        out = extract_embeddings(net, images, tmp_path / "emb.npz", image_size=(32, 16), batch_size=3, num_workers=0, trainer=TRAINER)
+    d = load_embeddings(out)
+    assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
+    assert d["embeddings"].shape == (7, 12) and d["embeddings"].dtype == np.float32
+    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
+    assert d["skipped_paths"].tolist() == ["b/empty.jpg"]
+    assert not (tmp_path / ".emb.npz.parts").exists()
+
+
+def test_list_input_keeps_its_order_and_names(tmp_path, images, net):
+    lst = images / "list.txt"
+    lst.write_text("# a list\nz6.jpg\n\nb/c3.jpg\n" + f"{images / 'a1.jpg'}\n")
+    names, files = list_images(lst)
+    assert names == ["z6.jpg", "b/c3.jpg", str(images / "a1.jpg")] and files[0] == images / "z6.jpg"
+    out = extract_embeddings(net, lst, tmp_path / "l.npz", image_size=(32, 16), num_workers=0, trainer=TRAINER)
+    d = load_embeddings(out)
+    assert d["paths"].tolist() == names
+    np.testing.assert_allclose(d["embeddings"], _direct(net, files), atol=1e-5)
+
+
+class _Crash(pl.Callback):
+    def on_predict_batch_end(self, trainer, *args) -> None:
+        if trainer.predict_loop.batch_progress.current.completed >= 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsys):
+    out = tmp_path / "r.npz"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0,
+                           trainer={**TRAINER, "callbacks": [_Crash()]})  # fmt: skip
+    assert not out.exists() and (tmp_path / ".r.npz.parts" / "manifest.json").is_file()
+    with pytest.warns(UserWarning, match="skipped 1"):
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, trainer=TRAINER)
+    assert "4 of 8 images were done by an earlier run" in capsys.readouterr().out
+    d = load_embeddings(out)
+    assert len(d["paths"]) == 7 and len(set(d["paths"].tolist())) == 7
+    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
+    # another model: the old shards are not reused
+    with pytest.raises(RuntimeError):
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0,
+                           trainer={**TRAINER, "callbacks": [_Crash()]})  # fmt: skip
+    other = reid_vgg("vgg11", width_mult=0.125, embedding_dim=12).eval()
+    with pytest.warns(UserWarning):
+        extract_embeddings(other, images, out, image_size=(32, 16), batch_size=2, num_workers=0, trainer=TRAINER)
+    assert "earlier run" not in capsys.readouterr().out
+    np.testing.assert_allclose(load_embeddings(out)["embeddings"], _direct(other, [images / p for p in d["paths"]]), atol=1e-5)
+
+
+def test_clear_errors(tmp_path, images, net):
+    with pytest.raises(ValueError, match=r"out.npy: the output must be a .npz file"):
+        extract_embeddings(net, images, tmp_path / "out.npy", image_size=(32, 16))
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder or image list"):
+        extract_embeddings(net, tmp_path / "nowhere", tmp_path / "o.npz", image_size=(32, 16))
+    with pytest.raises(ValueError, match="image_size is required"):
+        extract_embeddings(net, images, tmp_path / "o.npz")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
+        extract_embeddings(tmp_path / "missing.ckpt", images, tmp_path / "o.npz")

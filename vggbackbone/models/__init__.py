@@ -1,0 +1,25 @@
+"""Task models built on :class:`~vggbackbone.VGGBackbone` (plain PyTorch, no Lightning)."""
+
+from .detection import fasterrcnn_vgg
+from .fcn import FCN, fcn_vgg
+from .reid import GeM, ReIDNet, ReIDOutput, reid_vgg
+from .unet import UNetVGG, unet_vgg
+
+__all__ = [
+    "FCN",
+    "GeM",
+    "ReIDNet",
+    "ReIDOutput",
+    "UNetVGG",
+    "fasterrcnn_vgg",
+    "fcn_vgg",
+    "reid_vgg",
+    "unet_vgg",
+]
+
+try:  # segmentation-models-pytorch is optional (the `seg` extra): register our smp encoders
+    from .smp_encoder import VGGSmpEncoder, register_smp_encoder
+
+    __all__ += ["VGGSmpEncoder", "register_smp_encoder"]
+except ImportError:  # pragma: no cover - smp not installed
+    pass

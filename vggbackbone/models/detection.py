@@ -1,0 +1,296 @@
+"""Faster R-CNN on a VGG backbone, built from torchvision's detection parts.
+
+Two forms, both returning ``torchvision.models.detection.FasterRCNN``:
+
+* **classic** (``fpn=False``), the VGG16 setup of Ren et al., "Faster R-CNN" (NeurIPS 2015):
+  one feature map, ``conv5`` at stride 16; the RPN's 9 anchors per position, sizes
+  (128, 256, 512) x ratios (0.5, 1, 2); 7x7 RoI pooling of ``conv5``; a box head that *is*
+  VGG's fc6/fc7 (``C*7*7 -> 4096 -> 4096``, dropout 0.5), initialised from the classifier of
+  the backbone weights; conv1-conv2 frozen when the backbone is pretrained.
+* **FPN** (``fpn=True``), Lin et al. (CVPR 2017): ``conv3``/``conv4``/``conv5`` (strides 4,
+  8, 16) through torchvision's ``FeaturePyramidNetwork`` plus a max-pooled stride-32 level,
+  one anchor size per level (32, 64, 128, 256) x (0.5, 1, 2), ``MultiScaleRoIAlign`` and a
+  two-layer MLP head (``256*7*7 -> 1024 -> 1024``), as torchvision's ResNet-FPN models.
+
+torchvision's RPN shares one head over every level, so all levels must have the same channel
+count: a multi-level detector therefore always goes through the FPN, never raw conv3 + conv5.
+
+>>> from vggbackbone.models import fasterrcnn_vgg
+>>> model = fasterrcnn_vgg("vgg16", num_classes=21)                  # the paper's VOC model
+>>> small = fasterrcnn_vgg("vgg11_bn", num_classes=4, width_mult=0.25, fpn=True, min_size=320)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, RoIPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..utils import make_divisible
+from ..vgg import ArchSpec, VGGBackbone, get_config
+from ..weights import WeightsError, load_vgg_state_dict
+
+__all__ = ["VGGBoxHead", "VGGFPNBackbone", "RoIPoolSingleLevel", "fasterrcnn_vgg"]
+
+#: Anchors of the classic form (paper: 3 scales x 3 aspect ratios on conv5).
+CLASSIC_ANCHOR_SIZES: tuple[int, ...] = (128, 256, 512)
+#: One anchor size per FPN level (strides 4, 8, 16, 32).
+FPN_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256)
+ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+class VGGBoxHead(nn.Sequential):
+    """VGG's fc6/fc7 as the Fast R-CNN box head: ``(R, C, 7, 7) -> (R, representation_size)``.
+
+    ``flatten -> fc6 -> ReLU -> Dropout -> fc7 -> ReLU -> Dropout``, exactly VGG's classifier
+    minus fc8, so ImageNet classifier weights load as they are (``C*7*7`` must equal the
+    classifier's input, i.e. pooled conv5 features of the same arch and width).
+    """
+
+    def __init__(self, in_channels: int, representation_size: int = 4096, dropout: float = 0.5) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            flatten=nn.Flatten(start_dim=1),
+            fc6=nn.Linear(in_channels * 7 * 7, representation_size),
+            relu6=nn.ReLU(inplace=True),
+            drop6=nn.Dropout(dropout),
+            fc7=nn.Linear(representation_size, representation_size),
+            relu7=nn.ReLU(inplace=True),
+            drop7=nn.Dropout(dropout),
+        )
+        if dropout <= 0:
+            del layers["drop6"], layers["drop7"]
+        super().__init__(layers)
+        self.in_channels = in_channels
+        self.representation_size = representation_size
+        for fc in (self.fc6, self.fc7):  # torchvision's VGG classifier initialisation
+            nn.init.normal_(fc.weight, 0, 0.01)
+            nn.init.zeros_(fc.bias)
+
+    def load_classifier(self, state_dict: dict[str, Tensor], source: str = "weights") -> bool:
+        """Copy fc6/fc7 from a backbone state dict (``features.fc6.conv.*`` keys, Linear or conv shape).
+
+        Returns ``False`` (and warns) when the weights carry no usable fc6/fc7, e.g. torchvision's
+        ``IMAGENET1K_FEATURES`` (NaN classifier) or a file saved from a backbone cut at pool5.
+        Raises :class:`~vggbackbone.WeightsError` when they exist but have the wrong shape.
+        """
+        keys = [f"features.{fc}.conv.{p}" for fc in ("fc6", "fc7") for p in ("weight", "bias")]
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            msg = f"{source}: no classifier fc6/fc7 weights ({missing}); the box head starts from random init"
+            warnings.warn(msg, stacklevel=3)
+            return False
+        tensors = {k: state_dict[k] for k in keys}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            msg = f"{source}: classifier fc6/fc7 weights are not finite; the box head starts from random init"
+            warnings.warn(msg, stacklevel=3)
+            return False
+        new = {
+            "fc6.weight": tensors["features.fc6.conv.weight"].reshape(tensors["features.fc6.conv.weight"].shape[0], -1),
+            "fc6.bias": tensors["features.fc6.conv.bias"],
+            "fc7.weight": tensors["features.fc7.conv.weight"].reshape(tensors["features.fc7.conv.weight"].shape[0], -1),
+            "fc7.bias": tensors["features.fc7.conv.bias"],
+        }
+        own = self.state_dict()
+        wrong = [
+            f"{k}: file {tuple(v.shape)} vs head {tuple(own[k].shape)}"
+            for k, v in new.items()
+            if v.shape != own[k].shape
+        ]
+        if wrong:
+            raise WeightsError(f"{source}: classifier fc6/fc7 do not fit the box head: " + "; ".join(wrong))
+        self.load_state_dict(new)
+        return True
+
+
+class RoIPoolSingleLevel(nn.Module):
+    """Fast R-CNN's RoI max-pooling of one feature map, with ``MultiScaleRoIAlign``'s call signature.
+
+    torchvision only ships the multi-scale *align* pooler for ``RoIHeads``; this wraps
+    ``torchvision.ops.RoIPool`` (the op of the original paper) so ``roi_pool="pool"`` reproduces
+    it. The stride is fixed by the backbone, so the scale is set, not inferred.
+    """
+
+    def __init__(self, featmap_name: str, output_size: int, stride: int) -> None:
+        super().__init__()
+        self.featmap_name = featmap_name
+        self.pool = RoIPool((output_size, output_size), spatial_scale=1.0 / stride)
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feat = x[self.featmap_name]
+        if feat.device.type == "cpu" and feat.dtype in (torch.float16, torch.bfloat16):
+            # torchvision's CPU RoIPool kernel has no half/bfloat16 version (CPU autocast)
+            return self.pool(feat.float(), [b.float() for b in boxes])
+        return self.pool(feat, boxes)
+
+
+class VGGFPNBackbone(nn.Module):
+    """``VGGBackbone`` taps through a ``FeaturePyramidNetwork`` (torchvision's ``BackboneWithFPN``).
+
+    torchvision's ``BackboneWithFPN`` extracts taps with ``IntermediateLayerGetter``, which needs
+    the taps to be direct children; ``VGGBackbone`` already returns named taps, so the body is
+    the backbone itself.
+
+    Output: ``OrderedDict`` ``"0".."k-1"`` (one per tap, strides of the taps) plus ``"pool"``
+    (stride of the last tap x 2), each with ``out_channels`` channels.
+    """
+
+    def __init__(self, body: VGGBackbone, out_channels: int = 256, extra_blocks: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            in_channels_list=body.feature_info.channels(),
+            out_channels=out_channels,
+            extra_blocks=LastLevelMaxPool() if extra_blocks is None else extra_blocks,
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+
+def fasterrcnn_vgg(
+    arch: ArchSpec = "vgg16",
+    num_classes: int = 91,
+    weights_backbone: str | Path | Any | None = None,
+    *,
+    fpn: bool = False,
+    width_mult: float = 1.0,
+    frozen_stages: int | None = None,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    fpn_taps: Sequence[str] = ("conv3", "conv4", "conv5"),
+    fpn_channels: int | None = None,
+    anchor_sizes: Sequence[int] | None = None,
+    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+    roi_pool: Literal["align", "pool"] = "align",
+    representation_size: int | None = None,
+    box_head_dropout: float | None = None,
+    min_size: int | Sequence[int] = 600,
+    max_size: int = 1000,
+    progress: bool = True,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """Faster R-CNN with a VGG backbone (classic paper form, or with an FPN).
+
+    Args:
+        arch: any :class:`~vggbackbone.VGGBackbone` arch (``"vgg16"``, ``"vgg11_bn"``, a block
+            spec...). A block spec needs 5 blocks (conv5).
+        num_classes: object classes **plus background** (VOC: 21, COCO: 91).
+        weights_backbone: backbone weights as :class:`~vggbackbone.VGGBackbone` takes them (file
+            or torchvision name). In the classic form the classifier's fc6/fc7 initialise the
+            box head (when the file has them).
+        fpn: ``False``: classic single-level conv5 model; ``True``: FPN on ``fpn_taps``.
+        width_mult: channel multiplier of the backbone and, unless given, of the FPN and box
+            head widths (rounded to multiples of 8), for small CPU/edge models; ``1.0`` is the
+            real VGG.
+        frozen_stages: VGG blocks 1..k frozen. Default as torchvision's detectors: 2 (the
+            paper's frozen conv1-conv2) with pretrained weights, 0 when training from scratch.
+        norm_layer: BatchNorm for ``_bn`` archs. Default as torchvision: ``FrozenBatchNorm2d``
+            with pretrained weights, ``BatchNorm2d`` from scratch.
+        fpn_taps: backbone taps fed to the FPN (network order).
+        fpn_channels: FPN width (default 256 x ``width_mult``).
+        anchor_sizes: classic: sizes on conv5 (default (128, 256, 512)); FPN: one size per level
+            including the pooled one (default (32, 64, 128, 256)).
+        aspect_ratios: anchor height/width ratios, the same on every level.
+        roi_pool: classic form only: ``"align"`` (RoIAlign, 7x7, sampling ratio 2; torchvision's
+            choice, slightly better) or ``"pool"`` (the paper's RoIPool). The FPN form always
+            uses ``MultiScaleRoIAlign``.
+        representation_size: box-head width. Classic: fc6/fc7 width, default 4096 x
+            ``width_mult`` (must be 4096 to load ImageNet classifier weights). FPN: 1024 x
+            ``width_mult``.
+        box_head_dropout: classic head's dropout after fc6 and fc7 (default 0.5, as VGG).
+        min_size, max_size: torchvision's resize inside the model (shorter side to ``min_size``,
+            longer side at most ``max_size``; a sequence of ``min_size`` picks one at random per
+            training batch). Defaults: the paper's 600/1000.
+        **kwargs: any other ``FasterRCNN`` argument. The classic form defaults to the paper's
+            ``box_batch_size_per_image=128`` and ``rpn_post_nms_top_n_test=300``.
+
+    Returns:
+        ``FasterRCNN``; ``model.backbone`` is the ``VGGBackbone`` (classic) or a
+        :class:`VGGFPNBackbone` whose ``.body`` is. Images go in as a list of ``(3, H, W)``
+        tensors in ``[0, 1]``; the model normalises them with the weights' mean/std.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too: at least 2, got {num_classes}")
+    pretrained = weights_backbone is not None
+    if frozen_stages is None:
+        frozen_stages = 2 if pretrained else 0
+    cfg = get_config(arch)
+    if len(cfg.blocks) != 5:
+        raise ValueError(
+            f"fasterrcnn_vgg needs a 5-block VGG (conv5 at stride 16), got {len(cfg.blocks)} blocks: {arch!r}"
+        )
+    if cfg.batch_norm and norm_layer is None:
+        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    sizes = tuple(anchor_sizes) if anchor_sizes is not None else (FPN_ANCHOR_SIZES if fpn else CLASSIC_ANCHOR_SIZES)
+    ratios = tuple(float(r) for r in aspect_ratios)
+    common: dict[str, Any] = dict(
+        weights=weights_backbone, frozen_stages=frozen_stages, width_mult=width_mult, progress=progress
+    )
+    if norm_layer is not None:
+        common["norm_layer"] = norm_layer
+
+    def scaled(width: int) -> int:
+        return width if width_mult == 1.0 else make_divisible(width * width_mult)
+
+    if fpn:
+        fpn_channels = fpn_channels or scaled(256)
+        taps = list(fpn_taps)
+        body = VGGBackbone(arch, return_layers={t: str(i) for i, t in enumerate(taps)}, **common)
+        backbone: nn.Module = VGGFPNBackbone(body, out_channels=fpn_channels)
+        num_levels = len(taps) + 1
+        if len(sizes) != num_levels:
+            raise ValueError(
+                f"FPN on {taps} + pool has {num_levels} levels; anchor_sizes needs one size per level, got {sizes}"
+            )
+        anchor_gen = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * num_levels)
+        level_names = [str(i) for i in range(len(taps))]  # the pooled level only feeds the RPN
+        pooler: nn.Module = MultiScaleRoIAlign(featmap_names=level_names, output_size=7, sampling_ratio=2)
+        rep = representation_size or scaled(1024)
+        box_head: nn.Module = TwoMLPHead(fpn_channels * 7 * 7, rep)
+        normalization = body.normalization
+    else:
+        bb = VGGBackbone(arch, return_layers={"conv5": "0"}, **common)
+        backbone = bb
+        anchor_gen = AnchorGenerator((sizes,), (ratios,))
+        stride = bb.feature_info.reduction(0)
+        if roi_pool not in ("align", "pool"):
+            raise ValueError(f"roi_pool must be 'align' or 'pool', got {roi_pool!r}")
+        pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+        rep = representation_size or scaled(4096)
+        head = VGGBoxHead(bb.out_channels, rep, 0.5 if box_head_dropout is None else box_head_dropout)
+        if pretrained:
+            sd, _, _, _, desc = load_vgg_state_dict(weights_backbone, bb.config, progress=progress)
+            head.load_classifier(sd, desc)
+        box_head = head
+        normalization = bb.normalization
+        kwargs.setdefault("box_batch_size_per_image", 128)
+        kwargs.setdefault("rpn_post_nms_top_n_test", 300)
+
+    min_sizes = (min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,  # given through box_predictor: FasterRCNN's own assumes a 1024-wide head
+        min_size=min_sizes,
+        max_size=max_size,
+        image_mean=list(normalization.mean),
+        image_std=list(normalization.std),
+        rpn_anchor_generator=anchor_gen,
+        box_roi_pool=pooler,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(rep, num_classes),
+        **kwargs,
+    )
+    if not fpn and roi_pool == "pool":  # FasterRCNN only accepts a MultiScaleRoIAlign: swap it after
+        model.roi_heads.box_roi_pool = RoIPoolSingleLevel("0", output_size=7, stride=stride)
+    return model
