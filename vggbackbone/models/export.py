@@ -1,0 +1,124 @@
+"""ONNX export of the task models, verified with onnxruntime.
+
+>>> from vggbackbone.models import fasterrcnn_vgg, fcn_vgg
+>>> from vggbackbone.models.export import export_task_onnx
+>>> export_task_onnx(fcn_vgg("vgg16", num_classes=21).eval(), "fcn.onnx", torch.rand(1, 3, 320, 320))  # doctest: +SKIP
+>>> export_task_onnx(fasterrcnn_vgg("vgg16", 21).eval(), "det.onnx", torch.rand(3, 600, 800))      # doctest: +SKIP
+
+* Segmentation (``FCN``, ``UNetVGG``) and ReID (``ReIDNet``, eval embedding) take one image
+  batch and return one tensor: they go through :func:`vggbackbone.export.export_onnx`
+  (``torch.onnx.export(dynamo=True)``; dynamic batch, height and width; checked on a second
+  input of another size).
+* The detector (torchvision ``FasterRCNN``): ``torch.export`` cannot capture torchvision's
+  batched NMS (a data-dependent shape guard in ``torchvision.ops.boxes``), so it goes through
+  torch's TorchScript-based exporter, the path torchvision itself tests for its detectors.
+  The graph takes one image ``image`` of shape ``(3, H, W)`` in ``[0, 1]`` (dynamic H, W;
+  resizing and normalisation are inside) and returns ``boxes (n, 4)``, ``labels (n,)``,
+  ``scores (n,)``; it is checked with onnxruntime on the example image and on an image of
+  another size and aspect ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+from ..export import DEFAULT_OPSET, export_onnx, verify_onnx
+from ..utils import atomic_path
+
+__all__ = ["DetectorForExport", "export_detector_onnx", "export_task_onnx"]
+
+DETECTION_OUTPUTS = ("boxes", "labels", "scores")
+
+
+class DetectorForExport(nn.Module):
+    """One image ``(3, H, W)`` in ``[0, 1]`` -> ``(boxes (n, 4), labels (n,), scores (n,))``."""
+
+    def __init__(self, detector: GeneralizedRCNN) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.detector([image])[0]
+        return out["boxes"], out["labels"], out["scores"]
+
+
+def _other_image(image: Tensor) -> Tensor:
+    """An image of another size and aspect ratio (transposed shape, plus a margin)."""
+    c, h, w = image.shape
+    return torch.rand(c, w + 16, h + 8, dtype=image.dtype)
+
+
+def export_detector_onnx(
+    model: GeneralizedRCNN,
+    path: str | os.PathLike[str],
+    example_image: Tensor,
+    opset: int = DEFAULT_OPSET,
+    *,
+    verify: bool = True,
+    verify_images: Sequence[Tensor] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Path:
+    """Export a torchvision detector (``fasterrcnn_vgg``) to ONNX at ``path``, atomically.
+
+    Args:
+        model: the detector; exported in eval mode (its mode is restored after).
+        example_image: ``(3, H, W)`` image the graph is traced with.
+        opset: ONNX opset (>= 11 for torchvision's detection ops).
+        verify: check the file with onnxruntime (same number of detections, boxes/labels/scores
+            within ``atol + rtol`` of each output's largest value) before renaming it into place.
+        verify_images: images to check on; default ``example_image`` and one of another size.
+
+    The file holds the whole model (no external data): fine for every VGG detector (< 2 GiB).
+    """
+    path = Path(path)
+    if example_image.dim() != 3:
+        raise ValueError(f"example_image must be one (3, H, W) image, got shape {tuple(example_image.shape)}")
+    wrapper = DetectorForExport(model).eval()  # the exporter restores the wrapper's mode afterwards
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated in favour of torch.export, which cannot
+            # capture torchvision's NMS (see the module docstring); tracer warnings about
+            # torchvision's shape arithmetic are expected (torchvision is written for it).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx|torch\.nn|torchvision")
+            torch.onnx.export(
+                wrapper,
+                (example_image,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=list(DETECTION_OUTPUTS),
+                dynamic_axes={"image": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in DETECTION_OUTPUTS}},
+            )
+            if verify:
+                images = [example_image, _other_image(example_image)] if verify_images is None else list(verify_images)
+                verify_onnx(tmp, wrapper, images, input_name="image", rtol=rtol, atol=atol, name=path)
+    finally:
+        model.train(was_training)
+    return path
+
+
+def export_task_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Tensor, **kwargs: object) -> Path:
+    """Export any task model of :mod:`vggbackbone.models` to ONNX (see the module docstring).
+
+    ``example_input``: ``(N, 3, H, W)`` for segmentation/ReID models; one ``(3, H, W)`` image
+    (or a batch of one) for a detector. ``kwargs`` go to :func:`export_detector_onnx` or
+    :func:`vggbackbone.export.export_onnx`.
+    """
+    if isinstance(model, GeneralizedRCNN):
+        image = example_input[0] if example_input.dim() == 4 else example_input
+        return export_detector_onnx(model, path, image, **kwargs)  # type: ignore[arg-type]
+    return export_onnx(model, path, example_input, **kwargs)  # type: ignore[arg-type]
