@@ -14,7 +14,7 @@ Contenders (all share one set of random weights, so errors are comparable):
   installed) — not part of ``optimize_for_inference``, shown for comparison.
 
 A reduced precision that the device has no fast kernels for (bf16/fp16 on a CPU without
-AMX/AVX512-BF16) runs 10-300x slower than fp32; those rows are measured on a small probe
+AMX/AVX512-BF16) runs 5-100x slower than fp32; those rows are measured on a small probe
 input (``--probe``, default 1x64x64) next to the torchvision baseline *at that probe size*,
 so their speedup is still a measured side-by-side ratio. ``--full-slow`` measures them at full
 size anyway (can take many minutes).

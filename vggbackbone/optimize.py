@@ -19,7 +19,7 @@ What each step does, and when it helps (measured numbers: ``docs/benchmarks.md``
   need fp32 (losses, box decoding, RoI ops, softmax) keep it; floating outputs are cast back
   to float32. ``"auto"`` picks bf16 only where the hardware runs it fast: CUDA (bf16 where
   supported, else fp16) and CPUs with AMX or AVX512-BF16. On other CPUs (e.g. AVX2-only)
-  oneDNN has no fast bf16/fp16 convolution kernels and reduced precision is 10-300x *slower*
+  oneDNN has no fast bf16/fp16 convolution kernels and reduced precision is 5-100x *slower*
   than fp32, so ``"auto"`` stays in fp32.
 * **compile**: :func:`torch.compile` with inductor and ``freezing`` (weights become constants,
   so inductor can pre-pack them for oneDNN and fold the autocast weight casts). ``True`` or
