@@ -40,6 +40,7 @@ from vggbackbone.utils import atomic_path
 
 __all__ = [
     "AtomicCheckpointIO",
+    "InferenceOptimization",
     "OptimConfig",
     "TaskDataModule",
     "TaskModule",
@@ -167,6 +168,20 @@ class TaskModule(pl.LightningModule):
 
     optim: OptimConfig
 
+    def export_model(self) -> nn.Module:
+        """The module ``python -m tasks.<task> export`` writes: it takes images in ``[0, 1]``.
+
+        ``self.model`` by default (detectors and ReID nets normalise their own input); tasks
+        whose model expects normalised input wrap it.
+        """
+        return self.model
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """``self.model``, or during ``predict`` its copy optimised by :class:`InferenceOptimization`."""
+        fast = self.__dict__.get("_fast_model")
+        return fast if fast is not None else self.model
+
     def configure_optimizers(self) -> Any:
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         if not math.isfinite(total) or total <= 0:
@@ -267,6 +282,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
+# ---------------------------------------------------------------------------- inference
+class InferenceOptimization(pl.Callback):
+    """Runs ``predict`` through :func:`vggbackbone.optimize_for_inference`.
+
+    At the start of prediction the task's ``model`` is copied, its BatchNorms folded into the
+    convolutions, switched to channels_last and to the precision the device runs fastest
+    (``precision: auto``: bf16 on CUDA and AMX/AVX512-BF16 CPUs, fp32 elsewhere). Tasks read it
+    as ``TaskModule.inference_model``; training and validation never see it. In the task YAML:
+    ``inference: {enabled: true, precision: auto, compile: false}``; ``--inference.enabled false``
+    predicts with the model exactly as trained.
+
+    Args:
+        enabled: optimise at all.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast; outputs in float32).
+        channels_last: NHWC weights and inputs.
+        fuse_bn: fold BatchNorm into the preceding convolutions.
+        compile: ``torch.compile`` the model too (pays off on long runs only).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        channels_last: bool = True,
+        fuse_bn: bool = True,
+        compile: bool = False,
+    ) -> None:
+        self.enabled = enabled
+        self.precision = precision
+        self.channels_last = channels_last
+        self.fuse_bn = fuse_bn
+        self.compile = compile
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if not self.enabled or not isinstance(model, nn.Module):
+            return
+        from vggbackbone.optimize import optimize_for_inference
+
+        fast = optimize_for_inference(
+            model, self.precision, channels_last=self.channels_last, fuse_bn=self.fuse_bn, compile=self.compile
+        )
+        # not an attribute assignment: a Module attribute would register it as a submodule
+        pl_module.__dict__["_fast_model"] = fast
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("_fast_model", None)
+
+
 # ---------------------------------------------------------------------------- reporting
 def print_metrics(title: str, metrics: Mapping[str, float], table: Sequence[tuple[str, Sequence[Any]]] | None = None) -> None:
     """Print a readable metrics table on global rank 0 (rich when available)."""
@@ -318,6 +382,7 @@ class TaskCLI(LightningCLI):
     * ``last_checkpoint:`` ``last.ckpt``, rewritten at the end of every training epoch, which is
       what ``--ckpt_path last`` and resuming use (Lightning 2.6's ``save_last`` only rewrites it
       when a new best is saved);
+    * ``inference:`` :class:`InferenceOptimization` of the model used by ``predict``;
     * ``lr_monitor:`` learning-rate logging (inactive with ``trainer.logger: false``);
     * the task's own always-on callbacks (``callbacks=`` of :func:`cli_main`).
 
@@ -354,12 +419,37 @@ class TaskCLI(LightningCLI):
                 "last_checkpoint.save_on_train_epoch_end": True,
             }
         )
+        parser.add_lightning_class_args(InferenceOptimization, "inference")
         parser.add_lightning_class_args(OptionalLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         for key, callback_class in self.task_callbacks.items():
             parser.add_lightning_class_args(callback_class, key)
         for source, target, apply_on in self.task_links:
             parser.link_arguments(source, target, apply_on=apply_on)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._cli_args = None if isinstance(args, (dict, Mapping)) or hasattr(args, "as_dict") else (
+            list(sys.argv[1:] if args is None else args)
+        )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyper-parameters fill the model config; what the user gave explicitly wins.
+
+        Lightning 2.6 lets the checkpoint's stored ``model`` arguments override the config file and
+        the command line, so ``validate --ckpt_path X --model.score_thresh 0.5`` would silently run
+        with the training value. Here the user's explicit ``model`` values (config files and flags,
+        without parser defaults) are applied again on top.
+        """
+        super()._parse_ckpt_path()
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path") or self._cli_args is None:
+            return
+        explicit = self.parser.parse_args(self._cli_args, defaults=False)
+        model = explicit.get(sub, {}).get("model") if hasattr(explicit.get(sub, {}), "get") else None
+        if model:
+            given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+            self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -374,6 +464,44 @@ class TaskCLI(LightningCLI):
                 init = logger.get("init_args") if hasattr(logger, "get") else None
                 if init is not None and init.get("save_dir") == default_root:
                     init["save_dir"] = root
+
+
+def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
+    """``python -m tasks.<task> export --ckpt C --out model.onnx [--height H --width W]``.
+
+    Loads a checkpoint of ``fit``, takes :meth:`TaskModule.export_model` and writes ONNX with
+    dynamic batch and image size through :func:`vggbackbone.models.export.export_task_onnx`,
+    checked against onnxruntime on two input sizes (``--no-verify`` skips that).
+    """
+    import argparse
+
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    from vggbackbone.models.export import export_task_onnx
+
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{task} export", description=export_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help=f"checkpoint written by `python -m tasks.{task} fit`")
+    parser.add_argument("--out", required=True, help="output .onnx file (written atomically)")
+    parser.add_argument("--height", type=int, default=224, help="height of the example input (default 224)")
+    parser.add_argument("--width", type=int, default=224, help="width of the example input (default 224)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--no-verify", action="store_true", help="do not check the file with onnxruntime")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: checkpoint not found")
+    module = model_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    model = (module.export_model() if isinstance(module, TaskModule) else module.model).eval()
+    if isinstance(model, GeneralizedRCNN):
+        example = torch.rand(3, args.height, args.width)
+    else:
+        example = torch.rand(1, 3, args.height, args.width)
+    kwargs: dict[str, Any] = {"verify": not args.no_verify}
+    if args.opset is not None:
+        kwargs["opset"] = args.opset
+    out = export_task_onnx(model, args.out, example, **kwargs)
+    print(f"export: {ckpt} -> {out}")
+    return out
 
 
 def cli_main(
@@ -391,14 +519,17 @@ def cli_main(
     """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
 
     ``callbacks`` maps YAML keys to callback classes that are always on (configured as
-    ``<key>.<arg>``, e.g. a prediction writer). ``extra_commands`` maps further subcommands
-    (``extract``, ``export``...) to functions that take the remaining argv. Logs and
+    ``<key>.<arg>``, e.g. a prediction writer). ``export`` (:func:`export_main`) is always
+    there; ``extra_commands`` maps further subcommands (``extract``...) to functions that take
+    the remaining argv. Logs and
     checkpoints go to ``runs/<task>/`` unless the YAML says otherwise
     (``trainer.default_root_dir``, ``trainer.logger``).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if extra_commands and argv and argv[0] in extra_commands:
-        return extra_commands[argv[0]](argv[1:])
+    commands: dict[str, Callable[[list[str]], Any]] = {"export": lambda rest: export_main(model_class, task, rest)}
+    commands.update(extra_commands or {})
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
 
     attrs = {
         "task_name": task,

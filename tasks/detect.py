@@ -430,7 +430,7 @@ class DetectionTask(TaskModule):
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
         if not batch.images:
             return []
-        outputs = self.model(batch.images)
+        outputs = self.inference_model(batch.images)
         return [
             {
                 "image_id": int(t["image_id"]),

@@ -341,7 +341,8 @@ class ReIDTask(TaskModule):
 
     # ------------------------------------------------------------------ prediction (extraction)
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        emb = self.model(batch["image"]) if batch["image"].numel() else torch.empty(0, self.model.embedding_dim)
+        images = batch["image"]
+        emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
 
     @property

@@ -81,6 +81,19 @@ def sliding_window_logits(
     return logits / count
 
 
+class _Normalized(nn.Module):
+    """``model((x - mean) / std)``: an exportable net that takes ``[0, 1]`` images."""
+
+    def __init__(self, model: nn.Module, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.detach().clone().reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.detach().clone().reshape(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
 class SegmentationModel(TaskModule):
     """Semantic segmentation on VGGBackbone.
 
@@ -171,6 +184,10 @@ class SegmentationModel(TaskModule):
         """uint8 or [0, 1] float ``(N, 3, H, W)`` -> logits ``(N, K, H, W)``."""
         return self.model(self.normalize(images))
 
+    def export_model(self) -> nn.Module:
+        """The segmentation net with this task's input normalisation in front ([0, 1] images in)."""
+        return _Normalized(self.model, self.mean, self.std)
+
     def normalize(self, images: Tensor) -> Tensor:
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
@@ -183,17 +200,18 @@ class SegmentationModel(TaskModule):
         return loss
 
     @torch.no_grad()
-    def predict_logits(self, image: Tensor) -> Tensor:
+    def predict_logits(self, image: Tensor, model: nn.Module | None = None) -> Tensor:
         """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window, at
-        ``inference_scale`` (logits resized back to ``H x W``)."""
+        ``inference_scale`` (logits resized back to ``H x W``), by ``model`` (default ``self.model``)."""
+        model = self.model if model is None else model
         x = self.normalize(image[None])
         size = x.shape[-2:]
         if self.inference_scale != 1.0:
             x = F.interpolate(x, scale_factor=self.inference_scale, mode="bilinear", antialias=True)
         if self.inference == "slide":
-            logits = sliding_window_logits(self.model, x, self.window, self.window_overlap)
+            logits = sliding_window_logits(model, x, self.window, self.window_overlap)
         else:
-            logits = self.model(x)
+            logits = model(x)
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear")
         return logits
@@ -251,7 +269,7 @@ class SegmentationModel(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         written = []
         for image, sid in zip(batch["image"], batch["id"]):
-            pred = self.predict_logits(image).argmax(1)[0].to(torch.uint8).cpu()
+            pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
             written.append(str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha)))
         return written
 

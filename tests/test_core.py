@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -9,11 +10,22 @@ import sys
 import textwrap
 from pathlib import Path
 
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.core import AtomicCheckpointIO, OptimConfig, build_optimizer, gather_unique, lr_factor
+from tasks.core import (
+    AtomicCheckpointIO,
+    InferenceOptimization,
+    OptimConfig,
+    TaskModule,
+    build_optimizer,
+    gather_unique,
+    lr_factor,
+)
 from vggbackbone import VGGBackbone
 from vggbackbone.utils import atomic_path, atomic_write
 
@@ -115,32 +127,36 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_checkpoint(tmp_path: Path, 
 
 _TOY = textwrap.dedent(
     """
+    import json, os
     import torch
+    from torch import nn
     from torch.utils.data import TensorDataset
     from tasks.core import OptimConfig, TaskDataModule, TaskModule, cli_main
 
     class Toy(TaskModule):
-        def __init__(self, optim: OptimConfig = OptimConfig(scheduler="none")):
+        def __init__(self, width: int = 4, note: str = "trained", optim: OptimConfig = OptimConfig(scheduler="none")):
             super().__init__()
             self.save_hyperparameters()
             self.optim = optim
-            self.net = torch.nn.Linear(4, 2)
+            self.model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2))
 
         def training_step(self, batch, _):
             x, y = batch
-            return torch.nn.functional.cross_entropy(self.net(x), y)
+            return torch.nn.functional.cross_entropy(self.model(x), y)
 
         def validation_step(self, batch, _):
-            x, y = batch
             # a metric that gets *worse* every epoch, so "best" stays at epoch 0
             self.log("val/score", -float(self.current_epoch), sync_dist=True)
+            with open(os.environ["TOY_NOTE"], "w") as f:
+                json.dump({"note": self.hparams.note, "width": self.hparams.width}, f)
 
     class ToyData(TaskDataModule):
         def __init__(self, batch_size: int = 4):
             super().__init__(batch_size=batch_size, num_workers=0)
             g = torch.Generator().manual_seed(0)
-            self.x = torch.randn(16, 4, generator=g)
-            self.y = (self.x[:, 0] > 0).long()
+            self.x = torch.rand(16, 3, 8, 8, generator=g)
+            self.y = (self.x[:, 0].mean((1, 2)) > 0.5).long()
 
         def train_dataloader(self):
             return self.make_loader(TensorDataset(self.x, self.y), train=True)
@@ -154,20 +170,92 @@ _TOY = textwrap.dedent(
 )
 
 
-def test_cli_keeps_best_and_true_last_checkpoint(tmp_path: Path) -> None:
-    script = tmp_path / "toy.py"
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    """A 3-epoch fit of a toy task through the real CLI: (script, run folder, env)."""
+    tmp = tmp_path_factory.mktemp("toy")
+    script = tmp / "toy.py"
     script.write_text(_TOY)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    root = tmp_path / "run"
-    cmd = [sys.executable, str(script), "fit", "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TOY_NOTE=str(tmp / "note.json"))  # fmt: skip
+    root = tmp / "run"
+    _toy(script, env, "fit", "--model.width", "6", "--model.note", "trained", "--trainer.max_epochs", "3",
+         "--trainer.default_root_dir", str(root))  # fmt: skip
+    return script, root, env
+
+
+def _toy(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    common = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"] if args[0] != "export" else []
+    proc = subprocess.run([sys.executable, str(script), *args, *common], cwd=script.parent, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_keeps_best_and_true_last_checkpoint(toy_run) -> None:
+    script, root, _ = toy_run
     ckpts = root / "version_0" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["best-000.ckpt", "last.ckpt"]
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     best = torch.load(ckpts / "best-000.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and best["epoch"] == 0  # last is the latest epoch, not the best one
     assert (root / "csv" / "version_0" / "metrics.csv").is_file()  # loggers followed default_root_dir
-    assert not (tmp_path / "runs").exists()
-    assert math.isfinite(float(last["state_dict"]["net.weight"].sum()))
+    assert not (script.parent / "runs").exists()
+    assert math.isfinite(float(last["state_dict"]["model.0.weight"].sum()))
+
+
+def test_explicit_model_arguments_win_over_the_checkpoint(toy_run) -> None:
+    """Lightning 2.6 lets checkpoint hparams override the command line; ours does not."""
+    script, root, env = toy_run
+    ckpt = str(root / "version_0" / "checkpoints" / "last.ckpt")
+    note = Path(env["TOY_NOTE"])
+    _toy(script, env, "validate", "--ckpt_path", ckpt, "--trainer.default_root_dir", str(root / "v"))
+    assert json.loads(note.read_text()) == {"note": "trained", "width": 6}  # from the checkpoint
+    _toy(script, env, "validate", "--ckpt_path", ckpt, "--model.note", "given", "--trainer.default_root_dir",
+         str(root / "v"))  # fmt: skip
+    assert json.loads(note.read_text()) == {"note": "given", "width": 6}
+
+
+def test_export_subcommand_writes_onnx_equal_to_the_model(toy_run) -> None:
+    import onnxruntime as ort
+
+    script, root, env = toy_run
+    ckpt = root / "version_0" / "checkpoints" / "last.ckpt"
+    out = root / "toy.onnx"
+    proc = _toy(script, env, "export", "--ckpt", str(ckpt), "--out", str(out), "--height", "16", "--width", "20")
+    assert "export:" in proc.stdout
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 2))  # fmt: skip
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    x = torch.rand(3, 3, 24, 28)  # another batch and size than the example: dynamic axes
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), model.eval()(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+class _PredictToy(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        with torch.no_grad():  # non-trivial statistics so folding has something to fold
+            self.model[1].running_mean.uniform_(-1, 1)
+            self.model[1].running_var.uniform_(0.5, 2)
+
+    inference_model = TaskModule.inference_model
+
+    def predict_step(self, batch, _):
+        return type(self.inference_model).__name__, self.inference_model(batch[0])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_inference_optimization_only_during_predict(enabled: bool) -> None:
+    task = _PredictToy()
+    x = torch.rand(4, 3, 10, 12)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[InferenceOptimization(enabled=enabled, precision="fp32")])  # fmt: skip
+    (name, y), = trainer.predict(task, DataLoader(TensorDataset(x), batch_size=4))
+    assert name == ("InferenceModule" if enabled else "Sequential")
+    torch.testing.assert_close(y, task.model.eval()(x), rtol=1e-4, atol=1e-5)
+    assert "_fast_model" not in task.__dict__ and task.inference_model is task.model
+    assert all(k.startswith("model.") for k in task.state_dict())  # never registered as a submodule

@@ -13,8 +13,11 @@ from torchvision.transforms import v2
 from tasks.images import read_image
 from tasks.reid_extract import extract_embeddings, list_images, load_embeddings
 from vggbackbone.models import reid_vgg
+from vggbackbone.optimize import RELATIVE_TOLERANCE
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
+# fp32: rows compared with the plain model to 1e-5 (precision="auto" is bf16 on AMX CPUs)
+EXACT = {"precision": "fp32", "trainer": TRAINER}
 
 
 @pytest.fixture()
@@ -43,7 +46,7 @@ def _direct(net, files):
 
 def test_folder_rows_match_paths_and_bad_files_are_skipped(tmp_path, images, net):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): b/empty.jpg \(image file is empty\)"):
-        out = extract_embeddings(net, images, tmp_path / "emb.npz", image_size=(32, 16), batch_size=3, num_workers=0, trainer=TRAINER)
+        out = extract_embeddings(net, images, tmp_path / "emb.npz", image_size=(32, 16), batch_size=3, num_workers=0, **EXACT)
     d = load_embeddings(out)
     assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
     assert d["embeddings"].shape == (7, 12) and d["embeddings"].dtype == np.float32
@@ -57,10 +60,21 @@ def test_list_input_keeps_its_order_and_names(tmp_path, images, net):
     lst.write_text("# a list\nz6.jpg\n\nb/c3.jpg\n" + f"{images / 'a1.jpg'}\n")
     names, files = list_images(lst)
     assert names == ["z6.jpg", "b/c3.jpg", str(images / "a1.jpg")] and files[0] == images / "z6.jpg"
-    out = extract_embeddings(net, lst, tmp_path / "l.npz", image_size=(32, 16), num_workers=0, trainer=TRAINER)
+    out = extract_embeddings(net, lst, tmp_path / "l.npz", image_size=(32, 16), num_workers=0, **EXACT)
     d = load_embeddings(out)
     assert d["paths"].tolist() == names
     np.testing.assert_allclose(d["embeddings"], _direct(net, files), atol=1e-5)
+
+
+def test_bf16_extraction_stays_within_the_documented_tolerance(tmp_path, images, net):
+    with pytest.warns(UserWarning, match="skipped 1"):
+        out = extract_embeddings(net, images, tmp_path / "bf16.npz", image_size=(32, 16), num_workers=0,
+                                 precision="bf16", trainer=TRAINER)  # fmt: skip
+    d = load_embeddings(out)
+    ref = _direct(net, [images / p for p in d["paths"]])
+    err = np.abs(d["embeddings"] - ref).max() / np.abs(ref).max()
+    assert d["embeddings"].dtype == np.float32
+    assert 0 < err <= RELATIVE_TOLERANCE["bf16"], err  # > 0: it really ran in bf16
 
 
 class _Crash(pl.Callback):
@@ -72,22 +86,22 @@ class _Crash(pl.Callback):
 def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsys):
     out = tmp_path / "r.npz"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0,
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, precision="fp32",
                            trainer={**TRAINER, "callbacks": [_Crash()]})  # fmt: skip
     assert not out.exists() and (tmp_path / ".r.npz.parts" / "manifest.json").is_file()
     with pytest.warns(UserWarning, match="skipped 1"):
-        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, trainer=TRAINER)
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, **EXACT)
     assert "4 of 8 images were done by an earlier run" in capsys.readouterr().out
     d = load_embeddings(out)
     assert len(d["paths"]) == 7 and len(set(d["paths"].tolist())) == 7
     np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
     # another model: the old shards are not reused
     with pytest.raises(RuntimeError):
-        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0,
+        extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, precision="fp32",
                            trainer={**TRAINER, "callbacks": [_Crash()]})  # fmt: skip
     other = reid_vgg("vgg11", width_mult=0.125, embedding_dim=12).eval()
     with pytest.warns(UserWarning):
-        extract_embeddings(other, images, out, image_size=(32, 16), batch_size=2, num_workers=0, trainer=TRAINER)
+        extract_embeddings(other, images, out, image_size=(32, 16), batch_size=2, num_workers=0, **EXACT)
     assert "earlier run" not in capsys.readouterr().out
     np.testing.assert_allclose(load_embeddings(out)["embeddings"], _direct(other, [images / p for p in d["paths"]]), atol=1e-5)
 
