@@ -93,6 +93,34 @@ def test_warns_only_for_a_precision_without_fast_kernels(monkeypatch) -> None:
         assert optimize_for_inference(model, precision="auto").precision == "bf16"
 
 
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "requested", "has", "auto"),
+    [
+        # AMX + AVX512-BF16 but no AMX-FP16 (e.g. Sapphire Rapids): fp16 is slow, auto picks bf16
+        (True, True, "fp16", "this CPU has AMX, AVX512-BF16 (", "bf16"),
+        # AVX512-BF16 only
+        (False, True, "fp16", "this CPU has AVX512-BF16 (", "bf16"),
+        # AVX2-class CPU: nothing fast, auto stays in fp32
+        (False, False, "bf16", "this CPU has none of AMX, AVX512-BF16, AMX-FP16", "fp32"),
+    ],
+)
+def test_slow_precision_warning_tells_the_truth_about_this_cpu(
+    monkeypatch, amx: bool, avx512_bf16: bool, requested: str, has: str, auto: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False, raising=False)
+    with pytest.warns(UserWarning) as record:
+        optimize_for_inference(small_vgg_bn(), precision=requested, channels_last=False)
+    (msg,) = [str(w.message) for w in record if "no fast kernels" in str(w.message)]
+    assert f"precision={requested!r} has no fast kernels on this cpu" in msg
+    assert has in msg, msg
+    assert f"precision='auto' picks {auto} here" in msg, msg
+    assert default_precision("cpu") == auto
+    fast = [] if auto == "fp32" else [auto]
+    assert f"fast reduced precisions here: {fast or 'none'}" in msg, msg
+
+
 class TinyTaskModel(nn.Module):
     """Mimics a task model: list of (3, H, W) images in, list of dicts out; BNNeck-style head."""
 

@@ -68,6 +68,9 @@ def _cpu_has(feature: str) -> bool:
         return False
 
 
+_PROBES = [("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("amx_fp16", "AMX-FP16")]
+
+
 def fast_reduced_precision(device: torch.device | str) -> list[str]:
     """Reduced precisions (``"bf16"``, ``"fp16"``) that run fast on ``device``, best first.
 
@@ -92,6 +95,30 @@ def default_precision(device: torch.device | str) -> str:
     """The precision ``precision="auto"`` picks on ``device`` (see :func:`fast_reduced_precision`)."""
     fast = fast_reduced_precision(device)
     return fast[0] if fast else "fp32"
+
+
+_CPU_NEEDS = {"bf16": "AMX or AVX512-BF16", "fp16": "AMX-FP16"}
+
+
+def _slow_precision_message(precision: str, device: torch.device) -> str:
+    """Why ``precision`` is slow on ``device``, built from the same probes ``"auto"`` uses."""
+    fast = fast_reduced_precision(device)
+    if device.type == "cpu":
+        found = [name for feat, name in _PROBES if _cpu_has(feat)]
+        why = (
+            f"{precision} needs {_CPU_NEEDS[precision]} on a CPU; this CPU has "
+            f"{', '.join(found) if found else 'none of AMX, AVX512-BF16, AMX-FP16'} "
+            f"(capability {torch.backends.cpu.get_cpu_capability()})"
+        )
+    elif device.type == "cuda":
+        why = "this GPU does not support bf16"
+    else:
+        why = f"no reduced precision is known to be fast on {device.type}"
+    return (
+        f"precision={precision!r} has no fast kernels on this {device.type} ({why}): it will likely be much "
+        f"slower than fp32; fast reduced precisions here: {fast or 'none'}; "
+        f"precision='auto' picks {default_precision(device)} here"
+    )
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -299,12 +326,7 @@ def optimize_for_inference(
     if precision == "auto":
         precision = default_precision(device)
     elif precision != "fp32" and precision not in fast_reduced_precision(device):
-        warnings.warn(
-            f"precision={precision!r} has no fast kernels on this {device.type} "
-            f"(CPU capability {torch.backends.cpu.get_cpu_capability()}, no AMX/AVX512-BF16): it will likely be "
-            "much slower than fp32; precision='auto' picks fp32 here",
-            stacklevel=2,
-        )
+        warnings.warn(_slow_precision_message(precision, device), stacklevel=2)
 
     if not inplace:
         model = copy.deepcopy(model)
