@@ -247,6 +247,39 @@ def test_wrong_arch_file_names_the_file_and_the_keys(tmp_path) -> None:
         VGGBackbone("vgg13", ["conv2"], weights=_features_file(tmp_path, "vgg13_bn"))
 
 
+def test_extra_keys_are_refused_naming_each_key_and_the_file(tmp_path) -> None:
+    # A full torchvision VGG11 (features + classifier) plus keys no VGG has: an auxiliary head,
+    # a features index past the last layer, an unknown parameter on a real layer.
+    extra = ["aux_head.weight", "features.99.weight", "features.0.scale"]
+    sd = tv_model("vgg11").state_dict()
+    assert all(k not in sd for k in extra)
+    for k in extra:
+        sd[k] = torch.zeros(3)
+    path = tmp_path / "vgg11_extra.pth"
+    torch.save(sd, path)
+    expected = (
+        rf"{path} does not match VGGBackbone\(vgg11\)\n"
+        r"  missing keys \(0\): \[\]\n"
+        r"  unexpected keys \(3\): \['aux_head.weight', 'features.99.weight', 'features.0.scale'\]"
+    )
+    with pytest.raises(WeightsError, match=expected):
+        VGGBackbone("vgg11", ["conv5"], weights=path)
+    # the same file without the extra keys loads: the keys, not the rest, were refused
+    for k in extra:
+        del sd[k]
+    torch.save(sd, path)
+    VGGBackbone("vgg11", ["conv5"], weights=path)
+
+    # a file saved by this package (native layout) with an extra key is refused the same way
+    kw = dict(width_mult=0.125, fc_channels=64)
+    native = VGGBackbone("vgg11", ["conv3"], **kw).save_weights(tmp_path / "native.pth")
+    obj = torch.load(native, weights_only=True)
+    obj["state_dict"]["features.conv9.conv9_1.weight"] = torch.zeros(1)
+    torch.save(obj, native)
+    with pytest.raises(WeightsError, match=r"unexpected keys \(1\): \['features.conv9.conv9_1.weight'\]"):
+        VGGBackbone("vgg11", ["conv3"], weights=native, **kw)
+
+
 def test_truncated_and_missing_files_are_refused_with_their_name(tmp_path) -> None:
     bb = VGGBackbone("vgg11", ["conv3"], width_mult=0.25)
     for suffix in (".pth", ".safetensors"):
