@@ -103,19 +103,28 @@ def test_dense_task_models_export_to_onnx(tmp_path: Path, name: str) -> None:
     assert rel_err(torch.from_numpy(got), want) < 1e-4
 
 
-def test_detector_exports_to_onnx(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fpn", [False, True], ids=["classic", "fpn"])
+def test_detector_exports_to_onnx(tmp_path: Path, fpn: bool) -> None:
     import onnxruntime as ort
 
-    det = detector(fpn=False)
+    det = detector(fpn=fpn)
     path = export_task_onnx(det, tmp_path / "det.onnx", torch.rand(3, 64, 80))  # verified on 2 sizes inside
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores"]
-    image = torch.rand(3, 100, 70)
-    boxes, labels, scores = session.run(None, {"image": image.numpy()})
-    with torch.no_grad():
-        ref = det([image])[0]
-    assert len(boxes) == len(ref["boxes"]) > 0
-    assert (labels == ref["labels"].numpy()).all()
-    torch.testing.assert_close(torch.from_numpy(boxes), ref["boxes"], rtol=0, atol=1e-3)
-    torch.testing.assert_close(torch.from_numpy(scores), ref["scores"], rtol=0, atol=1e-4)
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and len(inp.shape) == 3 and inp.shape[0] == 3  # one image per call
+    assert all(isinstance(d, str) for d in inp.shape[1:]), inp.shape  # dynamic H, W
+    for image in [torch.rand(3, 100, 70), torch.rand(3, 64, 120)]:  # sizes other than the example
+        boxes, labels, scores = session.run(None, {"image": image.numpy()})
+        with torch.no_grad():
+            ref = det([image])[0]
+        assert len(boxes) == len(ref["boxes"]) > 0
+        assert (labels == ref["labels"].numpy()).all()
+        torch.testing.assert_close(torch.from_numpy(boxes), ref["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(torch.from_numpy(scores), ref["scores"], rtol=0, atol=1e-4)
     assert det.training is False and not (tmp_path / "det.onnx.tmp").exists()
+    if fpn:  # the FPN graph really holds the pyramid (several RoIAlign levels), not the classic head
+        import onnx
+
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("RoiAlign") >= 3, ops.count("RoiAlign")

@@ -15,7 +15,11 @@
   The graph takes one image ``image`` of shape ``(3, H, W)`` in ``[0, 1]`` (dynamic H, W;
   resizing and normalisation are inside) and returns ``boxes (n, 4)``, ``labels (n,)``,
   ``scores (n,)``; it is checked with onnxruntime on the example image and on an image of
-  another size and aspect ratio.
+  another size and aspect ratio. Classic and FPN detectors both export.
+  There is no batch axis: call the graph once per image. The tracer unrolls torchvision's
+  per-image loops (transform, proposal filtering, post-processing) for the number of images
+  it sees, so a graph traced on 2 images only runs on 2; ``torch.export``, which could keep a
+  symbolic batch, cannot capture the NMS (above).
 """
 
 from __future__ import annotations
