@@ -8,6 +8,7 @@ that could break) without inductor's C++ codegen, which takes ~13 s for even a t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,48 @@ def test_onnx_failed_verification_writes_nothing(tmp_path) -> None:
     with pytest.raises(ExportVerificationError, match=r"drift.onnx: output 'conv2' differs from PyTorch"):
         export_onnx(Drifts(), tmp_path / "drift.onnx", torch.randn(1, 3, 32, 32), dynamic=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("scale", "drift", "passes"),
+    [
+        # small outputs (ReID-embedding scale): rtol is relative to max|y| = 0.01, so a drift of
+        # 5e-5 (0.5% of the output) fails; a max(1, max|y|) denominator would have let it pass
+        (0.01, 5e-5, False),
+        (0.01, 5e-7, True),
+        # large outputs: the same rtol allows a proportionally larger absolute drift
+        (1000.0, 5e-2, True),
+        (1000.0, 5e-1, False),
+    ],
+)
+def test_verify_onnx_tolerance_is_relative_to_each_outputs_max(tmp_path, scale, drift, passes) -> None:
+    from vggbackbone.export import ExportVerificationError, export_onnx, verify_onnx
+
+    class Affine(torch.nn.Module):
+        def __init__(self, scale: float, shift: float = 0.0) -> None:
+            super().__init__()
+            self.scale, self.shift = scale, shift
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x) * self.scale + self.shift
+
+    x = torch.randn(2, 3, 8, 8) * 10  # tanh saturates: max|y| == scale to float precision
+    path = export_onnx(Affine(scale), tmp_path / "m.onnx", x, dynamic=False, verify=False)
+    drifted = Affine(scale, shift=drift)  # eager differs from the file by exactly `drift`
+    if passes:
+        err = verify_onnx(path, drifted, [x])
+        assert err == pytest.approx(drift / scale, rel=0.05)
+    else:
+        allowed = 1e-5 + 1e-4 * scale
+        with pytest.raises(ExportVerificationError) as e:
+            verify_onnx(path, drifted, [x], name="m.onnx")
+        msg = str(e.value)
+        assert msg.startswith("m.onnx: output 'output' differs from PyTorch by "), msg
+        assert f"its largest magnitude is {scale:.3g}" in msg and f"= {allowed:.3g} (atol=1e-05, rtol=0.0001)" in msg
+        reported = re.search(r"differs from PyTorch by (\S+) at most .* relative error (\S+)\)", msg)
+        assert reported is not None, msg
+        assert float(reported[1]) == pytest.approx(drift, rel=0.05)
+        assert float(reported[2]) == pytest.approx(drift / scale, rel=0.05)
 
 
 def test_export_cli(tmp_path, capsys) -> None:

@@ -86,12 +86,15 @@ def verify_onnx(
     atol: float = 1e-5,
     name: str | os.PathLike[str] | None = None,
 ) -> float:
-    """Run ``path`` with onnxruntime on each input and compare with ``model``; return the worst error.
+    """Run ``path`` with onnxruntime on each input and compare with ``model``.
 
-    The error of each output is ``max|onnx - torch| / max(1, max|torch|)``, so the tolerance
-    reads the same for taps of any scale. Raises :class:`ExportVerificationError` (naming the
-    file, or ``name`` if given, the output and the input shape) when it exceeds ``atol + rtol``,
-    or when shapes differ.
+    Each output passes when ``max|onnx - torch| <= atol + rtol * max|torch|``: ``rtol`` is
+    relative to that output's largest magnitude (so it reads the same for taps of any scale,
+    and stays tight for small outputs such as ReID embeddings), ``atol`` is absolute (it only
+    matters for outputs that are all near zero). Raises :class:`ExportVerificationError`
+    (naming the file, or ``name`` if given, the output and the input shape) when an output
+    fails, or when shapes differ. Returns the worst relative error ``max|onnx - torch| /
+    max|torch|`` over all outputs (an all-zero output counts its absolute error).
     """
     import onnxruntime as ort
 
@@ -112,12 +115,16 @@ def verify_onnx(
                 )
             if want.numel() == 0:
                 continue
-            err = float((have_t - want).abs().max() / want.abs().max().clamp(min=1.0))
-            worst = max(worst, err)
-            if err > atol + rtol:
+            diff = float((have_t - want).abs().max())
+            scale = float(want.abs().max())
+            allowed = atol + rtol * scale
+            worst = max(worst, diff / scale if scale > 0 else diff)
+            if not diff <= allowed:  # NaN fails too
                 raise ExportVerificationError(
-                    f"{label}: output '{out_name}' differs from PyTorch by {err:.3g} (relative to its max) "
-                    f"for input {tuple(x.shape)}; tolerance {atol + rtol:.3g}"
+                    f"{label}: output '{out_name}' differs from PyTorch by {diff:.3g} at most (its largest "
+                    f"magnitude is {scale:.3g}, relative error {diff / scale if scale > 0 else float('inf'):.3g}) "
+                    f"for input {tuple(x.shape)}; allowed atol + rtol * {scale:.3g} = {allowed:.3g} "
+                    f"(atol={atol:g}, rtol={rtol:g})"
                 )
     return worst
 
@@ -155,7 +162,8 @@ def export_onnx(
             input with one more image and ``size_multiple`` / ``2 * size_multiple`` more pixels
             in height / width (proves the dynamic axes work).
         size_multiple: see ``verify_inputs``; 32 suits a stride-32 network.
-        rtol, atol: tolerance on the error relative to each output's largest value.
+        rtol, atol: each output must satisfy ``max|onnx - torch| <= atol + rtol * max|torch|``
+            (see :func:`verify_onnx`).
 
     The whole model is stored in the one file (no external data), which limits it to 2 GiB:
     every VGG, fc6/fc7 included, fits.

@@ -76,8 +76,9 @@ def export_detector_onnx(
         model: the detector; exported in eval mode (its mode is restored after).
         example_image: ``(3, H, W)`` image the graph is traced with.
         opset: ONNX opset (>= 11 for torchvision's detection ops).
-        verify: check the file with onnxruntime (same number of detections, boxes/labels/scores
-            within ``atol + rtol`` of each output's largest value) before renaming it into place.
+        verify: check the file with onnxruntime (same number of detections; boxes, labels and
+            scores each within ``atol + rtol * max|output|``, see
+            :func:`vggbackbone.export.verify_onnx`) before renaming it into place.
         verify_images: images to check on; default ``example_image`` and one of another size.
 
     The file holds the whole model (no external data): fine for every VGG detector (< 2 GiB).
