@@ -1,4 +1,4 @@
-"""Backbone forward throughput, fp32 eager: VGGBackbone vs torchvision vs timm, same taps.
+"""Backbone forward throughput, fp32 eager: VGGBackbone vs torchvision vs timm vs smp, same taps.
 
     python benchmarks/backbone.py                     # 8x224, prints the table
     python benchmarks/backbone.py --large --write     # + 1x600x800, updates docs/benchmarks.md
@@ -10,7 +10,9 @@ before pool3/4/5):
 * torchvision: ``create_feature_extractor(vgg16(), {"features.15": ..., "features.22": ...,
   "features.29": ...})`` (the baseline, ratio 1.0);
 * ours: ``VGGBackbone("vgg16", ["conv3", "conv4", "conv5"])``;
-* timm: ``timm.create_model("vgg16", features_only=True, out_indices=(2, 3, 4))``.
+* timm: ``timm.create_model("vgg16", features_only=True, out_indices=(2, 3, 4))``;
+* smp: ``segmentation_models_pytorch.encoders.get_encoder("vgg16", weights=None)`` (its
+  outputs 2, 3, 4; it also returns conv1, conv2 and pool5, which cost one extra max-pool).
 
 Timing, FLOP counting, the measured matmul peak and the doc section follow
 ``benchmarks/common.py`` (see docs/benchmarks.md, Methodology): interleaved repeats, medians,
@@ -39,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     matmul_peak,
     parse_args,
+    save_figure,
     time_interleaved,
     update_section,
 )
@@ -47,6 +50,7 @@ from vggbackbone.weights import to_canonical  # noqa: E402
 
 SCRIPT = "benchmarks/backbone.py"
 SECTION = "Backbone forward (fp32 eager)"
+IMAGE = "backbone"
 TAPS = ("conv3", "conv4", "conv5")
 
 
@@ -88,7 +92,28 @@ def build_contenders(arch: str) -> dict[str, nn.Module]:
         sd = tv.features.state_dict(prefix="features.")
         net.load_state_dict({k.replace("features.", "features_"): v for k, v in sd.items()})
         contenders["timm features_only"] = net
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        print("segmentation-models-pytorch is not installed: its row is skipped", file=sys.stderr)
+    else:
+        encoder = smp.encoders.get_encoder(arch, weights=None)
+        encoder.load_state_dict(tv.features.state_dict(prefix="features."))
+        contenders["smp encoder"] = _Taps(encoder.eval(), [int(t[4:]) - 1 for t in TAPS])
     return contenders
+
+
+class _Taps(nn.Module):
+    """The ``indices`` of a list-returning encoder (smp's returns conv1..conv5 and pool5)."""
+
+    def __init__(self, encoder: nn.Module, indices: list[int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.indices = indices
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = self.encoder(x)
+        return [out[i] for i in self.indices]
 
 
 def as_list(out: Any) -> list[Tensor]:
@@ -135,13 +160,37 @@ def bench_shape(
     return rows
 
 
+def plot(rows: list[list[str]], title: str) -> None:
+    """Bars of the speed ratio vs torchvision, one group per input shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r[1] for r in rows))
+    names = list(dict.fromkeys(r[0] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ratios = [float(next(r[4] for r in rows if r[0] == name and r[1] == s)) for s in shapes]
+        bars = ax.bar([j + i * width for j in range(len(shapes))], ratios, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shapes))], shapes)
+    ax.set_ylabel("speed vs torchvision (median)")
+    ax.set_ylim(0, max(1.3, ax.get_ylim()[1]))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, IMAGE)
+
+
 def main(argv: list[str] | None = None) -> None:
     def extra(p: Any) -> None:
         p.add_argument("--arch", default="vgg16", help="torchvision/timm VGG arch (default vgg16)")
         p.add_argument("--batch", type=int, default=8, help="batch of the 224x224 input (default 8)")
         p.add_argument("--large", action="store_true", help="also time one 600x800 image (Faster R-CNN size)")
 
-    args = parse_args("Backbone forward throughput: VGGBackbone vs torchvision vs timm (fp32 eager).", argv, extra)
+    args = parse_args("Backbone forward throughput: VGGBackbone vs torchvision vs timm vs smp (fp32 eager).", argv, extra)
     env = environment(args.device)
     torch.manual_seed(0)
     contenders = {name: m.to(args.device) for name, m in build_contenders(args.arch).items()}
@@ -163,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         f"ratios > 1 mean faster than torchvision. {args.repeats} interleaved repeats, median.",
         environment_markdown(env, {"fp32 torch.mm peak (measured)": f"{peak:.1f} GFLOP/s"}),
         table,
+        f"![backbone forward speed vs torchvision](img/{IMAGE}.png)",
     ])  # fmt: skip
     if args.write:
+        plot(rows, f"{args.arch} taps {', '.join(TAPS)}, fp32 eager, {torch.get_num_threads()} threads ({env['cpu']})")
         print(f"updated {update_section(SECTION, body, script=SCRIPT)}")
     else:
         print("\n(not written: add --write to update docs/benchmarks.md)")
