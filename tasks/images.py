@@ -1,7 +1,16 @@
-"""Reading images with errors that name the file, and skipping unreadable samples with a count."""
+"""Images for every task: listing the inputs, reading them with errors that name the file, and
+skipping unreadable samples with a count.
+
+* :func:`list_images`: a folder, an image list file, one image or a list of paths -> the names
+  and the files, the one reader of "images to run on" (detection and segmentation ``predict``,
+  ReID ``extract``);
+* :func:`output_names`: a distinct output file stem per listed image;
+* :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +20,89 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["BadImageError", "SkippedSample", "drop_skipped", "read_image", "warn_skipped"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "SkippedSample",
+    "drop_skipped",
+    "list_images",
+    "output_names",
+    "read_image",
+    "warn_skipped",
+]
+
+#: File suffixes (lower case) that :func:`list_images` takes from a folder or as a single image.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(source: str | Path | Sequence[str | Path]) -> tuple[list[str], list[Path]]:
+    """``(names, files)`` of the images in ``source``, in order.
+
+    ``source`` is one of:
+
+    * a folder: searched recursively for :data:`IMAGE_EXTENSIONS`, sorted; names are the paths
+      relative to the folder (``sub/x.jpg``);
+    * a text file with one image path per line: relative paths are relative to the list file's
+      folder, blank lines and ``#`` comments are ignored; names are the lines as written;
+    * a single image file (by its suffix): name = the path as given;
+    * a sequence of paths: names = the paths as given.
+
+    Raises ``FileNotFoundError`` naming ``source`` when it does not exist and ``ValueError``
+    when it holds no image. The files are not opened here (unreadable ones are skipped later).
+    """
+    if not isinstance(source, (str, Path)):
+        names = [str(p) for p in source]
+        if not names:
+            raise ValueError("no images found: the list of image paths is empty")
+        return names, [Path(n) for n in names]
+    src = Path(source)
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"{src}: no images found in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        return [p.relative_to(src).as_posix() for p in files], files
+    if src.suffix.lower() in IMAGE_EXTENSIONS:
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such image")
+        return [str(source)], [src]
+    if src.is_file():
+        try:
+            lines = src.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{src}: cannot read the image list ({e})") from e
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not names:
+            raise ValueError(f"{src}: no images found: the image list is empty")
+        return names, [Path(n) if Path(n).is_absolute() else src.parent / n for n in names]
+    raise FileNotFoundError(f"{src}: no such image, folder or image list")
+
+
+def output_names(names: Sequence[str | Path]) -> list[str]:
+    """A distinct, file-name-safe stem per image, to name its outputs (``<stem>.png``...).
+
+    The file stem (``a/x.jpg`` -> ``x``) where it is unique; where stems collide, the path
+    without suffix below the colliding files' common folder with ``/`` written ``__``
+    (``a/x.jpg``, ``b/x.jpg`` -> ``a__x``, ``b__x``); the position is prefixed if that still
+    collides (``x.jpg``, ``x.png`` -> ``0_x``, ``1_x``).
+    """
+    paths = [Path(n) for n in names]
+    stems = [p.stem for p in paths]
+    out = list(stems)
+    for stem in {s for s in stems if stems.count(s) > 1}:
+        group = [i for i, s in enumerate(stems) if s == stem]
+        try:
+            common = os.path.commonpath([str(paths[i].parent) for i in group])
+        except ValueError:  # absolute and relative paths mixed
+            common = ""
+        for i in group:
+            rel = paths[i].with_suffix("")
+            rel = rel.relative_to(common) if common else rel
+            out[i] = "__".join(part for part in rel.parts if part not in (rel.anchor, os.sep, "/"))
+    counts = {o: out.count(o) for o in out}
+    out = [f"{i}_{o}" if counts[o] > 1 else o for i, o in enumerate(out)]
+    if len(set(out)) != len(out):  # only for names built to defeat the rules above
+        out = [f"{i}_{o}" for i, o in enumerate(out)]
+    return out
 
 
 class BadImageError(ValueError):

@@ -16,9 +16,9 @@ Output, a NumPy ``.npz`` (``np.load(path)``, or :func:`load_embeddings`):
 * ``skipped_paths``, ``skipped_reasons``: ``(M,)`` str, images that could not be read (counted
   in a warning, never embedded).
 
-Input: a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, sorted) or a text file with
-one image path per line (relative paths are relative to the list's folder; blank lines and
-``#`` comments ignored).
+Input (:func:`tasks.images.list_images`): a folder (searched recursively for images, sorted), a
+text file with one image path per line (relative paths are relative to the list's folder; blank
+lines and ``#`` comments ignored), or one image.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from tasks.core import InferenceOptimization, TaskModule
-from tasks.images import BadImageError, SkippedSample, read_image, warn_skipped
-from tasks.data.reid import IMAGE_EXTENSIONS
+from tasks.images import BadImageError, SkippedSample, list_images, read_image, warn_skipped
 from vggbackbone.optimize import default_precision
 from vggbackbone.utils import atomic_path
 
@@ -53,27 +52,7 @@ _MERGE_ROWS = 65536
 
 
 # ---------------------------------------------------------------------------- inputs
-def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[str], list[Path]]:
-    """``(names, files)``: the names written to the output and the files to read, in order."""
-    if not isinstance(images, (str, Path)):
-        files = [Path(p) for p in images]
-        return [str(p) for p in images], files
-    src = Path(images)
-    if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-        return [p.relative_to(src).as_posix() for p in files], files
-    if src.is_file():
-        names = []
-        for line in src.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                names.append(line)
-        if not names:
-            raise ValueError(f"{src}: the image list is empty")
-        return names, [Path(n) if Path(n).is_absolute() else src.parent / n for n in names]
-    raise FileNotFoundError(f"{src}: no such folder or image list")
+# list_images (re-exported here, where it started): the shared reader of tasks.images.
 
 
 class _ImageList(Dataset):

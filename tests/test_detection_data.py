@@ -215,7 +215,7 @@ def test_predict_folder_dataset(tmp_path, shapes_root) -> None:
         shutil.copy(next((shapes_root / "images" / "val").glob("*.jpg")), tmp_path / sub / "same.jpg")
     (tmp_path / "b" / "empty_list.txt").write_text("\n")
     ds = ImageFolderDataset(tmp_path)
-    assert len(ds) == 2 and ds.out_names == ["0_same", "1_same"]
+    assert len(ds) == 2 and ds.out_names == ["a__same", "b__same"]  # tasks.images.output_names
     img, meta = ds[1]
     assert img.shape[0] == 3 and meta["image_id"] == 1 and meta["path"].endswith("b/same.jpg")
     with pytest.raises(ValueError, match="no images found"):

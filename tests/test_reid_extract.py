@@ -109,7 +109,7 @@ def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsy
 def test_clear_errors(tmp_path, images, net):
     with pytest.raises(ValueError, match=r"out.npy: the output must be a .npz file"):
         extract_embeddings(net, images, tmp_path / "out.npy", image_size=(32, 16))
-    with pytest.raises(FileNotFoundError, match="nowhere: no such folder or image list"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such image, folder or image list"):
         extract_embeddings(net, tmp_path / "nowhere", tmp_path / "o.npz", image_size=(32, 16))
     with pytest.raises(ValueError, match="image_size is required"):
         extract_embeddings(net, images, tmp_path / "o.npz")

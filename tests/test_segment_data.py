@@ -17,6 +17,7 @@ from tasks.segment import sliding_window_logits, write_prediction
 from tasks.data.segmentation import (
     BadMaskError,
     COCOSegmentation,
+    ImageList,
     SegmentationData,
     VOCSegmentation,
     collate_eval,
@@ -170,3 +171,20 @@ def test_data_module_generates_shapes_and_defaults_classes(tmp_path: Path) -> No
     assert batch["mask"].shape == (2, 32, 32) and batch["mask"].dtype == torch.long
     val = next(iter(dm.val_dataloader()))
     assert all(img.shape[1:] == m.shape for img, m in zip(val["image"], val["mask"]))
+
+
+def test_predict_image_list_ids_stay_distinct_across_subfolders(shapes: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = next((shapes / "VOCdevkit/VOC2007/JPEGImages").glob("*.jpg"))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(src, tmp_path / sub / "same.jpg")
+    shutil.copy(src, tmp_path / "other.jpg")
+    folder = ImageList(tmp_path)
+    assert folder.ids == ["a__same", "b__same", "other"]  # same-named files never overwrite each other's outputs
+    (tmp_path / "list.txt").write_text("# predict these\nb/same.jpg\n\nother.jpg\n")
+    listed = ImageList(tmp_path / "list.txt")  # relative to the list's folder, not the working directory
+    assert listed.ids == ["same", "other"] and listed.paths == [tmp_path / "b/same.jpg", tmp_path / "other.jpg"]
+    sample = listed[0]
+    assert sample["id"] == "same" and "mask" not in sample and sample["image"].shape[0] == 3

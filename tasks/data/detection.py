@@ -36,7 +36,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image, warn_skipped
+from tasks.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    SkippedSample,
+    drop_skipped,
+    list_images,
+    output_names,
+    read_image,
+    warn_skipped,
+)
 
 __all__ = [
     "VOC_CLASSES",
@@ -58,7 +67,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the old name
 
 
 @dataclass
@@ -381,35 +390,20 @@ class DetectionDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Images to predict on: a folder (searched recursively), one image file, a text file of
-    paths, or a list of paths (with their ``ids``; default: positions in the sorted list).
+    """Images to predict on: whatever :func:`tasks.images.list_images` takes (a folder searched
+    recursively, one image file, a text file of paths, or a list of paths), with their ``ids``
+    (default: positions in that list).
 
-    Items are ``(image, {"image_id", "size": (H, W), "path", "out_name"})``; ``out_name`` is the
-    file stem, prefixed by the id where two files share a stem.
+    Items are ``(image, {"image_id", "size": (H, W), "path", "out_name"})``; ``out_name`` is
+    :func:`tasks.images.output_names`' stem (the file stem, or ``sub__stem`` where stems collide).
     """
 
     def __init__(self, source: str | Path | Sequence[str | Path], ids: Sequence[int] | None = None) -> None:
-        if isinstance(source, (str, Path)):
-            src = Path(source)
-            if src.is_dir():
-                paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif src.suffix.lower() in IMAGE_SUFFIXES:
-                paths = [src]
-            elif src.is_file():
-                paths = [Path(line.strip()) for line in src.read_text().splitlines() if line.strip()]
-            else:
-                raise FileNotFoundError(f"{src}: no such image, folder or list file")
-        else:
-            paths = [Path(p) for p in source]
-        if not paths:
-            raise ValueError(f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-        self.paths = paths
-        self.ids = list(ids) if ids is not None else list(range(len(paths)))
-        if len(self.ids) != len(paths):
-            raise ValueError(f"{len(self.ids)} ids for {len(paths)} images")
-        stems = [p.stem for p in paths]
-        dup = {s for s in stems if stems.count(s) > 1}
-        self.out_names = [f"{i}_{s}" if s in dup else s for i, s in zip(self.ids, stems)]
+        names, self.paths = list_images(source)
+        self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
+        if len(self.ids) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
+        self.out_names = output_names(names)
         self.to_float = v2.ToDtype(torch.float32, scale=True)
 
     def __len__(self) -> int:

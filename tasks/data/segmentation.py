@@ -34,7 +34,16 @@ from torchvision.transforms import v2
 from tasks.core import TaskDataModule
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
-from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image, warn_skipped
+from tasks.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    SkippedSample,
+    drop_skipped,
+    list_images,
+    output_names,
+    read_image,
+    warn_skipped,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -55,7 +64,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the old name
 
 
 class BadMaskError(ValueError):
@@ -228,24 +237,21 @@ class COCOSegmentation(_SegmentationDataset):
 
 
 class ImageList(Dataset):
-    """Images without masks, for ``predict``: a folder (searched recursively) or a text file of paths."""
+    """Images without masks, for ``predict``: whatever :func:`tasks.images.list_images` takes (a
+    folder searched recursively, a text file of paths, one image). A sample's ``id``, which names
+    its outputs, is :func:`tasks.images.output_names`' stem: the file stem, or ``sub__stem``
+    where files in different folders share a stem.
+    """
 
     def __init__(self, source: str | Path) -> None:
-        source = Path(source)
-        if source.is_dir():
-            self.paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif source.is_file():
-            self.paths = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
-        else:
-            raise FileNotFoundError(f"{source}: no such folder or image list")
-        if not self.paths:
-            raise ValueError(f"{source}: no images found")
+        names, self.paths = list_images(source)
+        self.ids = output_names(names)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict | SkippedSample:
-        return _load(self.paths[i], self.paths[i].stem, None)
+        return _load(self.paths[i], self.ids[i], None)
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -313,7 +319,8 @@ class SegmentationData(TaskDataModule):
             shapes classes when ``shapes`` is set, the categories of the training JSON for ``coco``.
         train_split, val_split, test_split: split names (VOC list names; COCO ``{split}`` in
             ``coco_ann_file`` / ``coco_image_dir``). ``test_split`` defaults to ``val_split``.
-        predict_images: folder or text file of images for ``predict`` (default: ``val_split``).
+        predict_images: images for ``predict``: a folder, a text file of paths or one image
+            (:func:`tasks.images.list_images`; default: ``val_split``).
         voc_year: ``VOC2007`` / ``VOC2012``.
         coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
         shapes: generate the synthetic shapes dataset in ``root`` with these settings when it
