@@ -6,7 +6,12 @@ One place for what the three Lightning tasks have in common, so none of them cop
   biases, a backbone learning-rate multiplier, linear warm-up then step/multistep/cosine decay,
   stepped every iteration (milestones are fractions of the whole run, so one YAML works for any
   dataset size);
-* :class:`TaskModule`: a ``LightningModule`` base whose ``configure_optimizers`` uses the above;
+* :class:`TaskModule`: a ``LightningModule`` base whose ``configure_optimizers`` uses the above
+  (the backbone learning-rate multiplier aimed at ``TaskModule.backbone_path``), with
+  :meth:`TaskModule.zero_loss` for batches with nothing readable, and checkpoints that rebuild
+  without fetching the pretrained weights again (:data:`WEIGHTS_IN_CHECKPOINT`);
+* :func:`publish_metrics`: evaluation metrics computed once on rank 0, shared with every rank,
+  logged, printed and written to ``<log_dir>/<stage>_metrics.json``;
 * :class:`TaskDataModule`: batch size / workers / loaders, with an *unpadded* distributed sampler
   for evaluation so metrics over N processes see every sample exactly once;
 * :func:`all_gather_objects` / :func:`gather_unique`: collect per-sample results from every rank;
@@ -19,10 +24,11 @@ One place for what the three Lightning tasks have in common, so none of them cop
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +39,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from vggbackbone.utils import atomic_path
@@ -41,15 +47,19 @@ from vggbackbone.utils import atomic_path
 __all__ = [
     "AtomicCheckpointIO",
     "InferenceOptimization",
+    "EvalReport",
     "OptimConfig",
     "TaskDataModule",
     "TaskModule",
+    "WEIGHTS_IN_CHECKPOINT",
     "all_gather_objects",
+    "backbone_weights",
     "build_optimizer",
     "cli_main",
     "gather_unique",
     "is_global_zero",
     "print_metrics",
+    "publish_metrics",
     "write_json",
 ]
 
@@ -67,9 +77,11 @@ class OptimConfig:
         betas: Adam/AdamW betas.
         weight_decay: L2 / decoupled weight decay.
         no_decay_norm_bias: no weight decay on biases and normalisation parameters.
-        backbone_lr_mult: learning-rate factor for parameters whose name starts with
+        backbone_lr_mult: learning-rate factor for the parameters of the module named
             ``backbone_prefix`` (pretrained backbones often train slower).
-        backbone_prefix: module-name prefix of the backbone inside the task model.
+        backbone_prefix: module name of the backbone (parameters named ``<prefix>.*``). The
+            default ``backbone`` means "the task's backbone": a :class:`TaskModule` maps it to
+            its ``backbone_path`` (``model.backbone``, or the VGG body of a detector's FPN).
         scheduler: ``none`` (constant), ``step``/``multistep`` (x ``gamma`` at each milestone),
             or ``cosine`` (to ``min_lr_ratio * lr``).
         milestones: fractions of the total number of optimiser steps at which ``step``
@@ -106,11 +118,12 @@ def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
                 full = f"{mname}.{pname}" if mname else pname
                 if isinstance(m, norm_types) or pname == "bias":
                     no_decay.add(full)
+    prefix = cfg.backbone_prefix.rstrip(".") + "."
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name in no_decay, name.startswith(cfg.backbone_prefix))
+        key = (name in no_decay, name.startswith(prefix))
         groups.setdefault(key, []).append(p)
     out = []
     for (nd, bb), params in sorted(groups.items()):
@@ -163,10 +176,65 @@ def build_optimizer(
     return opt, sched
 
 
+#: ``weights_backbone`` of a model rebuilt from a checkpoint: build it as the pretrained model it
+#: was (tasks whose structure depends on it, e.g. a detector's frozen BatchNorm, keep that) but
+#: load no weights, since the checkpoint's state dict replaces them.
+WEIGHTS_IN_CHECKPOINT = "in_checkpoint"
+
+
+def backbone_weights(weights: str | None) -> str | None:
+    """The weights a task should load for its ``weights_backbone`` (none when a checkpoint brings them)."""
+    return None if weights == WEIGHTS_IN_CHECKPOINT else weights
+
+
 class TaskModule(pl.LightningModule):
-    """Base ``LightningModule``: subclasses set ``self.optim`` and build ``self.model``."""
+    """Base ``LightningModule``: subclasses set ``self.optim`` and build ``self.model``.
+
+    What every task shares:
+
+    * ``configure_optimizers``: :func:`build_optimizer` over the task, ``backbone_lr_mult``
+      applied to the module at :attr:`backbone_path` (see :meth:`optim_config`);
+    * :meth:`zero_loss`: the training loss of a batch with nothing readable in it;
+    * checkpoints store the :attr:`pretrained_hparams` (``weights_backbone``) as
+      :data:`WEIGHTS_IN_CHECKPOINT` (when they were set): the state dict holds the trained
+      weights, so ``load_from_checkpoint``, ``export --ckpt`` and the CLI's ``--ckpt_path``
+      rebuild the model as the pretrained one it was without fetching ImageNet weights (the
+      run's ``config.yaml``/``hparams.yaml`` still record which weights it started from);
+    * :attr:`metrics_file`: where :func:`publish_metrics` writes evaluation metrics.
+    """
 
     optim: OptimConfig
+    #: where the pretrained backbone sits in the task: OptimConfig's default prefix points here
+    backbone_path: str = "model.backbone"
+    #: hyper-parameters naming pretrained weights, which a checkpoint replaces
+    pretrained_hparams: tuple[str, ...] = ("weights_backbone",)
+    #: evaluation metrics file, relative to the trainer's log folder (``None``: not written)
+    metrics_file: str | None = "{stage}_metrics.json"
+
+    def optim_config(self) -> OptimConfig:
+        """``self.optim`` with the default ``backbone_prefix`` (``backbone``) aimed at :attr:`backbone_path`."""
+        if self.optim.backbone_prefix.rstrip(".") == "backbone":
+            return replace(self.optim, backbone_prefix=self.backbone_path)
+        return self.optim
+
+    def zero_loss(self) -> Tensor:
+        """A zero loss connected to every trainable parameter.
+
+        For a training batch whose images were all unreadable: returning it (rather than
+        ``None``, which skips backward) keeps every DDP process in the same gradient all-reduce,
+        where one process skipping would leave the others waiting forever.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.device, requires_grad=True)
+        return sum(p.sum() for p in params) * 0.0  # type: ignore[return-value]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            for key in self.pretrained_hparams:
+                if hparams.get(key) is not None:
+                    hparams[key] = WEIGHTS_IN_CHECKPOINT
 
     def export_model(self) -> nn.Module:
         """The module ``python -m tasks.<task> export`` writes: it takes images in ``[0, 1]``.
@@ -183,10 +251,9 @@ class TaskModule(pl.LightningModule):
         return fast if fast is not None else self.model
 
     def configure_optimizers(self) -> Any:
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        if not math.isfinite(total) or total <= 0:
-            total = 1
-        opt, sched = build_optimizer(self, self.optim, total)
+        steps = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1.0
+        total = int(steps) if math.isfinite(steps) and steps > 0 else 1
+        opt, sched = build_optimizer(self, self.optim_config(), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
@@ -357,6 +424,79 @@ def print_metrics(title: str, metrics: Mapping[str, float], table: Sequence[tupl
         Console(stderr=False).print(extra)
 
 
+@dataclass
+class EvalReport:
+    """What a task's evaluation computed (on global rank 0), for :func:`publish_metrics`.
+
+    Args:
+        metrics: scalar metrics by plain name (``AP``, ``mIoU``, ``mAP``...): logged as
+            ``<stage>/<name>`` by every process and written to the metrics JSON.
+        extra: JSON-only content (curves, confusion matrix, counts, settings).
+        title: title of the printed table.
+        table: extra printed columns (per-class numbers...), see :func:`print_metrics`.
+        shown: the metrics printed in the table (default: all).
+    """
+
+    metrics: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
+    table: Sequence[tuple[str, Sequence[Any]]] | None = None
+    shown: Sequence[str] | None = None
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf floats -> ``None`` (JSON ``null``), recursively: the file stays valid JSON."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def publish_metrics(
+    module: pl.LightningModule,
+    stage: str,
+    compute: Callable[[Path], EvalReport | None],
+    *,
+    prog_bar: Iterable[str] = (),
+    verbose: bool = True,
+) -> dict[str, float]:
+    """Compute evaluation metrics once on rank 0, share them with every rank, log, print and write.
+
+    Every process must call it (it is a collective). ``compute(log_dir)`` runs on global rank 0
+    only (it may write its own files into ``log_dir``) and returns an :class:`EvalReport`, or
+    ``None`` for nothing to report. Every process then logs the same ``<stage>/<name>`` values,
+    so checkpoint monitors agree; a NaN metric (e.g. the IoU of a class absent from the set) is
+    not logged at all rather than logged as a number. Rank 0 prints the table (``verbose``)
+    and writes ``<log_dir>/<stage>_metrics.json`` (``module.metrics_file``) atomically:
+    ``stage``, ``epoch``, ``global_step``, the metrics and ``extra``, NaN written as ``null``.
+    Nothing happens during Lightning's sanity check. Returns the metrics.
+    """
+    trainer = module.trainer
+    if trainer.sanity_checking:
+        return {}
+    # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    report = compute(log_dir) if is_global_zero() else None
+    metrics: dict[str, float] = all_gather_objects(report.metrics if report is not None else None)[0] or {}
+    shown_on_bar = set(prog_bar)
+    for name, value in metrics.items():
+        if not math.isnan(float(value)):
+            module.log(f"{stage}/{name}", float(value), sync_dist=True, prog_bar=name in shown_on_bar)
+    if report is None or not metrics:
+        return metrics
+    if verbose:
+        printed = {k: metrics[k] for k in (report.shown if report.shown is not None else metrics)}
+        print_metrics(report.title or stage, printed, report.table)
+    filename = getattr(module, "metrics_file", TaskModule.metrics_file)
+    if filename:
+        out = {"stage": stage, "epoch": module.current_epoch, "global_step": module.global_step, **metrics, **report.extra}
+        write_json(log_dir / filename.format(stage=stage), _json_safe(out))
+    return metrics
+
+
 # ---------------------------------------------------------------------------- CLI
 class OptionalLearningRateMonitor(LearningRateMonitor):
     """``LearningRateMonitor`` that stands aside when the run has no logger (``logger: false``)."""
@@ -439,17 +579,25 @@ class TaskCLI(LightningCLI):
         Lightning 2.6 lets the checkpoint's stored ``model`` arguments override the config file and
         the command line, so ``validate --ckpt_path X --model.score_thresh 0.5`` would silently run
         with the training value. Here the user's explicit ``model`` values (config files and flags,
-        without parser defaults) are applied again on top.
+        without parser defaults) are applied again on top. Pretrained weights named in the config
+        (``weights_backbone``) become :data:`WEIGHTS_IN_CHECKPOINT`: the checkpoint's state dict
+        replaces them, so they are not fetched.
         """
         super()._parse_ckpt_path()
         sub = self.config.get("subcommand")
-        if not sub or not self.config[sub].get("ckpt_path") or self._cli_args is None:
+        if not sub or not self.config[sub].get("ckpt_path"):
             return
-        explicit = self.parser.parse_args(self._cli_args, defaults=False)
-        model = explicit.get(sub, {}).get("model") if hasattr(explicit.get(sub, {}), "get") else None
-        if model:
-            given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
-            self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
+        if self._cli_args is not None:
+            explicit = self.parser.parse_args(self._cli_args, defaults=False)
+            model = explicit.get(sub, {}).get("model") if hasattr(explicit.get(sub, {}), "get") else None
+            if model:
+                given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+                self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
+        model_cfg = self.config[sub].get("model")
+        if model_cfg is not None and Path(self.config[sub]["ckpt_path"]).is_file():
+            for key in getattr(self.model_class, "pretrained_hparams", ()):
+                if model_cfg.get(key) is not None:
+                    model_cfg[key] = WEIGHTS_IN_CHECKPOINT
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config

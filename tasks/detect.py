@@ -28,16 +28,19 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tasks.core import (
+    EvalReport,
     OptimConfig,
     TaskDataModule,
     TaskModule,
     all_gather_objects,
+    backbone_weights,
     cli_main,
     gather_unique,
     is_global_zero,
-    print_metrics,
+    publish_metrics,
     write_json,
 )
 from tasks.data.detection import (
@@ -55,6 +58,7 @@ from tasks.data.detection import (
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
+from vggbackbone import get_config
 from vggbackbone.models import fasterrcnn_vgg
 from vggbackbone.utils import atomic_path
 
@@ -281,9 +285,9 @@ class DetectionTask(TaskModule):
         detector: any other ``torchvision`` ``FasterRCNN`` argument
             (``rpn_pre_nms_top_n_train``, ``box_score_thresh``, ``box_detections_per_img``...).
         optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
-            applies to the VGG (``model.backbone.`` or, with the FPN, ``model.backbone.body.``).
+            applies to the VGG (``model.backbone`` or, with the FPN, ``model.backbone.body``).
         metrics_file: where validate/test write their metrics as JSON, relative to the
-            trainer's log folder (``None``: not written).
+            trainer's log folder (``None``: not written; see :func:`tasks.core.publish_metrics`).
         detections_file: also write the gathered detections there as COCO results, e.g.
             ``"{stage}_detections.json"`` (default ``None``: large on big sets).
     """
@@ -319,19 +323,22 @@ class DetectionTask(TaskModule):
         self.category_ids = list(category_ids) if category_ids else list(range(1, len(self.classes) + 1))
         if len(self.category_ids) != len(self.classes):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.classes)} classes")
-        if optim.backbone_prefix == "backbone":  # the default: point it at the VGG inside self.model
-            vgg = "model.backbone.body." if fpn else "model.backbone."  # the FPN itself is new: full lr
-            optim = OptimConfig(**{**optim.__dict__, "backbone_prefix": vgg})
         self.optim = optim
+        self.backbone_path = "model.backbone.body" if fpn else "model.backbone"  # the FPN itself is new: full lr
         self.metrics_file = metrics_file
         self.detections_file = detections_file
+        spec = arch if isinstance(arch, str) else [tuple(b) for b in arch]
+        # a pretrained detector freezes conv1-2 and its BatchNorm; rebuilt from a checkpoint
+        # (weights_backbone == WEIGHTS_IN_CHECKPOINT) it keeps that structure, loading nothing
+        pretrained = weights_backbone is not None
         self.model = fasterrcnn_vgg(
-            arch if isinstance(arch, str) else [tuple(b) for b in arch],
+            spec,
             num_classes=len(self.classes) + 1,
-            weights_backbone=weights_backbone,
+            weights_backbone=backbone_weights(weights_backbone),
             fpn=fpn,
             width_mult=width_mult,
-            frozen_stages=frozen_stages,
+            frozen_stages=(2 if pretrained else 0) if frozen_stages is None else frozen_stages,
+            norm_layer=FrozenBatchNorm2d if pretrained and get_config(spec).batch_norm else None,
             anchor_sizes=anchor_sizes,
             aspect_ratios=aspect_ratios,
             roi_pool=roi_pool,
@@ -350,8 +357,8 @@ class DetectionTask(TaskModule):
 
     # -- training --
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
-        if not batch.images:  # every sample unreadable: a zero loss keeps DDP's gradient sync in step
-            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)  # type: ignore[return-value]
+        if not batch.images:  # every sample unreadable
+            return self.zero_loss()
         targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in batch.targets]
         losses = self.model(batch.images, targets)
         loss = sum(losses.values())
@@ -405,26 +412,17 @@ class DetectionTask(TaskModule):
                 f"{stage} data must be a tasks.data.detection.DetectionDataset (its .split is the ground truth), "
                 f"got {type(dataset).__name__}"
             )
-        metrics: dict[str, float] = {}
-        table: list[tuple[str, list[Any]]] = []
-        if is_global_zero():
-            metrics, table = evaluate_split(split, predictions)
-        metrics = all_gather_objects(metrics)[0]
-        shown = {"AP", "AP50"}  # on the progress bar
-        for k, v in metrics.items():
-            self.log(f"{stage}/{k}", float(v), prog_bar=k in shown, sync_dist=True)
         fn = self.trainer.state.fn
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
-        if fn != "fit" or last_epoch:
-            print_metrics(f"{stage} ({int(metrics['images'])} images)", metrics, table)
-        log_dir = self.trainer.log_dir
-        if log_dir and is_global_zero():
-            if self.metrics_file:
-                out = {"stage": stage, "epoch": self.current_epoch, "global_step": self.global_step, **metrics}
-                write_json(Path(log_dir) / self.metrics_file.format(stage=stage), out)
+
+        def compute(log_dir: Path) -> EvalReport:
+            metrics, table = evaluate_split(split, predictions)
             if self.detections_file:
                 results = detections_to_coco(dict(sorted(predictions.items())), split.category_ids)
-                write_json(Path(log_dir) / self.detections_file.format(stage=stage), results)
+                write_json(log_dir / self.detections_file.format(stage=stage), results)
+            return EvalReport(metrics, title=f"{stage} ({len(predictions)} images)", table=table)
+
+        publish_metrics(self, stage, compute, prog_bar=("AP", "AP50"), verbose=fn != "fit" or last_epoch)
 
     # -- prediction --
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:

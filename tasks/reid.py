@@ -5,7 +5,8 @@ smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features 
 center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
 embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
 cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
-``<log_dir>/reid_metrics.json`` and a retrieval grid ``<log_dir>/retrieval/<when>.png``.
+``<log_dir>/<stage>_metrics.json`` (:func:`tasks.core.publish_metrics`) and a retrieval grid
+``<log_dir>/retrieval/<stage>[_epochNNN].png``.
 
 ``extract`` turns a folder or list of images into an embeddings file, see
 :mod:`tasks.reid_extract`.
@@ -13,7 +14,6 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import Tensor, nn
 
-from tasks.core import OptimConfig, TaskModule, all_gather_objects, cli_main, print_metrics, write_json
+from tasks.core import (
+    EvalReport,
+    OptimConfig,
+    TaskModule,
+    all_gather_objects,
+    backbone_weights,
+    cli_main,
+    publish_metrics,
+)
 from tasks.images import SkippedSample, warn_skipped
 from tasks.data.reid import ReIDDataModule
 from vggbackbone.metrics import rank_embeddings
@@ -33,11 +41,10 @@ from vggbackbone.models import reid_vgg
 
 __all__ = ["CenterLoss", "EVAL_OPTIONS", "ReIDTask", "main"]
 
-#: Evaluation settings, kept out of the checkpoint's hyper-parameters: LightningCLI 2.6 replaces
-#: the model's config with the checkpoint's hyper-parameters when ``--ckpt_path`` is given
-#: (Lightning-AI/pytorch-lightning#21455), which would make ``validate --ckpt_path X
-#: --model.rerank true`` silently evaluate without re-ranking. ``weights_backbone`` is left out
-#: too: a checkpoint carries its weights, evaluating it must not download ImageNet weights.
+#: The evaluation settings among the hyper-parameters. Like every model argument they are stored
+#: in checkpoints, and like every model argument given explicitly (config file or command line)
+#: they win over the checkpoint's value (``tasks.core.TaskCLI``): ``validate --ckpt_path X
+#: --model.rerank true`` re-ranks.
 EVAL_OPTIONS = (
     "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
     "grid_queries", "grid_topk",
@@ -89,7 +96,7 @@ class ReIDTask(TaskModule):
         center_alpha: centre update rate of the center loss.
         distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
         rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
-        max_rank: length of the CMC curve written to ``reid_metrics.json``.
+        max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
         optim: optimiser and schedule (``tasks.core.OptimConfig``).
@@ -127,16 +134,12 @@ class ReIDTask(TaskModule):
         optim: OptimConfig = OptimConfig(name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=[*EVAL_OPTIONS, "weights_backbone"])
-        self.eval_options = dict(
-            distance=distance, rerank=rerank, rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda,
-            max_rank=max_rank, eval_chunk_size=eval_chunk_size, grid_queries=grid_queries, grid_topk=grid_topk,
-        )  # fmt: skip
+        self.save_hyperparameters()
         self.optim = optim
         self.model = reid_vgg(
             arch,
             num_classes or 0,
-            weights_backbone=weights_backbone,
+            weights_backbone=backbone_weights(weights_backbone),
             output_stride=output_stride,
             pooling=pooling,
             gem_p=gem_p,
@@ -190,11 +193,11 @@ class ReIDTask(TaskModule):
     def forward(self, images: Tensor) -> Any:
         return self.model(images)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
         images, pids = batch["image"], batch["pid"]
-        if images.numel() == 0:
-            return None
+        if images.numel() == 0:  # every image of the batch was unreadable
+            return self.zero_loss()
         logits, feats = self.model(images)
         ce = F.cross_entropy(logits, pids, label_smoothing=self.hparams.label_smoothing)
         tri = self.triplet(feats, pids, self.miner(feats, pids))
@@ -256,33 +259,34 @@ class ReIDTask(TaskModule):
     def on_test_epoch_end(self) -> None:
         self._evaluate("test")
 
-    def _evaluate(self, prefix: str) -> None:
+    @property
+    def eval_options(self) -> dict[str, Any]:
+        """The evaluation settings (:data:`EVAL_OPTIONS`) this module evaluates with."""
+        return {k: self.hparams[k] for k in EVAL_OPTIONS}
+
+    def _evaluate(self, stage: str) -> None:
         parts, self._eval_parts = self._eval_parts, []
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
         gathered = all_gather_objects((local, self._skipped))
         self._skipped = []
-        # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        metrics: dict[str, float] | None = None
         if self.trainer.is_global_zero:
-            arrays = [g[0] for g in gathered if g[0] is not None]
-            warn_skipped([s for g in gathered for s in g[1]], f"{prefix} evaluation")
-            if arrays and not self.trainer.sanity_checking:
-                metrics = self._rank(prefix, log_dir, *[np.concatenate(a) for a in zip(*arrays)])
-        # every process logs the same numbers (rank 0 computed them once)
-        metrics = all_gather_objects(metrics)[0]
-        if metrics:
-            self.log_dict(metrics, sync_dist=True)
+            warn_skipped([s for g in gathered for s in g[1]], f"{stage} evaluation")
+        arrays = [g[0] for g in gathered if g[0] is not None]
 
-    def _rank(self, prefix: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+        def compute(log_dir: Path) -> EvalReport | None:
+            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)]) if arrays else None
+
+        publish_metrics(self, stage, compute, prog_bar=("mAP", "rank1"))
+
+    def _rank(self, stage: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> EvalReport | None:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
-        hp = argparse.Namespace(**self.eval_options)
+        hp = self.hparams
         feats = torch.from_numpy(emb).to(self.device)
         q, g = is_query, ~is_query
         if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
-            warnings.warn(f"{prefix} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded", stacklevel=2)
-            return {}
+            warnings.warn(f"{stage} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded", stacklevel=2)
+            return None
         res = rank_embeddings(
             feats[torch.from_numpy(q).to(self.device)],
             feats[torch.from_numpy(g).to(self.device)],
@@ -291,14 +295,9 @@ class ReIDTask(TaskModule):
             rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
             topk=hp.grid_topk if hp.grid_queries > 0 else 0,
         )  # fmt: skip
-        metrics = {f"{prefix}/{k}": v for k, v in res.as_dict().items()}
-        fn = self.trainer.state.fn.value if self.trainer.state.fn is not None else prefix
-        when = f"epoch{self.current_epoch:03d}" if fn == "fit" else fn
-        report: dict[str, Any] = {
-            **metrics,
-            "stage": prefix,
-            "epoch": self.current_epoch,
-            "step": self.global_step,
+        fitting = self.trainer.state.fn is not None and self.trainer.state.fn.value == "fit"
+        name = f"{stage}_epoch{self.current_epoch:03d}" if fitting else stage  # val_epoch003.png, val.png, test.png
+        extra: dict[str, Any] = {
             "num_query": int(q.sum()),
             "num_gallery": int(g.sum()),
             "num_valid_queries": res.num_valid_queries,
@@ -306,20 +305,19 @@ class ReIDTask(TaskModule):
             "distance": hp.distance,
             "rerank": hp.rerank,
         }
-        grid = self._save_grid(log_dir / "retrieval" / f"{prefix}_{when}.png", index[q], index[g], res)
+        grid = self._save_grid(log_dir / "retrieval" / f"{name}.png", index[q], index[g], res)
         if grid is not None:
-            report["retrieval_grid"] = str(grid)
-        write_json(log_dir / "reid_metrics.json", report)
-        print_metrics(
-            f"ReID {prefix} {when}",
-            {k.split("/")[1]: v for k, v in metrics.items()},
+            extra["retrieval_grid"] = str(grid)
+        return EvalReport(
+            res.as_dict(),
+            extra=extra,
+            title=f"ReID {name}",
             table=[
                 ("queries", [int(q.sum())]),
                 ("gallery", [int(g.sum())]),
                 ("distance", [hp.distance + (" + re-ranking" if hp.rerank else "")]),
             ],
         )
-        return metrics
 
     def _save_grid(self, path: Path, q_index: np.ndarray, g_index: np.ndarray, res: Any) -> Path | None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -328,7 +326,7 @@ class ReIDTask(TaskModule):
         from tasks.reid_viz import save_retrieval_grid
 
         samples = dm.eval_samples()
-        rows = np.linspace(0, len(q_index) - 1, min(self.eval_options["grid_queries"], len(q_index))).round().astype(int)
+        rows = np.linspace(0, len(q_index) - 1, min(self.hparams.grid_queries, len(q_index))).round().astype(int)
         q_paths = [samples[q_index[r]].path for r in rows]
         results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
         matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]

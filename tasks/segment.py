@@ -8,7 +8,8 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
   and mean accuracy (:mod:`vggbackbone.metrics.segmentation`). Evaluation runs each image
   alone at its own size, so a prediction never depends on which images share its batch or
   process; the numbers are printed as a table, logged, and written to
-  ``<log_dir>/metrics_<stage>.json``;
+  ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.core.publish_metrics`; the IoU of a class
+  absent from the set is NaN: not logged, ``null`` in the JSON);
 * inference: whole image, or sliding windows for images larger than the network should see;
 * ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
   ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``.
@@ -16,7 +17,6 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from tasks.core import OptimConfig, TaskModule, cli_main, is_global_zero, print_metrics, write_json
+from tasks.core import (
+    EvalReport,
+    OptimConfig,
+    TaskModule,
+    backbone_weights,
+    cli_main,
+    is_global_zero,
+    publish_metrics,
+)
 from tasks.data.shapes import voc_palette
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationData
 from vggbackbone.metrics.segmentation import segmentation_scores
@@ -118,7 +126,7 @@ class SegmentationModel(TaskModule):
         predict_dir: where ``predict`` writes masks and overlays.
         overlay_alpha: mask opacity in the overlays.
         optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
-            applies to ``model.backbone`` (the default ``backbone_prefix`` is mapped there).
+            applies to ``model.backbone`` (where the default ``backbone_prefix`` points).
     """
 
     def __init__(
@@ -143,14 +151,13 @@ class SegmentationModel(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # OptimConfig's default prefix "backbone" means this model's backbone, which lives at model.backbone
-        self.optim = dataclasses.replace(optim, backbone_prefix="model.backbone") if optim.backbone_prefix == "backbone" else optim
+        self.optim = optim
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.model = build_segmentation_model(
-            head, arch, num_classes, weights_backbone=weights_backbone, width_mult=width_mult,
+            head, arch, num_classes, weights_backbone=backbone_weights(weights_backbone), width_mult=width_mult,
             frozen_stages=frozen_stages, **(head_kwargs or {}),
         )  # fmt: skip
         norm = self.model.normalization
@@ -217,16 +224,18 @@ class SegmentationModel(TaskModule):
         return logits
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if not batch["id"]:  # every image of the batch was unreadable (already warned about)
-            return None
+            return self.zero_loss()
         logits = self(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
-        for image, mask in zip(batch["image"], batch["mask"]):
+        if batch["image"] and "mask" not in batch:
+            raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
+        for image, mask in zip(batch["image"], batch.get("mask", [])):
             logits = self.predict_logits(image)
             self.confmat.update(logits.argmax(1), mask[None])
             self._eval_loss.append(self.ce(logits, mask[None]).detach())
@@ -252,19 +261,20 @@ class SegmentationModel(TaskModule):
         total = total.reshape(-1, 2).sum(0)
         if self.trainer.sanity_checking:
             return
-        scores = segmentation_scores(conf)
-        metrics = scores.as_dict(self.class_names)
-        metrics["loss"] = float(total[0] / total[1].clamp(min=1))
-        for k, v in metrics.items():
-            value = 0.0 if math.isnan(v) else v
-            self.log(f"{stage}/{k}", value, sync_dist=True, prog_bar=k == "mIoU")
-        print_metrics(
-            f"{stage}: {int(conf.sum())} pixels",
-            {k: metrics[k] for k in ("mIoU", "pixel_acc", "mean_acc", "loss")},
-            table=[("class", self.class_names), ("IoU", scores.iou.tolist()), ("acc", scores.acc.tolist())],
-        )
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        write_json(Path(log_dir) / f"metrics_{stage}.json", {**metrics, "confusion_matrix": conf.tolist()})
+
+        def compute(log_dir: Path) -> EvalReport:
+            scores = segmentation_scores(conf)
+            metrics = scores.as_dict(self.class_names)
+            metrics["loss"] = float(total[0] / total[1].clamp(min=1))
+            return EvalReport(
+                metrics,
+                extra={"confusion_matrix": conf.tolist()},
+                title=f"{stage}: {int(conf.sum())} pixels",
+                table=[("class", self.class_names), ("IoU", scores.iou.tolist()), ("acc", scores.acc.tolist())],
+                shown=("mIoU", "pixel_acc", "mean_acc", "loss"),
+            )
+
+        publish_metrics(self, stage, compute, prog_bar=("mIoU",))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         written = []

@@ -1,4 +1,5 @@
-"""The shared training glue: schedules, parameter groups, atomic writes, the CLI's checkpoints."""
+"""The shared training glue: schedules, parameter groups, atomic writes, the CLI's checkpoints,
+empty batches, published metrics, checkpoints without pretrained weights."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.core import (
     AtomicCheckpointIO,
+    EvalReport,
     InferenceOptimization,
     OptimConfig,
     TaskModule,
+    WEIGHTS_IN_CHECKPOINT,
     build_optimizer,
     gather_unique,
     lr_factor,
+    publish_metrics,
 )
 from vggbackbone import VGGBackbone
 from vggbackbone.utils import atomic_path, atomic_write
@@ -75,6 +79,56 @@ def test_param_groups_no_decay_backbone_mult_and_frozen() -> None:
     assert seen[id(bias)]["weight_decay"] == 0.0 and seen[id(bias)]["lr"] == pytest.approx(0.1)
     assert seen[id(head_w)]["weight_decay"] == 1e-4
     assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+
+
+def test_backbone_prefix_matches_whole_module_names() -> None:
+    net = nn.ModuleDict({"backbone": nn.Linear(2, 2), "backbone_head": nn.Linear(2, 2)})
+    opt, _ = build_optimizer(net, OptimConfig(lr=0.1, backbone_lr_mult=0.5, weight_decay=0.0), 1)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(lr_of[id(p)] == pytest.approx(0.05) for p in net["backbone"].parameters())
+    assert all(lr_of[id(p)] == pytest.approx(0.1) for p in net["backbone_head"].parameters())
+
+
+class _Task(TaskModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.optim = OptimConfig(lr=0.1, backbone_lr_mult=0.1)
+        self.model = _Net()
+        self.log_calls: dict[str, float] = {}
+
+    def log(self, name: str, value, **kwargs) -> None:  # record what would reach the loggers
+        self.log_calls[name] = value
+
+
+def test_zero_loss_reaches_every_trainable_parameter_with_zero_gradient() -> None:
+    task = _Task()
+    loss = task.zero_loss()
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    for name, p in task.named_parameters():
+        if p.requires_grad:  # all-reduced by DDP like any other step's gradients
+            assert p.grad is not None and not p.grad.any(), name
+        else:  # frozen block 1
+            assert p.grad is None, name
+
+
+def test_publish_metrics_logs_writes_and_leaves_nan_out_of_the_loggers(tmp_path: Path) -> None:
+    task = _Task()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    task.trainer = trainer
+    seen: list[Path] = []
+
+    def compute(log_dir: Path) -> EvalReport:
+        seen.append(log_dir)
+        return EvalReport({"score": 0.5, "IoU/absent": float("nan")}, extra={"curve": [1.0, float("nan")]})
+
+    assert publish_metrics(task, "val", compute)["score"] == 0.5
+    assert seen == [tmp_path] and task.log_calls == {"val/score": 0.5}  # NaN: not logged as a number
+    out = json.loads((tmp_path / "val_metrics.json").read_text())  # strict JSON: NaN is null
+    assert out == {"stage": "val", "epoch": 0, "global_step": 0, "score": 0.5, "IoU/absent": None, "curve": [1.0, None]}
+    task.metrics_file = None
+    publish_metrics(task, "test", compute)
+    assert not (tmp_path / "test_metrics.json").exists()
 
 
 def test_everything_frozen_is_a_clear_error() -> None:
@@ -134,7 +188,8 @@ _TOY = textwrap.dedent(
     from tasks.core import OptimConfig, TaskDataModule, TaskModule, cli_main
 
     class Toy(TaskModule):
-        def __init__(self, width: int = 4, note: str = "trained", optim: OptimConfig = OptimConfig(scheduler="none")):
+        def __init__(self, width: int = 4, note: str = "trained", weights_backbone: str | None = None,
+                     optim: OptimConfig = OptimConfig(scheduler="none")):
             super().__init__()
             self.save_hyperparameters()
             self.optim = optim
@@ -149,7 +204,8 @@ _TOY = textwrap.dedent(
             # a metric that gets *worse* every epoch, so "best" stays at epoch 0
             self.log("val/score", -float(self.current_epoch), sync_dist=True)
             with open(os.environ["TOY_NOTE"], "w") as f:
-                json.dump({"note": self.hparams.note, "width": self.hparams.width}, f)
+                json.dump({"note": self.hparams.note, "width": self.hparams.width,
+                           "weights": self.hparams.weights_backbone}, f)
 
     class ToyData(TaskDataModule):
         def __init__(self, batch_size: int = 4):
@@ -180,7 +236,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[
                TOY_NOTE=str(tmp / "note.json"))  # fmt: skip
     root = tmp / "run"
     _toy(script, env, "fit", "--model.width", "6", "--model.note", "trained", "--trainer.max_epochs", "3",
-         "--trainer.default_root_dir", str(root))  # fmt: skip
+         "--model.weights_backbone", "imagenet.pth", "--trainer.default_root_dir", str(root))  # fmt: skip
     return script, root, env
 
 
@@ -202,6 +258,9 @@ def test_cli_keeps_best_and_true_last_checkpoint(toy_run) -> None:
     assert (root / "csv" / "version_0" / "metrics.csv").is_file()  # loggers followed default_root_dir
     assert not (script.parent / "runs").exists()
     assert math.isfinite(float(last["state_dict"]["model.0.weight"].sum()))
+    # the pretrained weights are not needed to rebuild from a checkpoint: its state dict replaces them
+    assert last["hyper_parameters"]["note"] == "trained"
+    assert last["hyper_parameters"]["weights_backbone"] == WEIGHTS_IN_CHECKPOINT
 
 
 def test_explicit_model_arguments_win_over_the_checkpoint(toy_run) -> None:
@@ -210,10 +269,11 @@ def test_explicit_model_arguments_win_over_the_checkpoint(toy_run) -> None:
     ckpt = str(root / "version_0" / "checkpoints" / "last.ckpt")
     note = Path(env["TOY_NOTE"])
     _toy(script, env, "validate", "--ckpt_path", ckpt, "--trainer.default_root_dir", str(root / "v"))
-    assert json.loads(note.read_text()) == {"note": "trained", "width": 6}  # from the checkpoint
+    # from the checkpoint; its state dict replaces the pretrained weights, which are not fetched again
+    assert json.loads(note.read_text()) == {"note": "trained", "width": 6, "weights": WEIGHTS_IN_CHECKPOINT}
     _toy(script, env, "validate", "--ckpt_path", ckpt, "--model.note", "given", "--trainer.default_root_dir",
-         str(root / "v"))  # fmt: skip
-    assert json.loads(note.read_text()) == {"note": "given", "width": 6}
+         str(root / "v"), "--model.weights_backbone", "imagenet.pth")  # fmt: skip
+    assert json.loads(note.read_text()) == {"note": "given", "width": 6, "weights": WEIGHTS_IN_CHECKPOINT}
 
 
 def test_export_subcommand_writes_onnx_equal_to_the_model(toy_run) -> None:
@@ -259,6 +319,40 @@ def test_inference_optimization_only_during_predict(enabled: bool) -> None:
     torch.testing.assert_close(y, task.model.eval()(x), rtol=1e-4, atol=1e-5)
     assert "_fast_model" not in task.__dict__ and task.inference_model is task.model
     assert all(k.startswith("model.") for k in task.state_dict())  # never registered as a submodule
+
+
+def _tiny_task(task: str, weights: Path) -> TaskModule:
+    from tasks.detect import DetectionTask
+    from tasks.reid import ReIDTask
+    from tasks.segment import SegmentationModel
+
+    small = {"arch": "vgg11_bn", "width_mult": 0.125, "weights_backbone": str(weights)}
+    if task == "detect":
+        return DetectionTask(classes=["a", "b"], fpn=True, **small)
+    if task == "segment":
+        return SegmentationModel(num_classes=3, head="unet", head_kwargs={"decoder_channels": [16, 16, 8, 8, 8]}, **small)
+    return ReIDTask(num_classes=4, **small)
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "reid"])
+def test_checkpoints_rebuild_without_the_pretrained_weights(task: str, tmp_path: Path) -> None:
+    """weights_backbone (a file, or ImageNet weights to download) is not needed again to load a checkpoint."""
+    weights = tmp_path / "pretrained.pth"
+    torch.save(VGGBackbone("vgg11_bn", ["conv5"], width_mult=0.125).state_dict(), weights)
+    module = _tiny_task(task, weights)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "task.ckpt")
+    saved = torch.load(tmp_path / "task.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert saved["weights_backbone"] == WEIGHTS_IN_CHECKPOINT and saved["arch"] == "vgg11_bn"
+    weights.unlink()  # gone, as ImageNet weights are on a machine without network
+    loaded = type(module).load_from_checkpoint(tmp_path / "task.ckpt", map_location="cpu", weights_only=False)
+    state = module.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    # built as the pretrained model it was (a detector's frozen blocks and FrozenBatchNorm2d too)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in module.modules()]
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in module.parameters()]
 
 
 def test_list_images_folder_list_file_and_single_image(tmp_path: Path) -> None:

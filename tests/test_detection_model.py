@@ -183,14 +183,25 @@ def test_bfloat16_autocast_on_cpu(roi_pool) -> None:
 
 @pytest.mark.parametrize("fpn", [False, True])
 def test_backbone_lr_mult_reaches_the_vgg_only(fpn) -> None:
-    from tasks.core import OptimConfig, build_optimizer
+    from tasks.core import OptimConfig
     from tasks.detect import DetectionTask
 
     task = DetectionTask(classes=["a", "b"], arch="vgg11", width_mult=0.125, fpn=fpn,
                          optim=OptimConfig(lr=0.1, backbone_lr_mult=0.1))  # fmt: skip
-    opt, _ = build_optimizer(task, task.optim, total_steps=10)
+    opt = task.configure_optimizers()["optimizer"]
     vgg = {id(p) for p in (task.model.backbone.body if fpn else task.model.backbone).parameters()}
     for group in opt.param_groups:
         in_vgg = {id(p) in vgg for p in group["params"]}
         assert len(in_vgg) == 1  # a group is all VGG or all new layers
         assert group["lr"] == pytest.approx(0.01 if in_vgg.pop() else 0.1)
+
+
+def test_empty_training_batch_gives_a_zero_loss_on_every_parameter() -> None:
+    from tasks.data.detection import DetectionBatch
+    from tasks.detect import DetectionTask
+
+    task = DetectionTask(classes=["a", "b"], arch="vgg11", width_mult=0.125, fpn=True)
+    loss = task.training_step(DetectionBatch([], [], [("x.jpg", "cannot decode image")]), 0)
+    assert loss.item() == 0.0
+    loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
+    assert all(p.grad is not None and not p.grad.any() for p in task.parameters() if p.requires_grad)

@@ -65,25 +65,28 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     fit = _cli("fit", "--config", str(cfg), *ddp, "--trainer.logger.init_args.save_dir", str(tmp_path / "fit"))
     assert "MEMBER: 2/2" in fit.stderr + fit.stdout  # really two processes
-    ddp_metrics = json.loads((tmp_path / "fit" / "version_0" / "reid_metrics.json").read_text())
+    ddp_metrics = json.loads((tmp_path / "fit" / "version_0" / "val_metrics.json").read_text())
     ckpt = tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt"
-    assert ddp_metrics["epoch"] == 0 and Path(ddp_metrics["retrieval_grid"]).is_file()
+    assert ddp_metrics["epoch"] == 0 and ddp_metrics["stage"] == "val"
+    assert Path(ddp_metrics["retrieval_grid"]) == tmp_path / "fit" / "version_0" / "retrieval" / "val_epoch000.png"
+    assert Path(ddp_metrics["retrieval_grid"]).is_file()
 
     # (an evaluation option given on the command line wins over the checkpoint's hyper-parameters)
     _cli("validate", "--config", str(cfg), "--trainer.devices", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "val"),
          "--ckpt_path", str(ckpt), "--model.max_rank", "6")  # fmt: skip
-    one = json.loads((tmp_path / "val" / "version_0" / "reid_metrics.json").read_text())
+    one = json.loads((tmp_path / "val" / "version_0" / "val_metrics.json").read_text())
+    assert one["retrieval_grid"] == str(tmp_path / "val" / "version_0" / "retrieval" / "val.png")
 
     # every query and gallery image counted once across the two processes (odd-sized sets)
     n_query = len(list((tmp_path / "market" / "query").glob("*.jpg")))
     n_gallery = len([p for p in (tmp_path / "market" / "bounding_box_test").glob("*.jpg") if not p.name.startswith("-1")])
     assert (ddp_metrics["num_query"], ddp_metrics["num_gallery"]) == (one["num_query"], one["num_gallery"]) == (n_query, n_gallery)
     assert n_query % 2 == 1 or n_gallery % 2 == 1
-    for key in ("val/mAP", "val/rank1", "val/rank5"):
+    for key in ("mAP", "rank1", "rank5"):
         assert ddp_metrics[key] == pytest.approx(one[key], abs=1e-6), key
     assert len(ddp_metrics["cmc"]) == 10 and len(one["cmc"]) == 6
     np.testing.assert_allclose(ddp_metrics["cmc"][:6], one["cmc"], atol=1e-6)
-    assert 0 < one["val/mAP"] <= 1
+    assert 0 < one["mAP"] <= 1
 
     # extraction with 2 processes through the CLI: rows in input order, each the checkpoint
     # model's embedding of its image; the unreadable file skipped and named

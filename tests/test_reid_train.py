@@ -58,3 +58,24 @@ def test_center_loss_update_rule():
     before = c.centers.clone()
     c(f, y)
     assert torch.equal(c.centers, before)  # no update in eval
+
+
+def test_backbone_lr_mult_reaches_the_backbone():
+    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, num_classes=4,
+                    optim=OptimConfig(name="adam", lr=0.1, backbone_lr_mult=0.1, warmup_steps=0))  # fmt: skip
+    opt = task.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    backbone = {id(p) for p in task.model.backbone.parameters()}
+    assert backbone and all(lr_of[i] == pytest.approx(0.01) for i in backbone)
+    assert all(lr == pytest.approx(0.1) for i, lr in lr_of.items() if i not in backbone)
+    assert any(i not in backbone for i in lr_of)  # the head has its own parameters
+
+
+def test_empty_training_batch_gives_a_zero_loss_on_every_parameter():
+    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, num_classes=4)
+    batch = {"image": torch.empty(0), "pid": torch.empty(0, dtype=torch.long), "skipped": [("x.jpg", "image file is empty")]}
+    loss = task.training_step(batch, 0)
+    assert loss.item() == 0.0
+    loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
+    assert all(p.grad is not None and not p.grad.any() for p in task.parameters() if p.requires_grad)
+    assert [s.path for s in task._skipped] == ["x.jpg"]  # still counted for the epoch's warning

@@ -76,12 +76,12 @@ def test_ddp_two_processes_equal_one_process_then_predict(tmp_path: Path) -> Non
     fit = _run(["fit", "--config", str(cfg), *ddp], tmp_path)
     assert "mIoU" in fit.stdout  # the metrics table printed once, by rank 0
     fit_dir = tmp_path / "runs/seg/version_0"
-    two = json.loads((fit_dir / "metrics_val.json").read_text())
+    two = json.loads((fit_dir / "val_metrics.json").read_text())
     ckpt = fit_dir / "checkpoints/last.ckpt"
     assert ckpt.is_file()
 
     _run(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.devices", "1"], tmp_path)
-    one = json.loads((tmp_path / "runs/seg/version_1/metrics_val.json").read_text())
+    one = json.loads((tmp_path / "runs/seg/version_1/val_metrics.json").read_text())
     conf = np.array(one["confusion_matrix"])
     # every validation pixel counted exactly once in both runs (7 images: 4 + 3 over 2 ranks)
     masks = [np.array(Image.open(p)) for p in sorted((tmp_path / "shapes/VOCdevkit/VOC2007/SegmentationClass").glob("*.png"))[-7:]]

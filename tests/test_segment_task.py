@@ -60,3 +60,46 @@ def test_inference_scale_resizes_in_and_out() -> None:
     small = torch.nn.functional.interpolate(image[None].float(), size=(25, 35), mode="bilinear", antialias=True)
     expected = torch.nn.functional.interpolate(full.model(full.normalize(small / 255)), size=(50, 70), mode="bilinear")
     torch.testing.assert_close(out, expected)
+
+
+def test_empty_training_batch_gives_a_zero_loss_on_every_parameter() -> None:
+    m = SegmentationModel(num_classes=3, **TINY)
+    empty = {"image": torch.empty(0, 3, 1, 1, dtype=torch.uint8), "mask": torch.empty(0, 1, 1, dtype=torch.long), "id": []}
+    loss = m.training_step(empty, 0)
+    assert loss is not None and loss.item() == 0.0
+    loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters() if p.requires_grad)
+
+
+def test_unreadable_validation_image_is_skipped_alone_in_its_batch(tmp_path) -> None:
+    """eval_batch_size 1: a batch with nothing readable; metrics over the other images."""
+    import json
+
+    import numpy as np
+    import pytorch_lightning as pl
+    from PIL import Image
+
+    from tasks.data.segmentation import SegmentationData
+    from tasks.data.shapes import ShapesConfig
+
+    shapes = ShapesConfig(num_train=2, num_val=3, min_image_size=40, max_image_size=48, min_object_size=10,
+                          max_object_size=20, layouts=("voc",))  # fmt: skip
+    dm = SegmentationData(root=str(tmp_path / "shapes"), shapes=shapes, eval_batch_size=1, num_workers=0)
+    dm.prepare_data()
+    voc = tmp_path / "shapes" / "VOCdevkit" / "VOC2007"
+    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    (voc / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(b"\xff\xd8 truncated")
+    model = SegmentationModel(num_classes=dm.num_classes, class_names=dm.class_names, **TINY)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable image\(s\): .*{ids[1]}\.jpg"):
+        trainer.validate(model, datamodule=dm)
+    metrics = json.loads((tmp_path / "val_metrics.json").read_text())
+    kept = [np.array(Image.open(voc / "SegmentationClass" / f"{i}.png")) for i in (ids[0], ids[2])]
+    assert np.array(metrics["confusion_matrix"]).sum() == sum(int((m != 255).sum()) for m in kept)
+    assert 0.0 <= metrics["pixel_acc"] <= 1.0 and trainer.callback_metrics["val/pixel_acc"] == pytest.approx(metrics["pixel_acc"])
+    for name in dm.class_names:  # a class absent from both truth and predictions: null in the JSON, not logged
+        if metrics[f"IoU/{name}"] is None:
+            assert f"val/IoU/{name}" not in trainer.callback_metrics
+        else:
+            assert trainer.callback_metrics[f"val/IoU/{name}"] == pytest.approx(metrics[f"IoU/{name}"])

@@ -295,7 +295,11 @@ def collate_train(samples: list[Any]) -> dict[str, Any]:
 
 
 def collate_eval(samples: list[Any]) -> dict[str, Any]:
-    """Images of any size -> lists (evaluation runs image by image at full resolution)."""
+    """Images of any size -> lists (evaluation runs image by image at full resolution).
+
+    ``mask`` is there when the samples have masks, and (empty) when every sample of the batch
+    was unreadable, so an evaluation step never finds it missing.
+    """
     kept, skipped = drop_skipped(samples)
     warn_skipped(skipped, "segmentation evaluation data")
     out: dict[str, Any] = {
@@ -303,7 +307,7 @@ def collate_eval(samples: list[Any]) -> dict[str, Any]:
         "id": [s["id"] for s in kept],
         "path": [s["path"] for s in kept],
     }
-    if kept and "mask" in kept[0]:
+    if not kept or "mask" in kept[0]:
         out["mask"] = [s["mask"].as_subclass(torch.Tensor).long() for s in kept]
     return out
 
