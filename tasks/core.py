@@ -42,6 +42,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.market import MarketConfig
+from tasks.data.shapes import ShapesConfig
 from vggbackbone.utils import atomic_path
 
 __all__ = [
@@ -107,6 +109,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     warmup_factor: float = 0.001
+
+
+# Hyper-parameters of a task or data module built in Python (not from YAML) hold these dataclasses
+# themselves: allow them in torch.load(weights_only=True), which every checkpoint load here uses.
+torch.serialization.add_safe_globals([OptimConfig, ShapesConfig, MarketConfig])
 
 
 def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:

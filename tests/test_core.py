@@ -403,3 +403,22 @@ def test_list_images_folder_list_file_and_single_image(tmp_path: Path) -> None:
         list_images(tmp_path / "gone.jpg")
     with pytest.raises(FileNotFoundError, match="nowhere: no such image, folder or image list"):
         list_images(tmp_path / "nowhere")
+
+
+def test_checkpoints_of_tasks_built_in_python_load_with_weights_only(tmp_path: Path) -> None:
+    """Built in Python, hyper-parameters hold config dataclasses; weights_only loading must accept them."""
+    from tasks.data.market import MarketConfig
+    from tasks.data.shapes import ShapesConfig
+    from tasks.reid import ReIDTask
+
+    task = ReIDTask(arch="vgg11", width_mult=0.125, num_classes=3, optim=OptimConfig(name="adam", lr=1e-3))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(tmp_path / "task.ckpt")
+    loaded = ReIDTask.load_from_checkpoint(tmp_path / "task.ckpt", map_location="cpu", weights_only=True)
+    assert loaded.optim == task.optim and isinstance(loaded.optim, OptimConfig)
+    for k, v in task.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    data_hparams = {"shapes": ShapesConfig(num_train=3), "synthetic": MarketConfig(num_train_ids=2)}
+    torch.save({"datamodule_hyper_parameters": data_hparams}, tmp_path / "data.ckpt")
+    assert torch.load(tmp_path / "data.ckpt", weights_only=True)["datamodule_hyper_parameters"] == data_hparams
