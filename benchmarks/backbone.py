@@ -180,7 +180,7 @@ def plot(rows: list[list[str]], title: str) -> None:
     ax.set_ylabel("speed vs torchvision (median)")
     ax.set_ylim(0, max(1.3, ax.get_ylim()[1]))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     save_figure(fig, IMAGE)
 
 

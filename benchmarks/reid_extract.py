@@ -24,9 +24,10 @@ round), medians. Extracted embeddings are checked against the bare forward first
 reduced precision: :data:`vggbackbone.optimize.RELATIVE_TOLERANCE`).
 
 Memory. ``--memory-counts`` runs extraction (0 workers, so everything is in one process) in a
-fresh subprocess per image count, on an image list that repeats the crops, and reports that
-process's peak resident memory: flat in the number of images, because embeddings stream to
-shards and the merge copies them in chunks.
+fresh subprocess per image count, on an image list that repeats the crops, with large
+embeddings (``--memory-embedding-dim``, default 4096, so that holding them all would show), and
+reports that process's peak resident memory: flat in the number of images, because embeddings
+stream to shards and the merge copies them in chunks.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ import torch
 from tasks.reid_extract import extract_embeddings
 from vggbackbone.models import reid_vgg
 torch.manual_seed(0)
-model = reid_vgg({arch!r}, width_mult={width_mult}).eval()
+model = reid_vgg({arch!r}, width_mult={width_mult}, embedding_dim={dim}).eval()
 extract_embeddings(model, {listing!r}, {out!r}, image_size={size}, batch_size={bs}, num_workers=0,
                    precision="fp32", trainer={trainer!r})
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -174,7 +175,8 @@ def memory(args: Any, work: Path, files: list[Path]) -> str:
         listing = write_list(work / f"mem{count}.txt", files, count)
         out = work / f"mem{count}.npz"
         code = _CHILD.format(root=str(ROOT), arch=args.arch, width_mult=args.width_mult, listing=str(listing),
-                             out=str(out), size=tuple(args.image_size), bs=args.batch_size, trainer=TRAINER)  # fmt: skip
+                             out=str(out), size=tuple(args.image_size), bs=args.batch_size, trainer=TRAINER,
+                            dim=args.memory_embedding_dim)  # fmt: skip
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--images", default=None, help="use this folder's images instead of generating crops")
         p.add_argument("--memory-counts", type=int, nargs="*", default=[1000, 4000, 16000],
                        help="image counts of the peak-memory runs (none: skip them)")  # fmt: skip
+        p.add_argument("--memory-embedding-dim", type=int, default=4096,
+                       help="embedding size of the memory runs (large, so that holding them would show)")  # fmt: skip
 
     args = parse_args("ReID extraction vs the bare model forward, and its peak memory.", argv, extra)
     if args.device.type != "cpu":
@@ -222,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         "`vs bare forward (same model)`: images/s over the bare forward of the model that row runs "
         "(extraction's optimize_for_inference model of the same precision); worst extract row: "
         f"{min(ratios.values()):.2f}x.",
-        "**Peak memory** of one extraction process (0 loader workers, fp32) on an image list that "
-        "repeats the crops:" if mem else "",
+        f"**Peak memory** of one extraction process (0 loader workers, fp32, {args.memory_embedding_dim}-d "
+        "embeddings) on an image list that repeats the crops:" if mem else "",
         mem,
     ] if p)  # fmt: skip
     if args.write:

@@ -48,7 +48,8 @@ from vggbackbone.utils import atomic_path
 __all__ = ["extract_embeddings", "extract_main", "list_images", "load_embeddings"]
 
 MANIFEST = "manifest.json"
-_MERGE_ROWS = 65536
+_MERGE_ROWS = 65536  # paths per merge chunk
+_MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any embedding size
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -252,8 +253,9 @@ def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
     sorted_idx = [np.asarray(r["index"])[o] for r, o in zip(recs, orders)]
 
     def embedding_chunks():
-        for a in range(0, len(kept), _MERGE_ROWS):
-            lo_i, hi_i = kept[a], kept[min(len(kept), a + _MERGE_ROWS) - 1] + 1
+        step = max(1, _MERGE_BYTES // (4 * max(dim, 1)))
+        for a in range(0, len(kept), step):
+            lo_i, hi_i = kept[a], kept[min(len(kept), a + step) - 1] + 1
             idx_parts, emb_parts = [], []
             for r, o, s in zip(recs, orders, sorted_idx):
                 lo, hi = np.searchsorted(s, [lo_i, hi_i])

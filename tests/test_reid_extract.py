@@ -115,3 +115,16 @@ def test_clear_errors(tmp_path, images, net):
         extract_embeddings(net, images, tmp_path / "o.npz")
     with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
         extract_embeddings(tmp_path / "missing.ckpt", images, tmp_path / "o.npz")
+
+
+def test_merge_in_many_chunks_keeps_every_row_in_order(tmp_path, images, net, monkeypatch):
+    import tasks.reid_extract as rx
+
+    monkeypatch.setattr(rx, "_MERGE_BYTES", 2 * 12 * 4)  # two 12-d embeddings per chunk
+    monkeypatch.setattr(rx, "_MERGE_ROWS", 3)  # three paths per chunk
+    with pytest.warns(UserWarning, match="skipped 1"):
+        out = extract_embeddings(net, images, tmp_path / "c.npz", image_size=(32, 16), batch_size=3, num_workers=0,
+                                 **EXACT)  # fmt: skip
+    d = load_embeddings(out)
+    assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
+    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
