@@ -87,13 +87,40 @@ def _record_dtype(dim: int) -> np.dtype:
     return np.dtype([("index", "<i8"), ("embedding", "<f4", (dim,))])
 
 
-def _read_records(path: Path) -> np.ndarray:
-    dim = int(path.stem.rsplit("-d", 1)[1])
-    dtype = _record_dtype(dim)
-    n = path.stat().st_size // dtype.itemsize
-    if n == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+class _Shard:
+    """One rank's record file, read in bounded pieces.
+
+    Plain reads, not a memory map: a map keeps every page it touched resident (and counted in the
+    process's memory) until it is closed, and reading the index column of a map touches every
+    page, since records interleave indices and embeddings.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dtype = _record_dtype(int(path.stem.rsplit("-d", 1)[1]))
+        self.dim = int(self.dtype["embedding"].shape[0])
+        self.count = path.stat().st_size // self.dtype.itemsize  # a partial last record is ignored
+
+    def indices(self) -> np.ndarray:
+        """Image index of every record, in file order (read ``_MERGE_BYTES`` at a time)."""
+        step = max(1, _MERGE_BYTES // self.dtype.itemsize)
+        parts = [self.read(a, min(self.count, a + step))["index"].copy() for a in range(0, self.count, step)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def read(self, first: int, last: int) -> np.ndarray:
+        """Records ``first:last``."""
+        return np.fromfile(self.path, self.dtype, count=last - first, offset=first * self.dtype.itemsize)
+
+    def embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of the records at positions ``rows``, in that order.
+
+        Reads the span from the first to the last of them: a shard is written in increasing
+        image order, so the rows of one chunk of the output are contiguous in it.
+        """
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        first = int(rows.min())
+        return self.read(first, int(rows.max()) + 1)["embedding"][rows - first]
 
 
 def _read_skips(path: Path) -> dict[int, str]:
@@ -152,7 +179,7 @@ class _ExtractData(pl.LightningDataModule):
         self.attempt = int(json.loads((self.parts / MANIFEST).read_text())["attempt"])
         done = np.zeros(len(self.names), bool)
         for rec in self.parts.glob("a*-r*-d*.rec"):
-            done[np.asarray(_read_records(rec)["index"])] = True
+            done[_Shard(rec).indices()] = True
         for skip in self.parts.glob("a*-r*.skip"):
             done[list(_read_skips(skip))] = True
         self.resumed = int(done.sum())
@@ -231,37 +258,35 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tu
 
 def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
     """Merge the shards in ``parts`` into ``out`` (``.npz``) in input order; remove ``parts``."""
-    recs = [_read_records(p) for p in sorted(parts.glob("a*-r*-d*.rec"))]
-    recs = [r for r in recs if len(r)]
+    shards = [sh for sh in (_Shard(p) for p in sorted(parts.glob("a*-r*-d*.rec"))) if sh.count]
     skips: dict[int, str] = {}
     for p in sorted(parts.glob("a*-r*.skip")):
         skips.update(_read_skips(p))
-    dims = {r.dtype["embedding"].shape[0] for r in recs}
+    dims = {sh.dim for sh in shards}
     if len(dims) > 1:
         raise RuntimeError(f"{parts}: shards disagree on the embedding size {sorted(dims)}")
     dim = dims.pop() if dims else 0
+    indices = [sh.indices() for sh in shards]
     has = np.zeros(len(names), bool)
-    for r in recs:
-        has[np.asarray(r["index"])] = True
+    for idx in indices:
+        has[idx] = True
     missing = np.flatnonzero(~has)
     missing = missing[~np.isin(missing, list(skips))]
     if len(missing):
         raise RuntimeError(f"{parts}: {len(missing)} image(s) were neither embedded nor skipped, e.g. {names[missing[0]]}")
     kept = np.flatnonzero(has)
-    # each shard is written in increasing index order: a chunk of the output is a slice of each
-    orders = [np.argsort(np.asarray(r["index"]), kind="stable") for r in recs]
-    sorted_idx = [np.asarray(r["index"])[o] for r, o in zip(recs, orders)]
+    orders = [np.argsort(idx, kind="stable") for idx in indices]  # record positions by image index
+    sorted_idx = [idx[o] for idx, o in zip(indices, orders)]
 
     def embedding_chunks():
         step = max(1, _MERGE_BYTES // (4 * max(dim, 1)))
         for a in range(0, len(kept), step):
             lo_i, hi_i = kept[a], kept[min(len(kept), a + step) - 1] + 1
             idx_parts, emb_parts = [], []
-            for r, o, s in zip(recs, orders, sorted_idx):
+            for sh, o, s in zip(shards, orders, sorted_idx):
                 lo, hi = np.searchsorted(s, [lo_i, hi_i])
-                rows = o[lo:hi]
                 idx_parts.append(s[lo:hi])
-                emb_parts.append(np.asarray(r["embedding"][np.sort(rows)])[np.argsort(np.argsort(rows))])
+                emb_parts.append(sh.embeddings(o[lo:hi]))
             idx = np.concatenate(idx_parts)
             emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
             _, first = np.unique(idx, return_index=True)  # a record written twice counts once
