@@ -203,7 +203,8 @@ class TaskModule(pl.LightningModule):
       applied to the module at :attr:`backbone_path` (see :meth:`optim_config`);
     * :meth:`zero_loss`: the training loss of a batch with nothing readable in it;
     * checkpoints store the :attr:`pretrained_hparams` (``weights_backbone``) as
-      :data:`WEIGHTS_IN_CHECKPOINT` (when they were set): the state dict holds the trained
+      :data:`WEIGHTS_IN_CHECKPOINT` (when they were set, and unless the weights brought an input
+      normalisation other than the default, e.g. Caffe's): the state dict holds the trained
       weights, so ``load_from_checkpoint``, ``export --ckpt`` and the CLI's ``--ckpt_path``
       rebuild the model as the pretrained one it was without fetching ImageNet weights (the
       run's ``config.yaml``/``hparams.yaml`` still record which weights it started from);
@@ -238,10 +239,25 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hparams, dict):
+        if isinstance(hparams, dict) and self._rebuilds_without_weights():
             for key in self.pretrained_hparams:
                 if hparams.get(key) is not None:
                     hparams[key] = WEIGHTS_IN_CHECKPOINT
+
+    def _rebuilds_without_weights(self) -> bool:
+        """Whether the model built without weights expects the same input as this one.
+
+        The input normalisation comes with the weights (a file of this package can carry
+        Caffe's) and is not in the state dict; built without weights, a backbone takes the
+        default. Where they differ, the checkpoint keeps naming the weights.
+        """
+        from vggbackbone.weights import resolve_normalization
+
+        try:
+            norm = getattr(self.get_submodule(self.backbone_path), "normalization", None)
+        except AttributeError:  # a task without a VGG backbone
+            return True
+        return norm is None or norm == resolve_normalization(None, len(norm.mean))
 
     def export_model(self) -> nn.Module:
         """The module ``python -m tasks.<task> export`` writes: it takes images in ``[0, 1]``.
@@ -587,13 +603,19 @@ class TaskCLI(LightningCLI):
         the command line, so ``validate --ckpt_path X --model.score_thresh 0.5`` would silently run
         with the training value. Here the user's explicit ``model`` values (config files and flags,
         without parser defaults) are applied again on top. Pretrained weights named in the config
-        (``weights_backbone``) become :data:`WEIGHTS_IN_CHECKPOINT`: the checkpoint's state dict
-        replaces them, so they are not fetched.
+        (``weights_backbone``) become :data:`WEIGHTS_IN_CHECKPOINT` where the checkpoint says so:
+        its state dict replaces them, so they are not fetched (a checkpoint that kept naming its
+        weights, see :meth:`TaskModule.on_save_checkpoint`, keeps them).
         """
         super()._parse_ckpt_path()
         sub = self.config.get("subcommand")
         if not sub or not self.config[sub].get("ckpt_path"):
             return
+        stored = self.config[sub].get("model")  # the checkpoint's hyper-parameters, where it had some
+        in_checkpoint = [
+            key for key in getattr(self.model_class, "pretrained_hparams", ())
+            if stored is not None and stored.get(key) == WEIGHTS_IN_CHECKPOINT
+        ]  # fmt: skip
         if self._cli_args is not None:
             explicit = self.parser.parse_args(self._cli_args, defaults=False)
             model = explicit.get(sub, {}).get("model") if hasattr(explicit.get(sub, {}), "get") else None
@@ -601,10 +623,9 @@ class TaskCLI(LightningCLI):
                 given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
                 self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
         model_cfg = self.config[sub].get("model")
-        if model_cfg is not None and Path(self.config[sub]["ckpt_path"]).is_file():
-            for key in getattr(self.model_class, "pretrained_hparams", ()):
-                if model_cfg.get(key) is not None:
-                    model_cfg[key] = WEIGHTS_IN_CHECKPOINT
+        for key in in_checkpoint:
+            if model_cfg.get(key) is not None:
+                model_cfg[key] = WEIGHTS_IN_CHECKPOINT
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config

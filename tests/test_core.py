@@ -274,6 +274,13 @@ def test_explicit_model_arguments_win_over_the_checkpoint(toy_run) -> None:
     _toy(script, env, "validate", "--ckpt_path", ckpt, "--model.note", "given", "--trainer.default_root_dir",
          str(root / "v"), "--model.weights_backbone", "imagenet.pth")  # fmt: skip
     assert json.loads(note.read_text()) == {"note": "given", "width": 6, "weights": WEIGHTS_IN_CHECKPOINT}
+    # a checkpoint that kept naming its weights (they bring their own input normalisation) keeps them
+    kept = torch.load(ckpt, map_location="cpu", weights_only=False)
+    kept["hyper_parameters"]["weights_backbone"] = "caffe.pth"
+    torch.save(kept, root / "kept.ckpt")
+    _toy(script, env, "validate", "--ckpt_path", str(root / "kept.ckpt"), "--trainer.default_root_dir", str(root / "v"),
+         "--model.weights_backbone", "caffe.pth")  # fmt: skip
+    assert json.loads(note.read_text())["weights"] == "caffe.pth"
 
 
 def test_export_subcommand_writes_onnx_equal_to_the_model(toy_run) -> None:
@@ -353,6 +360,23 @@ def test_checkpoints_rebuild_without_the_pretrained_weights(task: str, tmp_path:
     # built as the pretrained model it was (a detector's frozen blocks and FrozenBatchNorm2d too)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in module.modules()]
     assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "reid"])
+def test_checkpoints_keep_weights_that_carry_their_own_normalisation(task: str, tmp_path: Path) -> None:
+    """Built without weights a model takes ImageNet statistics; weights that expect other input
+    (Caffe's 0-255 BGR means) stay named in the checkpoint, or the rebuilt model would be wrong."""
+    weights = tmp_path / "caffe.pth"
+    VGGBackbone("vgg11_bn", ["conv5"], width_mult=0.125, normalization="caffe").save_weights(weights)
+    module = _tiny_task(task, weights)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "task.ckpt")
+    saved = torch.load(tmp_path / "task.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert saved["weights_backbone"] == str(weights)
+    loaded = type(module).load_from_checkpoint(tmp_path / "task.ckpt", map_location="cpu", weights_only=False)
+    norm = loaded.get_submodule(loaded.backbone_path).normalization
+    assert norm.name == "caffe" and norm == module.get_submodule(module.backbone_path).normalization
 
 
 _TASK_OF = {"detect": "tasks.detect", "segment": "tasks.segment", "reid": "tasks.reid"}
