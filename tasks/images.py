@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -88,8 +89,10 @@ def output_names(names: Sequence[str | Path]) -> list[str]:
     paths = [Path(n) for n in names]
     stems = [p.stem for p in paths]
     out = list(stems)
-    for stem in {s for s in stems if stems.count(s) > 1}:
-        group = [i for i, s in enumerate(stems) if s == stem]
+    groups: dict[str, list[int]] = {}
+    for i, stem in enumerate(stems):
+        groups.setdefault(stem, []).append(i)
+    for group in (g for g in groups.values() if len(g) > 1):
         try:
             common = os.path.commonpath([str(paths[i].parent) for i in group])
         except ValueError:  # absolute and relative paths mixed
@@ -98,7 +101,7 @@ def output_names(names: Sequence[str | Path]) -> list[str]:
             rel = paths[i].with_suffix("")
             rel = rel.relative_to(common) if common else rel
             out[i] = "__".join(part for part in rel.parts if part not in (rel.anchor, os.sep, "/"))
-    counts = {o: out.count(o) for o in out}
+    counts = Counter(out)
     out = [f"{i}_{o}" if counts[o] > 1 else o for i, o in enumerate(out)]
     if len(set(out)) != len(out):  # only for names built to defeat the rules above
         out = [f"{i}_{o}" for i, o in enumerate(out)]
