@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     count_gflops,
     environment,
     environment_markdown,
@@ -45,8 +45,8 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     update_section,
 )
-from vggbackbone import VGGBackbone  # noqa: E402
-from vggbackbone.weights import to_canonical  # noqa: E402
+from vggbackbone import VGGBackbone
+from vggbackbone.weights import to_canonical
 
 SCRIPT = "benchmarks/backbone.py"
 SECTION = "Backbone forward (fp32 eager)"
@@ -141,6 +141,7 @@ def bench_shape(
     check_same_outputs(contenders, x)
     fns: dict[str, Callable[[], Any]] = {}
     for name, model in contenders.items():
+
         def run(model: nn.Module = model) -> Any:
             with torch.inference_mode():
                 return model(x)
@@ -190,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch", type=int, default=8, help="batch of the 224x224 input (default 8)")
         p.add_argument("--large", action="store_true", help="also time one 600x800 image (Faster R-CNN size)")
 
-    args = parse_args("Backbone forward throughput: VGGBackbone vs torchvision vs timm vs smp (fp32 eager).", argv, extra)
+    args = parse_args(
+        "Backbone forward throughput: VGGBackbone vs torchvision vs timm vs smp (fp32 eager).", argv, extra
+    )
     env = environment(args.device)
     torch.manual_seed(0)
     contenders = {name: m.to(args.device) for name, m in build_contenders(args.arch).items()}
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[list[str]] = []
     for shape in shapes:
         rows += bench_shape(contenders, shape, args, peak)
-        print(markdown_table(headers, rows[-len(contenders):]), flush=True)
+        print(markdown_table(headers, rows[-len(contenders) :]), flush=True)
 
     table = markdown_table(headers, rows)
     command = f"python {SCRIPT} " + " ".join(sys.argv[1:] if argv is None else argv)

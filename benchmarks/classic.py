@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     count_gflops,
     environment,
     environment_markdown,
@@ -39,7 +39,7 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     update_section,
 )
-from vggbackbone import VGGBackbone  # noqa: E402
+from vggbackbone import VGGBackbone
 
 SCRIPT = "benchmarks/classic.py"
 SECTION = "Classic networks: LeNet-5, AlexNet, VGG A-E (measured)"
@@ -121,7 +121,7 @@ def measure(label: str, build: Any, chw: tuple[int, int, int], args: Any) -> dic
     gflop_train = count_gflops(lambda: train_step(x1))
     x = torch.randn(args.batch, *chw, device=device)
     t = time_interleaved({"fwd": lambda: forward(x), "train": lambda: train_step(x)}, device, args.repeats, args.warmup)
-    del model
+    model = None  # free it before the next network is built
     gc.collect()
     arch = label.split("(")[-1].rstrip(")")
     return dict(

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     count_gflops,
     environment,
     environment_markdown,
@@ -50,8 +50,8 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     update_section,
 )
-from vggbackbone import VGGBackbone, optimize_for_inference  # noqa: E402
-from vggbackbone.optimize import fast_reduced_precision  # noqa: E402
+from vggbackbone import VGGBackbone, optimize_for_inference
+from vggbackbone.optimize import fast_reduced_precision
 
 SCRIPT = "benchmarks/optimize.py"
 

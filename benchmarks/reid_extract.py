@@ -149,7 +149,9 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         ratio = t[same[name]].median / timing.median if name in same else float("nan")
         if name.startswith("extract"):
             ratios[name] = ratio
-        rows.append([name, fmt(n / timing.median), fmt(plain / timing.median), fmt(ratio), f"{100 * timing.spread:.0f}%"])
+        rows.append(
+            [name, fmt(n / timing.median), fmt(plain / timing.median), fmt(ratio), f"{100 * timing.spread:.0f}%"]
+        )
     headers = ["contender", "images/s", "vs plain fp32 forward", "vs bare forward (same model)", "spread"]
     return markdown_table(headers, rows), ratios
 
@@ -187,7 +189,13 @@ def memory(args: Any, work: Path, files: list[Path]) -> str:
         rows.append([f"{count:,}", fmt(peak_mb), fmt(count * dim * 4 / 2**20), fmt(out.stat().st_size / 2**20),
                      fmt(count / seconds)])  # fmt: skip
         print(f"{count} images: peak RSS {peak_mb:.0f} MB", flush=True)
-    headers = ["images", "peak RSS (MB)", "embeddings in memory would be (MB)", "output file (MB)", "images/s (whole process)"]
+    headers = [
+        "images",
+        "peak RSS (MB)",
+        "embeddings in memory would be (MB)",
+        "output file (MB)",
+        "images/s (whole process)",
+    ]
     return markdown_table(headers, rows)
 
 

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggbackbone.metrics import rank_embeddings  # noqa: E402
-from vggbackbone.metrics.rerank import knn  # noqa: E402
+from vggbackbone.metrics import rank_embeddings
+from vggbackbone.metrics.rerank import knn
 
 
 def _peak_mib() -> float:
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
     dense = (4 + 8) * args.query * args.gallery / 2**20
     load = os.getloadavg()
-    print(f"\n{args.query} queries x {args.gallery} gallery, {args.dim}-d, torch threads {torch.get_num_threads()}, "
-          f"load average {load[0]:.1f}; a dense float32 distance matrix + its argsort would take {dense:.0f} MiB")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"\n{args.query} queries x {args.gallery} gallery, {args.dim}-d, torch threads {threads}, "
+          f"load average {load[0]:.1f}; a dense float32 distance matrix + its argsort "
+          f"would take {dense:.0f} MiB")  # fmt: skip
     print("| step | seconds | peak memory above the inputs (MiB) | result |")
     print("|---|---:|---:|---|")
     for r in rows:

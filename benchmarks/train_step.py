@@ -37,7 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     environment,
     environment_markdown,
     fmt,
@@ -71,9 +71,12 @@ def build(root: Path, args: Any) -> tuple[Any, Any]:
         max_size=256,
         anchor_sizes=[16, 32, 64, 128],
         detector=dict(
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-            rpn_post_nms_top_n_test=300, box_batch_size_per_image=128,
-        ),  # fmt: skip
+            rpn_pre_nms_top_n_train=300,
+            rpn_post_nms_top_n_train=300,
+            rpn_pre_nms_top_n_test=300,
+            rpn_post_nms_top_n_test=300,
+            box_batch_size_per_image=128,
+        ),
         optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine", warmup_steps=100),
     )
     return data, task
@@ -118,10 +121,18 @@ def run_lightning(task: Any, loader: Any, steps: int, seed: int) -> list[float]:
 
     torch.manual_seed(seed)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        gradient_clip_val=CLIP, callbacks=[StepEnd()],
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=CLIP,
+        callbacks=[StepEnd()],
+    )
     trainer.fit(task, train_dataloaders=loader)
     return ends
 
@@ -181,17 +192,33 @@ def main(argv: list[str] | None = None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / med[k] for k, v in times.items()}
     rows = [
-        ["plain PyTorch loop (in-memory batches)", fmt(med["plain"]), fmt(args.batch / med["plain"]), "1x", "-",
-         f"{100 * spread['plain']:.2g}%"],
-        ["Lightning Trainer.fit (same in-memory batches)", fmt(med["lightning"]), fmt(args.batch / med["lightning"]),
-         fmt(med["lightning"] / med["plain"]) + "x", f"{100 * (med['lightning'] / med['plain'] - 1):+.1f}%",
-         f"{100 * spread['lightning']:.2g}%"],
-        [f"Lightning + DetectionData loader ({args.workers} workers)", fmt(med["pipeline"]),
-         fmt(args.batch / med["pipeline"]), fmt(med["pipeline"] / med["plain"]) + "x",
-         f"{100 * (med['pipeline'] / med['plain'] - 1):+.1f}%", f"{100 * spread['pipeline']:.2g}%"],
+        [
+            "plain PyTorch loop (in-memory batches)",
+            fmt(med["plain"]),
+            fmt(args.batch / med["plain"]),
+            "1x",
+            "-",
+            f"{100 * spread['plain']:.2g}%",
+        ],
+        [
+            "Lightning Trainer.fit (same in-memory batches)",
+            fmt(med["lightning"]),
+            fmt(args.batch / med["lightning"]),
+            fmt(med["lightning"] / med["plain"]) + "x",
+            f"{100 * (med['lightning'] / med['plain'] - 1):+.1f}%",
+            f"{100 * spread['lightning']:.2g}%",
+        ],
+        [
+            f"Lightning + DetectionData loader ({args.workers} workers)",
+            fmt(med["pipeline"]),
+            fmt(args.batch / med["pipeline"]),
+            fmt(med["pipeline"] / med["plain"]) + "x",
+            f"{100 * (med['pipeline'] / med['plain'] - 1):+.1f}%",
+            f"{100 * spread['pipeline']:.2g}%",
+        ],
         ["DataLoader alone, 0 workers", "-", fmt(load0), "-", "-", "-"],
         [f"DataLoader alone, {args.workers} workers", "-", fmt(loadw), "-", "-", "-"],
-    ]  # fmt: skip
+    ]
     table = markdown_table(["contender", "s/step", "images/s", "vs plain loop", "overhead", "spread"], rows)
     note = (
         f"Batch {args.batch}, {args.steps} steps per run ({args.skip} dropped), {args.repeats} runs per loop "

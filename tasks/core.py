@@ -47,13 +47,13 @@ from tasks.data.shapes import ShapesConfig
 from vggbackbone.utils import atomic_path
 
 __all__ = [
+    "WEIGHTS_IN_CHECKPOINT",
     "AtomicCheckpointIO",
-    "InferenceOptimization",
     "EvalReport",
+    "InferenceOptimization",
     "OptimConfig",
     "TaskDataModule",
     "TaskModule",
-    "WEIGHTS_IN_CHECKPOINT",
     "all_gather_objects",
     "backbone_weights",
     "build_optimizer",
@@ -422,7 +422,9 @@ class InferenceOptimization(pl.Callback):
 
 
 # ---------------------------------------------------------------------------- reporting
-def print_metrics(title: str, metrics: Mapping[str, float], table: Sequence[tuple[str, Sequence[Any]]] | None = None) -> None:
+def print_metrics(
+    title: str, metrics: Mapping[str, float], table: Sequence[tuple[str, Sequence[Any]]] | None = None
+) -> None:
     """Print a readable metrics table on global rank 0 (rich when available)."""
     if not is_global_zero():
         return
@@ -515,7 +517,13 @@ def publish_metrics(
         print_metrics(report.title or stage, printed, report.table)
     filename = getattr(module, "metrics_file", TaskModule.metrics_file)
     if filename:
-        out = {"stage": stage, "epoch": module.current_epoch, "global_step": module.global_step, **metrics, **report.extra}
+        out = {
+            "stage": stage,
+            "epoch": module.current_epoch,
+            "global_step": module.global_step,
+            **metrics,
+            **report.extra,
+        }
         write_json(log_dir / filename.format(stage=stage), _json_safe(out))
     return metrics
 
@@ -591,8 +599,10 @@ class TaskCLI(LightningCLI):
             parser.link_arguments(source, target, apply_on=apply_on)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._cli_args = None if isinstance(args, (dict, Mapping)) or hasattr(args, "as_dict") else (
-            list(sys.argv[1:] if args is None else args)
+        self._cli_args = (
+            None
+            if isinstance(args, (dict, Mapping)) or hasattr(args, "as_dict")
+            else (list(sys.argv[1:] if args is None else args))
         )
         super().parse_arguments(parser, args)
 

@@ -57,8 +57,8 @@ from tasks.data.detection import (
 )
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
-from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
 from vggbackbone import get_config
+from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
 from vggbackbone.models import fasterrcnn_vgg
 from vggbackbone.utils import atomic_path
 

@@ -34,12 +34,12 @@ from tasks.core import (
     cli_main,
     publish_metrics,
 )
-from tasks.images import SkippedSample, warn_skipped
 from tasks.data.reid import ReIDDataModule
+from tasks.images import SkippedSample, warn_skipped
 from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import reid_vgg
 
-__all__ = ["CenterLoss", "EVAL_OPTIONS", "ReIDTask", "main"]
+__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "main"]
 
 #: The evaluation settings among the hyper-parameters. Like every model argument they are stored
 #: in checkpoints, and like every model argument given explicitly (config file or command line)
@@ -131,7 +131,9 @@ class ReIDTask(TaskModule):
         eval_chunk_size: int | None = None,
         grid_queries: int = 8,
         grid_topk: int = 10,
-        optim: OptimConfig = OptimConfig(name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01),
+        optim: OptimConfig = OptimConfig(  # noqa: B008 (jsonargparse reads the default)
+            name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01
+        ),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -175,7 +177,9 @@ class ReIDTask(TaskModule):
         n = getattr(dm, "num_classes", None)
         if n is None:
             if self.model.num_classes == 0:
-                raise ValueError("model.num_classes is not set and the data module does not say how many identities it has")
+                raise ValueError(
+                    "model.num_classes is not set and the data module does not say how many identities it has"
+                )
             return
         if self.model.num_classes == 0:
             self._set_num_classes(int(n))
@@ -278,14 +282,26 @@ class ReIDTask(TaskModule):
 
         publish_metrics(self, stage, compute, prog_bar=("mAP", "rank1"))
 
-    def _rank(self, stage: str, log_dir: Path, index: np.ndarray, pid: np.ndarray, camid: np.ndarray, is_query: np.ndarray, emb: np.ndarray) -> EvalReport | None:
+    def _rank(
+        self,
+        stage: str,
+        log_dir: Path,
+        index: np.ndarray,
+        pid: np.ndarray,
+        camid: np.ndarray,
+        is_query: np.ndarray,
+        emb: np.ndarray,
+    ) -> EvalReport | None:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
         hp = self.hparams
         feats = torch.from_numpy(emb).to(self.device)
         q, g = is_query, ~is_query
         if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
-            warnings.warn(f"{stage} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded", stacklevel=2)
+            warnings.warn(
+                f"{stage} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded",
+                stacklevel=2,
+            )
             return None
         res = rank_embeddings(
             feats[torch.from_numpy(q).to(self.device)],

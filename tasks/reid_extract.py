@@ -59,7 +59,9 @@ _MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any
 class _ImageList(Dataset):
     def __init__(self, files: Sequence[Path], indices: np.ndarray, image_size: tuple[int, int]) -> None:
         self.files, self.indices = files, indices
-        self.transform = v2.Compose([v2.Resize(tuple(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+        self.transform = v2.Compose(
+            [v2.Resize(tuple(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -211,10 +213,12 @@ class _ShardWriter(BasePredictionWriter):
     def _prefix(self, trainer: pl.Trainer) -> str:
         return f"a{self.data.attempt}-r{trainer.global_rank}"
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:  # type: ignore[override]
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:  # type: ignore[override]
         if prediction["skipped"]:
             if self.skip_file is None:
-                self.skip_file = open(self.data.parts / f"{self._prefix(trainer)}.skip", "a")
+                self.skip_file = open(self.data.parts / f"{self._prefix(trainer)}.skip", "a")  # noqa: SIM115 (closed in teardown)
             self.skip_file.write("".join(f"{i}\t{r}\n" for i, r in prediction["skipped"]))
             self.skip_file.flush()
         emb = prediction["embedding"]
@@ -222,7 +226,9 @@ class _ShardWriter(BasePredictionWriter):
             return
         emb = emb.detach().float().cpu().numpy()
         if self.rec_file is None:
-            self.rec_file = open(self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab")
+            self.rec_file = open(  # noqa: SIM115 (kept open across batches, closed in teardown)
+                self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab"
+            )
         rec = np.empty(len(emb), _record_dtype(emb.shape[1]))
         rec["index"] = prediction["index"].cpu().numpy()
         rec["embedding"] = emb
@@ -251,7 +257,9 @@ class _ShardWriter(BasePredictionWriter):
 def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Any) -> None:
     """Stream an ``.npy`` member into a zip (np.savez would need the whole array in memory)."""
     with zf.open(name, "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        )
         for chunk in chunks:
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
@@ -273,7 +281,9 @@ def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
     missing = np.flatnonzero(~has)
     missing = missing[~np.isin(missing, list(skips))]
     if len(missing):
-        raise RuntimeError(f"{parts}: {len(missing)} image(s) were neither embedded nor skipped, e.g. {names[missing[0]]}")
+        raise RuntimeError(
+            f"{parts}: {len(missing)} image(s) were neither embedded nor skipped, e.g. {names[missing[0]]}"
+        )
     kept = np.flatnonzero(has)
     orders = [np.argsort(idx, kind="stable") for idx in indices]  # record positions by image index
     sorted_idx = [idx[o] for idx, o in zip(indices, orders)]
@@ -298,14 +308,13 @@ def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
 
     skipped = np.array(sorted(i for i in skips if not has[i]), dtype=np.int64)
     width = max((len(names[i]) for i in kept), default=1)
-    with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
-            _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
-            sw = max((len(names[i]) for i in skipped), default=1)
-            _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
-            reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
-            _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
+        _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
+        sw = max((len(names[i]) for i in skipped), default=1)
+        _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
+        reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
+        _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
     shutil.rmtree(parts, ignore_errors=True)
     if len(skipped):
         warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
@@ -417,13 +426,21 @@ def extract_main(argv: list[str]) -> Path:
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `python -m tasks.reid fit`")
     parser.add_argument("--images", required=True, help="a folder of images or a text file listing them")
     parser.add_argument("--out", required=True, help="output .npz (embeddings, paths, skipped_paths, skipped_reasons)")
-    parser.add_argument("--image_size", type=tuple[int, int] | None, default=None, help="height width (default: the checkpoint's)")
+    parser.add_argument(
+        "--image_size", type=tuple[int, int] | None, default=None, help="height width (default: the checkpoint's)"
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--optimize", type=bool, default=True, help="BN folding + channels_last (optimize_for_inference)")
-    parser.add_argument("--precision", type=str, default="auto", help="auto, fp32, bf16 or fp16 for the optimised model")
+    parser.add_argument(
+        "--optimize", type=bool, default=True, help="BN folding + channels_last (optimize_for_inference)"
+    )
+    parser.add_argument(
+        "--precision", type=str, default="auto", help="auto, fp32, bf16 or fp16 for the optimised model"
+    )
     parser.add_lightning_class_args(pl.Trainer, "trainer")
-    parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False})
+    parser.set_defaults(
+        {"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False}
+    )
     cfg = parser.instantiate_classes(parser.parse_args(argv))  # builds --trainer.callbacks etc.
     return extract_embeddings(
         cfg.ckpt,

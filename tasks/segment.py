@@ -37,8 +37,8 @@ from tasks.core import (
     is_global_zero,
     publish_metrics,
 )
-from tasks.data.shapes import voc_palette
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationData
+from tasks.data.shapes import voc_palette
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path
@@ -147,7 +147,7 @@ class SegmentationModel(TaskModule):
         inference_scale: float = 1.0,
         predict_dir: str = "runs/segment/predict",
         overlay_alpha: float = 0.5,
-        optim: OptimConfig = OptimConfig(),
+        optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -280,7 +280,9 @@ class SegmentationModel(TaskModule):
         written = []
         for image, sid in zip(batch["image"], batch["id"]):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
-            written.append(str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha)))
+            written.append(
+                str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha))
+            )
         return written
 
     def on_predict_epoch_end(self) -> None:
@@ -288,7 +290,9 @@ class SegmentationModel(TaskModule):
             print(f"predict: masks and overlays written to {self.predict_dir}")
 
 
-def write_prediction(out_dir: Path, sample_id: str, image: Tensor, pred: Tensor, num_classes: int, alpha: float = 0.5) -> Path:
+def write_prediction(
+    out_dir: Path, sample_id: str, image: Tensor, pred: Tensor, num_classes: int, alpha: float = 0.5
+) -> Path:
     """Write ``<id>.png`` (palette PNG of class indices) and ``<id>_overlay.png``; return the mask path.
 
     ``image``: uint8 ``(3, H, W)``; ``pred``: uint8 ``(H, W)`` class indices. Files are written
@@ -316,7 +320,9 @@ LINKS = [
 
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m tasks.segment``."""
-    return cli_main(SegmentationModel, SegmentationData, task="segment", monitor=("val/mIoU", "max"), links=LINKS, args=args)
+    return cli_main(
+        SegmentationModel, SegmentationData, task="segment", monitor=("val/mIoU", "max"), links=LINKS, args=args
+    )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_module_names_follow_caffe() -> None:
 
 
 # ------------------------------------------------------------------------------ shapes and strides
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(ceil_mode: bool, output_stride: int) -> VGGBackbone:
     """All taps of a thin vgg16_bn (cached: hypothesis calls the test many times)."""
     return VGGBackbone(

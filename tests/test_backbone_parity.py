@@ -68,7 +68,7 @@ def test_timm_state_dict_gives_timm_features_only_outputs(arch: str, big_tmp) ->
     ).eval()
 
     taps = ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
-    bb = VGGBackbone(arch, taps + ["fc7"], weights=path).eval()
+    bb = VGGBackbone(arch, [*taps, "fc7"], weights=path).eval()
     assert bb.feature_info.channels()[:6] == feats.feature_info.channels()
     assert bb.feature_info.reduction()[:6] == feats.feature_info.reduction()
 

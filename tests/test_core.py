@@ -3,6 +3,7 @@ empty batches, published metrics, checkpoints without pretrained weights, every 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -11,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -19,12 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.core import (
+    WEIGHTS_IN_CHECKPOINT,
     AtomicCheckpointIO,
     EvalReport,
     InferenceOptimization,
     OptimConfig,
     TaskModule,
-    WEIGHTS_IN_CHECKPOINT,
     build_optimizer,
     gather_unique,
     lr_factor,
@@ -52,7 +52,7 @@ def test_cosine_schedule_reaches_min_ratio() -> None:
     assert lr_factor(100, 200, cfg) == pytest.approx(0.05 + 0.95 * 0.5)
     assert lr_factor(200, 200, cfg) == pytest.approx(0.05)
     values = [lr_factor(s, 200, cfg) for s in range(201)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 class _Net(nn.Module):
@@ -294,7 +294,7 @@ def test_export_subcommand_writes_onnx_equal_to_the_model(toy_run) -> None:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(6, 2))  # fmt: skip
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    model.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
     x = torch.rand(3, 3, 24, 28)  # another batch and size than the example: dynamic axes
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
@@ -321,7 +321,7 @@ def test_inference_optimization_only_during_predict(enabled: bool) -> None:
     x = torch.rand(4, 3, 10, 12)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[InferenceOptimization(enabled=enabled, precision="fp32")])  # fmt: skip
-    (name, y), = trainer.predict(task, DataLoader(TensorDataset(x), batch_size=4))
+    ((name, y),) = trainer.predict(task, DataLoader(TensorDataset(x), batch_size=4))
     assert name == ("InferenceModule" if enabled else "Sequential")
     torch.testing.assert_close(y, task.model.eval()(x), rtol=1e-4, atol=1e-5)
     assert "_fast_model" not in task.__dict__ and task.inference_model is task.model
@@ -337,7 +337,9 @@ def _tiny_task(task: str, weights: Path) -> TaskModule:
     if task == "detect":
         return DetectionTask(classes=["a", "b"], fpn=True, **small)
     if task == "segment":
-        return SegmentationModel(num_classes=3, head="unet", head_kwargs={"decoder_channels": [16, 16, 8, 8, 8]}, **small)
+        return SegmentationModel(
+            num_classes=3, head="unet", head_kwargs={"decoder_channels": [16, 16, 8, 8, 8]}, **small
+        )
     return ReIDTask(num_classes=4, **small)
 
 
@@ -382,7 +384,9 @@ def test_checkpoints_keep_weights_that_carry_their_own_normalisation(task: str, 
 _TASK_OF = {"detect": "tasks.detect", "segment": "tasks.segment", "reid": "tasks.reid"}
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
 def test_every_shipped_config_parses(config: Path, capsys, monkeypatch) -> None:
     """Each config is valid for its task's CLI as shipped (the paper recipes need real data and GPUs to run)."""
     import importlib

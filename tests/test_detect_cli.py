@@ -14,8 +14,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-SHAPES = {"num_train": 8, "num_val": 5, "min_image_size": 64, "max_image_size": 64, "max_objects": 2,
-          "min_object_size": 16, "max_object_size": 32, "seed": 1}  # fmt: skip
+SHAPES = {
+    "num_train": 8,
+    "num_val": 5,
+    "min_image_size": 64,
+    "max_image_size": 64,
+    "max_objects": 2,
+    "min_object_size": 16,
+    "max_object_size": 32,
+    "seed": 1,
+}
 
 
 def _config(tmp: Path, **trainer: object) -> Path:
@@ -40,14 +48,26 @@ def _config(tmp: Path, **trainer: object) -> Path:
             **trainer,
         },
         "model": {
-            "arch": "vgg11_bn", "width_mult": 0.125, "fpn": True, "min_size": 64, "max_size": 96,
+            "arch": "vgg11_bn",
+            "width_mult": 0.125,
+            "fpn": True,
+            "min_size": 64,
+            "max_size": 96,
             "anchor_sizes": [16, 32, 64, 128],
-            "detector": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-                         "box_batch_size_per_image": 32},
+            "detector": {
+                "rpn_pre_nms_top_n_train": 200,
+                "rpn_post_nms_top_n_train": 100,
+                "box_batch_size_per_image": 32,
+            },
             "optim": {"name": "sgd", "lr": 0.01, "scheduler": "cosine", "warmup_steps": 2},
-        },  # fmt: skip
-        "data": {"root": str(tmp / "shapes"), "shapes": SHAPES, "batch_size": 2, "eval_batch_size": 1,
-                 "num_workers": 0},  # fmt: skip
+        },
+        "data": {
+            "root": str(tmp / "shapes"),
+            "shapes": SHAPES,
+            "batch_size": 2,
+            "eval_batch_size": 1,
+            "num_workers": 0,
+        },
         "writer": {"output_dir": str(tmp / "pred")},
     }
     path = tmp / "detect.yaml"
@@ -130,8 +150,12 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
     def run(*args: str) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "tasks.detect", *args, "--config", str(cfg)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     save = ("--model.detections_file", "{stage}_detections.json")

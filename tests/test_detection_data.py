@@ -189,7 +189,7 @@ def test_training_sample_and_flip_keep_boxes_on_the_object(shapes_root) -> None:
     plain = DetectionDataset(split, train=True, transforms=detection_transforms(True, hflip=0.0, photometric=0.0))
     flipped = DetectionDataset(split, train=True, transforms=detection_transforms(True, hflip=1.0, photometric=0.0))
     (img, tgt), (fimg, ftgt) = plain[0], flipped[0]
-    assert img.dtype == torch.float32 and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert img.dtype == torch.float32 and float(img.min()) >= 0 and float(img.max()) <= 1
     torch.testing.assert_close(fimg, img.flip(-1))
     w = img.shape[-1]
     boxes = tgt["boxes"].as_subclass(torch.Tensor)

@@ -30,8 +30,8 @@ GT = {
 
 def _perfect() -> dict[int, dict[str, np.ndarray]]:
     return {
-        i: {"boxes": np.array(b, np.float32), "scores": np.linspace(0.9, 0.8, len(b)), "labels": np.array(l)}
-        for i, (b, l) in GT.items()
+        i: {"boxes": np.array(b, np.float32), "scores": np.linspace(0.9, 0.8, len(b)), "labels": np.array(lab)}
+        for i, (b, lab) in GT.items()
     }
 
 
@@ -40,7 +40,7 @@ def test_perfect_predictions_give_ap_one() -> None:
     stats = coco_evaluate(gt, detections_to_coco(_perfect(), [1, 2]), per_class=True)
     for k in ("AP", "AP50", "AP75", "AR100", "AP/c1", "AP/c2"):
         assert stats[k] == pytest.approx(1.0), k
-    gt_voc = {i: {"boxes": np.array(b), "labels": np.array(l)} for i, (b, l) in GT.items()}
+    gt_voc = {i: {"boxes": np.array(b), "labels": np.array(lab)} for i, (b, lab) in GT.items()}
     voc = voc_evaluate(gt_voc, _perfect(), 2)
     assert voc["mAP_07"] == pytest.approx(1.0) and voc["mAP"] == pytest.approx(1.0)
 
@@ -54,7 +54,7 @@ def test_shuffled_predictions_score_lower() -> None:
         p["boxes"] = p["boxes"][rng.permutation(len(p["boxes"]))] + rng.uniform(-15, 15, p["boxes"].shape)
     stats = coco_evaluate(gt, detections_to_coco(shuffled, [1, 2]))
     assert stats["AP"] < 0.6 and stats["AP50"] < 1.0
-    gt_voc = {i: {"boxes": np.array(b), "labels": np.array(l)} for i, (b, l) in GT.items()}
+    gt_voc = {i: {"boxes": np.array(b), "labels": np.array(lab)} for i, (b, lab) in GT.items()}
     assert voc_evaluate(gt_voc, shuffled, 2)["mAP"] < 1.0
 
 

@@ -218,7 +218,7 @@ def test_export_cli(tmp_path, capsys) -> None:
     # a wrong weights file is a clear error (exit 2), and nothing is written
     from vggbackbone.export import main
 
-    argv = cmd[cmd.index("--arch"):]
+    argv = cmd[cmd.index("--arch") :]
     argv[argv.index("vgg11_bn")] = "vgg13_bn"
     argv[-1] = str(tmp_path / "bad.onnx")
     assert main(argv) == 2

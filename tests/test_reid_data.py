@@ -24,9 +24,18 @@ from tasks.data.reid import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MarketConfig(
-    num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3, max_per_camera=2,
-    num_distractors=3, num_junk=2, height=32, width=16, seed=1,
-)  # fmt: skip
+    num_train_ids=6,
+    num_test_ids=5,
+    num_cameras=3,
+    min_cameras=2,
+    max_cameras=3,
+    max_per_camera=2,
+    num_distractors=3,
+    num_junk=2,
+    height=32,
+    width=16,
+    seed=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,14 @@ def test_parse_market_names():
 def test_market_split_rules(tmp_path):
     folder = tmp_path / "bounding_box_test"
     folder.mkdir()
-    for name in ["0001_c1s1_000001_01.jpg", "0001_c2s1_000002_01.jpg", "0000_c3s1_000003_01.jpg",
-                 "-1_c1s1_000004_01.jpg", "garbage.jpg", "Thumbs.db"]:  # fmt: skip
+    for name in [
+        "0001_c1s1_000001_01.jpg",
+        "0001_c2s1_000002_01.jpg",
+        "0000_c3s1_000003_01.jpg",
+        "-1_c1s1_000004_01.jpg",
+        "garbage.jpg",
+        "Thumbs.db",
+    ]:
         (folder / name).write_bytes(b"x")
     with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) whose names .*garbage.jpg"):
         gallery = read_market_split(folder, keep_distractors=True)
@@ -63,7 +78,10 @@ def test_pid_csv(tmp_path):
     good = tmp_path / "train.csv"
     good.write_text("path,pid,camid\nimgs/a.jpg,3,0\n/abs/b.jpg,3,1\nimgs/c.jpg,-1,0\n")
     samples = read_pid_csv(good)
-    assert [(Path(s.path), s.pid, s.camid) for s in samples] == [(tmp_path / "imgs/a.jpg", 3, 0), (Path("/abs/b.jpg"), 3, 1)]
+    assert [(Path(s.path), s.pid, s.camid) for s in samples] == [
+        (tmp_path / "imgs/a.jpg", 3, 0),
+        (Path("/abs/b.jpg"), 3, 1),
+    ]
     bad = tmp_path / "bad.csv"
     bad.write_text("path,pid,camid\na.jpg,3,0\nb.jpg,x,0\n")
     with pytest.raises(ValueError, match=r"bad.csv:3: pid and camid must be integers"):
@@ -130,9 +148,30 @@ def test_synthetic_market_is_deterministic_and_ensured_once(tmp_path, market):
 def test_data_cli_writes_market(tmp_path):
     out = tmp_path / "m"
     subprocess.run(
-        [sys.executable, "-m", "tasks.data", "market", "--out", str(out), "--num-train-ids", "3", "--num-test-ids", "2",
-         "--num-cameras", "2", "--max-cameras", "2", "--height", "32", "--width", "16"],  # fmt: skip
-        cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "tasks.data",
+            "market",
+            "--out",
+            str(out),
+            "--num-train-ids",
+            "3",
+            "--num-test-ids",
+            "2",
+            "--num-cameras",
+            "2",
+            "--max-cameras",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "16",
+        ],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
     )
     assert len({p.name[:4] for p in (out / "bounding_box_train").glob("*.jpg")}) == 3
 

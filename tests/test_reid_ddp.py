@@ -53,7 +53,9 @@ data:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tasks.reid", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.reid", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -72,15 +74,22 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     assert Path(ddp_metrics["retrieval_grid"]).is_file()
 
     # (an evaluation option given on the command line wins over the checkpoint's hyper-parameters)
-    _cli("validate", "--config", str(cfg), "--trainer.devices", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "val"),
+    _cli("validate", "--config", str(cfg), "--trainer.devices", "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "val"),
          "--ckpt_path", str(ckpt), "--model.max_rank", "6")  # fmt: skip
     one = json.loads((tmp_path / "val" / "version_0" / "val_metrics.json").read_text())
     assert one["retrieval_grid"] == str(tmp_path / "val" / "version_0" / "retrieval" / "val.png")
 
     # every query and gallery image counted once across the two processes (odd-sized sets)
     n_query = len(list((tmp_path / "market" / "query").glob("*.jpg")))
-    n_gallery = len([p for p in (tmp_path / "market" / "bounding_box_test").glob("*.jpg") if not p.name.startswith("-1")])
-    assert (ddp_metrics["num_query"], ddp_metrics["num_gallery"]) == (one["num_query"], one["num_gallery"]) == (n_query, n_gallery)
+    n_gallery = len(
+        [p for p in (tmp_path / "market" / "bounding_box_test").glob("*.jpg") if not p.name.startswith("-1")]
+    )
+    assert (
+        (ddp_metrics["num_query"], ddp_metrics["num_gallery"])
+        == (one["num_query"], one["num_gallery"])
+        == (n_query, n_gallery)
+    )
     assert n_query % 2 == 1 or n_gallery % 2 == 1
     for key in ("mAP", "rank1", "rank5"):
         assert ddp_metrics[key] == pytest.approx(one[key], abs=1e-6), key
@@ -96,8 +105,20 @@ def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
         (images / p.name).write_bytes(p.read_bytes())
     (images / "sub").mkdir()
     (images / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    _cli("extract", "--ckpt", str(ckpt), "--images", str(images), "--out", str(tmp_path / "two.npz"), *ddp, "--batch_size", "3",
-         "--precision", "fp32")  # fmt: skip  (fp32: compared with the plain model to 1e-5 below)
+    _cli(
+        "extract",
+        "--ckpt",
+        str(ckpt),
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "two.npz"),
+        *ddp,
+        "--batch_size",
+        "3",
+        "--precision",
+        "fp32",
+    )  # fmt: skip  (fp32: compared with the plain model to 1e-5 below)
     two = load_embeddings(tmp_path / "two.npz")
     names = sorted(p.name for p in images.glob("*.jpg"))
     assert two["paths"].tolist() == names

@@ -46,7 +46,9 @@ def _direct(net, files):
 
 def test_folder_rows_match_paths_and_bad_files_are_skipped(tmp_path, images, net):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): b/empty.jpg \(image file is empty\)"):
-        out = extract_embeddings(net, images, tmp_path / "emb.npz", image_size=(32, 16), batch_size=3, num_workers=0, **EXACT)
+        out = extract_embeddings(
+            net, images, tmp_path / "emb.npz", image_size=(32, 16), batch_size=3, num_workers=0, **EXACT
+        )
     d = load_embeddings(out)
     assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
     assert d["embeddings"].shape == (7, 12) and d["embeddings"].dtype == np.float32
@@ -103,7 +105,9 @@ def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsy
     with pytest.warns(UserWarning):
         extract_embeddings(other, images, out, image_size=(32, 16), batch_size=2, num_workers=0, **EXACT)
     assert "earlier run" not in capsys.readouterr().out
-    np.testing.assert_allclose(load_embeddings(out)["embeddings"], _direct(other, [images / p for p in d["paths"]]), atol=1e-5)
+    np.testing.assert_allclose(
+        load_embeddings(out)["embeddings"], _direct(other, [images / p for p in d["paths"]]), atol=1e-5
+    )
 
 
 def test_clear_errors(tmp_path, images, net):

@@ -50,7 +50,9 @@ def reference_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value
         k_reciprocal_expansion_index = k_reciprocal_index
         for candidate in k_reciprocal_index:
             candidate_forward_k_neigh_index = initial_rank[candidate, : int(np.around(k1 / 2.0)) + 1]
-            candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index, : int(np.around(k1 / 2.0)) + 1]
+            candidate_backward_k_neigh_index = initial_rank[
+                candidate_forward_k_neigh_index, : int(np.around(k1 / 2.0)) + 1
+            ]
             fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
             candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
             if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2.0 / 3 * len(
@@ -73,7 +75,9 @@ def reference_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value
         indNonZero = np.where(V[i, :] != 0)[0]
         indImages = [invIndex[ind] for ind in indNonZero]
         for j in range(len(indNonZero)):
-            temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
+            temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
+                V[i, indNonZero[j]], V[indImages[j], indNonZero[j]]
+            )
         jaccard_dist[i] = 1 - temp_min / (2.0 - temp_min)
     final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
     return final_dist[:query_num, query_num:]
@@ -124,7 +128,9 @@ def test_chunked_embeddings_equal_reference_on_random_data(metric):
     if metric == "euclidean":
         torch.testing.assert_close(dist, torch.cdist(q, gal), atol=1e-4, rtol=1e-4)
     else:
-        torch.testing.assert_close(dist, 1 - torch.nn.functional.cosine_similarity(q[:, None], gal[None], dim=2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            dist, 1 - torch.nn.functional.cosine_similarity(q[:, None], gal[None], dim=2), atol=1e-5, rtol=1e-5
+        )
     ref_cmc, ref_map = reference_eval_market(dist.numpy(), *(t.numpy() for t in (q_pids, g_pids, q_cams, g_cams)), 20)
     cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20)
     np.testing.assert_allclose(cmc, ref_cmc)
@@ -152,7 +158,9 @@ def test_knn_faiss_matches_torch():
 def test_sparse_re_ranking_equals_dense_reference(k1, k2):
     g = torch.Generator().manual_seed(3)
     q, gal = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(30, 5, generator=g, dtype=torch.float64)
-    ref = reference_re_ranking(torch.cdist(q, gal).numpy(), torch.cdist(q, q).numpy(), torch.cdist(gal, gal).numpy(), k1, k2, 0.3)
+    ref = reference_re_ranking(
+        torch.cdist(q, gal).numpy(), torch.cdist(q, q).numpy(), torch.cdist(gal, gal).numpy(), k1, k2, 0.3
+    )
     ranker = KReciprocalReRanker(q, gal, metric="euclidean", k1=k1, k2=k2, lambda_value=0.3)
     got = torch.cat([ranker.distances(a, min(9, a + 4)) for a in range(0, 9, 4)]).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from tasks.core import OptimConfig
 from tasks.data.market import MarketConfig
-from tasks.reid import CenterLoss, ReIDTask
 from tasks.data.reid import ReIDDataModule
+from tasks.reid import CenterLoss, ReIDTask
 
 TINY = MarketConfig(
     num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3, max_per_camera=3,
@@ -73,7 +73,11 @@ def test_backbone_lr_mult_reaches_the_backbone():
 
 def test_empty_training_batch_gives_a_zero_loss_on_every_parameter():
     task = ReIDTask(arch="vgg11_bn", width_mult=0.125, num_classes=4)
-    batch = {"image": torch.empty(0), "pid": torch.empty(0, dtype=torch.long), "skipped": [("x.jpg", "image file is empty")]}
+    batch = {
+        "image": torch.empty(0),
+        "pid": torch.empty(0, dtype=torch.long),
+        "skipped": [("x.jpg", "image file is empty")],
+    }
     loss = task.training_step(batch, 0)
     assert loss.item() == 0.0
     loss.backward()  # every process joins DDP's gradient all-reduce, with zeros

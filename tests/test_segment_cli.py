@@ -28,7 +28,10 @@ def _config(tmp: Path) -> Path:
             "enable_model_summary": False,
             "default_root_dir": str(tmp / "runs"),
             "logger": [
-                {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp / "runs"), "name": "seg"}}
+                {
+                    "class_path": "pytorch_lightning.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(tmp / "runs"), "name": "seg"},
+                }
             ],
         },
         "model": {
@@ -87,7 +90,10 @@ def test_ddp_two_processes_equal_one_process_then_predict(tmp_path: Path) -> Non
     one = json.loads((tmp_path / "runs/seg/version_1/val_metrics.json").read_text())
     conf = np.array(one["confusion_matrix"])
     # every validation pixel counted exactly once in both runs (7 images: 4 + 3 over 2 ranks)
-    masks = [np.array(Image.open(p)) for p in sorted((tmp_path / "shapes/VOCdevkit/VOC2007/SegmentationClass").glob("*.png"))[-7:]]
+    masks = [
+        np.array(Image.open(p))
+        for p in sorted((tmp_path / "shapes/VOCdevkit/VOC2007/SegmentationClass").glob("*.png"))[-7:]
+    ]
     assert conf.sum() == sum(int((m != 255).sum()) for m in masks)
     assert (conf.sum(0) > 0).sum() >= 3  # the model predicts several classes: the matrices say which pixels
     assert two["confusion_matrix"] == one["confusion_matrix"]

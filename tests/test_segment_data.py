@@ -11,9 +11,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 
-from tasks.data.shapes import ShapesConfig, ensure_shapes, voc_palette
-from tasks.images import SkippedSample
-from tasks.segment import sliding_window_logits, write_prediction
 from tasks.data.segmentation import (
     BadMaskError,
     COCOSegmentation,
@@ -24,9 +21,14 @@ from tasks.data.segmentation import (
     read_mask,
     train_transforms,
 )
+from tasks.data.shapes import ShapesConfig, ensure_shapes, voc_palette
+from tasks.images import SkippedSample
+from tasks.segment import sliding_window_logits, write_prediction
 
 CLASSES = ["background", "circle", "square", "triangle"]
-TINY_SHAPES = ShapesConfig(num_train=6, num_val=3, min_image_size=40, max_image_size=56, min_object_size=10, max_object_size=24)
+TINY_SHAPES = ShapesConfig(
+    num_train=6, num_val=3, min_image_size=40, max_image_size=56, min_object_size=10, max_object_size=24
+)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +164,9 @@ def test_write_prediction_palette_png_and_overlay(tmp_path: Path) -> None:
 
 
 def test_data_module_generates_shapes_and_defaults_classes(tmp_path: Path) -> None:
-    dm = SegmentationData(root=str(tmp_path / "shapes"), layout="coco", shapes=TINY_SHAPES, crop_size=32, batch_size=2, num_workers=0)
+    dm = SegmentationData(
+        root=str(tmp_path / "shapes"), layout="coco", shapes=TINY_SHAPES, crop_size=32, batch_size=2, num_workers=0
+    )
     assert dm.class_names == CLASSES and dm.num_classes == 4
     dm.prepare_data()
     dm.setup("fit")

@@ -33,7 +33,9 @@ def test_bilinear_upsample_init_equals_interpolate(factor: int, learnable: bool)
     out = up(x, (5 * factor, 7 * factor))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # cropping keeps the top-left part, aligned
-    torch.testing.assert_close(up(x, (5 * factor - 3, 7 * factor - 1)), expected[..., : 5 * factor - 3, : 7 * factor - 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        up(x, (5 * factor - 3, 7 * factor - 1)), expected[..., : 5 * factor - 3, : 7 * factor - 1], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
@@ -61,7 +63,7 @@ def test_fcn8s_skip_is_aligned_with_the_input() -> None:
     model = fcn_vgg([(1, 8), (1, 8), (1, 8), (1, 8), (1, 8)], 1, "8s", fc_channels=8, pool3_scale=1.0).eval()
     bb = model.backbone
     with torch.no_grad():
-        for name, m in bb.named_modules():  # identity-like convs: every block copies channel 0 of its input
+        for m in bb.modules():  # identity-like convs: every block copies channel 0 of its input
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.zero_()
                 m.bias.zero_()
@@ -176,7 +178,9 @@ def test_smp_decoders_run_on_our_encoder(decoder, kwargs, strides) -> None:
 
 
 def test_smp_dilated_encoder_matches_backbone_and_loads_weights(tmp_path) -> None:
-    ref = VGGBackbone("vgg11", ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"], output_stride=8, width_mult=0.125)
+    ref = VGGBackbone(
+        "vgg11", ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"], output_stride=8, width_mult=0.125
+    )
     path = ref.save_weights(tmp_path / "tiny.safetensors")
     name = register_smp_encoder("vggbackbone_test_tiny", "vgg11", width_mult=0.125)
     model = smp.DeepLabV3(name, encoder_weights=None, classes=2, encoder_output_stride=8).eval()
@@ -191,7 +195,9 @@ def test_smp_dilated_encoder_matches_backbone_and_loads_weights(tmp_path) -> Non
 
 
 def test_smp_encoder_in_channels() -> None:
-    model = smp.Unet("vggbackbone_vgg11", encoder_weights=None, classes=2, in_channels=1, decoder_channels=[16, 16, 8, 8, 8])
+    model = smp.Unet(
+        "vggbackbone_vgg11", encoder_weights=None, classes=2, in_channels=1, decoder_channels=[16, 16, 8, 8, 8]
+    )
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)

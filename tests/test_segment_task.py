@@ -64,7 +64,11 @@ def test_inference_scale_resizes_in_and_out() -> None:
 
 def test_empty_training_batch_gives_a_zero_loss_on_every_parameter() -> None:
     m = SegmentationModel(num_classes=3, **TINY)
-    empty = {"image": torch.empty(0, 3, 1, 1, dtype=torch.uint8), "mask": torch.empty(0, 1, 1, dtype=torch.long), "id": []}
+    empty = {
+        "image": torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+        "mask": torch.empty(0, 1, 1, dtype=torch.long),
+        "id": [],
+    }
     loss = m.training_step(empty, 0)
     assert loss is not None and loss.item() == 0.0
     loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
@@ -97,7 +101,9 @@ def test_unreadable_validation_image_is_skipped_alone_in_its_batch(tmp_path) -> 
     metrics = json.loads((tmp_path / "val_metrics.json").read_text())
     kept = [np.array(Image.open(voc / "SegmentationClass" / f"{i}.png")) for i in (ids[0], ids[2])]
     assert np.array(metrics["confusion_matrix"]).sum() == sum(int((m != 255).sum()) for m in kept)
-    assert 0.0 <= metrics["pixel_acc"] <= 1.0 and trainer.callback_metrics["val/pixel_acc"] == pytest.approx(metrics["pixel_acc"])
+    assert 0.0 <= metrics["pixel_acc"] <= 1.0 and trainer.callback_metrics["val/pixel_acc"] == pytest.approx(
+        metrics["pixel_acc"]
+    )
     for name in dm.class_names:  # a class absent from both truth and predictions: null in the JSON, not logged
         if metrics[f"IoU/{name}"] is None:
             assert f"val/IoU/{name}" not in trainer.callback_metrics

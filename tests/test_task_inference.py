@@ -65,7 +65,9 @@ def _python_m(module: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, f"{module} {args}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"{module} {args}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -138,11 +140,23 @@ def _plain_model(ckpt: Path) -> torch.nn.Module:
     ],
     ids=["off", "fp32"],
 )
-def test_reid_predict_inference_switch(reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float) -> None:
+def test_reid_predict_inference_switch(
+    reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float
+) -> None:
     from tasks.reid import main
 
     record = reid_run["tmp"] / f"predict_{expect_model.split(':')[1]}.pt"
-    main(["predict", "--config", str(reid_run["cfg"]), "--ckpt_path", str(reid_run["ckpt"]), *switch, _record_arg(record)])
+    main(
+        [
+            "predict",
+            "--config",
+            str(reid_run["cfg"]),
+            "--ckpt_path",
+            str(reid_run["ckpt"]),
+            *switch,
+            _record_arg(record),
+        ]
+    )
     rec = torch.load(record, weights_only=True)
     assert rec["models"] == [expect_model]  # the switch decided which model ran
     with torch.no_grad():
@@ -156,7 +170,9 @@ def test_reid_predict_inference_switch(reid_run: dict[str, Path], switch: list[s
     [(["--optimize", "false"], "ReIDNet:plain", 1e-5), (["--precision", "fp32"], "InferenceModule:fp32", 1e-4)],
     ids=["off", "fp32"],
 )
-def test_reid_extract_cli_optimize_switch(reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float) -> None:
+def test_reid_extract_cli_optimize_switch(
+    reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float
+) -> None:
     from test_reid_extract import _direct  # the plain model on the same files, resized to 32x16 like the config
 
     from tasks.reid_extract import load_embeddings

@@ -33,17 +33,18 @@ and channels_last) <= 1e-4 (typically ~1e-6); fp16 <= 1e-2; bf16 <= 5e-2 (typica
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 __all__ = [
-    "InferenceModule",
     "RELATIVE_TOLERANCE",
+    "InferenceModule",
     "default_precision",
     "fast_reduced_precision",
     "fold_batchnorm",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-CompileMode = Union[bool, Literal["default", "max-autotune", "reduce-overhead"]]
+CompileMode = bool | Literal["default", "max-autotune", "reduce-overhead"]
 
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +141,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     folded = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
-        for prev_name, bn_name in zip(names, names[1:]):
+        for prev_name, bn_name in itertools.pairwise(names):
             prev, bn = seq._modules[prev_name], seq._modules[bn_name]
             if prev is None or bn is None or not _is_batchnorm(bn) or getattr(bn, "running_mean", None) is None:
                 continue

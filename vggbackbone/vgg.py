@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,7 @@ for _name, (_col, _blk, _lrn) in _PAPER.items():
 #: Paper column letter of each arch (for docs and error messages).
 PAPER_COLUMN = {name: col for name, (col, _, _) in _PAPER.items()}
 
-ArchSpec = Union[str, Sequence[Sequence[int]]]
+ArchSpec = str | Sequence[Sequence[int]]
 
 
 def get_config(arch: ArchSpec, batch_norm: bool | None = None) -> VGGConfig:
@@ -162,11 +162,7 @@ class _FC(nn.Sequential):
 
 def _is_tracing(x: Tensor) -> bool:
     """True under torch.jit.trace, torch.compile/export or torch.fx tracing (shapes are symbolic)."""
-    return (
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or isinstance(x, torch.fx.Proxy)
-    )
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
 
 
 class VGGBackbone(nn.Module):
@@ -254,7 +250,9 @@ class VGGBackbone(nn.Module):
         taps = self.available_taps(cfg)
         unknown = [t for t in rl if t not in taps]
         if unknown or not rl:
-            raise ValueError(f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: {list(taps)}")
+            raise ValueError(
+                f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: {list(taps)}"
+            )
         if len(set(rl.values())) != len(rl):
             raise ValueError(f"return_layers maps two taps to the same output key: {rl}")
 
@@ -361,7 +359,9 @@ class VGGBackbone(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _frozen_modules(self) -> list[nn.Module]:
-        names = [f"conv{i}" for i in range(1, self.frozen_stages + 1)] + [f"pool{i}" for i in range(1, self.frozen_stages + 1)]
+        names = [f"conv{i}" for i in range(1, self.frozen_stages + 1)] + [
+            f"pool{i}" for i in range(1, self.frozen_stages + 1)
+        ]
         if self.frozen_stages >= len(self.config.blocks) + 1:
             names.append("fc6")
         if self.frozen_stages >= len(self.config.blocks) + 2:
@@ -404,12 +404,12 @@ class VGGBackbone(nn.Module):
                 f"{self.min_input_size}x{self.min_input_size}"
             )
 
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: ``(N, C, H, W)`` -> ``OrderedDict`` of the requested taps (see the class table)."""
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript needs this exact form)
             if not _is_tracing(x):
                 self._check_input(x)
-        out: Dict[str, Tensor] = OrderedDict()
+        out: dict[str, Tensor] = OrderedDict()
         for name, module in self.features.items():
             x = module(x)
             if name in self.return_layers:

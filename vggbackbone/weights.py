@@ -99,7 +99,9 @@ def resolve_normalization(normalization: Any, in_channels: int = 3) -> InputNorm
     elif normalization == "caffe":
         norm = CAFFE
     else:
-        raise ValueError(f"normalization must be None, 'imagenet', 'caffe', a dict or InputNormalization, got {normalization!r}")
+        raise ValueError(
+            f"normalization must be None, 'imagenet', 'caffe', a dict or InputNormalization, got {normalization!r}"
+        )
     if len(norm.mean) != in_channels or len(norm.std) != in_channels:
         raise ValueError(f"normalization {norm} has {len(norm.mean)} channels, the backbone takes {in_channels}")
     return norm
@@ -219,7 +221,7 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise WeightsError(f"{source}: entries that are not tensors: {bad[:5]}")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd, meta
 
 
@@ -322,7 +324,9 @@ def load_vgg_state_dict(
         meta = {}
         desc = f"torchvision {type(w).__name__}.{w.name}"
         tf = w.transforms()
-        norm = InputNormalization(tuple(tf.mean), tuple(tf.std), "imagenet" if tuple(tf.mean) == IMAGENET.mean else w.name)
+        norm = InputNormalization(
+            tuple(tf.mean), tuple(tf.std), "imagenet" if tuple(tf.mean) == IMAGENET.mean else w.name
+        )
     mapped, unexpected, source = to_canonical(sd, cfg)
     meta.setdefault("source", source)
     if source != "native":
@@ -339,7 +343,8 @@ def reshape_head(sd: dict[str, Tensor], fc6_in_channels: int) -> dict[str, Tenso
     if w6 is not None and w6.dim() == 2:
         if w6.shape[1] != fc6_in_channels * 49:
             raise WeightsError(
-                f"classifier fc6 weight has {w6.shape[1]} inputs, expected {fc6_in_channels}*7*7 = {fc6_in_channels * 49}"
+                f"classifier fc6 weight has {w6.shape[1]} inputs, "
+                f"expected {fc6_in_channels}*7*7 = {fc6_in_channels * 49}"
             )
         out["features.fc6.conv.weight"] = w6.reshape(w6.shape[0], fc6_in_channels, 7, 7)
     w7 = out.get("features.fc7.conv.weight")
@@ -388,7 +393,14 @@ def load_backbone_weights(
     full = _full_keys(model)
     # channels of the input to fc6 = last block's width
     last_block = f"features.conv{len(model.config.blocks)}"
-    fc6_in = next((v.shape[0] for k, v in reversed(sd.items()) if k.startswith(last_block) and k.endswith("weight") and v.dim() == 4), 0)
+    fc6_in = next(
+        (
+            v.shape[0]
+            for k, v in reversed(sd.items())
+            if k.startswith(last_block) and k.endswith("weight") and v.dim() == 4
+        ),
+        0,
+    )
     sd = reshape_head(sd, fc6_in or model.config.blocks[-1].channels)
 
     unexpected = unexpected + [k for k in sd if k not in own and k not in full]
@@ -399,9 +411,15 @@ def load_backbone_weights(
             f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
             f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if shapes:
-        raise WeightsError(f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8]))
+        raise WeightsError(
+            f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8])
+        )
     nonfinite = [k for k in own if k in sd and not _all_finite(sd[k])]
     if nonfinite:
         hint = (
@@ -441,10 +459,22 @@ def save_backbone_weights(model: VGGBackbone, path: str | os.PathLike[str]) -> P
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "arch": json.dumps(model.arch), "normalization": json.dumps(norm)}
+            meta = {
+                "format": FORMAT,
+                "format_version": str(FORMAT_VERSION),
+                "arch": json.dumps(model.arch),
+                "normalization": json.dumps(norm),
+            }
             save_file(sd, str(tmp), metadata=meta)
         else:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "arch": model.arch, "normalization": norm, "state_dict": sd}, tmp)
+            torch.save(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "arch": model.arch,
+                    "normalization": norm,
+                    "state_dict": sd,
+                },
+                tmp,
+            )
     return path
-
-

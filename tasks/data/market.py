@@ -38,9 +38,19 @@ SPEC_FILE = "market.json"
 # distinct, nameable clothing colours (RGB)
 _CLOTH = np.array(
     [
-        (200, 30, 30), (30, 60, 190), (40, 150, 50), (230, 200, 40), (240, 240, 240), (25, 25, 25),
-        (130, 130, 130), (240, 130, 20), (130, 40, 160), (120, 75, 30), (0, 170, 190), (240, 120, 170),
-    ]  # fmt: skip
+        (200, 30, 30),
+        (30, 60, 190),
+        (40, 150, 50),
+        (230, 200, 40),
+        (240, 240, 240),
+        (25, 25, 25),
+        (130, 130, 130),
+        (240, 130, 20),
+        (130, 40, 160),
+        (120, 75, 30),
+        (0, 170, 190),
+        (240, 120, 170),
+    ]
 )
 _SKIN = np.array([(240, 205, 180), (205, 160, 120), (150, 100, 70), (95, 60, 40)])
 _HAIR = np.array([(20, 15, 10), (90, 55, 25), (200, 170, 90), (140, 140, 140), (150, 40, 20)])
@@ -171,7 +181,9 @@ def _background(rng: np.random.Generator, cam: _Camera, h: int, w: int) -> Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _draw_person(draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Generator, h: int, w: int, view: int) -> None:
+def _draw_person(
+    draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Generator, h: int, w: int, view: int
+) -> None:
     """Draw ``ident`` facing the camera (view 0), away (1) or sideways (2), centred in (h, w)."""
     cx = w / 2 + rng.uniform(-0.08, 0.08) * w
     top_y = h * (0.04 + (1 - ident.stature) * 0.5 + rng.uniform(-0.02, 0.03))
@@ -192,11 +204,19 @@ def _draw_person(draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Gen
         draw.polygon(leg, fill=ident.skin)
         end_y = {0: feet_y - head_r * 0.6, 1: knee_y, 2: knee_y + head_r * 0.5}[ident.cut]
         t = (end_y - waist_y) / (feet_y - waist_y)
-        cover = [leg[0], leg[1], (hip_x + leg_w + (foot_x - hip_x) * t, end_y), (hip_x - leg_w + (foot_x - hip_x) * t, end_y)]
+        cover = [
+            leg[0],
+            leg[1],
+            (hip_x + leg_w + (foot_x - hip_x) * t, end_y),
+            (hip_x - leg_w + (foot_x - hip_x) * t, end_y),
+        ]
         draw.polygon(cover, fill=ident.bottom)
         draw.rectangle([foot_x - leg_w * 1.2, feet_y - head_r * 0.6, foot_x + leg_w * 1.3, feet_y], fill=ident.shoes)
     if ident.cut == 2:  # skirt
-        draw.polygon([(cx - half, waist_y), (cx + half, waist_y), (cx + half * 1.4, knee_y), (cx - half * 1.4, knee_y)], fill=ident.bottom)
+        draw.polygon(
+            [(cx - half, waist_y), (cx + half, waist_y), (cx + half * 1.4, knee_y), (cx - half * 1.4, knee_y)],
+            fill=ident.bottom,
+        )
     # arms
     arm_w = half * 0.32
     swing = rng.uniform(-0.06, 0.06) * w
@@ -226,14 +246,22 @@ def _draw_person(draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Gen
     # bag: a backpack shows fully from behind, as a strip from the front/side
     if ident.bag == 1:
         if view == 1:
-            draw.rectangle([cx - half * 0.75, neck_y + head_r, cx + half * 0.75, waist_y - head_r * 0.3], fill=ident.bag_colour)
+            draw.rectangle(
+                [cx - half * 0.75, neck_y + head_r, cx + half * 0.75, waist_y - head_r * 0.3], fill=ident.bag_colour
+            )
         else:
             sx = cx + (half if view == 2 else -half)
-            draw.rectangle([sx - half * 0.35, neck_y + head_r, sx + half * 0.15, waist_y - head_r * 0.5], fill=ident.bag_colour)
+            draw.rectangle(
+                [sx - half * 0.35, neck_y + head_r, sx + half * 0.15, waist_y - head_r * 0.5], fill=ident.bag_colour
+            )
     elif ident.bag == 2:
-        draw.line([(cx - half, neck_y), (cx + half, waist_y - head_r)], fill=ident.bag_colour, width=max(1, int(half * 0.2)))
+        draw.line(
+            [(cx - half, neck_y), (cx + half, waist_y - head_r)], fill=ident.bag_colour, width=max(1, int(half * 0.2))
+        )
         bx = cx + half
-        draw.rectangle([bx - half * 0.3, waist_y - head_r * 2, bx + half * 0.5, waist_y + head_r * 0.6], fill=ident.bag_colour)
+        draw.rectangle(
+            [bx - half * 0.3, waist_y - head_r * 2, bx + half * 0.5, waist_y + head_r * 0.6], fill=ident.bag_colour
+        )
     # head and hair
     hy = top_y + head_r
     draw.ellipse([cx - head_r, hy - head_r, cx + head_r, hy + head_r], fill=ident.skin if view != 1 else ident.hair)
@@ -242,7 +270,9 @@ def _draw_person(draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Gen
         draw.rectangle([cx - head_r, hy, cx + head_r * (0.3 if view == 2 else 1.0), hy + head_r * 2.2], fill=ident.hair)
 
 
-def _render(rng: np.random.Generator, cfg: MarketConfig, cam: _Camera, ident: _Identity | None, junk: bool = False) -> Image.Image:
+def _render(
+    rng: np.random.Generator, cfg: MarketConfig, cam: _Camera, ident: _Identity | None, junk: bool = False
+) -> Image.Image:
     """One crop as a detector would give it: person (or background only), camera look, jitter."""
     h, w = cfg.height, cfg.width
     ss = 2  # draw at 2x and downsample: anti-aliased edges
@@ -259,7 +289,10 @@ def _render(rng: np.random.Generator, cfg: MarketConfig, cam: _Camera, ident: _I
         draw = ImageDraw.Draw(canvas)
         ow = rng.uniform(0.15, 0.35) * w * ss
         ox = mw + rng.choice([0.0, w * ss - ow])
-        draw.rectangle([ox, mh + rng.uniform(0.3, 0.7) * h * ss, ox + ow, mh + h * ss], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.rectangle(
+            [ox, mh + rng.uniform(0.3, 0.7) * h * ss, ox + ow, mh + h * ss],
+            fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+        )
     # detector crop jitter (junk: a badly truncated box)
     if junk:
         frac = rng.uniform(0.3, 0.5)

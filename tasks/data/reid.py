@@ -76,7 +76,9 @@ def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReI
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: Market-1501 folder not found (expected bounding_box_train, query, bounding_box_test)")
+        raise FileNotFoundError(
+            f"{folder}: Market-1501 folder not found (expected bounding_box_train, query, bounding_box_test)"
+        )
     samples, odd = [], []
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -118,7 +120,9 @@ def read_pid_csv(path: str | Path) -> list[ReIDSample]:
             try:
                 pid, camid = int(row["pid"]), int(row["camid"])
             except (TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: pid and camid must be integers, got {row['pid']!r}, {row['camid']!r}") from None
+                raise ValueError(
+                    f"{path}:{line}: pid and camid must be integers, got {row['pid']!r}, {row['camid']!r}"
+                ) from None
             if not row["path"]:
                 raise ValueError(f"{path}:{line}: empty path")
             if camid < 0:
@@ -214,7 +218,9 @@ class PKSampler(DistributedSampler):
         self.shuffle, self.drop_last = True, True
         self.by_pid: dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
         if len(self.by_pid) < p:
-            raise ValueError(f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}")
+            raise ValueError(
+                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}"
+            )
         # batches per rank and epoch: from epoch 0's plan (later plans can differ by a batch or two)
         self.num_batches = max(1, len(self._plan(0)) // num_replicas)
 
@@ -325,7 +331,9 @@ class ReIDDataModule(TaskDataModule):
                 *([v2.RandomErasing(random_erasing, value=list(erasing_value))] if random_erasing > 0 else []),
             ]
         )
-        self.eval_transform = v2.Compose([v2.Resize(self.image_size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+        self.eval_transform = v2.Compose(
+            [v2.Resize(self.image_size, antialias=True), v2.ToDtype(torch.float32, scale=True)]
+        )
         self.train_set: ReIDDataset | None = None
         self.query_set: ReIDDataset | None = None
         self.gallery_set: ReIDDataset | None = None

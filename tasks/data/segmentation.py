@@ -111,7 +111,9 @@ def read_mask(path: str | Path, num_classes: int, image_size: tuple[int, int] | 
     return mask
 
 
-def _load(image_path: Path, sample_id: str, mask_fn: Callable[[tuple[int, int]], torch.Tensor] | None) -> dict | SkippedSample:
+def _load(
+    image_path: Path, sample_id: str, mask_fn: Callable[[tuple[int, int]], torch.Tensor] | None
+) -> dict | SkippedSample:
     try:
         image = read_image(image_path)
     except BadImageError as e:
@@ -232,7 +234,9 @@ class COCOSegmentation(_SegmentationDataset):
     def __getitem__(self, i: int) -> dict | SkippedSample:
         image_id = self.ids[i]
         info = self.coco.imgs[image_id]
-        sample = _load(self.image_dir / info["file_name"], str(image_id), lambda size: self.semantic_mask(image_id, size))
+        sample = _load(
+            self.image_dir / info["file_name"], str(image_id), lambda size: self.semantic_mask(image_id, size)
+        )
         return self._finish(sample)
 
 
@@ -288,8 +292,12 @@ def collate_train(samples: list[Any]) -> dict[str, Any]:
     kept, skipped = drop_skipped(samples)
     warn_skipped(skipped, "segmentation training data")
     return {
-        "image": torch.stack([s["image"].as_subclass(torch.Tensor) for s in kept]) if kept else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
-        "mask": torch.stack([s["mask"].as_subclass(torch.Tensor).long() for s in kept]) if kept else torch.empty(0, 1, 1, dtype=torch.long),
+        "image": torch.stack([s["image"].as_subclass(torch.Tensor) for s in kept])
+        if kept
+        else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+        "mask": torch.stack([s["mask"].as_subclass(torch.Tensor).long() for s in kept])
+        if kept
+        else torch.empty(0, 1, 1, dtype=torch.long),
         "id": [s["id"] for s in kept],
     }
 

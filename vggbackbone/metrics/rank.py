@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["RankResult", "compute_distance", "evaluate_rank", "rank_embeddings"]
 
-ArrayLike = Union[Tensor, np.ndarray]
+ArrayLike = Tensor | np.ndarray
 Metric = Literal["cosine", "euclidean"]
 
 # elements of one (chunk x gallery) working set; ~60 bytes each across the ranking buffers
@@ -238,7 +238,9 @@ def rank_embeddings(
     kept results (for retrieval pictures).
     """
     if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"query and gallery must be (N, D) with the same D, got {tuple(query.shape)}, {tuple(gallery.shape)}")
+        raise ValueError(
+            f"query and gallery must be (N, D) with the same D, got {tuple(query.shape)}, {tuple(gallery.shape)}"
+        )
     ids = _ids(q_pids, g_pids, q_camids, g_camids, query.shape[0], gallery.shape[0])
     query, gallery = query.float(), gallery.float()
     if rerank:

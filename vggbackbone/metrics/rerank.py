@@ -113,7 +113,7 @@ class KReciprocalReRanker:
         n = feats.shape[0]
         k1 = min(k1, n - 1)
         k2 = min(k2, k1 + 1)
-        kh = int(round(k1 / 2))  # the reference's np.around (round half to even)
+        kh = round(k1 / 2)  # the reference's np.around (round half to even)
 
         with torch.no_grad():
             step = max(1, _CHUNK_ELEMS // n)
@@ -122,7 +122,9 @@ class KReciprocalReRanker:
             self.row_max.clamp_(min=1e-12)
             ranks = knn(feats, k1 + 1)
             v_rows, v_cols, v_vals = self._encode(ranks, n, k1, kh)
-            v = torch.sparse_coo_tensor(torch.stack([v_rows, v_cols]), v_vals, (n, n), check_invariants=False).coalesce()
+            v = torch.sparse_coo_tensor(
+                torch.stack([v_rows, v_cols]), v_vals, (n, n), check_invariants=False
+            ).coalesce()
             if k2 > 1:  # local query expansion: average V over each image's k2 nearest neighbours
                 rows = torch.arange(n, device=feats.device).repeat_interleave(k2)
                 avg = torch.sparse_coo_tensor(

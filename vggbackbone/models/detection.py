@@ -41,7 +41,7 @@ from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
 from ..weights import WeightsError, load_vgg_state_dict
 
-__all__ = ["VGGBoxHead", "VGGFPNBackbone", "RoIPoolSingleLevel", "fasterrcnn_vgg"]
+__all__ = ["RoIPoolSingleLevel", "VGGBoxHead", "VGGFPNBackbone", "fasterrcnn_vgg"]
 
 #: Anchors of the classic form (paper: 3 scales x 3 aspect ratios on conv5).
 CLASSIC_ANCHOR_SIZES: tuple[int, ...] = (128, 256, 512)

@@ -4,8 +4,8 @@ Semantic Segmentation", CVPR 2015 / PAMI 2017) on :class:`~vggbackbone.VGGBackbo
 The network, as in the reference Caffe models (``voc-fcn{32,16,8}s``, ``voc-fcn8s-atonce``)::
 
     fc7 (stride 32) -> drop7 -> score_fr ──upscore2 (x2)──┐
-    pool4 (stride 16) -> x pool4_scale -> score_pool4 ─────+──upscore_pool4 (x2)──┐
-    pool3 (stride 8)  -> x pool3_scale -> score_pool3 ─────────────────────────────+──upscore8 (x8)──> crop -> (N, K, H, W)
+    pool4 (stride 16) -> x pool4_scale -> score_pool4 ─────+──upscore_pool4 (x2)─┐
+    pool3 (stride 8)  -> x pool3_scale -> score_pool3 ───────────────────────────+─upscore8 (x8)─> crop (N,K,H,W)
 
 * fc6/fc7 are the VGG classifier turned into convolutions (7x7 and 1x1), loaded from the
   classifier weights by :class:`VGGBackbone` (``fc6``/``fc7`` taps);

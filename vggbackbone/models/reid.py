@@ -16,7 +16,7 @@ normalised when ``normalize=True``), the vector compared with cosine/euclidean d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from ..vgg import ArchSpec, VGGBackbone
 
 __all__ = ["GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
 
+
 class ReIDOutput(NamedTuple):
     """Training output of :class:`ReIDNet`.
 
@@ -33,7 +34,7 @@ class ReIDOutput(NamedTuple):
     ``features``: ``(N, D)`` pooled features before the BNNeck (for metric losses).
     """
 
-    logits: Optional[Tensor]
+    logits: Tensor | None
     features: Tensor
 
 
@@ -145,7 +146,7 @@ class ReIDNet(nn.Module):
         fmap = self.backbone(x)[self.tap]
         return self.reduction(self.pool(fmap))
 
-    def forward(self, x: Tensor) -> Union[ReIDOutput, Tensor]:
+    def forward(self, x: Tensor) -> ReIDOutput | Tensor:
         """Training: :class:`ReIDOutput` ``(logits (N, K), features (N, D))``.
         Eval: embedding ``(N, D)``, L2-normalised when ``normalize``."""
         feat = self.forward_features(x)

@@ -55,7 +55,9 @@ class UNetVGG(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         decoder_channels = tuple(decoder_channels or DEFAULT_DECODER_CHANNELS[-n:])
         if len(decoder_channels) != n:
-            raise ValueError(f"{backbone.arch} has {n} blocks, so decoder_channels needs {n} values, got {decoder_channels}")
+            raise ValueError(
+                f"{backbone.arch} has {n} blocks, so decoder_channels needs {n} values, got {decoder_channels}"
+            )
         self.backbone = backbone
         self.num_classes = num_classes
         self.normalization = backbone.normalization
