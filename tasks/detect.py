@@ -2,10 +2,11 @@
 
 ``python -m tasks.detect fit|validate|test|predict --config configs/detect/<name>.yaml``
 
-* :class:`DetectionData`: COCO JSON or PASCAL VOC (see :mod:`tasks.data.detection`), or the
-  synthetic shapes dataset generated on first use (``data.shapes``).
-* :class:`DetectionTask`: :func:`vggbackbone.models.fasterrcnn_vgg` + SGD/AdamW, warm-up and
-  step/cosine schedules (:mod:`tasks.core`); validation/test run COCOeval (and VOC07 mAP for
+* :class:`~tasks.data.detection.DetectionDataModule`: COCO JSON or PASCAL VOC, or the synthetic
+  shapes dataset generated on first use (``data.shapes``).
+* :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``, default
+  ``fasterrcnn``: :func:`vggbackbone.models.fasterrcnn_vgg`) + SGD/AdamW, warm-up and
+  step/cosine schedules (:mod:`tasks.optim`); validation/test run COCOeval (and VOC07 mAP for
   VOC data) once over the whole set, with predictions gathered from every process.
 * :class:`DetectionWriter` (``writer.*``): ``predict`` writes a COCO results JSON and the
   images with boxes, labels and scores drawn.
@@ -16,220 +17,37 @@ Every argument is in the YAML and can be overridden on the command line
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from torch import Tensor
-from torch.utils.data import Dataset
+from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from tasks.core import (
-    EvalReport,
-    OptimConfig,
-    TaskDataModule,
-    TaskModule,
-    all_gather_objects,
-    backbone_weights,
-    cli_main,
-    gather_unique,
-    is_global_zero,
-    publish_metrics,
-    write_json,
-)
-from tasks.data.detection import (
-    VOC_CLASSES,
-    DetectionBatch,
-    DetectionDataset,
-    DetectionSplit,
-    ImageFolderDataset,
-    collate_detection,
-    detection_transforms,
-    find_coco_images,
-    read_coco,
-    read_voc,
-)
-from tasks.data.shapes import CLASSES as SHAPES_CLASSES
-from tasks.data.shapes import ShapesConfig, ensure_shapes
+from tasks.builders import BuilderArgs, builder_signature
+from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, backbone_weights
+from tasks.cli import cli_main
+from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionSplit
+from tasks.deprecation import old_names
+from tasks.distributed import all_gather_objects, gather_unique, is_global_zero
+from tasks.images import SkipCounter
+from tasks.module import TaskModule
+from tasks.optim import OptimConfig
+from tasks.reporting import EvalReport, publish_metrics, write_json
 from vggbackbone import get_config
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
 from vggbackbone.models import fasterrcnn_vgg
 from vggbackbone.utils import atomic_path
 
-__all__ = ["DetectionData", "DetectionTask", "DetectionWriter", "evaluate_split", "main"]
+__all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
-
-# ---------------------------------------------------------------------------- data
-class DetectionData(TaskDataModule):
-    """Detection data from a COCO or PASCAL VOC tree.
-
-    Args:
-        root: dataset root. COCO: holds ``annotations/instances_<set>.json`` and the images
-            (``images/<set>/`` or ``<set>/``). VOC: holds ``VOCdevkit/`` (or is it).
-        format: ``coco`` or ``voc``.
-        train_set, val_set: set names (COCO: ``train2017``; VOC: ``trainval``,
-            ``VOC2012/trainval``, ``VOC2007/trainval+VOC2012/trainval``).
-        test_set: set for ``test`` (default: ``val_set``; VOC07: ``test``).
-        train_ann, val_ann, test_ann: COCO only: explicit annotation files (override the set name).
-        train_images, val_images, test_images: COCO only: explicit image folders.
-        predict_path: images for ``predict``: a folder, an image, or a text file of paths
-            (default: the validation images, with their ids).
-        classes: VOC: object class names in label order (default: VOC's 20). COCO: taken from
-            the file's categories; if given, must match them.
-        train_difficult: train on VOC ``difficult`` objects too (the paper's code does not).
-        hflip: horizontal flip probability in training.
-        photometric: probability of each photometric distortion in training.
-        shapes: generate the synthetic shapes dataset with these settings into ``root`` when
-            it is missing or was made with other settings (the demo).
-        batch_size, eval_batch_size, num_workers: loaders (``batch_size`` per process).
-    """
-
-    def __init__(
-        self,
-        root: str = "data/shapes",
-        format: Literal["coco", "voc"] = "coco",
-        train_set: str = "train",
-        val_set: str = "val",
-        test_set: str | None = None,
-        train_ann: str | None = None,
-        val_ann: str | None = None,
-        test_ann: str | None = None,
-        train_images: str | None = None,
-        val_images: str | None = None,
-        test_images: str | None = None,
-        predict_path: str | None = None,
-        classes: list[str] | None = None,
-        train_difficult: bool = False,
-        hflip: float = 0.5,
-        photometric: float = 0.5,
-        shapes: ShapesConfig | None = None,
-        batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        self.save_hyperparameters(ignore=["classes"])  # the model's hparams hold the resolved classes
-        self.root = Path(root)
-        self.format = format
-        self.sets = {"train": train_set, "val": val_set, "test": test_set or val_set}
-        self.anns = {"train": train_ann, "val": val_ann, "test": test_ann}
-        self.image_dirs = {"train": train_images, "val": val_images, "test": test_images}
-        self.predict_path = predict_path
-        self._classes = list(classes) if classes is not None else None
-        self.train_difficult = train_difficult
-        self.hflip, self.photometric = hflip, photometric
-        self.shapes = shapes
-        self._splits: dict[str, DetectionSplit] = {}
-        self._categories: list[dict[str, Any]] | None = None
-
-    # -- classes (linked to the model at instantiation, before any data is read) --
-    @property
-    def classes(self) -> list[str]:
-        """Class names in label order (label 0 is background)."""
-        if self._classes is not None:
-            return self._classes
-        if self.shapes is not None:
-            return list(SHAPES_CLASSES)
-        if self.format == "voc":
-            return list(VOC_CLASSES)
-        return [c["name"] for c in self._file_categories()]
-
-    @property
-    def category_ids(self) -> list[int]:
-        """COCO category id of each label (results JSON); ``1..K`` unless a COCO file says otherwise."""
-        if self.format == "coco" and self.shapes is None and self._classes is None:
-            return [int(c["id"]) for c in self._file_categories()]
-        return list(range(1, len(self.classes) + 1))
-
-    def _file_categories(self) -> list[dict[str, Any]]:
-        """``categories`` of the first COCO annotation file found (val first: the smallest), by id."""
-        if self._categories is None:
-            for stage in ("val", "train", "test"):
-                ann = self._ann_file(stage)
-                if not ann.is_file():
-                    continue
-                try:
-                    cats = json.loads(ann.read_text()).get("categories") or []
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                    raise ValueError(f"{ann}: cannot read the categories ({e})") from e
-                if not cats:
-                    raise ValueError(f"{ann}: no categories listed")
-                self._categories = sorted(cats, key=lambda c: c["id"])
-                break
-            else:
-                raise FileNotFoundError(
-                    f"{self.root}: no COCO annotation file to read the class names from "
-                    f"(looked for {self._ann_file('val')} and {self._ann_file('train')})"
-                )
-        return self._categories
-
-    def _ann_file(self, stage: str) -> Path:
-        explicit = self.anns[stage]
-        return Path(explicit) if explicit else self.root / "annotations" / f"instances_{self.sets[stage]}.json"
-
-    def split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
-        """Read (once) the records of ``stage``."""
-        if stage not in self._splits:
-            if self.format == "coco":
-                image_dir = self.image_dirs[stage]
-                images = Path(image_dir) if image_dir else find_coco_images(self.root, self.sets[stage])
-                split = read_coco(self._ann_file(stage), images)
-                if self._classes is not None and split.classes != self._classes:
-                    raise ValueError(
-                        f"{split.source}: categories {split.classes} differ from data.classes {self._classes}"
-                    )
-            elif self.format == "voc":
-                split = read_voc(self.root, self.sets[stage], self.classes)
-            else:
-                raise ValueError(f"data.format must be 'coco' or 'voc', got {self.format!r}")
-            self._splits[stage] = split
-        return self._splits[stage]
-
-    def prepare_data(self) -> None:
-        if self.shapes is not None:
-            layouts = tuple(sorted(set(self.shapes.layouts) | {self.format}))
-            if layouts != tuple(sorted(self.shapes.layouts)):
-                raise ValueError(f"data.format is {self.format!r} but data.shapes.layouts is {self.shapes.layouts}")
-            ensure_shapes(self.root, self.shapes)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.train_set = DetectionDataset(
-                self.split("train"),
-                train=True,
-                transforms=detection_transforms(True, self.hflip, self.photometric),
-                keep_ignored=self.train_difficult,
-            )
-            self.val_set = DetectionDataset(self.split("val"), train=False)
-        elif stage == "validate":
-            self.val_set = DetectionDataset(self.split("val"), train=False)
-        elif stage == "test":
-            self.test_set = DetectionDataset(self.split("test"), train=False)
-        elif stage == "predict":
-            if self.predict_path is not None:
-                self.predict_set: Dataset = ImageFolderDataset(self.predict_path)
-            else:
-                val = self.split("val")
-                paths, ids = [r.path for r in val.records], [r.image_id for r in val.records]
-                self.predict_set = ImageFolderDataset(paths, ids=ids)
-
-    def train_dataloader(self) -> Any:
-        return self.make_loader(self.train_set, train=True, collate_fn=collate_detection)
-
-    def val_dataloader(self) -> Any:
-        return self.make_loader(self.val_set, train=False, collate_fn=collate_detection)
-
-    def test_dataloader(self) -> Any:
-        return self.make_loader(self.test_set, train=False, collate_fn=collate_detection)
-
-    def predict_dataloader(self) -> Any:
-        return self.make_loader(self.predict_set, train=False, collate_fn=collate_detection)
+__getattr__ = old_names(__name__, {"DetectionData": lambda: DetectionDataModule})
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -247,7 +65,7 @@ def evaluate_split(
     metrics = coco_evaluate(split.coco_gt(ids), results, ids, per_class=True)
     per_class_ap = [metrics.pop(f"AP/{name}", -1.0) for name in split.classes]
     table: list[tuple[str, list[Any]]] = [("class", list(split.classes)), ("COCO AP", per_class_ap)]
-    if split.format == "voc":
+    if split.layout == "voc":
         keep = set(ids)
         gt = {
             r.image_id: {"boxes": r.boxes, "labels": r.labels, "ignore": r.ignore}
@@ -273,50 +91,94 @@ def _to_numpy(detections: dict[str, Tensor]) -> dict[str, np.ndarray]:
     }
 
 
+@dataclass(frozen=True)
+class Detector:
+    """A detector family of :class:`DetectionTask` (``model.family`` in YAML).
+
+    Args:
+        builder: ``builder(arch, num_classes (with background), weights_backbone, **options)``
+            returning a torchvision detector (list of ``(3, H, W)`` images in ``[0, 1]`` in).
+        backbone_path: where the pretrained VGG sits in the detector, given the options
+            (``backbone_lr_mult`` aims there).
+        pretrained_structure: the options a pretrained detector derives from its weights
+            (frozen stages, frozen BatchNorm). The builder derives them itself from
+            ``weights_backbone``; a model rebuilt from a checkpoint loads no weights, so the task
+            passes these (where the YAML left them unset) to build the same structure.
+    """
+
+    builder: Callable[..., nn.Module]
+    backbone_path: Callable[[Mapping[str, Any]], str]
+    pretrained_structure: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
+
+
+def _fasterrcnn_pretrained(options: Mapping[str, Any]) -> dict[str, Any]:
+    # fasterrcnn_vgg's rule for weights_backbone is not None: conv1-2 frozen, FrozenBatchNorm2d
+    bn = get_config(options["arch"]).batch_norm
+    return {"frozen_stages": 2, **({"norm_layer": FrozenBatchNorm2d} if bn else {})}
+
+
+#: Detector families by ``model.family``: adding one (SSD, RetinaNet...) is a builder and an entry here.
+DETECTORS: dict[str, Detector] = {
+    "fasterrcnn": Detector(
+        fasterrcnn_vgg,
+        backbone_path=lambda o: "model.backbone.body" if o.get("fpn") else "model.backbone",  # the FPN is new
+        pretrained_structure=_fasterrcnn_pretrained,
+    ),
+}
+
+_BUILDER_ARGS = BuilderArgs(
+    {name: d.builder for name, d in DETECTORS.items()},
+    supplied=frozenset({"num_classes", "weights_backbone"}),
+    excluded=frozenset({"norm_layer", "progress"}),
+    passthrough="detector",
+)
+
+
+@builder_signature(_BUILDER_ARGS)
 class DetectionTask(TaskModule):
-    """Faster R-CNN on VGGBackbone (:func:`vggbackbone.models.fasterrcnn_vgg`).
+    """A detector on VGGBackbone, built by the family's builder (:data:`DETECTORS`).
 
     Args:
         classes: object class names, label order (linked from ``data.classes``).
         category_ids: COCO category id of each label (linked from ``data.category_ids``).
-        arch, weights_backbone, fpn, width_mult, frozen_stages, anchor_sizes, aspect_ratios,
-            roi_pool, representation_size, box_head_dropout, min_size, max_size: see
-            :func:`~vggbackbone.models.fasterrcnn_vgg`.
-        detector: any other ``torchvision`` ``FasterRCNN`` argument
-            (``rpn_pre_nms_top_n_train``, ``box_score_thresh``, ``box_detections_per_img``...).
-        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
+        family: detector family, a key of :data:`DETECTORS` (``fasterrcnn``).
+        weights_backbone: backbone weights (path or torchvision name); pretrained, the detector
+            freezes conv1-2 and its BatchNorm unless told otherwise.
+        optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to the VGG (``model.backbone`` or, with the FPN, ``model.backbone.body``).
         metrics_file: where validate/test write their metrics as JSON, relative to the
-            trainer's log folder (``None``: not written; see :func:`tasks.core.publish_metrics`).
+            trainer's log folder (``None``: not written; see :func:`tasks.reporting.publish_metrics`).
         detections_file: also write the gathered detections there as COCO results, e.g.
             ``"{stage}_detections.json"`` (default ``None``: large on big sets).
+        **model_kwargs: the builder's own options, with its defaults (``arch``, ``fpn``,
+            ``width_mult``, ``frozen_stages``, ``anchor_sizes``, ``aspect_ratios``, ``roi_pool``,
+            ``min_size``... of :func:`~vggbackbone.models.fasterrcnn_vgg`), and ``detector``: any
+            other argument of the torchvision detector (``rpn_pre_nms_top_n_train``,
+            ``box_score_thresh``...). An unknown option is an error naming it.
     """
 
     def __init__(
         self,
         classes: list[str] | None = None,
         category_ids: list[int] | None = None,
-        arch: str | list[list[int]] = "vgg16",
+        family: str = "fasterrcnn",
         weights_backbone: str | None = None,
-        fpn: bool = False,
-        width_mult: float = 1.0,
-        frozen_stages: int | None = None,
-        anchor_sizes: list[int] | None = None,
-        aspect_ratios: list[float] = [0.5, 1.0, 2.0],  # noqa: B006 (jsonargparse needs a literal default)
-        roi_pool: Literal["align", "pool"] = "align",
-        representation_size: int | None = None,
-        box_head_dropout: float | None = None,
-        min_size: int | list[int] = 600,
-        max_size: int = 1000,
-        detector: dict[str, Any] | None = None,
         optim: OptimConfig = OptimConfig(  # noqa: B008
             name="sgd", lr=0.01, weight_decay=5e-4, scheduler="step", milestones=[0.75]
         ),
         metrics_file: str | None = "{stage}_metrics.json",
         detections_file: str | None = None,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.save_options(
+            {
+                "classes": classes, "category_ids": category_ids, "family": family,
+                "weights_backbone": weights_backbone, "optim": optim, "metrics_file": metrics_file,
+                "detections_file": detections_file, **_BUILDER_ARGS.hparams(family, model_kwargs),
+            }
+        )  # fmt: skip
         if not classes:
             raise ValueError("model.classes is empty: link it from the data (the CLI does) or list the class names")
         self.classes = list(classes)
@@ -324,39 +186,35 @@ class DetectionTask(TaskModule):
         if len(self.category_ids) != len(self.classes):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.classes)} classes")
         self.optim = optim
-        self.backbone_path = "model.backbone.body" if fpn else "model.backbone"  # the FPN itself is new: full lr
+        detector = DETECTORS[family]
+        self.backbone_path = detector.backbone_path(options)
         self.metrics_file = metrics_file
         self.detections_file = detections_file
-        spec = arch if isinstance(arch, str) else [tuple(b) for b in arch]
-        # a pretrained detector freezes conv1-2 and its BatchNorm; rebuilt from a checkpoint
-        # (weights_backbone == WEIGHTS_IN_CHECKPOINT) it keeps that structure, loading nothing
-        pretrained = weights_backbone is not None
-        self.model = fasterrcnn_vgg(
-            spec,
-            num_classes=len(self.classes) + 1,
-            weights_backbone=backbone_weights(weights_backbone),
-            fpn=fpn,
-            width_mult=width_mult,
-            frozen_stages=(2 if pretrained else 0) if frozen_stages is None else frozen_stages,
-            norm_layer=FrozenBatchNorm2d if pretrained and get_config(spec).batch_norm else None,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            roi_pool=roi_pool,
-            representation_size=representation_size,
-            box_head_dropout=box_head_dropout,
-            min_size=min_size if isinstance(min_size, int) else tuple(min_size),
-            max_size=max_size,
-            **(detector or {}),
+        if not isinstance(options.get("arch", ""), str):
+            options["arch"] = [tuple(b) for b in options["arch"]]
+        if isinstance(options.get("min_size"), list):
+            options["min_size"] = tuple(options["min_size"])
+        if weights_backbone == WEIGHTS_IN_CHECKPOINT:  # the pretrained structure, no weights loaded
+            given = {k: v for k, v in options.items() if v is not None}
+            options.update({k: v for k, v in detector.pretrained_structure(options).items() if k not in given})
+        extra = model_kwargs.get("detector") or {}
+        self.model = detector.builder(
+            num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra
         )
         self._predictions: dict[int, dict[str, np.ndarray]] = {}
-        self._skipped = 0
+        self._skipped = SkipCounter()
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """``images``: list of ``(3, H, W)`` floats in ``[0, 1]`` -> boxes/labels/scores per image."""
         return self.model(images)
 
+    def export_example(self, height: int, width: int) -> Any:
+        """Detectors take a list of images: one ``(3, H, W)`` image is the example."""
+        return torch.rand(3, height, width)
+
     # -- training --
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
+        self._skipped.add(batch.skipped)
         if not batch.images:  # every sample unreadable
             return self.zero_loss()
         targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in batch.targets]
@@ -372,39 +230,30 @@ class DetectionTask(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self._skipped.report(f"training epoch {self.current_epoch}")
+
     # -- evaluation --
-    def _eval_step(self, batch: DetectionBatch) -> None:
+    def eval_epoch_start(self, stage: str) -> None:
+        self._predictions = {}
+
+    def eval_step(self, batch: DetectionBatch) -> None:
+        self._skipped.add(batch.skipped)
         if not batch.images:
             return
         outputs = self.model(batch.images)
         for t, o in zip(batch.targets, outputs):
             self._predictions[int(t["image_id"])] = _to_numpy(o)
 
-    def on_validation_epoch_start(self) -> None:
-        self._predictions = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._predictions = {}
-
-    def validation_step(self, batch: DetectionBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: DetectionBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val", self.trainer.val_dataloaders)
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test", self.trainer.test_dataloaders)
-
-    def _finish_eval(self, stage: str, loader: Any) -> None:
+    def eval_epoch_end(self, stage: str) -> None:
         # Every rank holds the predictions of its shard; gather them all (keyed by image id, so
         # a padded sampler's repeats count once), evaluate once on rank 0, share the numbers.
         predictions = gather_unique(self._predictions)
         self._predictions = {}
+        self._skipped.report(f"{stage} evaluation")
         if self.trainer.sanity_checking:
             return
+        loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         dataset = loader.dataset if not isinstance(loader, (list, tuple)) else loader[0].dataset
         split: DetectionSplit | None = getattr(dataset, "split", None)
         if split is None:
@@ -426,6 +275,7 @@ class DetectionTask(TaskModule):
 
     # -- prediction --
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
+        self._skipped.add(batch.skipped)
         if not batch.images:
             return []
         outputs = self.inference_model(batch.images)
@@ -438,6 +288,9 @@ class DetectionTask(TaskModule):
             }
             for t, o in zip(batch.targets, outputs)
         ]
+
+    def on_predict_epoch_end(self) -> None:
+        self._skipped.report("predict")
 
 
 # ---------------------------------------------------------------------------- prediction output
@@ -561,7 +414,7 @@ def main(args: list[str] | None = None) -> Any:
     """``python -m tasks.detect fit|validate|test|predict --config configs/detect/demo.yaml``."""
     return cli_main(
         DetectionTask,
-        DetectionData,
+        DetectionDataModule,
         task="detect",
         monitor=("val/AP", "max"),
         links=[

@@ -5,7 +5,11 @@ skipping unreadable samples with a count.
   and the files, the one reader of "images to run on" (detection and segmentation ``predict``,
   ReID ``extract``);
 * :func:`output_names`: a distinct output file stem per listed image;
-* :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`.
+* :class:`ImageListDataset`: the one dataset of "images without annotations" (listed by
+  :func:`list_images`, read by :func:`read_image`, unreadable ones returned as
+  :class:`SkippedSample`); each task formats its items for its own collate;
+* :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`,
+  :class:`SkipCounter` (skipped images gathered from every process and reported once).
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImageError",
+    "ImageListDataset",
+    "SkipCounter",
     "SkippedSample",
     "drop_skipped",
     "list_images",
@@ -164,3 +171,68 @@ def warn_skipped(skipped: Sequence[SkippedSample], where: str, max_listed: int =
     listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:max_listed])
     more = f" and {len(skipped) - max_listed} more" if len(skipped) > max_listed else ""
     warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=2)
+
+
+class SkipCounter:
+    """Skipped samples seen by this process, reported once for all processes.
+
+    ``add`` the ``(path, reason)`` pairs a batch carries; ``report(where)`` is a collective (every
+    rank calls it): it gathers every rank's list, warns once on global rank 0 with the count and
+    the first few files (:func:`warn_skipped`), clears, and returns the gathered list.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[SkippedSample] = []
+
+    def add(self, skipped: Sequence[Sequence[str]]) -> None:
+        self.items += [SkippedSample(str(s[0]), str(s[1])) for s in skipped]
+
+    def report(self, where: str) -> list[SkippedSample]:
+        from tasks.distributed import all_gather_objects, is_global_zero
+
+        gathered = [s for part in all_gather_objects(self.items) for s in part]
+        self.items = []
+        if is_global_zero():
+            warn_skipped(gathered, where)
+        return gathered
+
+
+class ImageListDataset(Dataset):
+    """Images to run on, from whatever :func:`list_images` takes (a folder searched recursively,
+    one image, a text file of paths, or a list of paths).
+
+    Items are ``{"image": uint8 (C, H, W), "index": i, "id": ids[i], "name": out_name, "path": str}``
+    (``ids`` default to the positions; ``name`` is :func:`output_names`' distinct stem, which names
+    the outputs), or a :class:`SkippedSample` for an unreadable file. ``transform`` applies to the
+    image. ``indices`` restricts the dataset to those positions of the list (``index`` keeps the
+    position in the full list).
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Sequence[str | Path],
+        ids: Sequence[Any] | None = None,
+        transform: Any = None,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        names, self.paths = list_images(source)
+        self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
+        if len(self.ids) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
+        self.names = output_names(names)
+        self.transform = transform
+        self.indices = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
+        index = self.indices[i]
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+        except BadImageError as e:
+            return SkippedSample(e.path, e.reason)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "index": index, "id": self.ids[index], "name": self.names[index], "path": str(path)}

@@ -5,7 +5,7 @@ smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features 
 center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
 embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
 cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
-``<log_dir>/<stage>_metrics.json`` (:func:`tasks.core.publish_metrics`) and a retrieval grid
+``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
 ``<log_dir>/retrieval/<stage>[_epochNNN].png``.
 
 ``extract`` turns a folder or list of images into an embeddings file, see
@@ -25,25 +25,34 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import Tensor, nn
 
-from tasks.core import (
-    EvalReport,
-    OptimConfig,
-    TaskModule,
-    all_gather_objects,
-    backbone_weights,
-    cli_main,
-    publish_metrics,
-)
+from tasks.builders import BuilderArgs, builder_signature
+from tasks.checkpoint import backbone_weights
+from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
-from tasks.images import SkippedSample, warn_skipped
+from tasks.deprecation import renamed
+from tasks.distributed import all_gather_objects
+from tasks.images import SkipCounter
+from tasks.module import TaskModule
+from tasks.optim import OptimConfig
+from tasks.reid_extract import extract_embeddings as _extract_embeddings
+from tasks.reid_extract import extract_main
+from tasks.reporting import EvalReport, publish_metrics
+from vggbackbone import VGGBackbone
 from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import reid_vgg
 
-__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "main"]
+__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "extract_embeddings", "main"]
+
+#: The ReID net's options: ``reid_vgg``'s own, and the ``VGGBackbone`` ones it forwards.
+_BUILDER_ARGS = BuilderArgs(
+    {"reid_vgg": reid_vgg},
+    supplied=frozenset({"num_classes", "weights_backbone"}),
+    extra=dict.fromkeys(("width_mult", "frozen_stages", "norm_eval"), VGGBackbone.__init__),
+)
 
 #: The evaluation settings among the hyper-parameters. Like every model argument they are stored
 #: in checkpoints, and like every model argument given explicitly (config file or command line)
-#: they win over the checkpoint's value (``tasks.core.TaskCLI``): ``validate --ckpt_path X
+#: they win over the checkpoint's value (``tasks.cli.TaskCLI``): ``validate --ckpt_path X
 #: --model.rerank true`` re-ranks.
 EVAL_OPTIONS = (
     "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
@@ -81,14 +90,12 @@ class CenterLoss(nn.Module):
         return loss
 
 
+@builder_signature(_BUILDER_ARGS, renamed_options=("batch_norm_eval",))
 class ReIDTask(TaskModule):
     """A :class:`~vggbackbone.models.ReIDNet` trained for re-identification.
 
     Args:
-        arch, weights_backbone, width_mult, frozen_stages, batch_norm_eval: the VGG backbone
-            (``batch_norm_eval`` = ``norm_eval``: BatchNorm statistics frozen).
-        output_stride: 16 (plain conv5) or 8 (dilated conv5), see ``reid_vgg``.
-        pooling, gem_p, embedding_dim, bnneck, normalize: the head, see ``ReIDNet``.
+        weights_backbone: backbone weights (path or torchvision weights name).
         num_classes: training identities; ``None`` takes them from the data module at fit time.
         label_smoothing: cross-entropy label smoothing (0.1 in the strong baseline).
         ce_weight, triplet_weight, center_weight: loss weights (center: 0 = off, 5e-4 in BoT).
@@ -99,22 +106,16 @@ class ReIDTask(TaskModule):
         max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
-        optim: optimiser and schedule (``tasks.core.OptimConfig``).
+        optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`).
+        **model_kwargs: the net's options with the builder's defaults: ``arch``, ``output_stride``,
+            ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
+            :func:`~vggbackbone.models.reid_vgg`, and the backbone's ``width_mult``,
+            ``frozen_stages``, ``norm_eval`` (old name ``batch_norm_eval``, warned once).
     """
 
     def __init__(
         self,
-        arch: str = "vgg16",
         weights_backbone: str | None = None,
-        width_mult: float = 1.0,
-        frozen_stages: int = 0,
-        batch_norm_eval: bool = False,
-        output_stride: int | None = None,
-        pooling: Literal["avg", "max", "gem"] = "gem",
-        gem_p: float = 3.0,
-        embedding_dim: int | None = None,
-        bnneck: bool = True,
-        normalize: bool = True,
         num_classes: int | None = None,
         label_smoothing: float = 0.1,
         ce_weight: float = 1.0,
@@ -134,23 +135,29 @@ class ReIDTask(TaskModule):
         optim: OptimConfig = OptimConfig(  # noqa: B008 (jsonargparse reads the default)
             name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01
         ),
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        old = model_kwargs.pop("batch_norm_eval", None)
+        if old is not None:
+            model_kwargs["norm_eval"] = renamed(
+                "model", "batch_norm_eval", "norm_eval", old, model_kwargs.get("norm_eval", False), False
+            )
+        options = _BUILDER_ARGS.resolve("model", "reid_vgg", model_kwargs)
+        self.save_options(
+            {
+                "weights_backbone": weights_backbone, "num_classes": num_classes,
+                "label_smoothing": label_smoothing, "ce_weight": ce_weight, "triplet_weight": triplet_weight,
+                "triplet_margin": triplet_margin, "center_weight": center_weight, "center_alpha": center_alpha,
+                "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1, "rerank_k2": rerank_k2,
+                "rerank_lambda": rerank_lambda, "max_rank": max_rank, "eval_chunk_size": eval_chunk_size,
+                "grid_queries": grid_queries, "grid_topk": grid_topk, "optim": optim,
+                **_BUILDER_ARGS.hparams("reid_vgg", model_kwargs),
+            }
+        )  # fmt: skip
         self.optim = optim
         self.model = reid_vgg(
-            arch,
-            num_classes or 0,
-            weights_backbone=backbone_weights(weights_backbone),
-            output_stride=output_stride,
-            pooling=pooling,
-            gem_p=gem_p,
-            embedding_dim=embedding_dim,
-            bnneck=bnneck,
-            normalize=normalize,
-            width_mult=width_mult,
-            frozen_stages=frozen_stages,
-            norm_eval=batch_norm_eval,
+            num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
         )
         dist_fn = distances.LpDistance(normalize_embeddings=False)  # the baseline's plain euclidean
         self.miner = miners.BatchHardMiner(distance=dist_fn)
@@ -161,7 +168,9 @@ class ReIDTask(TaskModule):
         if num_classes and center_weight > 0:
             self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha)
         self._eval_parts: list[tuple[Tensor, ...]] = []
-        self._skipped: list[SkippedSample] = []
+        # training and evaluation skips are counted and reported apart
+        self._train_skipped = SkipCounter()
+        self._eval_skipped = SkipCounter()
 
     # ------------------------------------------------------------------ classes known late
     def _set_num_classes(self, n: int) -> None:
@@ -198,7 +207,7 @@ class ReIDTask(TaskModule):
         return self.model(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
+        self._train_skipped.add(batch["skipped"])
         images, pids = batch["image"], batch["pid"]
         if images.numel() == 0:  # every image of the batch was unreadable
             return self.zero_loss()
@@ -218,10 +227,7 @@ class ReIDTask(TaskModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        skipped = [s for part in all_gather_objects(self._skipped) for s in part]
-        self._skipped = []
-        if self.trainer.is_global_zero:
-            warn_skipped(skipped, f"training epoch {self.current_epoch}")
+        self._train_skipped.report(f"training epoch {self.current_epoch}")
 
     # ------------------------------------------------------------------ evaluation
     def _sync_buffers(self) -> None:
@@ -236,14 +242,11 @@ class ReIDTask(TaskModule):
             for buf in self.buffers():
                 dist.broadcast(buf, src=0)
 
-    def on_validation_epoch_start(self) -> None:
+    def eval_epoch_start(self, stage: str) -> None:
         self._sync_buffers()
 
-    def on_test_epoch_start(self) -> None:
-        self._sync_buffers()
-
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        self._skipped += [SkippedSample(*s) for s in batch["skipped"]]
+    def eval_step(self, batch: dict[str, Any]) -> None:
+        self._eval_skipped.add(batch["skipped"])
         if batch["image"].numel() == 0:
             return
         emb = self.model(batch["image"])
@@ -251,31 +254,11 @@ class ReIDTask(TaskModule):
             (batch["index"].cpu(), batch["pid"].cpu(), batch["camid"].cpu(), batch["is_query"].cpu(), emb.float().cpu())
         )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
-    @property
-    def eval_options(self) -> dict[str, Any]:
-        """The evaluation settings (:data:`EVAL_OPTIONS`) this module evaluates with."""
-        return {k: self.hparams[k] for k in EVAL_OPTIONS}
-
-    def _evaluate(self, stage: str) -> None:
+    def eval_epoch_end(self, stage: str) -> None:
         parts, self._eval_parts = self._eval_parts, []
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
-        gathered = all_gather_objects((local, self._skipped))
-        self._skipped = []
-        if self.trainer.is_global_zero:
-            warn_skipped([s for g in gathered for s in g[1]], f"{stage} evaluation")
-        arrays = [g[0] for g in gathered if g[0] is not None]
+        self._eval_skipped.report(f"{stage} evaluation")
+        arrays = [g for g in all_gather_objects(local) if g is not None]
 
         def compute(log_dir: Path) -> EvalReport | None:
             return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)]) if arrays else None
@@ -364,16 +347,19 @@ class ReIDTask(TaskModule):
         return self.model.embedding_dim
 
 
+def extract_embeddings(model: str | Path | nn.Module, images: Any, out: str | Path, **kwargs: Any) -> Path:
+    """:func:`tasks.reid_extract.extract_embeddings` with checkpoints of :class:`ReIDTask` (``model`` a path)."""
+    return _extract_embeddings(model, images, out, task_class=ReIDTask, **kwargs)
+
+
 def main(args: list[str] | None = None) -> Any:
     """``python -m tasks.reid fit|validate|test|predict|extract ...``."""
-    from tasks.reid_extract import extract_main
-
     return cli_main(
         ReIDTask,
         ReIDDataModule,
         task="reid",
         monitor=("val/mAP", "max"),
-        extra_commands={"extract": extract_main},
+        extra_commands={"extract": lambda argv: extract_main(argv, ReIDTask)},
         args=args,
     )
 

@@ -37,15 +37,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from tasks.core import InferenceOptimization, TaskModule
-from tasks.images import BadImageError, SkippedSample, list_images, read_image, warn_skipped
+from tasks.callbacks import InferenceOptimization
+from tasks.images import ImageListDataset, SkippedSample, list_images, warn_skipped
+from tasks.module import TaskModule
 from vggbackbone.optimize import default_precision
 from vggbackbone.utils import atomic_path
 
-__all__ = ["extract_embeddings", "extract_main", "list_images", "load_embeddings"]
+__all__ = ["extract_embeddings", "extract_main", "load_embeddings"]
 
 MANIFEST = "manifest.json"
 _MERGE_ROWS = 65536  # paths per merge chunk
@@ -53,25 +54,12 @@ _MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any
 
 
 # ---------------------------------------------------------------------------- inputs
-# list_images (re-exported here, where it started): the shared reader of tasks.images.
-
-
-class _ImageList(Dataset):
-    def __init__(self, files: Sequence[Path], indices: np.ndarray, image_size: tuple[int, int]) -> None:
-        self.files, self.indices = files, indices
-        self.transform = v2.Compose(
-            [v2.Resize(tuple(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
-        )
-
-    def __len__(self) -> int:
-        return len(self.indices)
+class _Images(ImageListDataset):
+    """The images still to embed, as ``(index in the full list, image or SkippedSample)``."""
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | SkippedSample]:
-        index = int(self.indices[i])
-        try:
-            return index, self.transform(read_image(self.files[index]))
-        except BadImageError as e:
-            return index, SkippedSample(str(self.files[index]), e.reason)
+        item = super().__getitem__(i)
+        return self.indices[i], item if isinstance(item, SkippedSample) else item["image"]
 
 
 def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
@@ -189,7 +177,13 @@ class _ExtractData(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
-            _ImageList(self.files, self.todo, self.image_size),
+            _Images(
+                self.files,
+                transform=v2.Compose(
+                    [v2.Resize(tuple(self.image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
+                ),
+                indices=self.todo,
+            ),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
@@ -329,17 +323,21 @@ def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- entry points
-def _load_model(model: Any) -> tuple[pl.LightningModule, dict[str, Any], tuple[int, int] | None]:
+def _load_model(
+    model: Any, task_class: type[pl.LightningModule] | None
+) -> tuple[pl.LightningModule, dict[str, Any], tuple[int, int] | None]:
     """``(module, fingerprint, image size from the checkpoint)`` for a path, a ReIDTask or an nn.Module."""
     if isinstance(model, (str, Path)):
-        from tasks.reid import ReIDTask
-
+        if task_class is None:
+            raise TypeError(
+                f"{model}: a checkpoint needs its task class: use tasks.reid.extract_embeddings, or pass task_class="
+            )
         ckpt = Path(model)
         if not ckpt.is_file():
             raise FileNotFoundError(f"{ckpt}: checkpoint not found")
         raw = torch.load(ckpt, map_location="cpu", weights_only=True)
         size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
-        task = ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        task = task_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
         st = ckpt.stat()
         fp = {"model": str(ckpt.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return task, fp, tuple(size) if size else None
@@ -362,13 +360,15 @@ def extract_embeddings(
     trainer: pl.Trainer | dict[str, Any] | None = None,
     optimize: bool = True,
     precision: str = "auto",
+    task_class: type[pl.LightningModule] | None = None,
 ) -> Path:
     """Embed ``images`` with ``model`` into ``out`` (``.npz``, see the module doc); return ``out``.
 
     Args:
-        model: a checkpoint of ``python -m tasks.reid fit``, a ``ReIDTask``, or any ``nn.Module``
-            whose eval forward maps ``(N, 3, H, W)`` images in ``[0, 1]`` to ``(N, D)``
-            (a :class:`~vggbackbone.models.ReIDNet`).
+        model: a checkpoint of ``python -m tasks.reid fit`` (with ``task_class``; or call
+            :func:`tasks.reid.extract_embeddings`, which passes it), a ``ReIDTask``, or any
+            ``nn.Module`` whose eval forward maps ``(N, 3, H, W)`` images in ``[0, 1]`` to
+            ``(N, D)`` (a :class:`~vggbackbone.models.ReIDNet`).
         images: a folder, an image-list file, or a sequence of paths.
         out: the output ``.npz``.
         image_size: ``(height, width)`` images are resized to; default: the checkpoint's
@@ -383,11 +383,12 @@ def extract_embeddings(
             Reduced precision changes embeddings by up to
             :data:`vggbackbone.optimize.RELATIVE_TOLERANCE` (relative to the largest value);
             pass ``fp32`` for embeddings that match the plain model on any machine.
+        task_class: the ``LightningModule`` class a checkpoint ``model`` is loaded with.
     """
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the output must be a .npz file")
-    module, fingerprint, ckpt_size = _load_model(model)
+    module, fingerprint, ckpt_size = _load_model(model, task_class)
     size = tuple(image_size) if image_size is not None else ckpt_size
     if size is None:
         raise ValueError("image_size is required when the model is not a checkpoint that records it")
@@ -418,7 +419,7 @@ def extract_embeddings(
     return out
 
 
-def extract_main(argv: list[str]) -> Path:
+def extract_main(argv: list[str], task_class: type[pl.LightningModule]) -> Path:
     """``python -m tasks.reid extract --ckpt C --images DIR_OR_LIST --out F.npz [--trainer.* ...]``."""
     from pytorch_lightning.cli import LightningArgumentParser
 
@@ -452,10 +453,5 @@ def extract_main(argv: list[str]) -> Path:
         trainer=cfg.trainer.as_dict(),
         optimize=cfg.optimize,
         precision=cfg.precision,
+        task_class=task_class,
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    extract_main(sys.argv[1:])

@@ -8,7 +8,7 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
   and mean accuracy (:mod:`vggbackbone.metrics.segmentation`). Evaluation runs each image
   alone at its own size, so a prediction never depends on which images share its batch or
   process; the numbers are printed as a table, logged, and written to
-  ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.core.publish_metrics`; the IoU of a class
+  ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`; the IoU of a class
   absent from the set is NaN: not logged, ``null`` in the JSON);
 * inference: whole image, or sliding windows for images larger than the network should see;
 * ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
@@ -18,6 +18,9 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,33 +31,50 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from tasks.core import (
-    EvalReport,
-    OptimConfig,
-    TaskModule,
-    backbone_weights,
-    cli_main,
-    is_global_zero,
-    publish_metrics,
-)
-from tasks.data.segmentation import IGNORE_INDEX, SegmentationData
-from tasks.data.shapes import voc_palette
+from tasks.builders import BuilderArgs, builder_signature
+from tasks.checkpoint import backbone_weights
+from tasks.cli import cli_main
+from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
+from tasks.data.voc import voc_palette
+from tasks.deprecation import RenamedOptionWarning, old_names
+from tasks.distributed import is_global_zero
+from tasks.images import SkipCounter
+from tasks.module import TaskModule
+from tasks.optim import OptimConfig
+from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path
 
-__all__ = ["SegmentationModel", "build_segmentation_model", "main", "sliding_window_logits"]
+__all__ = ["SEGMENTATION_HEADS", "SegmentationTask", "build_segmentation_model", "main", "sliding_window_logits"]
+
+__getattr__ = old_names(
+    __name__, {"SegmentationModel": lambda: SegmentationTask, "SegmentationData": lambda: SegmentationDataModule}
+)
+
+#: Segmentation models by ``model.head``: adding one is a builder ``(arch, num_classes,
+#: weights_backbone, **options)`` and an entry here; its options become ``model.<option>`` keys.
+SEGMENTATION_HEADS: dict[str, Callable[..., nn.Module]] = {
+    "fcn32s": partial(fcn_vgg, variant="32s"),
+    "fcn16s": partial(fcn_vgg, variant="16s"),
+    "fcn8s": partial(fcn_vgg, variant="8s"),
+    "unet": unet_vgg,
+}
+
+_BUILDER_ARGS = BuilderArgs(
+    SEGMENTATION_HEADS,
+    supplied=frozenset({"num_classes", "weights_backbone"}),
+    excluded=frozenset({"norm_layer", "variant"}),
+)
 
 Head = Literal["fcn32s", "fcn16s", "fcn8s", "unet"]
 
 
 def build_segmentation_model(head: Head, arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """``fcn32s``/``fcn16s``/``fcn8s`` -> :func:`fcn_vgg`; ``unet`` -> :func:`unet_vgg`."""
-    if head.startswith("fcn"):
-        return fcn_vgg(arch, num_classes, head[3:], **kwargs)
-    if head == "unet":
-        return unet_vgg(arch, num_classes, **kwargs)
-    raise ValueError(f"unknown segmentation head {head!r}; choose fcn32s, fcn16s, fcn8s or unet")
+    """The :data:`SEGMENTATION_HEADS` builder ``head`` called with ``arch``, ``num_classes`` and its options."""
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"unknown segmentation head {head!r}; choose {', '.join(SEGMENTATION_HEADS)}")
+    return SEGMENTATION_HEADS[head](arch, num_classes, **kwargs)
 
 
 def sliding_window_logits(
@@ -102,20 +122,16 @@ class _Normalized(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-class SegmentationModel(TaskModule):
+@builder_signature(_BUILDER_ARGS)
+class SegmentationTask(TaskModule):
     """Semantic segmentation on VGGBackbone.
 
     Args:
         num_classes: classes including background (linked from ``data.num_classes``).
         class_names: names for the per-class table (linked from ``data.class_names``).
-        head: ``fcn32s``, ``fcn16s``, ``fcn8s`` (FCN-8s trained at once, with the reference skip
-            scaling) or ``unet`` (smp's U-Net decoder).
-        arch: VGG arch (``vgg16``, ``vgg16_bn``...).
+        head: a key of :data:`SEGMENTATION_HEADS`: ``fcn32s``, ``fcn16s``, ``fcn8s`` (FCN-8s
+            trained at once, with the reference skip scaling) or ``unet`` (smp's U-Net decoder).
         weights_backbone: backbone weights (path or torchvision weights name).
-        width_mult: channel multiplier of the backbone (small models for CPU demos).
-        frozen_stages: VGG blocks 1..k not trained.
-        head_kwargs: further arguments of :func:`fcn_vgg` / :func:`unet_vgg` (``decoder_channels``,
-            ``pool4_scale``, ``fc_channels``...).
         loss: ``ce``, ``ce+dice`` or ``ce+lovasz`` (smp's losses, multiclass, ignoring 255).
         aux_loss_weight: weight of the Dice/Lovasz term.
         inference: ``whole`` (each image at its size) or ``slide`` (``window`` crops).
@@ -125,8 +141,13 @@ class SegmentationModel(TaskModule):
             with a matching ``data.scale_size`` to train at that resolution.
         predict_dir: where ``predict`` writes masks and overlays.
         overlay_alpha: mask opacity in the overlays.
-        optim: optimiser and schedule (:class:`tasks.core.OptimConfig`); ``backbone_lr_mult``
+        optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to ``model.backbone`` (where the default ``backbone_prefix`` points).
+        head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``).
+        **model_kwargs: the head builder's options with its defaults (``arch``, ``width_mult``,
+            ``frozen_stages``, ``norm_eval``, ``pool4_scale``, ``decoder_channels``... of
+            :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`). An
+            unknown option, or one of another head, is an error naming it.
     """
 
     def __init__(
@@ -134,11 +155,7 @@ class SegmentationModel(TaskModule):
         num_classes: int = 21,
         class_names: list[str] | None = None,
         head: Head = "fcn8s",
-        arch: str = "vgg16",
         weights_backbone: str | None = None,
-        width_mult: float = 1.0,
-        frozen_stages: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
         loss: Literal["ce", "ce+dice", "ce+lovasz"] = "ce",
         aux_loss_weight: float = 1.0,
         inference: Literal["whole", "slide"] = "whole",
@@ -148,18 +165,38 @@ class SegmentationModel(TaskModule):
         predict_dir: str = "runs/segment/predict",
         overlay_alpha: float = 0.5,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
+        head_kwargs: dict[str, Any] | None = None,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if head_kwargs:
+            clash = sorted(set(head_kwargs) & set(model_kwargs))
+            if clash:
+                raise ValueError(f"model: {', '.join(clash)} given both in head_kwargs and directly")
+            warnings.warn(
+                f"model.head_kwargs is deprecated: write {', '.join(sorted(head_kwargs))} directly under model",
+                RenamedOptionWarning,
+                stacklevel=2,
+            )
+            model_kwargs = {**model_kwargs, **head_kwargs}
+        options = _BUILDER_ARGS.resolve("model", head, model_kwargs)
+        self.save_options(
+            {
+                "num_classes": num_classes, "class_names": class_names, "head": head,
+                "weights_backbone": weights_backbone, "loss": loss, "aux_loss_weight": aux_loss_weight,
+                "inference": inference, "window": window, "window_overlap": window_overlap,
+                "inference_scale": inference_scale, "predict_dir": predict_dir, "overlay_alpha": overlay_alpha,
+                "optim": optim, **_BUILDER_ARGS.hparams(head, model_kwargs),
+            }
+        )  # fmt: skip
         self.optim = optim
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        self.model = build_segmentation_model(
-            head, arch, num_classes, weights_backbone=backbone_weights(weights_backbone), width_mult=width_mult,
-            frozen_stages=frozen_stages, **(head_kwargs or {}),
-        )  # fmt: skip
+        self.model = SEGMENTATION_HEADS[head](
+            num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
+        )
         norm = self.model.normalization
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
@@ -173,6 +210,7 @@ class SegmentationModel(TaskModule):
         self.predict_dir, self.overlay_alpha = Path(predict_dir), overlay_alpha
         self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
         self._eval_loss: list[Tensor] = []
+        self._skipped = SkipCounter()
 
     @staticmethod
     def _aux_loss(name: str) -> nn.Module | None:
@@ -225,14 +263,19 @@ class SegmentationModel(TaskModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if not batch["id"]:  # every image of the batch was unreadable (already warned about)
+        self._skipped.add(batch.get("skipped", []))
+        if not batch["id"]:  # every image of the batch was unreadable
             return self.zero_loss()
         logits = self(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def on_train_epoch_end(self) -> None:
+        self._skipped.report(f"training epoch {self.current_epoch}")
+
+    def eval_step(self, batch: dict[str, Any]) -> None:
+        self._skipped.add(batch.get("skipped", []))
         if batch["image"] and "mask" not in batch:
             raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
         for image, mask in zip(batch["image"], batch.get("mask", [])):
@@ -240,19 +283,8 @@ class SegmentationModel(TaskModule):
             self.confmat.update(logits.argmax(1), mask[None])
             self._eval_loss.append(self.ce(logits, mask[None]).detach())
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    def _eval_epoch_end(self, stage: str) -> None:
+    def eval_epoch_end(self, stage: str) -> None:
+        self._skipped.report(f"{stage} evaluation")
         conf = self.confmat.compute().cpu()  # summed over every process (a collective)
         self.confmat.reset()
         losses = torch.stack(self._eval_loss) if self._eval_loss else torch.zeros(0, device=self.device)
@@ -277,6 +309,7 @@ class SegmentationModel(TaskModule):
         publish_metrics(self, stage, compute, prog_bar=("mIoU",))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        self._skipped.add(batch.get("skipped", []))
         written = []
         for image, sid in zip(batch["image"], batch["id"]):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
@@ -286,6 +319,7 @@ class SegmentationModel(TaskModule):
         return written
 
     def on_predict_epoch_end(self) -> None:
+        self._skipped.report("predict")
         if is_global_zero():
             print(f"predict: masks and overlays written to {self.predict_dir}")
 
@@ -321,7 +355,7 @@ LINKS = [
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m tasks.segment``."""
     return cli_main(
-        SegmentationModel, SegmentationData, task="segment", monitor=("val/mIoU", "max"), links=LINKS, args=args
+        SegmentationTask, SegmentationDataModule, task="segment", monitor=("val/mIoU", "max"), links=LINKS, args=args
     )
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ._build import building, ensure_dataset
@@ -94,6 +95,11 @@ class MarketConfig:
             raise ValueError("need 1 <= num_train_ids, num_test_ids and num_train_ids + num_test_ids <= 1500")
         if self.max_per_camera < 2 or self.height < 16 or self.width < 8:
             raise ValueError("need max_per_camera >= 2, height >= 16, width >= 8")
+
+
+# A data module built in Python holds this dataclass in its hyper-parameters: allow it in
+# torch.load(weights_only=True), which every checkpoint load of the tasks uses.
+torch.serialization.add_safe_globals([MarketConfig])
 
 
 @dataclass(frozen=True)

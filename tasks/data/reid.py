@@ -19,10 +19,10 @@ import csv
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,12 +30,12 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from tasks.core import TaskDataModule
 from tasks.data.market import MarketConfig, ensure_market
-from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image
+from tasks.deprecation import renamed
+from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, read_image
+from tasks.module import TaskDataModule
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "PKSampler",
     "ReIDDataModule",
     "ReIDDataset",
@@ -46,7 +46,6 @@ __all__ = [
     "read_pid_csv",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
@@ -277,8 +276,8 @@ class ReIDDataModule(TaskDataModule):
 
     Args:
         root: Market-1501 folder (``bounding_box_train``, ``query``, ``bounding_box_test``).
-        format: ``market`` (the folder layout) or ``csv`` (``train_csv``/``query_csv``/``gallery_csv``).
-        train_csv, query_csv, gallery_csv: CSV splits (header ``path,pid,camid``) for ``format: csv``.
+        layout: ``market`` (the folder layout) or ``csv`` (``train_csv``/``query_csv``/``gallery_csv``).
+        train_csv, query_csv, gallery_csv: CSV splits (header ``path,pid,camid``) for ``layout: csv``.
         synthetic: when set, ``prepare_data`` generates synthetic pedestrians with this config in
             ``root`` unless the same dataset is already there (the demo's self-contained data).
         image_size: ``[height, width]`` the crops are resized to (the strong baseline: 256x128).
@@ -286,18 +285,21 @@ class ReIDDataModule(TaskDataModule):
         k: images per identity in a training batch (batch size ``p * k`` per process).
         eval_batch_size: batch size of evaluation and extraction.
         num_workers: loader processes.
-        flip: probability of a horizontal flip.
+        hflip: probability of a horizontal flip.
         pad: pixels of padding before a random crop back to ``image_size`` (0: off).
         random_erasing: probability of random erasing (Zhong et al. 2020).
         erasing_value: the RGB value in ``[0, 1]`` erased areas get (the mean pixel, ImageNet's
             by default, so they become 0 after normalisation).
         color_jitter: brightness/contrast/saturation jitter strength (0: off).
+        format, flip: old names of ``layout`` and ``hflip`` (accepted, warned once).
     """
+
+    collate_fns: ClassVar[Mapping[str, Any]] = dict.fromkeys(("train", "val", "test", "predict"), collate_reid)
 
     def __init__(
         self,
         root: str = "data/market1501",
-        format: Literal["market", "csv"] = "market",
+        layout: Literal["market", "csv"] = "market",
         train_csv: str | None = None,
         query_csv: str | None = None,
         gallery_csv: str | None = None,
@@ -307,16 +309,21 @@ class ReIDDataModule(TaskDataModule):
         k: int = 4,
         eval_batch_size: int = 128,
         num_workers: int = 4,
-        flip: float = 0.5,
+        hflip: float = 0.5,
         pad: int = 10,
         random_erasing: float = 0.5,
         erasing_value: tuple[float, float, float] = (0.485, 0.456, 0.406),
         color_jitter: float = 0.0,
+        format: Literal["market", "csv"] | None = None,
+        flip: float | None = None,
     ) -> None:
         super().__init__(batch_size=p * k, eval_batch_size=eval_batch_size, num_workers=num_workers)
-        self.save_hyperparameters()
+        layout = renamed("data", "format", "layout", format, layout, "market")
+        hflip = renamed("data", "flip", "hflip", flip, hflip, 0.5)
+        self.save_hyperparameters(ignore=["format", "flip"])
+        self.hparams.update(layout=layout, hflip=hflip)
         self.root = Path(root)
-        self.format = format
+        self.layout = layout
         self.csvs = {"train": train_csv, "query": query_csv, "gallery": gallery_csv}
         self.synthetic = synthetic
         self.image_size = tuple(image_size)
@@ -324,7 +331,7 @@ class ReIDDataModule(TaskDataModule):
         self.train_transform = v2.Compose(
             [
                 v2.Resize(self.image_size, antialias=True),
-                v2.RandomHorizontalFlip(flip),
+                v2.RandomHorizontalFlip(hflip),
                 *([v2.Pad(pad), v2.RandomCrop(self.image_size)] if pad > 0 else []),
                 *([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
                 v2.ToDtype(torch.float32, scale=True),
@@ -346,9 +353,9 @@ class ReIDDataModule(TaskDataModule):
 
     def read_split(self, split: str) -> list[ReIDSample]:
         """Samples of ``train``, ``query`` or ``gallery`` (distractors kept in the gallery only)."""
-        if self.format == "csv":
+        if self.layout == "csv":
             if not self.csvs[split]:
-                raise ValueError(f"format: csv needs {split}_csv")
+                raise ValueError(f"layout: csv needs {split}_csv")
             samples = read_pid_csv(self.csvs[split])
             return [s for s in samples if s.pid != 0] if split == "train" else samples
         return read_market_split(self.root / MARKET_SPLITS[split], keep_distractors=split == "gallery")
@@ -363,6 +370,8 @@ class ReIDDataModule(TaskDataModule):
         if stage in (None, "fit", "validate", "test", "predict") and self.query_set is None:
             self.query_set = ReIDDataset(self.read_split("query"), self.eval_transform)
             self.gallery_set = ReIDDataset(self.read_split("gallery"), self.eval_transform)
+            # evaluation and predict: query then gallery (``is_query`` from the index)
+            self.val_set = self.test_set = self.predict_set = _Concat(self.query_set, self.gallery_set)
 
     @property
     def num_classes(self) -> int:
@@ -381,20 +390,13 @@ class ReIDDataModule(TaskDataModule):
         assert self.query_set is not None and self.gallery_set is not None
         return self.query_set.samples + self.gallery_set.samples
 
+    @property
+    def format(self) -> str:
+        """The old name of :attr:`layout`."""
+        return self.layout
+
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> Any:
+    def train_sampler(self) -> PKSampler:
+        """PK batches, with the same seed on every rank (Lightning's own distributed samplers read it the same way)."""
         assert self.train_set is not None
-        # the same seed on every rank (Lightning's own distributed samplers read it the same way)
-        sampler = PKSampler(self.train_set.labels, self.p, self.k, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        return self.make_loader(self.train_set, train=True, collate_fn=collate_reid, sampler=sampler)
-
-    def val_dataloader(self) -> Any:
-        assert self.query_set is not None and self.gallery_set is not None
-        return self.make_loader(_Concat(self.query_set, self.gallery_set), train=False, collate_fn=collate_reid)
-
-    def test_dataloader(self) -> Any:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        """Query then gallery (``python -m tasks.reid predict``; ``extract`` writes a file instead)."""
-        return self.val_dataloader()
+        return PKSampler(self.train_set.labels, self.p, self.k, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))

@@ -8,7 +8,7 @@
   objects first so small ones stay visible; crowd regions become 255 (ignored).
 * :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
   ``tv_tensors.Mask`` together (random scale, crop padded with 255 in the mask, flip).
-* :class:`SegmentationData`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
+* :class:`SegmentationDataModule`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
   generates the synthetic shapes data when asked (``shapes:``) and it is missing.
 
 Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
@@ -20,9 +20,9 @@ naming the file, since training on it would be silently wrong.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,19 +31,13 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.core import TaskDataModule
+from tasks.data.coco import read_coco_categories
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
-from tasks.images import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    SkippedSample,
-    drop_skipped,
-    list_images,
-    output_names,
-    read_image,
-    warn_skipped,
-)
+from tasks.data.voc import VOC_SEGMENTATION_CLASSES
+from tasks.deprecation import old_names
+from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
+from tasks.module import TaskDataModule
 
 __all__ = [
     "IGNORE_INDEX",
@@ -51,7 +45,7 @@ __all__ = [
     "BadMaskError",
     "COCOSegmentation",
     "ImageList",
-    "SegmentationData",
+    "SegmentationDataModule",
     "VOCSegmentation",
     "collate_eval",
     "collate_train",
@@ -60,11 +54,10 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the old name
+#: VOC's 21 segmentation labels, background first (:data:`tasks.data.voc.VOC_SEGMENTATION_CLASSES`).
+VOC_CLASSES = VOC_SEGMENTATION_CLASSES
+
+__getattr__ = old_names(__name__, {"SegmentationData": lambda: SegmentationDataModule})
 
 
 class BadMaskError(ValueError):
@@ -150,7 +143,7 @@ class VOCSegmentation(_SegmentationDataset):
         self,
         root: str | Path,
         split: str,
-        num_classes: int = len(VOC_CLASSES),
+        num_classes: int = len(VOC_SEGMENTATION_CLASSES),
         year: str = "VOC2012",
         transforms: Callable[[dict], dict] | None = None,
     ) -> None:
@@ -240,22 +233,20 @@ class COCOSegmentation(_SegmentationDataset):
         return self._finish(sample)
 
 
-class ImageList(Dataset):
-    """Images without masks, for ``predict``: whatever :func:`tasks.images.list_images` takes (a
-    folder searched recursively, a text file of paths, one image). A sample's ``id``, which names
-    its outputs, is :func:`tasks.images.output_names`' stem: the file stem, or ``sub__stem``
-    where files in different folders share a stem.
+class ImageList(ImageListDataset):
+    """Images without masks, for ``predict`` (:class:`tasks.images.ImageListDataset`) as
+    segmentation samples ``{"image", "id", "path"}``; ``id``, which names the outputs, is the
+    distinct output stem (the file stem, or ``sub__stem`` where files in different folders share one).
     """
 
     def __init__(self, source: str | Path) -> None:
-        names, self.paths = list_images(source)
-        self.ids = output_names(names)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        super().__init__(source)
 
     def __getitem__(self, i: int) -> dict | SkippedSample:
-        return _load(self.paths[i], self.ids[i], None)
+        item = super().__getitem__(i)
+        if isinstance(item, SkippedSample):
+            return item
+        return {"image": tv_tensors.Image(item["image"]), "id": item["name"], "path": item["path"]}
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -271,26 +262,31 @@ def train_transforms(
     crop_size: int,
     scale_size: int | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
-    hflip: bool = True,
+    hflip: float = 0.5,
 ) -> v2.Compose:
     """Random scale (``v2.ScaleJitter``: fit in ``scale_size`` times a factor in ``scale_range``),
     random ``crop_size`` crop (padded with 0 in the image and 255 = ignore in the mask) and
     horizontal flip, applied jointly to ``tv_tensors.Image`` and ``tv_tensors.Mask`` (masks
-    are resized with nearest neighbour)."""
+    are resized with nearest neighbour). ``hflip``: flip probability (``True``/``False``, the
+    old type, mean 0.5/0)."""
     size = scale_size or crop_size
     steps: list[Any] = [
         v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
     ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
+    hflip = _flip_probability(hflip)
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
     return v2.Compose(steps)
+
+
+def _flip_probability(hflip: float | bool) -> float:
+    return (0.5 if hflip else 0.0) if isinstance(hflip, bool) else float(hflip)
 
 
 def collate_train(samples: list[Any]) -> dict[str, Any]:
     """Same-size crops -> ``{"image": uint8 (N, 3, h, w), "mask": int64 (N, h, w), "id": [...]}``."""
-    kept, skipped = drop_skipped(samples)
-    warn_skipped(skipped, "segmentation training data")
+    kept, skipped = drop_skipped(samples)  # counted and reported once per epoch by the task
     return {
         "image": torch.stack([s["image"].as_subclass(torch.Tensor) for s in kept])
         if kept
@@ -299,6 +295,7 @@ def collate_train(samples: list[Any]) -> dict[str, Any]:
         if kept
         else torch.empty(0, 1, 1, dtype=torch.long),
         "id": [s["id"] for s in kept],
+        "skipped": [(s.path, s.reason) for s in skipped],
     }
 
 
@@ -308,12 +305,12 @@ def collate_eval(samples: list[Any]) -> dict[str, Any]:
     ``mask`` is there when the samples have masks, and (empty) when every sample of the batch
     was unreadable, so an evaluation step never finds it missing.
     """
-    kept, skipped = drop_skipped(samples)
-    warn_skipped(skipped, "segmentation evaluation data")
+    kept, skipped = drop_skipped(samples)  # counted and reported once per epoch by the task
     out: dict[str, Any] = {
         "image": [s["image"].as_subclass(torch.Tensor) for s in kept],
         "id": [s["id"] for s in kept],
         "path": [s["path"] for s in kept],
+        "skipped": [(s.path, s.reason) for s in skipped],
     }
     if not kept or "mask" in kept[0]:
         out["mask"] = [s["mask"].as_subclass(torch.Tensor).long() for s in kept]
@@ -321,7 +318,7 @@ def collate_eval(samples: list[Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- data module
-class SegmentationData(TaskDataModule):
+class SegmentationDataModule(TaskDataModule):
     """Semantic-segmentation data for ``python -m tasks.segment``.
 
     Args:
@@ -337,10 +334,15 @@ class SegmentationData(TaskDataModule):
         coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
         shapes: generate the synthetic shapes dataset in ``root`` with these settings when it
             is missing (the demo's embedded data).
-        crop_size, scale_size, scale_range, hflip: training augmentation (:func:`train_transforms`).
+        crop_size, scale_size, scale_range: training augmentation (:func:`train_transforms`).
+        hflip: horizontal flip probability in training (``true``/``false``, the old type, read as 0.5/0).
         batch_size, eval_batch_size, num_workers: loaders (evaluation runs image by image
             inside a batch, at each image's own size).
     """
+
+    collate_fns: ClassVar[Mapping[str, Any]] = {
+        "train": collate_train, "val": collate_eval, "test": collate_eval, "predict": collate_eval
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -358,7 +360,7 @@ class SegmentationData(TaskDataModule):
         crop_size: int = 320,
         scale_size: int | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
-        hflip: bool = True,
+        hflip: float | bool = 0.5,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -372,7 +374,8 @@ class SegmentationData(TaskDataModule):
         self.voc_year = voc_year
         self.coco_ann_file, self.coco_image_dir = coco_ann_file, coco_image_dir
         self.shapes = shapes
-        self.crop_size, self.scale_size, self.scale_range, self.hflip = crop_size, scale_size, scale_range, hflip
+        self.crop_size, self.scale_size, self.scale_range = crop_size, scale_size, scale_range
+        self.hflip = _flip_probability(hflip)
         self.classes = list(classes) if classes else self._default_classes()
         if len(self.classes) < 2:
             raise ValueError(f"classes needs background and at least one class, got {self.classes}")
@@ -381,12 +384,11 @@ class SegmentationData(TaskDataModule):
         if self.shapes is not None:
             return ["background", *SHAPES_CLASSES]
         if self.layout == "voc":
-            return list(VOC_CLASSES)
+            return list(VOC_SEGMENTATION_CLASSES)
         ann = self.root / self.coco_ann_file.format(split=self.train_split)
         if not ann.is_file():
             raise FileNotFoundError(f"{ann}: needed to read the class names; set data.classes or create the data first")
-        cats = sorted(json.loads(ann.read_text()).get("categories", []), key=lambda c: c["id"])
-        return ["background", *(c["name"] for c in cats)]
+        return ["background", *(c["name"] for c in read_coco_categories(ann))]
 
     @property
     def num_classes(self) -> int:
@@ -422,15 +424,3 @@ class SegmentationData(TaskDataModule):
             self.test_set = self.dataset(self.test_split)
         if stage in (None, "predict"):
             self.predict_set = ImageList(self.predict_images) if self.predict_images else self.dataset(self.val_split)
-
-    def train_dataloader(self) -> Any:
-        return self.make_loader(self.train_set, train=True, collate_fn=collate_train)
-
-    def val_dataloader(self) -> Any:
-        return self.make_loader(self.val_set, train=False, collate_fn=collate_eval)
-
-    def test_dataloader(self) -> Any:
-        return self.make_loader(self.test_set, train=False, collate_fn=collate_eval)
-
-    def predict_dataloader(self) -> Any:
-        return self.make_loader(self.predict_set, train=False, collate_fn=collate_eval)

@@ -29,9 +29,11 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ._build import building, ensure_dataset
+from .voc import voc_palette  # re-exported: its old home
 
 __all__ = ["CLASSES", "ShapesConfig", "ensure_shapes", "generate_shapes", "voc_palette"]
 
@@ -66,19 +68,9 @@ class ShapesConfig:
     layouts: tuple[str, ...] = ("coco", "voc")
 
 
-def voc_palette() -> list[int]:
-    """PASCAL VOC's 256-colour palette (class k gets VOC's colour k; 255 is the void colour)."""
-    palette = []
-    for k in range(256):
-        r = g = b = 0
-        c = k
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+# A data module built in Python holds this dataclass in its hyper-parameters: allow it in
+# torch.load(weights_only=True), which every checkpoint load of the tasks uses.
+torch.serialization.add_safe_globals([ShapesConfig])
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -1,0 +1,228 @@
+"""The command line of every task: ``python -m tasks.<task> fit|validate|test|predict|export ...``.
+
+* :class:`TaskCLI`: ``LightningCLI`` with forced checkpoint/LR-monitor/inference callbacks,
+  TensorBoard + CSV logs, and checkpoint hyper-parameters that never override explicit values;
+* :func:`cli_main`: the entry point each task's ``main`` calls, with room for extra subcommands;
+* :func:`export_main`: ``export --ckpt C --out model.onnx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from tasks.callbacks import InferenceOptimization, OptionalLearningRateMonitor
+from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
+from tasks.module import TaskModule
+from vggbackbone.models.export import export_task_onnx
+
+__all__ = ["TaskCLI", "cli_main", "export_main"]
+
+
+class TaskCLI(LightningCLI):
+    """LightningCLI with the callbacks every task wants, configurable from YAML.
+
+    * ``checkpoint:`` the best checkpoint by the task's metric (``best-<epoch>.ckpt``);
+    * ``last_checkpoint:`` ``last.ckpt``, rewritten at the end of every training epoch, which is
+      what ``--ckpt_path last`` and resuming use (Lightning 2.6's ``save_last`` only rewrites it
+      when a new best is saved);
+    * ``inference:`` :class:`InferenceOptimization` of the model used by ``predict``;
+    * ``lr_monitor:`` learning-rate logging (inactive with ``trainer.logger: false``);
+    * the task's own always-on callbacks (``callbacks=`` of :func:`cli_main`).
+
+    Argument links from the data module to the model (``data.num_classes -> model.num_classes``)
+    come from the task's ``links``. When ``trainer.default_root_dir`` is changed, the default
+    loggers follow it.
+    """
+
+    task_name: str = "task"
+    task_monitor: tuple[str, str] = ("val/loss", "min")
+    task_links: Sequence[tuple[str, str, str]] = ()
+    task_callbacks: Mapping[str, type[pl.Callback]] = {}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        monitor, mode = self.task_monitor
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": monitor,
+                "checkpoint.mode": mode,
+                "checkpoint.save_last": False,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.save_on_train_epoch_end": True,
+            }
+        )
+        parser.add_lightning_class_args(InferenceOptimization, "inference")
+        parser.add_lightning_class_args(OptionalLearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        for key, callback_class in self.task_callbacks.items():
+            parser.add_lightning_class_args(callback_class, key)
+        for source, target, apply_on in self.task_links:
+            parser.link_arguments(source, target, apply_on=apply_on)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._cli_args = (
+            None
+            if isinstance(args, (dict, Mapping)) or hasattr(args, "as_dict")
+            else (list(sys.argv[1:] if args is None else args))
+        )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyper-parameters fill the model config; what the user gave explicitly wins.
+
+        Lightning 2.6 lets the checkpoint's stored ``model`` arguments override the config file and
+        the command line, so ``validate --ckpt_path X --model.score_thresh 0.5`` would silently run
+        with the training value. Here the user's explicit ``model`` values (config files and flags,
+        without parser defaults) are applied again on top. Pretrained weights named in the config
+        (``weights_backbone``) become :data:`WEIGHTS_IN_CHECKPOINT` where the checkpoint says so:
+        its state dict replaces them, so they are not fetched (a checkpoint that kept naming its
+        weights, see :meth:`TaskModule.on_save_checkpoint`, keeps them).
+        """
+        super()._parse_ckpt_path()
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return
+        stored = self.config[sub].get("model")  # the checkpoint's hyper-parameters, where it had some
+        in_checkpoint = [
+            key for key in getattr(self.model_class, "pretrained_hparams", ())
+            if stored is not None and stored.get(key) == WEIGHTS_IN_CHECKPOINT
+        ]  # fmt: skip
+        if self._cli_args is not None:
+            explicit = self.parser.parse_args(self._cli_args, defaults=False)
+            model = explicit.get(sub, {}).get("model") if hasattr(explicit.get(sub, {}), "get") else None
+            if model:
+                given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+                self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
+        model_cfg = self.config[sub].get("model")
+        for key in in_checkpoint:
+            if model_cfg.get(key) is not None:
+                model_cfg[key] = WEIGHTS_IN_CHECKPOINT
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = cfg.get("trainer")
+        if trainer is None:
+            return
+        default_root = f"runs/{self.task_name}"
+        root = trainer.get("default_root_dir")
+        loggers = trainer.get("logger")
+        if root and root != default_root and isinstance(loggers, list):
+            for logger in loggers:
+                init = logger.get("init_args") if hasattr(logger, "get") else None
+                if init is not None and init.get("save_dir") == default_root:
+                    init["save_dir"] = root
+
+
+def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
+    """``python -m tasks.<task> export --ckpt C --out model.onnx [--height H --width W]``.
+
+    Loads a checkpoint of ``fit``, takes :meth:`TaskModule.export_model` and writes ONNX with
+    dynamic batch and image size through :func:`vggbackbone.models.export.export_task_onnx`,
+    checked against onnxruntime on two input sizes (``--no-verify`` skips that).
+    """
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{task} export", description=export_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help=f"checkpoint written by `python -m tasks.{task} fit`")
+    parser.add_argument("--out", required=True, help="output .onnx file (written atomically)")
+    parser.add_argument("--height", type=int, default=224, help="height of the example input (default 224)")
+    parser.add_argument("--width", type=int, default=224, help="width of the example input (default 224)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--no-verify", action="store_true", help="do not check the file with onnxruntime")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: checkpoint not found")
+    module = model_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    model = (module.export_model() if isinstance(module, TaskModule) else module.model).eval()
+    if isinstance(model, GeneralizedRCNN):
+        example = torch.rand(3, args.height, args.width)
+    else:
+        example = torch.rand(1, 3, args.height, args.width)
+    kwargs: dict[str, Any] = {"verify": not args.no_verify}
+    if args.opset is not None:
+        kwargs["opset"] = args.opset
+    out = export_task_onnx(model, args.out, example, **kwargs)
+    print(f"export: {ckpt} -> {out}")
+    return out
+
+
+def cli_main(
+    model_class: type[pl.LightningModule],
+    datamodule_class: type[pl.LightningDataModule],
+    *,
+    task: str,
+    monitor: tuple[str, str],
+    links: Iterable[tuple[str, str, str]] = (),
+    callbacks: Mapping[str, type[pl.Callback]] | None = None,
+    extra_commands: Mapping[str, Callable[[list[str]], Any]] | None = None,
+    args: list[str] | None = None,
+    run: bool = True,
+) -> TaskCLI | Any:
+    """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
+
+    ``callbacks`` maps YAML keys to callback classes that are always on (configured as
+    ``<key>.<arg>``, e.g. a prediction writer). ``export`` (:func:`export_main`) is always
+    there; ``extra_commands`` maps further subcommands (``extract``...) to functions that take
+    the remaining argv. Logs and
+    checkpoints go to ``runs/<task>/`` unless the YAML says otherwise
+    (``trainer.default_root_dir``, ``trainer.logger``).
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    commands: dict[str, Callable[[list[str]], Any]] = {"export": lambda rest: export_main(model_class, task, rest)}
+    commands.update(extra_commands or {})
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+
+    attrs = {
+        "task_name": task,
+        "task_monitor": monitor,
+        "task_links": tuple(links),
+        "task_callbacks": dict(callbacks or {}),
+    }
+    cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), attrs)
+    root = f"runs/{task}"
+    trainer_defaults = {
+        "default_root_dir": root,
+        "plugins": [{"class_path": "tasks.checkpoint.AtomicCheckpointIO"}],
+        "logger": [
+            # the first logger's folder (runs/<task>/version_N) also holds checkpoints and config.yaml
+            {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": root, "name": "", "default_hp_metric": False},
+            },
+            {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
+        ],
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI.*subclass_mode.*")
+        return cli_cls(
+            model_class,
+            datamodule_class,
+            trainer_defaults=trainer_defaults,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,  # None: LightningCLI reads sys.argv itself (and does not warn)
+            run=run,
+        )

@@ -1,0 +1,145 @@
+"""PASCAL VOC constants shared by detection and segmentation: the class list and the palette.
+
+* :data:`VOC_CLASSES`: the 20 object classes in the devkit's order (detection labels 1..20);
+* :data:`VOC_SEGMENTATION_CLASSES`: ``("background", *VOC_CLASSES)``, the 21 labels of
+  ``SegmentationClass`` PNGs (0 = background, 255 = void);
+* :func:`voc_palette`: the devkit's 256-colour palette of those PNGs;
+* :func:`read_voc`: ``VOCdevkit/VOC2007/{Annotations,JPEGImages,ImageSets/Main}`` XML boxes as a
+  :class:`~tasks.data.records.DetectionSplit`. A set is ``trainval`` (VOC2007 by default),
+  ``VOC2012/trainval``, or several joined by ``+`` (``VOC2007/trainval+VOC2012/trainval``, the
+  "07+12" recipe). VOC's 1-based inclusive pixel boxes become 0-based continuous
+  ``[xmin - 1, ymin - 1, xmax, ymax]``; ``difficult`` flags are kept (``ignore``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import numpy as np
+
+from tasks.data.records import DetectionRecord, DetectionSplit, clean_boxes, warn_boxes
+
+__all__ = ["VOC_CLASSES", "VOC_SEGMENTATION_CLASSES", "read_voc", "voc_palette"]
+
+#: PASCAL VOC's 20 object classes, in the devkit's order (detection labels 1..20; 0 is background).
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+#: The 21 labels of VOC segmentation masks: background (0) then :data:`VOC_CLASSES` (1..20).
+VOC_SEGMENTATION_CLASSES: tuple[str, ...] = ("background", *VOC_CLASSES)
+
+
+def voc_palette() -> list[int]:
+    """PASCAL VOC's 256-colour palette, flat ``[r0, g0, b0, r1, ...]`` (class k gets colour k; 255 is void).
+
+    The devkit's ``labelcolormap``: the bits of k spread over the high bits of r, g, b.
+    """
+    palette = []
+    for k in range(256):
+        r = g = b = 0
+        c = k
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _voc_sets(root: Path, spec: str, default_year: str) -> list[tuple[Path, str]]:
+    """``"trainval"`` / ``"VOC2012/trainval"`` / ``"a+b"`` -> ``[(VOCdevkit/VOCyyyy, split), ...]``."""
+    devkit = root / "VOCdevkit" if (root / "VOCdevkit").is_dir() else root
+    out = []
+    for part in spec.split("+"):
+        year, _, split = part.strip().rpartition("/")
+        out.append((devkit / (year or default_year), split))
+    return out
+
+
+def _voc_text(node: ET.Element, tag: str, xml: Path) -> str:
+    found = node.find(tag)
+    if found is None or found.text is None:
+        raise ValueError(f"{xml}: missing <{tag}>")
+    return found.text.strip()
+
+
+def read_voc(
+    root: str | Path,
+    sets: str,
+    classes: Sequence[str] = VOC_CLASSES,
+    *,
+    default_year: str = "VOC2007",
+) -> DetectionSplit:
+    """Read PASCAL VOC sets (see the module docstring for ``sets``), keeping ``difficult`` flags.
+
+    Image ids are the file ids as integers when they all are (VOC's ``000005``), else their
+    position in the list. Raises errors naming the list or XML file for anything unreadable,
+    and for object names not in ``classes``.
+    """
+    root = Path(root)
+    label_of = {name: i + 1 for i, name in enumerate(classes)}
+    items: list[tuple[Path, str]] = []
+    for year_dir, split in _voc_sets(root, sets, default_year):
+        listing = year_dir / "ImageSets" / "Main" / f"{split}.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"{listing}: VOC image set list not found")
+        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise ValueError(f"{listing}: image set list is empty")
+        items += [(year_dir, i) for i in ids]
+    numeric = all(i.isdigit() for _, i in items) and len({int(i) for _, i in items}) == len(items)
+    records: list[DetectionRecord] = []
+    dropped: list[str] = []
+    clipped_count = 0
+    for pos, (year_dir, file_id) in enumerate(items):
+        xml = year_dir / "Annotations" / f"{file_id}.xml"
+        if not xml.is_file():
+            raise FileNotFoundError(f"{xml}: annotation file not found")
+        try:
+            tree = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise ValueError(f"{xml}: not valid XML ({e})") from e
+        size = tree.find("size")
+        if size is None:
+            raise ValueError(f"{xml}: missing <size>")
+        w, h = int(float(_voc_text(size, "width", xml))), int(float(_voc_text(size, "height", xml)))
+        boxes, labels, difficult = [], [], []
+        for obj in tree.iter("object"):
+            name = _voc_text(obj, "name", xml)
+            if name not in label_of:
+                raise ValueError(
+                    f"{xml}: object class {name!r} is not one of the {len(classes)} classes {list(classes)}"
+                )
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise ValueError(f"{xml}: object {name!r} has no <bndbox>")
+            x0, y0, x1, y1 = (float(_voc_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive -> 0-based continuous
+            labels.append(label_of[name])
+            d = obj.find("difficult")
+            difficult.append(d is not None and d.text is not None and d.text.strip() == "1")
+        arr = np.array(boxes, np.float32).reshape(-1, 4)
+        cboxes, keep = clean_boxes(arr, w, h)
+        clipped_count += int(((cboxes != arr).any(1) & keep).sum())
+        dropped += [f"{xml.name} object {k} {boxes[k]}" for k in np.flatnonzero(~keep)]
+        cboxes = cboxes[keep]
+        records.append(
+            DetectionRecord(
+                image_id=int(file_id) if numeric else pos,
+                path=year_dir / "JPEGImages" / f"{file_id}.jpg",
+                width=w,
+                height=h,
+                boxes=cboxes.astype(np.float32),
+                labels=np.array(labels, np.int64)[keep],
+                ignore=np.array(difficult, bool)[keep],
+                area=((cboxes[:, 2] - cboxes[:, 0]) * (cboxes[:, 3] - cboxes[:, 1])).astype(np.float32),
+            )
+        )
+    warn_boxes(f"{root} ({sets})", dropped, clipped_count)
+    category_ids = list(range(1, len(classes) + 1))
+    return DetectionSplit(records, list(classes), category_ids, f"{root} ({sets})", "voc", len(dropped), clipped_count)

@@ -1,0 +1,236 @@
+"""The Lightning bases every task builds on: :class:`TaskModule` and :class:`TaskDataModule`."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
+from tasks.optim import OptimConfig, build_optimizer
+from tasks.reporting import DEFAULT_METRICS_FILE
+from vggbackbone.weights import resolve_normalization
+
+__all__ = ["TaskDataModule", "TaskModule"]
+
+
+class TaskModule(pl.LightningModule):
+    """Base ``LightningModule``: subclasses set ``self.optim`` and build ``self.model``.
+
+    What every task shares:
+
+    * ``configure_optimizers``: :func:`build_optimizer` over the task, ``backbone_lr_mult``
+      applied to the module at :attr:`backbone_path` (see :meth:`optim_config`);
+    * :meth:`zero_loss`: the training loss of a batch with nothing readable in it;
+    * checkpoints store the :attr:`pretrained_hparams` (``weights_backbone``) as
+      :data:`WEIGHTS_IN_CHECKPOINT` (when they were set, and unless the weights brought an input
+      normalisation other than the default, e.g. Caffe's): the state dict holds the trained
+      weights, so ``load_from_checkpoint``, ``export --ckpt`` and the CLI's ``--ckpt_path``
+      rebuild the model as the pretrained one it was without fetching ImageNet weights (the
+      run's ``config.yaml``/``hparams.yaml`` still record which weights it started from);
+    * :attr:`metrics_file`: where :func:`publish_metrics` writes evaluation metrics.
+    """
+
+    optim: OptimConfig
+    #: where the pretrained backbone sits in the task: OptimConfig's default prefix points here
+    backbone_path: str = "model.backbone"
+    #: hyper-parameters naming pretrained weights, which a checkpoint replaces
+    pretrained_hparams: tuple[str, ...] = ("weights_backbone",)
+    #: evaluation metrics file, relative to the trainer's log folder (``None``: not written)
+    metrics_file: str | None = DEFAULT_METRICS_FILE
+
+    def save_options(self, hparams: Mapping[str, Any]) -> None:
+        """``save_hyperparameters`` of exactly ``hparams`` (every option, builder options included).
+
+        Tasks whose ``__init__`` signature carries their builder's options
+        (:func:`tasks.builders.builder_signature`) take them as ``**model_kwargs``; Lightning's
+        ``save_hyperparameters`` reads the signature's names from the frame and would not find them.
+        """
+        self._log_hyperparams = True
+        self._set_hparams(dict(hparams))
+        self._hparams_name = None  # load_from_checkpoint passes them as keyword arguments
+        self._hparams_initial = copy.deepcopy(self._hparams)
+
+    def optim_config(self) -> OptimConfig:
+        """``self.optim`` with the default ``backbone_prefix`` (``backbone``) aimed at :attr:`backbone_path`."""
+        if self.optim.backbone_prefix.rstrip(".") == "backbone":
+            return replace(self.optim, backbone_prefix=self.backbone_path)
+        return self.optim
+
+    def zero_loss(self) -> Tensor:
+        """A zero loss connected to every trainable parameter.
+
+        For a training batch whose images were all unreadable: returning it (rather than
+        ``None``, which skips backward) keeps every DDP process in the same gradient all-reduce,
+        where one process skipping would leave the others waiting forever.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.device, requires_grad=True)
+        return sum(p.sum() for p in params) * 0.0  # type: ignore[return-value]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict) and self._rebuilds_without_weights():
+            for key in self.pretrained_hparams:
+                if hparams.get(key) is not None:
+                    hparams[key] = WEIGHTS_IN_CHECKPOINT
+
+    def _rebuilds_without_weights(self) -> bool:
+        """Whether the model built without weights expects the same input as this one.
+
+        The input normalisation comes with the weights (a file of this package can carry
+        Caffe's) and is not in the state dict; built without weights, a backbone takes the
+        default. Where they differ, the checkpoint keeps naming the weights.
+        """
+        try:
+            norm = getattr(self.get_submodule(self.backbone_path), "normalization", None)
+        except AttributeError:  # a task without a VGG backbone
+            return True
+        return norm is None or norm == resolve_normalization(None, len(norm.mean))
+
+    def export_model(self) -> nn.Module:
+        """The module ``python -m tasks.<task> export`` writes: it takes images in ``[0, 1]``.
+
+        ``self.model`` by default (detectors and ReID nets normalise their own input); tasks
+        whose model expects normalised input wrap it.
+        """
+        return self.model
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """``self.model``, or during ``predict`` its copy optimised by :class:`InferenceOptimization`."""
+        fast = self.__dict__.get("_fast_model")
+        return fast if fast is not None else self.model
+
+    def configure_optimizers(self) -> Any:
+        steps = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1.0
+        total = int(steps) if math.isfinite(steps) and steps > 0 else 1
+        opt, sched = build_optimizer(self, self.optim_config(), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -- evaluation: one pattern for validate and test --
+    def eval_step(self, batch: Any) -> None:
+        """Accumulate what the evaluation of one batch needs (predictions, confusion matrix...)."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate")
+
+    def eval_epoch_start(self, stage: str) -> None:
+        """Reset the accumulated state before an evaluation of ``stage`` (``val``/``test``)."""
+
+    def eval_epoch_end(self, stage: str) -> None:
+        """Every process: gather what :meth:`eval_step` accumulated and :func:`~tasks.reporting.publish_metrics`."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_epoch_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_epoch_start("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_epoch_end("test")
+
+    # -- export --
+    def export_example(self, height: int, width: int) -> Any:
+        """An example input of :meth:`export_model` (``(1, 3, H, W)``; detectors take a list of ``(3, H, W)``)."""
+        return torch.rand(1, 3, height, width)
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Common loader settings and the four ``*_dataloader`` methods.
+
+    Subclasses build ``self.train_set`` / ``self.val_set`` / ``self.test_set`` /
+    ``self.predict_set`` in ``setup`` and name a collate function per stage in
+    :attr:`collate_fns`; a training sampler (PK batches...) comes from :meth:`train_sampler`.
+    Evaluation loaders shard the dataset without padding when distributed (Lightning's
+    ``UnrepeatedDistributedSampler``), so summed metrics count every sample exactly once.
+    """
+
+    #: collate function of each stage (``train``, ``val``, ``test``, ``predict``); absent: PyTorch's default
+    collate_fns: ClassVar[Mapping[str, Callable[[list[Any]], Any]]] = {}
+
+    def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+
+    def stage_dataset(self, stage: str) -> Dataset:
+        """``self.<stage>_set``, with an error naming it when ``setup`` did not build it."""
+        dataset = getattr(self, f"{stage}_set", None)
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no {stage} dataset (setup() did not build {stage}_set)")
+        return dataset
+
+    def train_sampler(self) -> Any:
+        """Sampler of the training loader (``None``: shuffled, or Lightning's distributed sampler)."""
+        return None
+
+    def _loader(self, stage: str) -> DataLoader:
+        train = stage == "train"
+        return self.make_loader(
+            self.stage_dataset(stage),
+            train=train,
+            collate_fn=self.collate_fns.get(stage),
+            sampler=self.train_sampler() if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def make_loader(
+        self,
+        dataset: Dataset,
+        *,
+        train: bool,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        if not train and sampler is None and batch_sampler is None and dist.is_available() and dist.is_initialized():
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_fn,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            **kwargs,
+        )
