@@ -328,13 +328,13 @@ def _load_model(
 ) -> tuple[pl.LightningModule, dict[str, Any], tuple[int, int] | None]:
     """``(module, fingerprint, image size from the checkpoint)`` for a path, a ReIDTask or an nn.Module."""
     if isinstance(model, (str, Path)):
+        ckpt = Path(model)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: checkpoint not found")
         if task_class is None:
             raise TypeError(
                 f"{model}: a checkpoint needs its task class: use tasks.reid.extract_embeddings, or pass task_class="
             )
-        ckpt = Path(model)
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"{ckpt}: checkpoint not found")
         raw = torch.load(ckpt, map_location="cpu", weights_only=True)
         size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
         task = task_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)

@@ -331,15 +331,13 @@ def test_inference_optimization_only_during_predict(enabled: bool) -> None:
 def _tiny_task(task: str, weights: Path) -> TaskModule:
     from tasks.detect import DetectionTask
     from tasks.reid import ReIDTask
-    from tasks.segment import SegmentationModel
+    from tasks.segment import SegmentationTask
 
     small = {"arch": "vgg11_bn", "width_mult": 0.125, "weights_backbone": str(weights)}
     if task == "detect":
         return DetectionTask(classes=["a", "b"], fpn=True, **small)
     if task == "segment":
-        return SegmentationModel(
-            num_classes=3, head="unet", head_kwargs={"decoder_channels": [16, 16, 8, 8, 8]}, **small
-        )
+        return SegmentationTask(num_classes=3, head="unet", decoder_channels=[16, 16, 8, 8, 8], **small)
     return ReIDTask(num_classes=4, **small)
 
 

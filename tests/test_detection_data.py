@@ -20,7 +20,7 @@ from tasks.data.detection import (
     read_voc,
 )
 from tasks.data.shapes import CLASSES, ShapesConfig, generate_shapes
-from tasks.images import SkippedSample
+from tasks.images import SkipCounter, SkippedSample
 
 TINY = ShapesConfig(num_train=6, num_val=4, min_image_size=64, max_image_size=80, max_objects=3,
                     min_object_size=12, max_object_size=30, seed=3)  # fmt: skip
@@ -167,9 +167,13 @@ def test_missing_and_corrupt_images_are_skipped_with_a_counted_warning(shapes_co
     items = [ds[i] for i in range(4)]
     assert isinstance(items[0], SkippedSample) and "not found" in items[0].reason
     assert isinstance(items[1], SkippedSample) and "cannot decode" in items[1].reason
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)") as record:
-        batch = collate_detection(items)
-    assert str(split.records[0].path) in str(record[0].message)
+    batch = collate_detection(items)  # dropped and listed; the task counts and reports them
+    counter = SkipCounter()
+    counter.add(batch.skipped)
+    with pytest.warns(UserWarning, match=r"training: skipped 2 unreadable image\(s\)") as record:
+        assert counter.report("training") == [SkippedSample(str(r.path), why) for r, why in zip(split.records, [
+            "image file not found", items[1].reason])]  # fmt: skip
+    assert str(split.records[0].path) in str(record[0].message) and counter.items == []
     assert len(batch) == 2 and [p for p, _ in batch.skipped] == [str(r.path) for r in split.records[:2]]
     from lightning_fabric.utilities.apply_func import move_data_to_device
 
@@ -215,7 +219,7 @@ def test_predict_folder_dataset(tmp_path, shapes_root) -> None:
         shutil.copy(next((shapes_root / "images" / "val").glob("*.jpg")), tmp_path / sub / "same.jpg")
     (tmp_path / "b" / "empty_list.txt").write_text("\n")
     ds = ImageFolderDataset(tmp_path)
-    assert len(ds) == 2 and ds.out_names == ["a__same", "b__same"]  # tasks.images.output_names
+    assert len(ds) == 2 and ds.names == ["a__same", "b__same"]  # tasks.images.output_names
     img, meta = ds[1]
     assert img.shape[0] == 3 and meta["image_id"] == 1 and meta["path"].endswith("b/same.jpg")
     with pytest.raises(ValueError, match="no images found"):
@@ -225,29 +229,31 @@ def test_predict_folder_dataset(tmp_path, shapes_root) -> None:
 
 
 def test_data_module_generates_the_shapes_and_links_classes(tmp_path) -> None:
-    from tasks.detect import DetectionData
+    from tasks.data.detection import DetectionDataModule
 
-    dm = DetectionData(root=str(tmp_path / "shapes"), shapes=TINY, batch_size=2, num_workers=0)
+    dm = DetectionDataModule(root=str(tmp_path / "shapes"), shapes=TINY, batch_size=2, num_workers=0)
     assert dm.classes == list(CLASSES) and dm.category_ids == [1, 2, 3]  # known before any data exists
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_set) == TINY.num_train and len(dm.val_set) == TINY.num_val
     batch = next(iter(dm.train_dataloader()))
     assert len(batch.images) == 2 and all(t["boxes"].shape[-1] == 4 for t in batch.targets)
-    voc = DetectionData(root=str(tmp_path / "shapes"), format="voc", shapes=TINY, num_workers=0)
+    voc = DetectionDataModule(root=str(tmp_path / "shapes"), layout="voc", shapes=TINY, num_workers=0)
     voc.prepare_data()  # same config: not regenerated
     voc.setup("validate")
-    assert voc.val_set.split.format == "voc" and len(voc.val_set) == TINY.num_val
+    assert voc.val_set.split.layout == "voc" and len(voc.val_set) == TINY.num_val
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        coco = DetectionData(root=str(tmp_path / "shapes"), num_workers=0)  # plain COCO tree, classes from the file
+        coco = DetectionDataModule(
+            root=str(tmp_path / "shapes"), num_workers=0
+        )  # plain COCO tree, classes from the file
         assert coco.classes == list(CLASSES)
 
 
 def test_data_module_reads_coco_categories_from_the_file(tmp_path) -> None:
-    from tasks.detect import DetectionData
+    from tasks.data.detection import DetectionDataModule
 
-    dm = DetectionData(root=str(tmp_path), train_set="train2017", val_set="val2017", num_workers=0)
+    dm = DetectionDataModule(root=str(tmp_path), train_split="train2017", val_split="val2017", num_workers=0)
     with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
         _ = dm.classes
     (tmp_path / "annotations").mkdir()

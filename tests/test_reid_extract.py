@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from tasks.images import read_image
-from tasks.reid_extract import extract_embeddings, list_images, load_embeddings
+from tasks.images import list_images, read_image
+from tasks.reid_extract import extract_embeddings, load_embeddings
 from vggbackbone.models import reid_vgg
 from vggbackbone.optimize import RELATIVE_TOLERANCE
 
@@ -119,6 +119,13 @@ def test_clear_errors(tmp_path, images, net):
         extract_embeddings(net, images, tmp_path / "o.npz")
     with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
         extract_embeddings(tmp_path / "missing.ckpt", images, tmp_path / "o.npz")
+    from tasks.reid import extract_embeddings as extract_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
+        extract_checkpoint(tmp_path / "missing.ckpt", images, tmp_path / "o.npz")
+    (tmp_path / "some.ckpt").write_bytes(b"")
+    with pytest.raises(TypeError, match="some.ckpt: a checkpoint needs its task class: use tasks.reid.extract_embeddings"):
+        extract_embeddings(tmp_path / "some.ckpt", images, tmp_path / "o.npz")
 
 
 def test_merge_in_many_chunks_keeps_every_row_in_order(tmp_path, images, net, monkeypatch):

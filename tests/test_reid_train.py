@@ -82,4 +82,5 @@ def test_empty_training_batch_gives_a_zero_loss_on_every_parameter():
     assert loss.item() == 0.0
     loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
     assert all(p.grad is not None and not p.grad.any() for p in task.parameters() if p.requires_grad)
-    assert [s.path for s in task._skipped] == ["x.jpg"]  # still counted for the epoch's warning
+    assert [s.path for s in task._train_skipped.items] == ["x.jpg"]  # still counted for the epoch's warning
+    assert task._eval_skipped.items == []  # training and evaluation skips are counted apart

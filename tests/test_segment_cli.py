@@ -41,7 +41,7 @@ def _config(tmp: Path) -> Path:
             "head": "unet",
             "arch": "vgg11_bn",
             "width_mult": 0.125,
-            "head_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]},
+            "decoder_channels": [16, 16, 8, 8, 8],
             "loss": "ce+dice",
             "predict_dir": str(tmp / "predict"),
             "optim": {"name": "adamw", "lr": 0.001, "backbone_lr_mult": 0.5},

@@ -15,7 +15,7 @@ from tasks.data.segmentation import (
     BadMaskError,
     COCOSegmentation,
     ImageList,
-    SegmentationData,
+    SegmentationDataModule,
     VOCSegmentation,
     collate_eval,
     read_mask,
@@ -114,9 +114,9 @@ def test_voc_mask_of_wrong_size_and_corrupt_image(shapes: Path, tmp_path: Path) 
         ds[0]
     skipped = ds[1]
     assert isinstance(skipped, SkippedSample) and skipped.path.endswith(f"{ids[1]}.jpg")
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\).*" + ids[1]):
-        batch = collate_eval([skipped, ds[2]])
+    batch = collate_eval([skipped, ds[2]])
     assert batch["id"] == [ids[2]] and len(batch["mask"]) == 1
+    assert batch["skipped"] == [(skipped.path, skipped.reason)]  # counted and reported by the task
 
 
 def test_joint_transforms_keep_image_and_mask_aligned() -> None:
@@ -164,7 +164,7 @@ def test_write_prediction_palette_png_and_overlay(tmp_path: Path) -> None:
 
 
 def test_data_module_generates_shapes_and_defaults_classes(tmp_path: Path) -> None:
-    dm = SegmentationData(
+    dm = SegmentationDataModule(
         root=str(tmp_path / "shapes"), layout="coco", shapes=TINY_SHAPES, crop_size=32, batch_size=2, num_workers=0
     )
     assert dm.class_names == CLASSES and dm.num_classes == 4

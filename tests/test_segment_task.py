@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tasks.core import OptimConfig
-from tasks.segment import SegmentationModel
+from tasks.segment import SegmentationTask
 
-TINY = {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "head_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
+TINY = {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8]}
 
 
 def test_backbone_lr_mult_reaches_the_backbone() -> None:
-    m = SegmentationModel(num_classes=3, optim=OptimConfig(name="sgd", lr=0.1, backbone_lr_mult=0.1), **TINY)
+    m = SegmentationTask(num_classes=3, optim=OptimConfig(name="sgd", lr=0.1, backbone_lr_mult=0.1), **TINY)
     opt = m.configure_optimizers()["optimizer"]
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert all(lr_of[id(p)] == pytest.approx(0.01) for p in m.model.backbone.parameters())
@@ -20,7 +20,7 @@ def test_backbone_lr_mult_reaches_the_backbone() -> None:
 
 
 def test_uint8_input_is_normalised_with_the_backbone_statistics() -> None:
-    m = SegmentationModel(num_classes=3, **TINY).eval()
+    m = SegmentationTask(num_classes=3, **TINY).eval()
     images = torch.randint(0, 256, (1, 3, 40, 36), dtype=torch.uint8)
     expected = m.model(m.model.normalization(images.float() / 255))
     torch.testing.assert_close(m(images), expected)
@@ -28,7 +28,7 @@ def test_uint8_input_is_normalised_with_the_backbone_statistics() -> None:
 
 @pytest.mark.parametrize("loss", ["ce", "ce+dice", "ce+lovasz"])
 def test_losses_ignore_255(loss: str) -> None:
-    m = SegmentationModel(num_classes=3, loss=loss, **TINY)
+    m = SegmentationTask(num_classes=3, loss=loss, **TINY)
     logits = torch.randn(2, 3, 8, 8)
     masks = torch.randint(0, 3, (2, 8, 8))
     base = m.loss(logits, masks)
@@ -41,8 +41,8 @@ def test_losses_ignore_255(loss: str) -> None:
 
 
 def test_slide_and_whole_inference_agree_on_window_sized_images() -> None:
-    whole = SegmentationModel(num_classes=3, **TINY).eval()
-    slide = SegmentationModel(num_classes=3, inference="slide", window=64, **TINY).eval()
+    whole = SegmentationTask(num_classes=3, **TINY).eval()
+    slide = SegmentationTask(num_classes=3, inference="slide", window=64, **TINY).eval()
     slide.load_state_dict(whole.state_dict())
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(slide.predict_logits(image), whole.predict_logits(image))
@@ -51,8 +51,8 @@ def test_slide_and_whole_inference_agree_on_window_sized_images() -> None:
 
 
 def test_inference_scale_resizes_in_and_out() -> None:
-    full = SegmentationModel(num_classes=3, **TINY).eval()
-    half = SegmentationModel(num_classes=3, inference_scale=0.5, **TINY).eval()
+    full = SegmentationTask(num_classes=3, **TINY).eval()
+    half = SegmentationTask(num_classes=3, inference_scale=0.5, **TINY).eval()
     half.load_state_dict(full.state_dict())
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
     out = half.predict_logits(image)
@@ -63,7 +63,7 @@ def test_inference_scale_resizes_in_and_out() -> None:
 
 
 def test_empty_training_batch_gives_a_zero_loss_on_every_parameter() -> None:
-    m = SegmentationModel(num_classes=3, **TINY)
+    m = SegmentationTask(num_classes=3, **TINY)
     empty = {
         "image": torch.empty(0, 3, 1, 1, dtype=torch.uint8),
         "mask": torch.empty(0, 1, 1, dtype=torch.long),
@@ -83,17 +83,17 @@ def test_unreadable_validation_image_is_skipped_alone_in_its_batch(tmp_path) -> 
     import pytorch_lightning as pl
     from PIL import Image
 
-    from tasks.data.segmentation import SegmentationData
+    from tasks.data.segmentation import SegmentationDataModule
     from tasks.data.shapes import ShapesConfig
 
     shapes = ShapesConfig(num_train=2, num_val=3, min_image_size=40, max_image_size=48, min_object_size=10,
                           max_object_size=20, layouts=("voc",))  # fmt: skip
-    dm = SegmentationData(root=str(tmp_path / "shapes"), shapes=shapes, eval_batch_size=1, num_workers=0)
+    dm = SegmentationDataModule(root=str(tmp_path / "shapes"), shapes=shapes, eval_batch_size=1, num_workers=0)
     dm.prepare_data()
     voc = tmp_path / "shapes" / "VOCdevkit" / "VOC2007"
     ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     (voc / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(b"\xff\xd8 truncated")
-    model = SegmentationModel(num_classes=dm.num_classes, class_names=dm.class_names, **TINY)
+    model = SegmentationTask(num_classes=dm.num_classes, class_names=dm.class_names, **TINY)
     trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip
     with pytest.warns(UserWarning, match=rf"skipped 1 unreadable image\(s\): .*{ids[1]}\.jpg"):

@@ -80,7 +80,7 @@ def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path:
     import onnxruntime as ort
     from test_segment_cli import _config, _run
 
-    from tasks.segment import SegmentationModel, main
+    from tasks.segment import SegmentationTask, main
 
     cfg = _config(tmp_path)
     main(["fit", "--config", str(cfg), "--trainer.limit_val_batches", "0"])  # 2 training steps
@@ -91,7 +91,7 @@ def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path:
     proc = _run(["export", "--ckpt", str(ckpt), "--out", str(out), "--height", "48", "--width", "64"], tmp_path)
     assert f"-> {out}" in proc.stdout and out.is_file()
 
-    task = SegmentationModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    task = SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.rand(3, 3, 40, 72)  # [0, 1] images; another batch size and image size than the export's 1x48x64
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

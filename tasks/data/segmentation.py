@@ -241,12 +241,13 @@ class ImageList(ImageListDataset):
 
     def __init__(self, source: str | Path) -> None:
         super().__init__(source)
+        self.ids = self.names  # a sample's id names its outputs
 
     def __getitem__(self, i: int) -> dict | SkippedSample:
         item = super().__getitem__(i)
         if isinstance(item, SkippedSample):
             return item
-        return {"image": tv_tensors.Image(item["image"]), "id": item["name"], "path": item["path"]}
+        return {"image": tv_tensors.Image(item["image"]), "id": item["id"], "path": item["path"]}
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
