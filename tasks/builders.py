@@ -56,7 +56,9 @@ class BuilderArgs:
             for name, p in params.items():
                 if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in self.supplied or name in self.excluded:
                     continue
-                out.setdefault(name, p.replace(kind=p.KEYWORD_ONLY))
+                # a tuple default is written as a YAML list: give it as one, so it round-trips
+                default = list(p.default) if isinstance(p.default, tuple) else p.default
+                out.setdefault(name, p.replace(kind=p.KEYWORD_ONLY, default=default))
         if self.passthrough:
             out[self.passthrough] = inspect.Parameter(
                 self.passthrough, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict[str, Any] | None

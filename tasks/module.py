@@ -128,7 +128,6 @@ class TaskModule(pl.LightningModule):
 
     def eval_epoch_end(self, stage: str) -> None:
         """Every process: gather what :meth:`eval_step` accumulated and :func:`~tasks.reporting.publish_metrics`."""
-        raise NotImplementedError(f"{type(self).__name__} does not evaluate")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.eval_step(batch)
