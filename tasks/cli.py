@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -141,8 +140,6 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
     dynamic batch and image size through :func:`vggbackbone.models.export.export_task_onnx`,
     checked against onnxruntime on two input sizes (``--no-verify`` skips that).
     """
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{task} export", description=export_main.__doc__)
     parser.add_argument("--ckpt", required=True, help=f"checkpoint written by `python -m tasks.{task} fit`")
     parser.add_argument("--out", required=True, help="output .onnx file (written atomically)")
@@ -155,11 +152,10 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt}: checkpoint not found")
     module = model_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    model = (module.export_model() if isinstance(module, TaskModule) else module.model).eval()
-    if isinstance(model, GeneralizedRCNN):
-        example = torch.rand(3, args.height, args.width)
-    else:
-        example = torch.rand(1, 3, args.height, args.width)
+    if not isinstance(module, TaskModule):
+        raise TypeError(f"{model_class.__name__} is not a tasks.module.TaskModule: it does not say what to export")
+    model = module.export_model().eval()
+    example = module.export_example(args.height, args.width)  # the task knows its input form
     kwargs: dict[str, Any] = {"verify": not args.no_verify}
     if args.opset is not None:
         kwargs["opset"] = args.opset

@@ -124,7 +124,9 @@ def test_clear_errors(tmp_path, images, net):
     with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
         extract_checkpoint(tmp_path / "missing.ckpt", images, tmp_path / "o.npz")
     (tmp_path / "some.ckpt").write_bytes(b"")
-    with pytest.raises(TypeError, match="some.ckpt: a checkpoint needs its task class: use tasks.reid.extract_embeddings"):
+    with pytest.raises(
+        TypeError, match="some.ckpt: a checkpoint needs its task class: use tasks.reid.extract_embeddings"
+    ):
         extract_embeddings(tmp_path / "some.ckpt", images, tmp_path / "o.npz")
 
 
