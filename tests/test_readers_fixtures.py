@@ -105,7 +105,7 @@ def test_voc_palette_is_the_devkits() -> None:
     colour = {k: tuple(palette[3 * k : 3 * k + 3]) for k in (0, 1, 2, 15, 255)}
     # VOCdevkit's labelcolormap: background black, aeroplane dark red, bicycle green, person, void
     assert colour == {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 15: (192, 128, 128), 255: (224, 224, 192)}
-    assert VOC_SEGMENTATION_CLASSES == ("background", *VOC_CLASSES)
+    assert ("background", *VOC_CLASSES) == VOC_SEGMENTATION_CLASSES
 
 
 def test_voc_segmentation_class_png(tmp_path: Path) -> None:
