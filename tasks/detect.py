@@ -17,7 +17,6 @@ Every argument is in the YAML and can be overridden on the command line
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -35,7 +33,8 @@ from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, backbone_weights
 from tasks.cli import cli_main
 from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionSplit
 from tasks.deprecation import old_names
-from tasks.distributed import all_gather_objects, gather_unique, is_global_zero
+from tasks.detect_writer import DetectionWriter
+from tasks.distributed import gather_unique
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
@@ -43,7 +42,6 @@ from tasks.reporting import EvalReport, publish_metrics, write_json
 from vggbackbone import get_config
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
 from vggbackbone.models import fasterrcnn_vgg
-from vggbackbone.utils import atomic_path
 
 __all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
@@ -291,122 +289,6 @@ class DetectionTask(TaskModule):
 
     def on_predict_epoch_end(self) -> None:
         self._skipped.report("predict")
-
-
-# ---------------------------------------------------------------------------- prediction output
-_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]  # fmt: skip
-
-
-class DetectionWriter(BasePredictionWriter):
-    """Writes what ``predict`` finds: ``detections.json`` and drawn images.
-
-    * ``<output_dir>/detections.json``: COCO results (``image_id``, ``category_id``, ``bbox``
-      xywh, ``score``), every detection the model returns, gathered from all processes;
-    * ``<output_dir>/images.json``: ``[{id, file_name, width, height}]`` for those ids;
-    * ``<output_dir>/images/<name>.jpg``: each image with boxes scoring at least
-      ``score_threshold``, labelled ``class score``; ``<output_dir>/grid.jpg``: the first 16.
-
-    Every file is written atomically.
-    """
-
-    def __init__(
-        self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2
-    ) -> None:
-        super().__init__("batch")
-        self.output_dir = Path(output_dir)
-        self.score_threshold = score_threshold
-        self.draw = draw
-        self.line_width = line_width
-        self._detections: dict[int, dict[str, np.ndarray]] = {}
-        self._images: dict[int, dict[str, Any]] = {}
-        self._grid: list[Tensor] = []
-
-    def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._detections, self._images, self._grid = {}, {}, []
-
-    def write_on_batch_end(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        prediction: Any,
-        batch_indices: Any,
-        batch: DetectionBatch,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        from torchvision.utils import draw_bounding_boxes
-
-        classes = getattr(pl_module, "classes", None) or []
-        for image, pred in zip(batch.images, prediction):
-            iid = pred["image_id"]
-            path = Path(pred["path"]) if pred.get("path") else Path(f"{iid}.jpg")
-            h, w = image.shape[-2:]
-            self._detections[iid] = {k: pred[k] for k in ("boxes", "scores", "labels")}
-            self._images[iid] = {"id": iid, "file_name": str(path), "width": int(w), "height": int(h)}
-            if not self.draw:
-                continue
-            keep = pred["scores"] >= self.score_threshold
-            labels = pred["labels"][keep]
-            names = [
-                f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}"
-                for lab, s in zip(labels.tolist(), pred["scores"][keep])
-            ]
-            canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
-            drawn = draw_bounding_boxes(
-                canvas,
-                torch.as_tensor(pred["boxes"][keep]).reshape(-1, 4),
-                labels=names,
-                colors=[_COLORS[(int(lab) - 1) % len(_COLORS)] for lab in labels],
-                width=self.line_width,
-            )
-            self._save_jpeg(drawn, self.output_dir / "images" / f"{pred.get('out_name') or path.stem}.jpg")
-            if len(self._grid) < 16:
-                self._grid.append(drawn)
-
-    @staticmethod
-    def _save_jpeg(image: Tensor, path: Path) -> None:
-        from PIL import Image
-
-        with atomic_path(path) as tmp:
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="JPEG", quality=92)
-
-    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        detections = gather_unique(self._detections)
-        images = gather_unique(self._images)
-        grids = all_gather_objects(self._grid)
-        if not is_global_zero():
-            return
-        category_ids = getattr(pl_module, "category_ids", None)
-        if not category_ids:  # a module without them: labels are the category ids
-            top = max((int(p["labels"].max(initial=0)) for p in detections.values()), default=0)
-            category_ids = list(range(1, top + 1))
-        results = detections_to_coco(dict(sorted(detections.items())), category_ids)
-        write_json(self.output_dir / "detections.json", results)
-        write_json(self.output_dir / "images.json", [images[i] for i in sorted(images)])
-        drawn = [g for part in grids for g in part][:16]
-        if drawn:
-            self._save_jpeg(_grid(drawn), self.output_dir / "grid.jpg")
-        kept = sum(int((p["scores"] >= self.score_threshold).sum()) for p in detections.values())
-        print(
-            f"predict: {len(images)} images, {len(results)} detections ({kept} with score >= {self.score_threshold}) "
-            f"-> {self.output_dir / 'detections.json'}"
-            + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
-        )
-
-
-def _grid(images: list[Tensor], cell: int = 256) -> Tensor:
-    """Square-ish grid of uint8 images, each letterboxed into ``cell x cell``."""
-    from torchvision.transforms.v2.functional import pad, resize
-    from torchvision.utils import make_grid
-
-    cells = []
-    for im in images:
-        h, w = im.shape[-2:]
-        s = cell / max(h, w)
-        r = resize(im, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
-        cells.append(pad(r, [0, 0, cell - r.shape[-1], cell - r.shape[-2]], fill=255))
-    return make_grid(torch.stack(cells), nrow=math.ceil(math.sqrt(len(cells))), padding=4, pad_value=255)
 
 
 # ---------------------------------------------------------------------------- CLI

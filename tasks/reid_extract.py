@@ -27,7 +27,6 @@ import hashlib
 import json
 import shutil
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,15 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from tasks.callbacks import InferenceOptimization
-from tasks.images import ImageListDataset, SkippedSample, list_images, warn_skipped
+from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
+from tasks.images import ImageListDataset, SkippedSample, list_images
 from tasks.module import TaskModule
 from vggbackbone.optimize import default_precision
 from vggbackbone.utils import atomic_path
 
-__all__ = ["extract_embeddings", "extract_main", "load_embeddings"]
+__all__ = ["extract_embeddings", "extract_main", "load_embeddings", "merge_shards"]
 
 MANIFEST = "manifest.json"
-_MERGE_ROWS = 65536  # paths per merge chunk
-_MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any embedding size
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -69,57 +67,6 @@ def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
         "index": torch.tensor([i for i, _ in good], dtype=torch.long),
         "skipped": [(i, x.reason) for i, x in items if isinstance(x, SkippedSample)],
     }
-
-
-# ---------------------------------------------------------------------------- shards
-def _record_dtype(dim: int) -> np.dtype:
-    # one fixed-size record per image, so a crash mid-write loses at most a partial last record
-    return np.dtype([("index", "<i8"), ("embedding", "<f4", (dim,))])
-
-
-class _Shard:
-    """One rank's record file, read in bounded pieces.
-
-    Plain reads, not a memory map: a map keeps every page it touched resident (and counted in the
-    process's memory) until it is closed, and reading the index column of a map touches every
-    page, since records interleave indices and embeddings.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.dtype = _record_dtype(int(path.stem.rsplit("-d", 1)[1]))
-        self.dim = int(self.dtype["embedding"].shape[0])
-        self.count = path.stat().st_size // self.dtype.itemsize  # a partial last record is ignored
-
-    def indices(self) -> np.ndarray:
-        """Image index of every record, in file order (read ``_MERGE_BYTES`` at a time)."""
-        step = max(1, _MERGE_BYTES // self.dtype.itemsize)
-        parts = [self.read(a, min(self.count, a + step))["index"].copy() for a in range(0, self.count, step)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def read(self, first: int, last: int) -> np.ndarray:
-        """Records ``first:last``."""
-        return np.fromfile(self.path, self.dtype, count=last - first, offset=first * self.dtype.itemsize)
-
-    def embeddings(self, rows: np.ndarray) -> np.ndarray:
-        """Embeddings of the records at positions ``rows``, in that order.
-
-        Reads the span from the first to the last of them: a shard is written in increasing
-        image order, so the rows of one chunk of the output are contiguous in it.
-        """
-        if len(rows) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        first = int(rows.min())
-        return self.read(first, int(rows.max()) + 1)["embedding"][rows - first]
-
-
-def _read_skips(path: Path) -> dict[int, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        idx, _, reason = line.partition("\t")
-        if idx.isdigit() and reason:
-            out[int(idx)] = reason
-    return out
 
 
 class _EmbedModule(TaskModule):
@@ -169,9 +116,9 @@ class _ExtractData(pl.LightningDataModule):
         self.attempt = int(json.loads((self.parts / MANIFEST).read_text())["attempt"])
         done = np.zeros(len(self.names), bool)
         for rec in self.parts.glob("a*-r*-d*.rec"):
-            done[_Shard(rec).indices()] = True
+            done[Shard(rec).indices()] = True
         for skip in self.parts.glob("a*-r*.skip"):
-            done[list(_read_skips(skip))] = True
+            done[list(read_skips(skip))] = True
         self.resumed = int(done.sum())
         self.todo = np.flatnonzero(~done)
 
@@ -223,7 +170,7 @@ class _ShardWriter(BasePredictionWriter):
             self.rec_file = open(  # noqa: SIM115 (kept open across batches, closed in teardown)
                 self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab"
             )
-        rec = np.empty(len(emb), _record_dtype(emb.shape[1]))
+        rec = np.empty(len(emb), record_dtype(emb.shape[1]))
         rec["index"] = prediction["index"].cpu().numpy()
         rec["embedding"] = emb
         self.rec_file.write(rec.tobytes())
@@ -245,81 +192,6 @@ class _ShardWriter(BasePredictionWriter):
             merge_shards(self.data.parts, self.out, self.data.names)
             self.merged = True
         trainer.strategy.barrier("reid-extract-merged")
-
-
-# ---------------------------------------------------------------------------- merging
-def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Any) -> None:
-    """Stream an ``.npy`` member into a zip (np.savez would need the whole array in memory)."""
-    with zf.open(name, "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_2_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-        )
-        for chunk in chunks:
-            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
-
-
-def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
-    """Merge the shards in ``parts`` into ``out`` (``.npz``) in input order; remove ``parts``."""
-    shards = [sh for sh in (_Shard(p) for p in sorted(parts.glob("a*-r*-d*.rec"))) if sh.count]
-    skips: dict[int, str] = {}
-    for p in sorted(parts.glob("a*-r*.skip")):
-        skips.update(_read_skips(p))
-    dims = {sh.dim for sh in shards}
-    if len(dims) > 1:
-        raise RuntimeError(f"{parts}: shards disagree on the embedding size {sorted(dims)}")
-    dim = dims.pop() if dims else 0
-    indices = [sh.indices() for sh in shards]
-    has = np.zeros(len(names), bool)
-    for idx in indices:
-        has[idx] = True
-    missing = np.flatnonzero(~has)
-    missing = missing[~np.isin(missing, list(skips))]
-    if len(missing):
-        raise RuntimeError(
-            f"{parts}: {len(missing)} image(s) were neither embedded nor skipped, e.g. {names[missing[0]]}"
-        )
-    kept = np.flatnonzero(has)
-    orders = [np.argsort(idx, kind="stable") for idx in indices]  # record positions by image index
-    sorted_idx = [idx[o] for idx, o in zip(indices, orders)]
-
-    def embedding_chunks():
-        step = max(1, _MERGE_BYTES // (4 * max(dim, 1)))
-        for a in range(0, len(kept), step):
-            lo_i, hi_i = kept[a], kept[min(len(kept), a + step) - 1] + 1
-            idx_parts, emb_parts = [], []
-            for sh, o, s in zip(shards, orders, sorted_idx):
-                lo, hi = np.searchsorted(s, [lo_i, hi_i])
-                idx_parts.append(s[lo:hi])
-                emb_parts.append(sh.embeddings(o[lo:hi]))
-            idx = np.concatenate(idx_parts)
-            emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
-            _, first = np.unique(idx, return_index=True)  # a record written twice counts once
-            yield emb[first]
-
-    def path_chunks(sel: np.ndarray, width: int):
-        for a in range(0, len(sel), _MERGE_ROWS):
-            yield np.array([names[i] for i in sel[a : a + _MERGE_ROWS]], dtype=f"<U{width}")
-
-    skipped = np.array(sorted(i for i in skips if not has[i]), dtype=np.int64)
-    width = max((len(names[i]) for i in kept), default=1)
-    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
-        _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
-        sw = max((len(names[i]) for i in skipped), default=1)
-        _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
-        reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
-        _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
-    shutil.rmtree(parts, ignore_errors=True)
-    if len(skipped):
-        warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
-    print(f"extract: {len(kept)} embeddings of dimension {dim} -> {out} ({len(skipped)} unreadable image(s) skipped)")
-    return out
-
-
-def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
-    """``{"embeddings": (N, D) float32, "paths": (N,), "skipped_paths": (M,), "skipped_reasons": (M,)}``."""
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 # ---------------------------------------------------------------------------- entry points

@@ -131,7 +131,7 @@ def test_clear_errors(tmp_path, images, net):
 
 
 def test_merge_in_many_chunks_keeps_every_row_in_order(tmp_path, images, net, monkeypatch):
-    import tasks.reid_extract as rx
+    import tasks.embeddings_file as rx
 
     monkeypatch.setattr(rx, "_MERGE_BYTES", 2 * 12 * 4)  # two 12-d embeddings per chunk
     monkeypatch.setattr(rx, "_MERGE_ROWS", 3)  # three paths per chunk
