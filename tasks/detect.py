@@ -200,7 +200,9 @@ class DetectionTask(TaskModule):
             num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra
         )
         self._predictions: dict[int, dict[str, np.ndarray]] = {}
-        self._skipped = SkipCounter()
+        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
+        self._train_skipped = SkipCounter()
+        self._eval_skipped = SkipCounter()
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """``images``: list of ``(3, H, W)`` floats in ``[0, 1]`` -> boxes/labels/scores per image."""
@@ -212,7 +214,7 @@ class DetectionTask(TaskModule):
 
     # -- training --
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
-        self._skipped.add(batch.skipped)
+        self._train_skipped.add(batch.skipped)
         if not batch.images:  # every sample unreadable
             return self.zero_loss()
         targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in batch.targets]
@@ -229,14 +231,14 @@ class DetectionTask(TaskModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self._skipped.report(f"training epoch {self.current_epoch}")
+        self._train_skipped.report(f"training epoch {self.current_epoch}")
 
     # -- evaluation --
     def eval_epoch_start(self, stage: str) -> None:
         self._predictions = {}
 
     def eval_step(self, batch: DetectionBatch) -> None:
-        self._skipped.add(batch.skipped)
+        self._eval_skipped.add(batch.skipped)
         if not batch.images:
             return
         outputs = self.model(batch.images)
@@ -248,7 +250,7 @@ class DetectionTask(TaskModule):
         # a padded sampler's repeats count once), evaluate once on rank 0, share the numbers.
         predictions = gather_unique(self._predictions)
         self._predictions = {}
-        self._skipped.report(f"{stage} evaluation")
+        self._eval_skipped.report(f"{stage} evaluation")
         if self.trainer.sanity_checking:
             return
         loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -273,7 +275,7 @@ class DetectionTask(TaskModule):
 
     # -- prediction --
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
-        self._skipped.add(batch.skipped)
+        self._eval_skipped.add(batch.skipped)
         if not batch.images:
             return []
         outputs = self.inference_model(batch.images)
@@ -288,7 +290,7 @@ class DetectionTask(TaskModule):
         ]
 
     def on_predict_epoch_end(self) -> None:
-        self._skipped.report("predict")
+        self._eval_skipped.report("predict")
 
 
 # ---------------------------------------------------------------------------- CLI

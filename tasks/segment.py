@@ -210,7 +210,9 @@ class SegmentationTask(TaskModule):
         self.predict_dir, self.overlay_alpha = Path(predict_dir), overlay_alpha
         self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
         self._eval_loss: list[Tensor] = []
-        self._skipped = SkipCounter()
+        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
+        self._train_skipped = SkipCounter()
+        self._eval_skipped = SkipCounter()
 
     @staticmethod
     def _aux_loss(name: str) -> nn.Module | None:
@@ -263,7 +265,7 @@ class SegmentationTask(TaskModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._skipped.add(batch.get("skipped", []))
+        self._train_skipped.add(batch.get("skipped", []))
         if not batch["id"]:  # every image of the batch was unreadable
             return self.zero_loss()
         logits = self(batch["image"])
@@ -272,10 +274,10 @@ class SegmentationTask(TaskModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self._skipped.report(f"training epoch {self.current_epoch}")
+        self._train_skipped.report(f"training epoch {self.current_epoch}")
 
     def eval_step(self, batch: dict[str, Any]) -> None:
-        self._skipped.add(batch.get("skipped", []))
+        self._eval_skipped.add(batch.get("skipped", []))
         if batch["image"] and "mask" not in batch:
             raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
         for image, mask in zip(batch["image"], batch.get("mask", [])):
@@ -284,7 +286,7 @@ class SegmentationTask(TaskModule):
             self._eval_loss.append(self.ce(logits, mask[None]).detach())
 
     def eval_epoch_end(self, stage: str) -> None:
-        self._skipped.report(f"{stage} evaluation")
+        self._eval_skipped.report(f"{stage} evaluation")
         conf = self.confmat.compute().cpu()  # summed over every process (a collective)
         self.confmat.reset()
         losses = torch.stack(self._eval_loss) if self._eval_loss else torch.zeros(0, device=self.device)
@@ -309,7 +311,7 @@ class SegmentationTask(TaskModule):
         publish_metrics(self, stage, compute, prog_bar=("mIoU",))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        self._skipped.add(batch.get("skipped", []))
+        self._eval_skipped.add(batch.get("skipped", []))
         written = []
         for image, sid in zip(batch["image"], batch["id"]):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
@@ -319,7 +321,7 @@ class SegmentationTask(TaskModule):
         return written
 
     def on_predict_epoch_end(self) -> None:
-        self._skipped.report("predict")
+        self._eval_skipped.report("predict")
         if is_global_zero():
             print(f"predict: masks and overlays written to {self.predict_dir}")
 
