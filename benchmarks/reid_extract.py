@@ -58,8 +58,8 @@ from benchmarks.common import (  # noqa: E402
     update_section,
 )
 from tasks.data.market import MarketConfig, generate_market  # noqa: E402
-from tasks.images import read_image  # noqa: E402
-from tasks.reid_extract import extract_embeddings, list_images, load_embeddings  # noqa: E402
+from tasks.images import list_images, read_image  # noqa: E402
+from tasks.reid_extract import extract_embeddings, load_embeddings  # noqa: E402
 from vggbackbone import optimize_for_inference  # noqa: E402
 from vggbackbone.models import reid_vgg  # noqa: E402
 from vggbackbone.optimize import RELATIVE_TOLERANCE, default_precision  # noqa: E402

@@ -53,12 +53,13 @@ CLIP = 10.0
 
 def build(root: Path, args: Any) -> tuple[Any, Any]:
     """The demo data module (generated into ``root``) and the demo DetectionTask."""
-    from tasks.core import OptimConfig
+    from tasks.data.detection import DetectionDataModule
     from tasks.data.shapes import ShapesConfig, generate_shapes
-    from tasks.detect import DetectionData, DetectionTask
+    from tasks.detect import DetectionTask
+    from tasks.optim import OptimConfig
 
     generate_shapes(root, ShapesConfig(num_train=args.images, num_val=4, layouts=("coco",)), progress=False)
-    data = DetectionData(root=str(root), batch_size=args.batch, num_workers=args.workers, photometric=0.0)
+    data = DetectionDataModule(root=str(root), batch_size=args.batch, num_workers=args.workers, photometric=0.0)
     data.setup("fit")
     torch.manual_seed(0)
     task = DetectionTask(
@@ -87,7 +88,7 @@ def step_times(ends: list[float], skip: int) -> list[float]:
 
 
 def run_plain(task: Any, batches: list[Any], seed: int) -> list[float]:
-    from tasks.core import build_optimizer
+    from tasks.optim import build_optimizer
 
     torch.manual_seed(seed)
     task.train()
