@@ -526,7 +526,7 @@ def test_fc_taps_are_unpadded_by_default(size: int) -> None:
         want6 = torch.relu(nn.functional.conv2d(out["pool5"], fc6.weight, fc6.bias))
         want7 = torch.relu(nn.functional.conv2d(want6, bb.features.fc7.conv.weight, bb.features.fc7.conv.bias))
     n = size // 32 - 6
-    assert out["fc6"].shape == out["fc7"].shape[:1] + (16, n, n) == (1, 16, n, n)
+    assert out["fc6"].shape == out["fc7"].shape == (1, 16, n, n)
     assert torch.equal(out["fc6"], want6) and torch.equal(out["fc7"], want7)
 
 
