@@ -6,6 +6,7 @@ test_weights.py, tracing/compiling/ONNX in test_export.py.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -132,7 +133,13 @@ def test_module_names_follow_caffe() -> None:
 def _tiny(ceil_mode: bool, output_stride: int) -> VGGBackbone:
     """All taps of a thin vgg16_bn (cached: hypothesis calls the test many times)."""
     return VGGBackbone(
-        "vgg16_bn", list(TAPS), width_mult=0.125, fc_channels=16, ceil_mode=ceil_mode, output_stride=output_stride
+        "vgg16_bn",
+        list(TAPS),
+        width_mult=0.125,
+        fc_channels=16,
+        ceil_mode=ceil_mode,
+        output_stride=output_stride,
+        fc_padding="same",  # dense fc maps of pool5's size (the valid default is tested on its own)
     ).eval()
 
 
@@ -208,8 +215,8 @@ def test_too_small_input_is_a_clear_error() -> None:
 # ------------------------------------------------------------------------------ output stride
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_output_stride_by_dilation(output_stride: int) -> None:
-    dense = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, output_stride=output_stride).eval()
-    plain = VGGBackbone("vgg16", list(TAPS), width_mult=0.125).eval()
+    dense = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, output_stride=output_stride, fc_padding="same").eval()
+    plain = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, fc_padding="same").eval()
     plain.load_state_dict(dense.state_dict())  # same parameters: dilation changes no shapes
     assert dense.features.conv5.conv5_1.dilation == ((2, 2) if output_stride == 8 else (1, 1))
     assert dense.features.fc6.conv.dilation == ((4, 4) if output_stride == 8 else (2, 2))
@@ -242,7 +249,9 @@ def test_width_mult() -> None:
 
 def test_custom_block_spec_with_other_in_channels() -> None:
     spec = [(1, 16), (2, 24), (3, 40)]
-    bb = VGGBackbone(spec, list(VGGBackbone.available_taps(get_config(spec))), in_channels=4, batch_norm=True)
+    bb = VGGBackbone(
+        spec, list(VGGBackbone.available_taps(get_config(spec))), in_channels=4, batch_norm=True, fc_padding="same"
+    )
     assert bb.arch == "custom[[1,16],[2,24],[3,40]]"
     assert bb.output_stride == 8  # three strided pools
     assert list(bb.return_layers) == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc6", "fc7"]
@@ -271,7 +280,7 @@ def _bn_layers(m: nn.Module) -> list[nn.Module]:
 
 
 def test_frozen_stages() -> None:
-    bb = VGGBackbone("vgg11_bn", ["conv3", "fc7"], width_mult=0.125, frozen_stages=2).train()
+    bb = VGGBackbone("vgg11_bn", ["conv3", "fc7"], width_mult=0.125, frozen_stages=2, fc_padding="same").train()
     assert bb.training
     for name, p in bb.named_parameters():
         assert p.requires_grad == (not name.startswith(("features.conv1.", "features.conv2."))), name
@@ -341,7 +350,7 @@ def test_returned_taps_are_not_overwritten_by_later_inplace_ops(train: bool) -> 
     op, it would silently change after being returned (see the torchvision contrast below).
     """
     taps = [t for t in TAPS if not t.startswith("fc")] + (["fc6", "fc7"] if not train else [])
-    kw = dict(width_mult=0.125, fc_channels=32, fc_dropout=0.0)
+    kw = dict(width_mult=0.125, fc_channels=32, fc_dropout=0.0, fc_padding="same")
     full = randomize_(VGGBackbone("vgg13_bn", taps, **kw)).train(train)
     x = torch.randn(2, 3, 64, 64)
     together = full(x)
@@ -464,3 +473,212 @@ def test_forward_runs_exactly_torchvisions_aten_ops() -> None:
     ops = aten_ops(ours)
     assert ops == aten_ops(tv)
     assert ops["aten::conv2d"] == 13 and ops["aten::relu_"] == 13 and ops["aten::max_pool2d"] == 4
+
+
+# ------------------------------------------------------------------------------ package structure
+def _import_graph(package_dir, package: str) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports``, from every import statement (also ones inside
+    functions and ``if TYPE_CHECKING`` blocks: a lazy import must not hide a cycle)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        mod = ".".join(parts[:-1] if is_pkg else parts)
+        here = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1]) if node.level else ""
+                target = f"{base}.{node.module}" if base and node.module else (node.module or base)
+                deps.add(target)
+                deps |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` imports module x
+        graph[mod] = {d for d in deps if d.split(".")[0] == package}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_vggbackbone_import_graph_has_no_cycle() -> None:
+    import graphlib
+    from pathlib import Path
+
+    import vggbackbone
+
+    pkg = Path(vggbackbone.__file__).parent
+    graph = _import_graph(pkg, "vggbackbone")
+    assert {"vggbackbone.vgg", "vggbackbone.weights", "vggbackbone.config"} <= set(graph)
+    assert "vggbackbone.config" in graph["vggbackbone.weights"] and "vggbackbone.weights" in graph["vggbackbone.vgg"]
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
+
+
+# ------------------------------------------------------------------------------ fc6 padding
+@pytest.mark.parametrize("size", [224, 384])
+def test_fc_taps_are_unpadded_by_default(size: int) -> None:
+    """fc6 is a valid 7x7 conv on pool5 (the paper's dense evaluation): 1x1 at 224, 6x6 at 384."""
+    bb = randomize_(VGGBackbone("vgg11", ["pool5", "fc6", "fc7"], width_mult=0.0625, fc_channels=16)).eval()
+    assert bb.fc_padding == "valid" and bb.features.fc6.conv.padding == (0, 0)
+    assert bb.feature_info.reduction() == [32, 32, 32] and bb.feature_info.channels() == [32, 16, 16]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = bb(x)
+        fc6 = bb.features.fc6.conv
+        want6 = torch.relu(nn.functional.conv2d(out["pool5"], fc6.weight, fc6.bias))
+        want7 = torch.relu(nn.functional.conv2d(want6, bb.features.fc7.conv.weight, bb.features.fc7.conv.bias))
+    n = size // 32 - 6
+    assert out["fc6"].shape == out["fc7"].shape == (1, 16, n, n)
+    assert torch.equal(out["fc6"], want6) and torch.equal(out["fc7"], want7)
+
+
+def test_fc_padding_same_keeps_pool5_size_and_valid_refuses_small_inputs() -> None:
+    kw = dict(width_mult=0.0625, fc_channels=16)
+    valid = VGGBackbone("vgg11", ["pool5", "fc7"], **kw).eval()
+    same = VGGBackbone("vgg11", ["pool5", "fc7"], fc_padding="same", **kw).eval()
+    same.load_state_dict(valid.state_dict())  # same parameters, only the padding differs
+    assert same.features.fc6.conv.padding == (3, 3)
+    x = torch.randn(1, 3, 288, 256)
+    with torch.no_grad():
+        v, s = valid(x), same(x)
+    assert v["fc7"].shape[-2:] == (3, 2) and s["fc7"].shape[-2:] == (9, 8) == s["pool5"].shape[-2:]
+    # cells far enough from the border see no padding: the valid map is the inside of the same one
+    assert_close(s["fc7"][..., 3:-3, 3:-3], v["fc7"], rtol=1e-5, atol=1e-6)
+    # the smallest input with a 7x7 pool5 map: 224 (floor pools), 193 (ceil pools); dilated fc6
+    # (output stride 16, dilation 2) needs a 13x13 map: 208
+    for kwargs, smallest in (({}, 224), ({"ceil_mode": True}, 193), ({"output_stride": 16}, 208)):
+        bb = VGGBackbone("vgg11", ["fc7"], **kw, **kwargs).eval()
+        assert bb.min_input_size == smallest
+        with torch.no_grad():
+            assert bb(torch.randn(1, 3, smallest, smallest))["fc7"].shape[-2:] == (1, 1)
+        with pytest.raises(ValueError, match=rf"smaller than {smallest}, .*fc6's unpadded .*fc_padding='same'"):
+            bb(torch.randn(1, 3, smallest - 1, smallest))
+    with pytest.raises(ValueError, match="fc_padding must be 'valid' or 'same', got 'full'"):
+        VGGBackbone("vgg11", ["fc7"], fc_padding="full")
+
+
+# ------------------------------------------------------------------------------ every layer by name
+def _torchvision_layer_outputs(features: nn.Sequential, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer of torchvision's flat ``features`` run one by one, with in-place ops disabled,
+    under our Caffe name (``names[i]`` is ``features[i]``)."""
+    assert len(names) == len(features)
+    outs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in zip(names, features):
+            if isinstance(layer, nn.ReLU):
+                layer = nn.ReLU(inplace=False)
+            x = layer(x)
+            outs[name] = x
+    return outs
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg19_bn"])
+def test_every_layer_tap_equals_torchvision_layer_by_layer(arch: str) -> None:
+    """conv3_1 (pre-BN/ReLU), bn3_1, relu3_1, ..., pool5, all requested at once, each bit-identical
+    to that layer's output in torchvision's VGG run without in-place ops."""
+    from vggbackbone.config import block_layers, layer_taps
+    from vggbackbone.weights import to_canonical
+
+    features = tv_features(arch)
+    cfg = get_config(arch)
+    names = [n for b in range(1, 6) for n in (*block_layers(cfg, b), f"pool{b}")]
+    taps = [t for t in layer_taps(cfg) if t in names or t in TAPS[:10]]
+    assert len(taps) == len(features) + 5  # every layer, plus the block taps conv1..conv5
+    bb = VGGBackbone(arch, taps)
+    bb.load_state_dict(to_canonical({f"features.{k}": v for k, v in features.state_dict().items()}, cfg)[0])
+    bb.eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = bb(x)
+    ref = _torchvision_layer_outputs(features, names, x)
+    last_relu = {f"conv{b}": block_layers(cfg, b)[-1] for b in range(1, 6)}
+    assert list(out) == taps  # network order
+    for tap in taps:
+        assert torch.equal(out[tap], ref[last_relu.get(tap, tap)]), tap
+    # a pre-activation tap really is before the ReLU (negative values survive)
+    assert (out["conv3_1"] < 0).any() and (out["relu3_1"] >= 0).all()
+    if arch.endswith("_bn"):
+        assert (out["bn5_4"] < 0).any() and not torch.equal(out["conv5_4"], out["bn5_4"])
+    info = {f["key"]: f for f in bb.feature_info.get_dicts()}
+    assert info["conv3_1"] == {"num_chs": 256, "reduction": 4, "module": "features.conv3.conv3_1", "key": "conv3_1"}
+    assert info["conv3"]["module"] == "features.conv3" and info["pool5"]["reduction"] == 32
+
+
+def test_esrgan_conv5_4_before_relu_alone_builds_nothing_after_it() -> None:
+    """ESRGAN's perceptual layer: VGG19 conv5_4 before its ReLU, the deepest thing built."""
+    features = tv_features("vgg19")
+    from vggbackbone.weights import to_canonical
+
+    bb = VGGBackbone("vgg19", {"conv5_4": "feat"})
+    sd = to_canonical({f"features.{k}": v for k, v in features.state_dict().items()}, bb.config)[0]
+    bb.load_state_dict({k: v for k, v in sd.items() if k in bb.state_dict()})
+    bb.eval()
+    assert list(bb.features) == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4", "pool4", "conv5"]
+    assert list(bb.features.conv5._modules)[-1] == "conv5_4"  # relu5_4 and pool5 are not built
+    assert bb.out_channels == 512 and bb.feature_info.module_name() == ["features.conv5.conv5_4"]
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(bb(x)["feat"], features[:35](x))  # features[34] is conv5_4
+        assert (bb(x)["feat"] < 0).any()
+
+
+def test_layer_taps_keep_the_default_path_in_place_and_values_unchanged() -> None:
+    """Only a ReLU right after a returned pre-activation runs out of place; returned tensors are
+    the values each layer computed whatever else is returned (alone == together)."""
+    kw = dict(width_mult=0.125, fc_channels=16, fc_dropout=0.0)
+    plain = VGGBackbone("vgg13_bn", ["conv5"], **kw)
+    assert all(m.inplace for m in plain.modules() if isinstance(m, nn.ReLU))
+    taps = ["conv1_1", "relu1_1", "bn2_2", "conv3", "conv4_1", "bn4_1", "relu4_2", "pool4", "relu6", "fc7"]
+    full = randomize_(VGGBackbone("vgg13_bn", taps, fc_padding="same", **kw)).eval()
+    out_of_place = {n for n, m in full.named_modules() if isinstance(m, nn.ReLU) and not m.inplace}
+    # the ReLU ending each conv-bn group with a returned pre-activation (also conv1_1's, though a
+    # BatchNorm sits between them: folding it into the conv would make it an nn.Identity)
+    assert out_of_place == {"features.conv1.relu1_1", "features.conv2.relu2_2", "features.conv4.relu4_1"}
+    assert full.feature_info.module_name()[-2:] == ["features.fc6.relu", "features.fc7"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        together = full(x)
+        assert list(together) == taps
+        for tap in taps:
+            alone = VGGBackbone("vgg13_bn", [tap], fc_padding="same", **kw).eval()
+            alone.load_state_dict({k: v for k, v in full.state_dict().items() if k in alone.state_dict()})
+            assert torch.equal(together[tap], alone(x)[tap]), tap
+        # BatchNorm folded into its conv (vggbackbone.fold_batchnorm): conv1_1 still comes back before its ReLU
+        from vggbackbone import fold_batchnorm
+
+        assert fold_batchnorm(full) == 10
+        folded = full(x)
+    assert (folded["conv1_1"] < 0).any()  # not overwritten by relu1_1 through the Identity
+    with pytest.raises(ValueError, match=r"unknown tap\(s\) \['conv3_4', 'bn3_1'\].*every layer by its Caffe name"):
+        VGGBackbone("vgg13", ["conv3_4", "bn3_1"])  # vgg13 has two convs in block 3 and no BN
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, still supported
+def test_layer_taps_under_fx_script_and_compile() -> None:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    bb = randomize_(
+        VGGBackbone(
+            "vgg11_bn",
+            ["conv2_1", "bn3_1", "relu3_1", "conv4", "relu6"],
+            width_mult=0.125,
+            fc_channels=16,
+            fc_padding="same",
+        )
+    ).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ref = bb(x)
+        outs = {  # each on its own copy (fx tracing leaves marks that scripting then trips on)
+            "fx": torch.fx.symbolic_trace(copy.deepcopy(bb))(x),
+            "script": torch.jit.script(copy.deepcopy(bb))(x),
+            "compile": torch.compile(copy.deepcopy(bb), backend="aot_eager", fullgraph=True)(x),
+        }
+        # torchvision's extractor names a module "conv3_1" "conv3" (it strips _N suffixes to number
+        # repeated calls), so only block paths are safe there; our return_layers needs none of it
+        fe = create_feature_extractor(bb, {"features.conv3.bn3": "b", "features.conv4": "c4"})(x)
+    for how, out in outs.items():
+        assert list(out) == list(ref), how
+        for k in ref:
+            assert torch.equal(out[k], ref[k]), (how, k)
+    assert torch.equal(fe["b"], ref["bn3_1"]) and torch.equal(fe["c4"], ref["conv4"])
+    torch._dynamo.reset()
