@@ -17,6 +17,11 @@ SOURCES = {
 }
 
 
+def _conv(module: torch.nn.Module, layer: str) -> torch.nn.Conv2d:
+    """The convolution of a named VGG layer (``"conv5_1"``, ``"fc6"``), whatever the module nesting."""
+    return next(m for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d) and layer in n)
+
+
 def _head_outputs(model: SSD, size: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     feats = list(model.backbone(torch.rand(1, 3, size, size)).values())
     return feats, model.head(feats)
@@ -28,7 +33,8 @@ def test_sources_channels_and_default_boxes(size) -> None:
     assert isinstance(model, SSD) and isinstance(model.backbone, SSDVGGBackbone)
     bb = model.backbone
     # Caffe ceil-mode pools everywhere (torchvision patches pool3: 75 -> 38 at 300)
-    assert all(m.ceil_mode for n, m in bb.body.features.items() if n.startswith("pool"))
+    pools = [m for m in bb.body.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 4 and all(m.ceil_mode for m in pools)  # pool1..pool4; pool5 is SSD's own
     assert isinstance(bb.l2norm, L2Norm) and torch.equal(bb.l2norm.weight, torch.full((64,), 20.0))
     pool5, fc6, fc7 = bb.fc.pool5, bb.fc.fc6, bb.fc.fc7
     assert (pool5.kernel_size, pool5.stride, pool5.padding) == (3, 1, 1)
@@ -130,14 +136,14 @@ def test_fc6_fc7_are_subsampled_from_the_classifier(tmp_path) -> None:
     path = src.save_weights(tmp_path / "vgg11.pth")
     model = ssd_vgg("vgg11", size=300, num_classes=3, weights_backbone=path, width_mult=0.25)
     bb = model.backbone
-    w6, w7 = src.features["fc6"].conv.weight, src.features["fc7"].conv.weight
-    assert bb.fc.fc6.weight.shape == (256, 128, 3, 3)  # 1024 * 0.25
-    assert torch.equal(bb.fc.fc6.weight, w6[::4, :, ::3, ::3])
-    assert torch.equal(bb.fc.fc6.bias, src.features["fc6"].conv.bias[::4])
-    assert torch.equal(bb.fc.fc7.weight, w7[::4, ::4])
-    assert torch.equal(bb.body.features["conv5"][0].weight, src.features["conv5"][0].weight)
-    assert not any(p.requires_grad for p in bb.body.features["conv1"].parameters())  # frozen_stages=1
-    assert all(p.requires_grad for p in bb.body.features["conv2"].parameters())
+    fc6, fc7 = _conv(src, "fc6"), _conv(src, "fc7")
+    assert fc6.weight.shape == (1024, 128, 7, 7) and bb.fc.fc6.weight.shape == (256, 128, 3, 3)  # 1024 * 0.25
+    assert torch.equal(bb.fc.fc6.weight, fc6.weight[::4, :, ::3, ::3])
+    assert torch.equal(bb.fc.fc6.bias, fc6.bias[::4])
+    assert torch.equal(bb.fc.fc7.weight, fc7.weight[::4, ::4]) and torch.equal(bb.fc.fc7.bias, fc7.bias[::4])
+    assert torch.equal(_conv(bb.body, "conv5_2").weight, _conv(src, "conv5_2").weight)
+    for name, p in bb.body.named_parameters():  # frozen_stages=1, as torchvision's trainable_backbone_layers=4
+        assert p.requires_grad == ("conv1_" not in name), name
 
     no_fc = VGGBackbone("vgg11", return_layers=["conv5"], width_mult=0.25).save_weights(tmp_path / "nofc.pth")
     with pytest.warns(UserWarning, match="no classifier fc6/fc7; fc6/fc7 start from random"):
