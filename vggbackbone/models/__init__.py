@@ -3,6 +3,8 @@
 from .detection import fasterrcnn_vgg
 from .fcn import FCN, fcn_vgg
 from .reid import GeM, ReIDNet, ReIDOutput, reid_vgg
+from .single_stage import fcos_vgg, retinanet_vgg
+from .ssd import ssd_vgg
 from .unet import UNetVGG, unet_vgg
 
 __all__ = [
@@ -13,7 +15,10 @@ __all__ = [
     "UNetVGG",
     "fasterrcnn_vgg",
     "fcn_vgg",
+    "fcos_vgg",
     "reid_vgg",
+    "retinanet_vgg",
+    "ssd_vgg",
     "unet_vgg",
 ]
 

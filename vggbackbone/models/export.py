@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
 
 from ..export import DEFAULT_OPSET, export_onnx, verify_onnx
 from ..utils import atomic_path
@@ -39,6 +42,8 @@ from ..utils import atomic_path
 __all__ = ["DetectorForExport", "export_detector_onnx", "export_task_onnx"]
 
 DETECTION_OUTPUTS = ("boxes", "labels", "scores")
+#: torchvision detectors: a list of images in, a list of ``{boxes, labels, scores}`` out in eval mode.
+DETECTORS = (GeneralizedRCNN, SSD, RetinaNet, FCOS)
 
 
 class DetectorForExport(nn.Module):
@@ -70,7 +75,7 @@ def export_detector_onnx(
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> Path:
-    """Export a torchvision detector (``fasterrcnn_vgg``) to ONNX at ``path``, atomically.
+    """Export a torchvision detector (``fasterrcnn_vgg``, ``ssd_vgg``...) to ONNX at ``path``, atomically.
 
     Args:
         model: the detector; exported in eval mode (its mode is restored after).
@@ -123,7 +128,7 @@ def export_task_onnx(model: nn.Module, path: str | os.PathLike[str], example_inp
     (or a batch of one) for a detector. ``kwargs`` go to :func:`export_detector_onnx` or
     :func:`vggbackbone.export.export_onnx`.
     """
-    if isinstance(model, GeneralizedRCNN):
+    if isinstance(model, DETECTORS):
         image = example_input[0] if example_input.dim() == 4 else example_input
         return export_detector_onnx(model, path, image, **kwargs)  # type: ignore[arg-type]
     return export_onnx(model, path, example_input, **kwargs)  # type: ignore[arg-type]
