@@ -17,17 +17,21 @@ What each step does, and when it helps (measured numbers: ``docs/benchmarks.md``
   oneDNN (CPU) and cuDNN tensor cores run fastest.
 * **precision**: ``"bf16"``/``"fp16"`` run the model under :func:`torch.autocast`, so ops that
   need fp32 (losses, box decoding, RoI ops, softmax) keep it; floating outputs are cast back
-  to float32. ``"auto"`` picks bf16 only where the hardware runs it fast: CUDA (bf16 where
-  supported, else fp16) and CPUs with AMX or AVX512-BF16. On other CPUs (e.g. AVX2-only)
-  oneDNN has no fast bf16/fp16 convolution kernels and reduced precision is 5-100x *slower*
-  than fp32, so ``"auto"`` stays in fp32.
+  to float32. ``"int8"`` (CPU, needs ``calibration``) quantises every VGG backbone inside the
+  model with torchao's PT2E flow and the x86 inductor quantizer and compiles it
+  (:func:`quantize_int8`); on a CPU without AMX-INT8/AVX512-VNNI/AVX-VNNI it falls back to
+  fp32 with a warning. ``"auto"``: on a CPU, the fastest of fp32 / bf16 / int8 (int8 only
+  with ``calibration`` and VNNI/AMX) on a probe convolution, measured once per process and
+  logged; on CUDA bf16 where supported, else fp16. On AVX2-only CPUs oneDNN has no fast
+  bf16/fp16 convolution kernels (5-100x *slower* than fp32), and the probe sees it.
 * **compile**: :func:`torch.compile` with inductor and ``freezing`` (weights become constants,
   so inductor can pre-pack them for oneDNN and fold the autocast weight casts). ``True`` or
   ``"max-autotune"``; costs a one-off compile time on the first call of each input shape.
 
 Tolerance (max relative error ``max|y - y_ref| / max|y_ref|`` per output tensor vs the fp32
 eager model, VGG16 conv taps, checked in ``tests/test_optimize.py``): fp32 (with folding
-and channels_last) <= 1e-4 (typically ~1e-6); fp16 <= 1e-2; bf16 <= 5e-2 (typically ~1e-2).
+and channels_last) <= 1e-4 (typically ~1e-6); fp16 <= 1e-2; bf16 <= 5e-2 (typically ~1e-2);
+int8: :data:`INT8_TOLERANCE` (``tests/test_int8.py``).
 """
 
 from __future__ import annotations
@@ -650,7 +654,8 @@ def optimize_for_inference(
         channels_last: convert 4-D weights and inputs to NHWC.
         fuse_bn: fold BatchNorm into the preceding conv/linear (:func:`fold_batchnorm`).
         compile: ``False``; ``True`` (inductor with freezing) or ``"max-autotune"``. The first
-            call per input shape compiles (tens of seconds on a small CPU).
+            call per input shape compiles (tens of seconds on a small CPU). With int8 the
+            quantised parts are always compiled and the rest runs eager.
         device: where to run; default: the device of the model's parameters.
         inplace: modify ``model`` itself instead of a deep copy (saves memory for large models).
         calibration: for int8, an iterable of input batches, each called as ``model(batch)``
