@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a fresh clone, no install needed
     sys.path.insert(0, str(ROOT))
 
+from vggbackbone.optimize import cpu_features  # noqa: E402
 from vggbackbone.utils import atomic_path, atomic_write  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -93,14 +94,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flag(name: str) -> bool:
-    probe = getattr(torch.cpu, f"_is_{name}_supported", None)  # private: no public API for AMX yet
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
-
-
 def _loadavg() -> str:
     try:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -110,6 +103,7 @@ def _loadavg() -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: device, threads, ISA, precision support, load at start."""
+    features = cpu_features()
     env: dict[str, Any] = {
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
@@ -118,9 +112,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
-        "AMX / AVX512-BF16 / AMX-FP16": " / ".join(
-            "yes" if _cpu_flag(f) else "no" for f in ("amx_tile", "avx512_bf16", "amx_fp16")
-        ),
+        # the one feature list (vggbackbone.optimize.CPU_FEATURES) that also decides the precisions
+        " / ".join(features): " / ".join("yes" if v else "no" for v in features.values()),
         "oneDNN bf16 / fp16 kernels": " / ".join(
             "yes" if f() else "no"
             for f in (torch.ops.mkldnn._is_mkldnn_bf16_supported, torch.ops.mkldnn._is_mkldnn_fp16_supported)

@@ -9,7 +9,10 @@ Contenders (all share one set of random weights, so errors are comparable):
   ``vgg16_bn`` (BatchNorm statistics randomised so folding has work to do): the baselines;
 * ours (``VGGBackbone``) eager, then :func:`vggbackbone.optimize_for_inference` step by step:
   channels_last, BN folding, bf16/fp16 autocast (NCHW, channels_last), ``torch.compile`` with
-  freezing; smp's VGG16 encoder (weights=None) when segmentation-models-pytorch is installed;
+  freezing; int8 (torchao PT2E with the x86 inductor quantizer, calibrated on ``--calibration``
+  random batches of the benchmark's shape, compiled with freezing: the setup column includes
+  export + calibration, the first call the compile); smp's VGG16 encoder (weights=None) when
+  segmentation-models-pytorch is installed;
   on CPU, the same backbone exported with ``torch.onnx.export`` and run by ONNX Runtime (when
   installed) — not part of ``optimize_for_inference``, shown for comparison.
 
@@ -18,12 +21,20 @@ AMX/AVX512-BF16) runs 5-100x slower than fp32; those rows are measured on a smal
 input (``--probe``, default 1x64x64) next to the torchvision baseline *at that probe size*,
 so their speedup is still a measured side-by-side ratio. ``--full-slow`` measures them at full
 size anyway (can take many minutes).
+
+On a CPU without VNNI/AMX ``optimize_for_inference(precision="int8")`` falls back to fp32; the
+int8 row is then built with :func:`vggbackbone.optimize.quantize_int8` directly (the same
+quantised, compiled graph) and marked ``(no VNNI/AMX)``, so the table shows what int8 would give.
+``--only REGEX`` keeps the contenders whose name matches (the torchvision baselines always run).
+Each run writes its own sections, named after the shape and the CPU (model + features), so
+tables of different machines stay side by side.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,7 +62,7 @@ from benchmarks.common import (
     update_section,
 )
 from vggbackbone import VGGBackbone, optimize_for_inference
-from vggbackbone.optimize import fast_reduced_precision
+from vggbackbone.optimize import cpu_features, fast_reduced_precision, int8_supported, quantize_int8
 
 SCRIPT = "benchmarks/optimize.py"
 
@@ -125,10 +136,42 @@ def onnxruntime_runner(model: nn.Module, shape: tuple[int, int, int]) -> Callabl
     return run
 
 
+def int8_contender(model: VGGBackbone, device: torch.device, shape: tuple[int, int, int], batches: int) -> Contender:
+    """int8 through optimize_for_inference, or (CPU without VNNI/AMX, where that falls back to fp32)
+    through quantize_int8 on the same BN-folded channels_last model."""
+    n, h, w = shape
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(n, 3, h, w, generator=g) for _ in range(batches)]
+    name = f"int8 (PT2E, x86 quantizer, {batches} calibration batches) + channels_last + compile (freezing)"
+    if int8_supported()[0]:
+        fast, seconds = timed(
+            lambda: optimize_for_inference(model, device=device, precision="int8", calibration=calibration)
+        )
+        return Contender(name, "vgg16", fast, "int8", seconds)
+
+    def build() -> Callable[[Tensor], Any]:
+        base = optimize_for_inference(model, device=device, precision="fp32")  # fold BN, channels_last
+        cl = [x.contiguous(memory_format=torch.channels_last) for x in calibration]
+        q = quantize_int8(base.model, cl)
+
+        def run(x: Tensor) -> Any:
+            with torch.inference_mode():
+                return q(x.contiguous(memory_format=torch.channels_last))
+
+        return run
+
+    runner, seconds = timed(build)
+    return Contender(name + " (no VNNI/AMX)", "vgg16", runner, "int8", seconds)
+
+
 def build_models(
-    device: torch.device, compile_modes: list[Any], shape: tuple[int, int, int]
+    device: torch.device,
+    compile_modes: list[Any],
+    shape: tuple[int, int, int],
+    int8_batches: int = 2,
+    keep: Callable[[str], bool] = lambda name: True,
 ) -> tuple[list[Contender], dict[str, Contender]]:
-    """All contenders (same weights per arch) and the two torchvision baselines."""
+    """The contenders whose name ``keep`` accepts (same weights per arch) and the two torchvision baselines."""
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -180,18 +223,22 @@ def build_models(
         label = "compile" if mode is True else f"compile {mode}"
         for precision in ("fp32", "bf16"):
             rows.append(opt(f"{precision} + channels_last + {label} (freezing)", "vgg16", precision, compile=mode))
-    if device.type == "cpu":
+    if device.type == "cpu" and int8_batches > 0 and keep("int8"):
+        rows.append(int8_contender(ours["vgg16"], device, shape, int8_batches))
+    onnx_name = "ONNX Runtime fp32 (torch.onnx.export, CPU provider)"
+    if device.type == "cpu" and keep(onnx_name):
         runner, seconds = timed(lambda: onnxruntime_runner(ours["vgg16"], shape))
         if runner is not None:
-            name = "ONNX Runtime fp32 (torch.onnx.export, CPU provider)"
-            rows.append(Contender(name, "vgg16", runner, "fp32", seconds))
+            rows.append(Contender(onnx_name, "vgg16", runner, "fp32", seconds))
     rows += [
         baselines["vgg16_bn"],
         Contender("ours vgg16_bn (fp32 eager)", "vgg16_bn", eager(ours["vgg16_bn"])),
         opt("+ BN folding, NCHW", "vgg16_bn", channels_last=False),
         opt("+ BN folding + channels_last", "vgg16_bn"),
     ]
-    return rows, baselines
+    base = list(baselines.values())
+    groups = {r.group for r in rows if r not in base and keep(r.name)}  # a baseline runs where it has rows
+    return [r for r in rows if (r.group in groups if r in base else keep(r.name))], baselines
 
 
 def measure(
@@ -259,8 +306,11 @@ def run(args: Any) -> None:
             cache = tempfile.mkdtemp(prefix="vggbackbone-bench-inductor-")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        rows, baselines = build_models(device, compile_modes, shape)  # fresh models: compiled ones see one shape
-        slow = [r for r in rows if r.precision != "fp32" and r.precision not in fast and not args.full_slow]
+        keep = (lambda name: re.search(args.only, name) is not None) if args.only else (lambda name: True)
+        # fresh models: compiled ones see one shape
+        rows, baselines = build_models(device, compile_modes, shape, args.int8_calibration, keep)
+        # int8 always runs at full size: where optimize_for_inference would fall back, the row shows what it gives
+        slow = [r for r in rows if r.precision in ("bf16", "fp16") and r.precision not in fast and not args.full_slow]
         full = [r for r in rows if r not in slow]
         print(f"{shape_text}: timing {len(full)} contenders at full size ...", flush=True)
         results = measure(full, baselines, shape, device, args.repeats, args.warmup)
@@ -272,11 +322,13 @@ def run(args: Any) -> None:
         table = render(results, peaks, args.probe, bool(slow))
         peak_lines = {f"{p} matmul peak (measured)": f"{fmt(v)} GFLOP/s" for p, v in peaks.items()}
         header = environment_markdown(env, peak_lines)
-        command = f"python {SCRIPT} --shapes {shape_text} --repeats {args.repeats} --write"
+        command = f"python {SCRIPT} --shapes {shape_text} --repeats {args.repeats}"
+        command += "".join(f" {flag}" for flag in args.extra_flags) + " --write"
         body = f"Command: `{command}`\n\n{header}\n\n{table}"
         print(body, flush=True)
         if args.write:
             name, img = section_name(shape_text, device), img_name(shape_text, device)
+            name, img = f"{name[:-1]}, {cpu_tag()})", f"{img}_{cpu_tag(slug=True)}"
             plot(results, name, img)
             update_section(name, body + f"\n\n![{name}](img/{img}.png)", script=SCRIPT)
         del rows, baselines
@@ -286,6 +338,16 @@ def section_name(shape_text: str, device: torch.device) -> str:
     """One section per shape and device type (CPU runs never overwrite GPU ones)."""
     where = "" if device.type == "cpu" else f", {device.type}"
     return f"Inference optimisation steps (VGG16 conv taps, {shape_text}{where})"
+
+
+def cpu_tag(slug: bool = False) -> str:
+    """``"AMD EPYC, AVX2"`` / ``"Intel Xeon, AVX512 + AMX + AVX512-BF16"``: which CPU a table is from."""
+    model = environment(torch.device("cpu"))["cpu"]
+    for junk in ("(R)", "(TM)", " Processor", " CPU"):
+        model = model.replace(junk, "")
+    present = [name for name, has in cpu_features().items() if has]
+    tag = f"{' '.join(model.split()[:3])}, {' + '.join([torch.backends.cpu.get_cpu_capability(), *present])}"
+    return re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_") if slug else tag
 
 
 def img_name(shape_text: str, device: torch.device) -> str:
@@ -310,7 +372,9 @@ def render(results: list[dict[str, Any]], peaks: dict[str, float], probe: str, p
                 fmt(r["speedup_best"]) + "x",
                 fmt(r["gflops_s"]),
                 fmt(100 * r["gflops_s"] / peaks["fp32"]) + "%",
-                "-" if r["precision"] == "fp32" else fmt(100 * r["gflops_s"] / peaks[r["precision"]]) + "%",
+                "-"
+                if r["precision"] not in peaks or r["precision"] == "fp32"
+                else fmt(100 * r["gflops_s"] / peaks[r["precision"]]) + "%",
                 f"{r['err']:.1e}",
                 fmt(r["first_s"]),
                 fmt(100 * r["spread"], 2) + "%",
@@ -347,7 +411,7 @@ def plot(results: list[dict[str, Any]], title: str, name: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(results) + 1.2))
     labels = [r["name"] + (" †" if r["input"] != results[0]["input"] else "") for r in results]
     values = [r["speedup"] for r in results]
-    palette = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:orange"}
+    palette = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:orange", "int8": "tab:green"}
     colors = ["tab:gray" if r["name"].startswith("torchvision") else palette[r["precision"]] for r in results]
     # bars grow from 1.0 (no change): right = faster, left = slower than torchvision
     ax.barh(range(len(results)), [v - 1.0 for v in values], left=1.0, color=colors)
@@ -360,7 +424,7 @@ def plot(results: list[dict[str, Any]], title: str, name: str) -> None:
     ax.axvline(1.0, color="k", lw=0.8)
     for i, v in enumerate(values):
         ax.text(max(v, 1.0), i, f" {v:.2g}x", va="center", fontsize=7)
-    ax.set_xlabel("speedup vs torchvision fp32 eager (log scale; blue fp32, orange bf16/fp16)")
+    ax.set_xlabel("speedup vs torchvision fp32 eager (log scale; blue fp32, orange bf16/fp16, green int8)")
     ax.set_title(title, fontsize=9)
     save_figure(fig, name)
 
@@ -373,8 +437,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
         p.add_argument("--max-autotune", action="store_true", help="also compile with mode='max-autotune'")
         p.add_argument("--warm-compile-cache", action="store_true", help="reuse inductor's cache (faster first call)")
+        p.add_argument("--int8-calibration", type=int, default=2, help="calibration batches for int8 (0: no int8 row)")
+        p.add_argument("--only", default=None, help="regex: keep contenders whose name matches (baselines always)")
 
-    run(parse_args(__doc__.splitlines()[0], argv, extra))
+    args = parse_args(__doc__.splitlines()[0], argv, extra)
+    args.extra_flags = [f"--only '{args.only}'"] if args.only else []
+    args.extra_flags += ["--no-compile"] if args.no_compile else []
+    run(args)
 
 
 if __name__ == "__main__":

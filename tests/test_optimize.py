@@ -90,7 +90,6 @@ def test_warns_only_for_a_precision_without_fast_kernels(monkeypatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert optimize_for_inference(model, precision="bf16").precision == "bf16"
-        assert optimize_for_inference(model, precision="auto").precision == "bf16"
 
 
 @pytest.mark.parametrize(
@@ -115,7 +114,7 @@ def test_slow_precision_warning_tells_the_truth_about_this_cpu(
     (msg,) = [str(w.message) for w in record if "no fast kernels" in str(w.message)]
     assert f"precision={requested!r} has no fast kernels on this cpu" in msg
     assert has in msg, msg
-    assert f"precision='auto' picks {auto} here" in msg, msg
+    assert "precision='auto' times fp32 and the fast ones here and picks the fastest" in msg, msg
     assert default_precision("cpu") == auto
     fast = [] if auto == "fp32" else [auto]
     assert f"fast reduced precisions here: {fast or 'none'}" in msg, msg
@@ -197,7 +196,7 @@ def test_wrapper_behaviour() -> None:
     with pytest.raises(ValueError, match="eval-mode"):
         fold_batchnorm(small_vgg_bn().train())
     with pytest.raises(ValueError, match="precision"):
-        optimize_for_inference(small_vgg_bn(), precision="int8")  # type: ignore[arg-type]
+        optimize_for_inference(small_vgg_bn(), precision="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="compile"):
         optimize_for_inference(small_vgg_bn(), compile="fast")  # type: ignore[arg-type]
 
@@ -206,19 +205,53 @@ def test_wrapper_behaviour() -> None:
     ("amx", "avx512_bf16", "expected"),
     [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")],
 )
-def test_auto_precision_follows_cpu_features(monkeypatch, amx: bool, avx512_bf16: bool, expected: str) -> None:
+def test_feature_rule_follows_cpu_features(monkeypatch, amx: bool, avx512_bf16: bool, expected: str) -> None:
+    # the feature rule (what the slow-precision warning reports); precision="auto" measures
+    # instead on a CPU (tests/test_int8.py::test_auto_picks_the_fastest_probe_and_logs_it)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False, raising=False)
     assert default_precision("cpu") == expected
-    fast = optimize_for_inference(small_vgg_bn(), channels_last=False)
-    assert fast.precision == expected
+    assert opt.fast_reduced_precision("cpu") == ([] if expected == "fp32" else ["bf16"])
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
-def test_auto_precision_on_cuda(monkeypatch, bf16: bool, expected: str) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+def test_auto_precision_runs_the_measured_choice() -> None:
+    # No mocks: the real probe picks a precision on this CPU, and the model really runs in it.
+    opt._probe_cache.clear()
+    times = opt.measure_precisions(("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",))
+    fastest = min(times, key=times.__getitem__)
+    model = small_vgg_bn()
+    fast = optimize_for_inference(model)  # cached: the same measurement
+    assert fast.precision == fastest
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)["conv5"]
+    err = rel_err(fast(x)["conv5"], ref)
+    assert err < RELATIVE_TOLERANCE[fastest]
+    if fastest == "bf16":
+        assert err > 1e-5  # really ran in bf16
+
+
+def test_compile_options_per_device() -> None:
+    # Real calls (the old CUDA test mocked torch.cuda.is_bf16_supported and called only the rule
+    # reading it). reduce-overhead means CUDA graphs on CUDA; on a CPU that option is dropped.
+    cuda = opt._compile_options("reduce-overhead", torch.device("cuda"))
+    cpu = opt._compile_options("reduce-overhead", torch.device("cpu"))
+    assert cuda["triton.cudagraphs"] is True and cuda["freezing"] is True
+    assert "triton.cudagraphs" not in cpu and cpu["freezing"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_precision_on_cuda() -> None:
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     assert default_precision("cuda") == expected
+    model = small_vgg_bn().cuda()
+    fast = optimize_for_inference(model)
+    assert fast.precision == expected
+    x = torch.randn(1, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        ref = model(x)["conv5"]
+    assert rel_err(fast(x)["conv5"], ref) < RELATIVE_TOLERANCE[expected]
 
 
 def test_compile_with_freezing_matches_eager() -> None:

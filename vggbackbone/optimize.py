@@ -17,25 +17,33 @@ What each step does, and when it helps (measured numbers: ``docs/benchmarks.md``
   oneDNN (CPU) and cuDNN tensor cores run fastest.
 * **precision**: ``"bf16"``/``"fp16"`` run the model under :func:`torch.autocast`, so ops that
   need fp32 (losses, box decoding, RoI ops, softmax) keep it; floating outputs are cast back
-  to float32. ``"auto"`` picks bf16 only where the hardware runs it fast: CUDA (bf16 where
-  supported, else fp16) and CPUs with AMX or AVX512-BF16. On other CPUs (e.g. AVX2-only)
-  oneDNN has no fast bf16/fp16 convolution kernels and reduced precision is 5-100x *slower*
-  than fp32, so ``"auto"`` stays in fp32.
+  to float32. ``"int8"`` (CPU, needs ``calibration``) quantises every VGG backbone inside the
+  model with torchao's PT2E flow and the x86 inductor quantizer and compiles it
+  (:func:`quantize_int8`); on a CPU without AMX-INT8/AVX512-VNNI/AVX-VNNI it falls back to
+  fp32 with a warning. ``"auto"``: on a CPU, the fastest of fp32 / bf16 / int8 (int8 only
+  with ``calibration`` and VNNI/AMX) on a probe convolution, measured once per process and
+  logged; on CUDA bf16 where supported, else fp16. On AVX2-only CPUs oneDNN has no fast
+  bf16/fp16 convolution kernels (5-100x *slower* than fp32), and the probe sees it.
 * **compile**: :func:`torch.compile` with inductor and ``freezing`` (weights become constants,
   so inductor can pre-pack them for oneDNN and fold the autocast weight casts). ``True`` or
   ``"max-autotune"``; costs a one-off compile time on the first call of each input shape.
 
 Tolerance (max relative error ``max|y - y_ref| / max|y_ref|`` per output tensor vs the fp32
 eager model, VGG16 conv taps, checked in ``tests/test_optimize.py``): fp32 (with folding
-and channels_last) <= 1e-4 (typically ~1e-6); fp16 <= 1e-2; bf16 <= 5e-2 (typically ~1e-2).
+and channels_last) <= 1e-4 (typically ~1e-6); fp16 <= 1e-2; bf16 <= 5e-2 (typically ~1e-2);
+int8: :data:`INT8_TOLERANCE` (``tests/test_int8.py``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -43,15 +51,23 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 __all__ = [
+    "CPU_FEATURES",
+    "INT8_TOLERANCE",
     "RELATIVE_TOLERANCE",
     "InferenceModule",
+    "QuantizedModule",
+    "cpu_features",
     "default_precision",
     "fast_reduced_precision",
     "fold_batchnorm",
+    "int8_supported",
     "optimize_for_inference",
+    "quantize_int8",
 ]
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 CompileMode = bool | Literal["default", "max-autotune", "reduce-overhead"]
 
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,16 +76,66 @@ _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16
 RELATIVE_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
 
-def _cpu_has(feature: str) -> bool:
-    # torch.cpu._is_*_supported are private (no public API reports AMX / AVX512-BF16 yet).
-    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+#: CPU features that decide which precision is fast: ``(feature, display name)``. ``feature`` is
+#: the name of torch's probe (``torch.cpu._is_<feature>_supported``) where torch has one, else
+#: the ``/proc/cpuinfo`` flag. The one list used here and by ``benchmarks/`` (environment lines).
+CPU_FEATURES: tuple[tuple[str, str], ...] = (
+    ("amx_tile", "AMX"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("amx_fp16", "AMX-FP16"),
+    ("amx_int8", "AMX-INT8"),
+    ("avx512_vnni", "AVX512-VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+)
+_PROBES = CPU_FEATURES[:3]  # the reduced-float features (the slow-precision message lists these)
+#: Any of these gives oneDNN fast u8s8 convolutions (int8 dot-product instructions).
+INT8_FEATURES: tuple[tuple[str, str], ...] = CPU_FEATURES[3:]
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
+    """The ``flags`` of ``/proc/cpuinfo`` (empty where there is no such file, e.g. macOS/Windows)."""
     try:
-        return bool(probe()) if probe is not None else False
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cpu_has(feature: str) -> bool:
+    # torch.cpu._is_*_supported are private (no public API reports AMX / AVX512-BF16 yet); torch has
+    # no probe for the VNNI flavours or AMX-INT8, so those are read from /proc/cpuinfo.
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    if probe is None:
+        return feature in _cpuinfo_flags()
+    try:
+        return bool(probe())
     except RuntimeError:
         return False
 
 
-_PROBES = [("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("amx_fp16", "AMX-FP16")]
+def cpu_features() -> dict[str, bool]:
+    """``{display name: present}`` for every entry of :data:`CPU_FEATURES` on this CPU."""
+    return {name: _cpu_has(feature) for feature, name in CPU_FEATURES}
+
+
+def int8_supported() -> tuple[bool, str]:
+    """Whether this CPU has int8 dot-product instructions (AMX-INT8, AVX512-VNNI or AVX-VNNI), and why.
+
+    Without them oneDNN's u8s8 convolutions fall back to AVX2 multiply-add sequences, and the
+    gain over fp32 is not the one int8 is chosen for, so :func:`optimize_for_inference` falls
+    back to fp32 (with a warning that carries this message).
+    """
+    found = [name for feature, name in INT8_FEATURES if _cpu_has(feature)]
+    if found:
+        return True, f"this CPU has {', '.join(found)}"
+    names = ", ".join(name for _, name in INT8_FEATURES)
+    return False, (
+        f"this CPU has none of {names} (no /proc/cpuinfo flag "
+        f"{' / '.join(f for f, _ in INT8_FEATURES)}; capability {torch.backends.cpu.get_cpu_capability()})"
+    )
 
 
 def fast_reduced_precision(device: torch.device | str) -> list[str]:
@@ -93,7 +159,13 @@ def fast_reduced_precision(device: torch.device | str) -> list[str]:
 
 
 def default_precision(device: torch.device | str) -> str:
-    """The precision ``precision="auto"`` picks on ``device`` (see :func:`fast_reduced_precision`)."""
+    """The precision ``device``'s features suggest (see :func:`fast_reduced_precision`).
+
+    What ``precision="auto"`` picks on CUDA. On a CPU ``"auto"`` measures instead (a probe
+    convolution in each candidate precision, see :func:`measure_precisions`), because the
+    features alone do not say which is faster (AVX512-BF16 without AMX: bf16 1.0-2.8x fp32
+    depending on the layer).
+    """
     fast = fast_reduced_precision(device)
     return fast[0] if fast else "fp32"
 
@@ -118,7 +190,11 @@ def _slow_precision_message(precision: str, device: torch.device) -> str:
     return (
         f"precision={precision!r} has no fast kernels on this {device.type} ({why}): it will likely be much "
         f"slower than fp32; fast reduced precisions here: {fast or 'none'}; "
-        f"precision='auto' picks {default_precision(device)} here"
+        + (
+            "precision='auto' times fp32 and the fast ones here and picks the fastest"
+            if device.type == "cpu"
+            else f"precision='auto' picks {default_precision(device)} here"
+        )
     )
 
 
@@ -157,6 +233,266 @@ def fold_batchnorm(model: nn.Module) -> int:
             seq._modules[bn_name] = nn.Identity()
             folded += 1
     return folded
+
+
+# ------------------------------------------------------------------------------------- int8
+#: Documented bounds for int8 vs the fp32 eager model (``tests/test_int8.py``, tiny random-weight
+#: VGGs; real trained weights quantise better): max relative error ``max|y - y_ref| / max|y_ref|``
+#: of dense outputs (backbone taps, segmentation logits), and the minimum cosine similarity of
+#: each ReID embedding to its fp32 counterpart.
+INT8_TOLERANCE: dict[str, float] = {"relative_error": 0.15, "embedding_cosine": 0.99}
+
+
+def _vgg_backbones(model: nn.Module) -> list[str]:
+    """Qualified names of the outermost :class:`~vggbackbone.VGGBackbone` modules (``""``: the model)."""
+    from .vgg import VGGBackbone
+
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, VGGBackbone) and not any(name.startswith(f"{n}.") or n == "" for n in names):
+            names.append(name)
+    return names
+
+
+def _example_for_export(t: Any) -> Any:
+    # torch.export specialises dimensions of size 1 (a one-image batch would fix N = 1), so the
+    # traced example gets 2 images; calibration itself sees the real inputs.
+    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == 1:
+        return torch.cat([t, t])
+    return t
+
+
+def _dynamic_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    from torch.export import Dim
+
+    return tuple(
+        {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() == 4 else None for a in args
+    )
+
+
+class QuantizedModule(nn.Module):
+    """A submodule replaced by its int8 graph (made by :func:`quantize_int8`).
+
+    ``forward`` validates the input as the original did (``_check_input`` where the original
+    has one) and runs the quantised graph, compiled with inductor and ``freezing`` when
+    ``compiled`` (the first call per input shape compiles). Attributes of the original
+    (``return_layers``, ``feature_info``, ``out_channels`` ...) stay reachable; the original's
+    weights are kept off the state dict.
+    """
+
+    def __init__(self, quantized: nn.Module, original: nn.Module, compiled: bool) -> None:
+        super().__init__()
+        self.quantized = quantized
+        self.compiled = compiled
+        self.training = False
+        self.__dict__["original"] = original  # attributes only: not a registered submodule
+        self.__dict__["_runner"] = torch.compile(quantized) if compiled else quantized
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        check = getattr(self.original, "_check_input", None)
+        if check is not None and args and isinstance(args[0], torch.Tensor):
+            check(args[0])
+        if not self.compiled:
+            return self._runner(*args, **kwargs)
+        # Inductor's int8 weight prepacking (onednn.qconv_prepack) only runs when ``freezing`` is
+        # set in the global config while compiling: torch.compile(options={"freezing": True}) fails
+        # on this graph with "UnsupportedOperatorException: onednn.qconv_prepack" (torch 2.14).
+        with torch._inductor.config.patch(freezing=True):
+            return self._runner(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> QuantizedModule:
+        # an exported graph refuses .train()/.eval() (torchao's move_exported_model_to_eval is the
+        # way); it is put in eval mode once, when made, and there is no training mode to go to
+        if mode:
+            raise RuntimeError("an int8 QuantizedModule cannot be trained; quantise the trained model again")
+        self.training = False
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
+
+    def extra_repr(self) -> str:
+        return f"original={type(self.original).__name__}, compiled={self.compiled}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_int8(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    targets: list[str] | None = None,
+    *,
+    compile: bool = True,
+) -> nn.Module:
+    """Quantise ``targets`` of ``model`` to int8 with torchao's PT2E flow; returns the model.
+
+    Static quantisation for x86 (``X86InductorQuantizer`` with its default config: per-channel
+    symmetric int8 weights, per-tensor affine uint8 activations observed with a histogram):
+    each target is exported with :func:`torch.export.export` (batch, height and width dynamic),
+    annotated, observed on the inputs it receives while the *whole* model runs on the
+    ``calibration`` batches, converted, and optionally compiled with inductor + freezing (which
+    lowers the quantise/conv/dequantise patterns to oneDNN int8 convolutions; without
+    compiling, the graph runs reference kernels and is slow: for checking accuracy only).
+
+    Args:
+        model: an eval-mode model on the CPU; modified in place (targets are replaced by
+            :class:`QuantizedModule`).
+        calibration: input batches, each passed as ``model(batch)`` (a tensor, or for a
+            detector a list of images); a few batches of real images suffice.
+        targets: qualified submodule names to quantise (``""`` = the whole model); default:
+            every outermost :class:`~vggbackbone.VGGBackbone` (the part that dominates the
+            time of every task model; a detector's RPN/RoI heads stay fp32), or the whole
+            model when it contains none.
+        compile: compile the quantised graphs.
+
+    Does not look at the CPU's features (see :func:`int8_supported`); the kernels run on any
+    x86 CPU with AVX2, fast with VNNI/AMX.
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    if model.training:
+        raise ValueError("quantize_int8 needs an eval-mode model")
+    if targets is None:
+        targets = _vgg_backbones(model) or [""]
+    modules = {name: model.get_submodule(name) if name else model for name in targets}
+    captured: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {name: [] for name in targets}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured[name].append((args, kwargs))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, m in modules.items()]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(batch)
+                batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if batches == 0:
+        raise ValueError("int8 calibration gave no batches: pass an iterable of input batches")
+    unused = [name or "<model>" for name, seen in captured.items() if not seen]
+    if unused:
+        raise ValueError(f"int8: submodules {unused} were never called on the {batches} calibration batches")
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    for name, module in modules.items():
+        args, kwargs = captured[name][0]
+        example = tuple(_example_for_export(a) for a in args)
+        with torch.no_grad():
+            graph = torch.export.export(module, example, kwargs, dynamic_shapes=_dynamic_shapes(example)).module()
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for a, k in captured[name]:
+                prepared(*a, **k)
+        quantized = QuantizedModule(move_exported_model_to_eval(convert_pt2e(prepared)), module, compiled=compile)
+        if name:
+            _set_submodule(model, name, quantized)
+        else:
+            model = quantized
+    return model
+
+
+# ---------------------------------------------------------------------------- auto precision
+#: The probe of ``precision="auto"``: a 3x3 conv + ReLU, 64 -> 64 channels on 1x64x28x28 NHWC (a
+#: VGG conv2-block layer at 112 px; ~58 MFLOP), timed in each candidate precision.
+_PROBE_SHAPE = (1, 64, 28, 28)
+_probe_cache: dict[tuple[str, ...], dict[str, float]] = {}
+
+
+def _probe_call(precision: str) -> Callable[[], Any]:
+    """A zero-argument call running the probe conv in ``precision`` through the kernels a model uses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_SHAPE, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 64, 3, 3, generator=g) / 24).contiguous(memory_format=torch.channels_last)
+    if precision == "fp32":
+        return lambda: torch.relu(torch.nn.functional.conv2d(x, w, padding=1))
+    if precision in ("bf16", "fp16"):
+        xd, wd = x.to(_DTYPES[precision]), w.to(_DTYPES[precision])
+        return lambda: torch.relu(torch.nn.functional.conv2d(xd, wd, padding=1))
+    if precision == "int8":
+        # The oneDNN ops inductor lowers a frozen PT2E int8 conv to (what an int8 model runs).
+        qx = torch.randint(0, 256, _PROBE_SHAPE, dtype=torch.uint8, generator=g)
+        qx = qx.contiguous(memory_format=torch.channels_last)
+        qw = torch.randint(-127, 128, (64, 64, 3, 3), dtype=torch.int8, generator=g)
+        ws, wz = torch.full((64,), 0.01), torch.zeros(64, dtype=torch.int64)
+        packed = torch.ops.onednn.qconv_prepack(qw, ws, 0.05, 0, [1, 1], [1, 1], [1, 1], 1, list(_PROBE_SHAPE))
+        return lambda: torch.ops.onednn.qconv2d_pointwise(
+            qx, 0.05, 0, packed, ws, wz, None, [1, 1], [1, 1], [1, 1], 1, 0.05, 0, None, "relu", [], ""
+        )
+    raise ValueError(f"no probe for precision {precision!r}")
+
+
+def _probe_seconds(precision: str, budget: float) -> float:
+    """Best-of-3 seconds of the probe in ``precision`` (one warm-up call); a precision whose first
+    call already takes longer than ``budget`` is not timed further (it cannot win)."""
+    fn = _probe_call(precision)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        if first > budget:
+            return first
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_precisions(candidates: tuple[str, ...]) -> dict[str, float]:
+    """Probe seconds per candidate precision on this CPU, measured once per process (cached).
+
+    Well under a second in all: each candidate's warm-up call plus 3 timed calls of a ~58 MFLOP
+    conv; a precision that is 4x slower than the best so far on its first call stops there.
+    """
+    if candidates not in _probe_cache:
+        times: dict[str, float] = {}
+        for p in candidates:
+            times[p] = _probe_seconds(p, 4 * min(times.values(), default=float("inf")))
+        _probe_cache[candidates] = times
+    return _probe_cache[candidates]
+
+
+_logged_choices: set[tuple[Any, ...]] = set()
+
+
+def _auto_precision(device: torch.device, calibrated: bool) -> str:
+    """``precision="auto"``: CUDA by capability; CPU by timing fp32 / bf16 (where oneDNN has bf16
+    kernels) / int8 (with calibration, on a CPU with VNNI/AMX) on the probe. Logged once."""
+    if device.type != "cpu":
+        return default_precision(device)
+    candidates = ["fp32"]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        candidates.append("bf16")
+    if calibrated and int8_supported()[0]:
+        candidates.append("int8")
+    times = measure_precisions(tuple(candidates))
+    choice = min(times, key=times.__getitem__)
+    key = (tuple(sorted(times.items())), calibrated)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        measured = ", ".join(f"{p} {1e3 * t:.2f} ms" for p, t in times.items())
+        why = "" if not calibrated or "int8" in candidates else f"; int8 not tried: {int8_supported()[1]}"
+        logger.info("precision='auto' picked %s on this CPU (probe conv: %s%s)", choice, measured, why)
+    return choice
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -225,6 +561,7 @@ class InferenceModule(nn.Module):
         channels_last: bool,
         compile: CompileMode,
         folded_batchnorms: int,
+        quantized: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -233,7 +570,8 @@ class InferenceModule(nn.Module):
         self.channels_last = channels_last
         self.compile_mode = compile
         self.folded_batchnorms = folded_batchnorms
-        amp_dtype = None if precision == "fp32" else _DTYPES[precision]
+        self.quantized = quantized  # names of the submodules running int8 ("" = the whole model)
+        amp_dtype = _DTYPES[precision] if precision in ("bf16", "fp16") else None
         runner: nn.Module = _Autocast(model, device.type, amp_dtype)
         if compile:
             runner = torch.compile(runner, options=_compile_options(compile, device))
@@ -275,6 +613,7 @@ class InferenceModule(nn.Module):
         return (
             f"precision={self.precision}, channels_last={self.channels_last}, compile={self.compile_mode}, "
             f"folded_batchnorms={self.folded_batchnorms}, device={self.device}"
+            + (f", quantized={list(self.quantized)}" if self.quantized else "")
         )
 
 
@@ -294,6 +633,7 @@ def optimize_for_inference(
     compile: CompileMode = False,
     device: torch.device | str | None = None,
     inplace: bool = False,
+    calibration: Iterable[Any] | None = None,
 ) -> InferenceModule:
     """Return an eval-mode, inference-only version of ``model`` that runs faster.
 
@@ -303,29 +643,55 @@ def optimize_for_inference(
 
     Args:
         model: the trained model (its mode does not matter; the result is in eval mode).
-        precision: ``"auto"`` (see :func:`default_precision`: bf16 on CPUs with AMX/AVX512-BF16,
-            bf16/fp16 on CUDA, fp32 otherwise), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast;
-            outputs come back as float32). Asking for a precision the device runs slowly warns.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` (autocast; outputs come back as
+            float32) or ``"int8"`` (CPU; needs ``calibration``: the VGG backbones are quantised
+            with :func:`quantize_int8` and compiled, the rest stays fp32; on a CPU without
+            VNNI/AMX it falls back to fp32 with a warning naming the missing features).
+            ``"auto"``: on a CPU, whichever of fp32 / bf16 / int8 (int8 only with
+            ``calibration`` and VNNI/AMX) runs a probe convolution fastest, measured once per
+            process and logged (``logging``, logger ``vggbackbone.optimize``); on CUDA bf16
+            where supported, else fp16. Asking for a precision the device runs slowly warns.
         channels_last: convert 4-D weights and inputs to NHWC.
         fuse_bn: fold BatchNorm into the preceding conv/linear (:func:`fold_batchnorm`).
         compile: ``False``; ``True`` (inductor with freezing) or ``"max-autotune"``. The first
-            call per input shape compiles (tens of seconds on a small CPU).
+            call per input shape compiles (tens of seconds on a small CPU). With int8 the
+            quantised parts are always compiled and the rest runs eager.
         device: where to run; default: the device of the model's parameters.
         inplace: modify ``model`` itself instead of a deep copy (saves memory for large models).
+        calibration: for int8, an iterable of input batches, each called as ``model(batch)``
+            (tensors, or lists of images for a detector); a few batches of real images (e.g.
+            64 training images) suffice. Only used by ``"int8"`` (and ``"auto"``).
 
     Returns:
         :class:`InferenceModule` with the model's call signature; floating outputs are float32
         and within :data:`RELATIVE_TOLERANCE` ``[precision]`` of the fp32 eager model.
     """
-    if precision not in ("auto", *_DTYPES):
-        raise ValueError(f"precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got {precision!r}")
+    if precision not in ("auto", "int8", *_DTYPES):
+        raise ValueError(f"precision must be one of 'auto', 'fp32', 'bf16', 'fp16', 'int8', got {precision!r}")
     if compile not in (False, True, "default", "max-autotune", "reduce-overhead"):
         raise ValueError(
             f"compile must be False, True, 'default', 'max-autotune' or 'reduce-overhead', got {compile!r}"
         )
     device = torch.device(device) if device is not None else _model_device(model)
-    if precision == "auto":
-        precision = default_precision(device)
+    if calibration is not None and precision not in ("int8", "auto"):
+        raise ValueError(f"calibration is only used by precision='int8' or 'auto', got precision={precision!r}")
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError(
+                "precision='int8' needs calibration=: an iterable of input batches (a few batches of real "
+                "images, each passed as model(batch)) to measure the activation ranges"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"precision='int8' runs on the CPU only (x86 oneDNN kernels), got device {device}")
+        ok, why = int8_supported()
+        if not ok:
+            warnings.warn(
+                f"precision='int8' falls back to fp32: {why}, so oneDNN has no fast int8 convolutions here",
+                stacklevel=2,
+            )
+            precision = "fp32"
+    elif precision == "auto":
+        precision = _auto_precision(device, calibrated=calibration is not None)
     elif precision != "fp32" and precision not in fast_reduced_precision(device):
         warnings.warn(_slow_precision_message(precision, device), stacklevel=2)
 
@@ -337,6 +703,20 @@ def optimize_for_inference(
     folded = fold_batchnorm(model) if fuse_bn else 0
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    quantized: tuple[str, ...] = ()
+    if precision == "int8":
+        assert calibration is not None
+
+        def prepare(t: torch.Tensor) -> torch.Tensor:
+            if channels_last and t.dim() == 4 and t.is_floating_point():
+                return t.to(device, memory_format=torch.channels_last)
+            return t.to(device)
+
+        quantized = tuple(_vgg_backbones(model) or [""])
+        model = quantize_int8(model, (_map_tensors(b, prepare) for b in calibration), list(quantized))
+        # the quantised parts are compiled by quantize_int8; compiling the whole model around them
+        # again would nest two inductor graphs
+        compile = False
     return InferenceModule(
         model,
         device=device,
@@ -344,4 +724,5 @@ def optimize_for_inference(
         channels_last=channels_last,
         compile=compile,
         folded_batchnorms=folded,
+        quantized=quantized,
     )

@@ -1,6 +1,6 @@
 """Metrics that are not Lightning-specific (plain torch/numpy): detection, segmentation, ReID."""
 
-from .detection import COCO_STATS, coco_evaluate, detections_to_coco, voc_ap, voc_evaluate
+from .detection import COCO_STATS, coco_backend, coco_evaluate, detections_to_coco, voc_ap, voc_evaluate
 from .rank import RankResult, compute_distance, evaluate_rank, rank_embeddings
 from .rerank import KReciprocalReRanker
 from .segmentation import SegmentationScores, segmentation_scores
@@ -10,6 +10,7 @@ __all__ = [
     "KReciprocalReRanker",
     "RankResult",
     "SegmentationScores",
+    "coco_backend",
     "coco_evaluate",
     "compute_distance",
     "detections_to_coco",
