@@ -335,17 +335,35 @@ def test_reid_two_nodes_torchrun_fit_validate_extract_equal_one_process(tmp_path
     assert np.isfinite(two_nodes["embeddings"]).all() and len(two_nodes["embeddings"]) > 2
 
 
-def test_reid_two_nodes_slurm_fit_equals_one_process_validate(tmp_path: Path) -> None:
+def test_reid_two_nodes_slurm_fit_equals_one_process_and_resumes_from_last(tmp_path: Path) -> None:
+    """The sbatch recipe of docs/cluster.md: ``last.ckpt`` in a fixed shared folder and ``--ckpt_path last``,
+    so the first start trains from scratch and a requeued job resumes where the last epoch ended."""
     cfg = _reid_config(tmp_path)
     logs = tmp_path / "logs"
+    ckpts = tmp_path / "shared" / "checkpoints"
+    fit = ["fit", "--config", str(cfg), *NODE_FLAGS, *DDP, "--last_checkpoint.dirpath", str(ckpts)]
+    fit += ["--ckpt_path", "last"]
     fit0, fit1 = tmp_path / "fit" / "node0", tmp_path / "fit" / "node1"
-    slurm("fit", "tasks.reid", ["fit", "--config", str(cfg), *NODE_FLAGS, *DDP], [fit0, fit1], logs)
+    first = slurm("fit", "tasks.reid", fit, [fit0, fit1], logs)
+    assert "no last checkpoint available" in first[0]  # nothing to resume: from scratch (rank 0 says so)
     run = _single_run(fit0, fit1, "reid")
+    assert _files(ckpts) == [Path("last.ckpt")]
     two_fit = _metrics(run)
+    steps = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert steps > 0
+
     single = tmp_path / "single"
-    validate = ["validate", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    validate = ["validate", "--config", str(cfg), "--ckpt_path", str(ckpts / "last.ckpt")]
     one_process("single", "tasks.reid", [*validate, "--trainer.accelerator", "cpu"], single, logs)
     one = _metrics(single / "runs" / "reid" / "version_0")
     assert one["num_query"] == two_fit["num_query"] > 0
     for key in ("mAP", "rank1", "rank5", "cmc"):
         assert two_fit[key] == one[key], key
+
+    # the job requeued after a preemption: the same command (here with one more epoch to go)
+    again0, again1 = tmp_path / "again" / "node0", tmp_path / "again" / "node1"
+    second = slurm("resume", "tasks.reid", [*fit, "--trainer.max_epochs", "2"], [again0, again1], logs)
+    assert "Restored all states from the checkpoint at " + str(ckpts / "last.ckpt") in second[0]
+    _single_run(again0, again1, "reid")
+    resumed = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, 2 * steps)  # went on from epoch 1, not from 0
