@@ -273,19 +273,25 @@ def test_detect_two_nodes_torchrun_fit_and_validate_equal_one_process(tmp_path: 
     cfg = _detect_config(tmp_path)
     logs = tmp_path / "logs"
     fit0, fit1 = tmp_path / "fit" / "node0", tmp_path / "fit" / "node1"
-    torchrun("fit", "tasks.detect", ["fit", "--config", str(cfg), *NODE_FLAGS, *DDP], [fit0, fit1], logs)
+    save = ("--model.detections_file", "{stage}_detections.json")  # every box and score, to compare too
+    torchrun("fit", "tasks.detect", ["fit", "--config", str(cfg), *NODE_FLAGS, *DDP, *save], [fit0, fit1], logs)
     run = _single_run(fit0, fit1, "detect")
     ckpt = run / "checkpoints" / "last.ckpt"
     two_fit = _metrics(run)
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2  # 2 steps, 2 images each
 
     val0, val1 = tmp_path / "validate" / "node0", tmp_path / "validate" / "node1"
-    validate = ["validate", "--config", str(cfg), "--ckpt_path", str(ckpt)]
+    validate = ["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), *save]
     torchrun("validate", "tasks.detect", [*validate, *NODE_FLAGS, *DDP], [val0, val1], logs)
-    two_val = _metrics(_single_run(val0, val1, "detect"))
+    val_run = _single_run(val0, val1, "detect")
+    two_val = _metrics(val_run)
     single = tmp_path / "single"
     one_process("single", "tasks.detect", [*validate, "--trainer.accelerator", "cpu"], single, logs)
-    one = _metrics(single / "runs" / "detect" / "version_0")
+    one_run = single / "runs" / "detect" / "version_0"
+    one = _metrics(one_run)
+
+    boxes = [json.loads((r / "val_detections.json").read_text()) for r in (run, val_run, one_run)]
+    assert boxes[0] and boxes[0] == boxes[1] == boxes[2]
 
     assert one["images"] == two_fit["images"] == two_val["images"] == 5  # 3 + 2 images on the two nodes
     for key in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100"):
