@@ -17,6 +17,7 @@ are picked free on 127.0.0.1, nothing leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,8 +83,8 @@ class Launch:
         self.outputs.append(out)
 
     def _kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
+        for p in self.procs:  # each process group: the launcher and any worker it left behind
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
         for p in self.procs:
             p.wait()
@@ -91,12 +92,13 @@ class Launch:
     def wait(self, timeout: float = TIMEOUT_S) -> list[str]:
         """Outputs of every process; fails unless all exit 0 in time (one failing stops the others)."""
         deadline = time.monotonic() + timeout
+        timed_out = False
         try:
             while any(p.poll() is None for p in self.procs):
                 failed = [p for p in self.procs if p.returncode not in (None, 0)]
-                if failed or time.monotonic() > deadline:
+                timed_out = time.monotonic() > deadline
+                if failed or timed_out:
                     time.sleep(2 if failed else 0)  # let the others print what they saw
-                    self._kill()
                     break
                 time.sleep(0.1)
         finally:
@@ -106,7 +108,8 @@ class Launch:
         detail = "\n".join(
             f"--- {self.name} process {i} (exit {c})\n{t[-4000:]}" for i, (c, t) in enumerate(zip(codes, texts))
         )
-        assert codes == [0] * len(codes), f"{self.name}: exit codes {codes}\n{detail}"
+        why = f"killed after {timeout:.0f} s" if timed_out else f"exit codes {codes}"
+        assert codes == [0] * len(codes) and not timed_out, f"{self.name}: {why}\n{detail}"
         return texts
 
 
