@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import shutil
 import tempfile
@@ -28,12 +29,36 @@ def building(root: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         yield tmp
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
+        _swap_in(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _swap_in(tmp: Path, root: Path, attempts: int = 10) -> None:
+    """Rename the finished ``tmp`` to ``root``, replacing what is there, with renames only.
+
+    Several processes may build the same ``root`` at once: Lightning's ``prepare_data`` runs on the
+    first process of every node, and on a shared file system their roots are one folder. With
+    ``rmtree(root); rename(tmp, root)``, a root put in place by another builder between the two
+    made the rename fail; here that root is moved aside too and the rename tried again, so a
+    complete dataset ends at ``root`` whoever finishes last (the builds are deterministic).
+    """
+    for attempt in range(attempts):
+        old = root.parent / f"{tmp.name}.old"
+        try:
+            root.rename(old)
+        except FileNotFoundError:  # nothing there, or another builder moved it first
+            old = None
+        try:
+            tmp.rename(root)
+            return
+        except OSError as e:  # another builder's root arrived after ours was moved aside
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == attempts - 1:
+                raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _saved_config(spec: Path, cfg_type: type[C]) -> C | None:
