@@ -190,3 +190,19 @@ def test_style_loss_defaults_are_gatys() -> None:
     assert style.layer_weights == GATYS_STYLE_LAYERS == {f"relu{i}_1": 0.2 for i in range(1, 6)}
     assert style.vgg.net.arch == "vgg19"
     assert list(style.vgg(torch.rand(1, 3, 32, 32))) == list(GATYS_STYLE_LAYERS)
+
+
+def test_esrgan_pre_activation_and_gatys_content(tmp_path: Path) -> None:
+    """VGG-19 conv5_4 *before* its ReLU (ESRGAN) and relu4_2 (Gatys content) equal torchvision's slices."""
+    path = tmp_path / "vgg19_features.pth"
+    torch.save(tv_features_state_dict("vgg19"), path)
+    tv = tv_features("vgg19")
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    esrgan = PerceptualLoss("vgg19", {"conv5_4": 1.0}, "l1", input_range=(0, 1), weights=path)
+    gatys = PerceptualLoss("vgg19", {"relu4_2": 1.0}, "mse", input_range=(0, 1), weights=path)
+    with torch.no_grad():
+        fx, fy = tv[:35](IMAGENET(x)), tv[:35](IMAGENET(y))  # features[34] is conv5_4; its ReLU not run
+        assert fx.min() < 0  # pre-activation: negative values survive
+        torch.testing.assert_close(esrgan(x, y), F.l1_loss(fx, fy), rtol=1e-5, atol=1e-7)
+        gx, gy = tv[:23](IMAGENET(x)), tv[:23](IMAGENET(y))
+        torch.testing.assert_close(gatys(x, y), F.mse_loss(gx, gy), rtol=1e-5, atol=1e-7)
