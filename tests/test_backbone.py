@@ -464,3 +464,41 @@ def test_forward_runs_exactly_torchvisions_aten_ops() -> None:
     ops = aten_ops(ours)
     assert ops == aten_ops(tv)
     assert ops["aten::conv2d"] == 13 and ops["aten::relu_"] == 13 and ops["aten::max_pool2d"] == 4
+
+
+# ------------------------------------------------------------------------------ package structure
+def _import_graph(package_dir, package: str) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports``, from every import statement (also ones inside
+    functions and ``if TYPE_CHECKING`` blocks: a lazy import must not hide a cycle)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        mod = ".".join(parts[:-1] if is_pkg else parts)
+        here = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1]) if node.level else ""
+                target = f"{base}.{node.module}" if base and node.module else (node.module or base)
+                deps.add(target)
+                deps |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` imports module x
+        graph[mod] = {d for d in deps if d.split(".")[0] == package}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_vggbackbone_import_graph_has_no_cycle() -> None:
+    import graphlib
+    from pathlib import Path
+
+    import vggbackbone
+
+    pkg = Path(vggbackbone.__file__).parent
+    graph = _import_graph(pkg, "vggbackbone")
+    assert {"vggbackbone.vgg", "vggbackbone.weights", "vggbackbone.config"} <= set(graph)
+    assert "vggbackbone.config" in graph["vggbackbone.weights"] and "vggbackbone.weights" in graph["vggbackbone.vgg"]
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle

@@ -170,10 +170,16 @@ def test_smp_encoder_names_are_registered() -> None:
 def test_smp_decoders_run_on_our_encoder(decoder, kwargs, strides) -> None:
     name = register_smp_encoder("vggbackbone_test_tiny_bn", "vgg16_bn", width_mult=0.125)
     model = decoder(name, encoder_weights=None, classes=3, **kwargs).eval()
+    # the encoder smp built is our backbone: with the same weights its features are our taps, bit for bit
+    bb = model.encoder.backbone
+    ref = VGGBackbone("vgg16_bn", list(bb.return_layers), width_mult=0.125, output_stride=bb.output_stride).eval()
+    ref.load_state_dict(bb.state_dict())
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         feats = model.encoder(x)
         assert [96 // f.shape[-1] for f in feats] == strides
+        for got, want in zip(feats, ref(x).values(), strict=True):
+            assert torch.equal(got, want)
         assert model(x).shape == (2, 3, 64, 96)
 
 
@@ -187,8 +193,8 @@ def test_smp_dilated_encoder_matches_backbone_and_loads_weights(tmp_path) -> Non
     model.encoder.load_weights(path)
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
-        for got, want in zip(model.encoder(x), ref(x).values()):
-            torch.testing.assert_close(got, want)
+        for got, want in zip(model.encoder(x), ref(x).values(), strict=True):
+            assert torch.equal(got, want)
     # smp's own VGG encoder cannot do this
     with pytest.raises(ValueError, match="dilated"):
         smp.DeepLabV3("vgg11", encoder_weights=None, classes=2)
@@ -201,3 +207,28 @@ def test_smp_encoder_in_channels() -> None:
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    assert model.encoder.backbone.features["conv1"][0].weight.shape == (64, 1, 3, 3)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2, 5])
+def test_set_in_channels_adapts_rgb_weights_by_smps_rule(tmp_path, in_channels: int) -> None:
+    """With loaded weights, conv1_1 follows smp's ``patch_first_conv``: 1 channel = the sum over RGB;
+    ``n`` channels = RGB repeated cyclically (``w[:, i % 3]``) and scaled by ``3 / n``."""
+    src = VGGBackbone("vgg11", ["pool5"], width_mult=0.125)
+    path = src.save_weights(tmp_path / "tiny.safetensors")
+    rgb = src.features["conv1"][0].weight.detach().clone()
+    enc = VGGSmpEncoder("vgg11", width_mult=0.125, weights=path)
+    enc.set_in_channels(in_channels)
+    got = enc.backbone.features["conv1"][0].weight
+    if in_channels == 1:
+        want = rgb.sum(1, keepdim=True)
+    else:
+        want = torch.stack([rgb[:, i % 3] for i in range(in_channels)], dim=1) * (3 / in_channels)
+    assert torch.equal(got, want)
+    assert enc.backbone.in_channels == in_channels and len(enc.backbone.normalization.mean) == in_channels
+    # the other layers keep their weights, and the patched network runs on the new input
+    assert torch.equal(enc.backbone.features["conv1"][0].bias, src.features["conv1"][0].bias)
+    x = torch.randn(1, in_channels, 32, 32)
+    with torch.no_grad():
+        conv1 = enc(x)[0]
+    assert torch.equal(conv1, torch.relu(F.conv2d(x, want, src.features["conv1"][0].bias, padding=1)))

@@ -21,16 +21,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .config import ARCHS, VGGConfig
 from .utils import atomic_path
-from .vgg import ARCHS, VGGConfig
-
-if TYPE_CHECKING:
-    from .vgg import VGGBackbone
 
 __all__ = [
     "CAFFE",
@@ -187,12 +184,6 @@ def matching_archs(state_dict: Mapping[str, Tensor]) -> list[str]:
     """
     present = {k for k in state_dict if k.startswith("features.") and not k.endswith("num_batches_tracked")}
     return [name for name, cfg in ARCHS.items() if _layout_keys(cfg) == present]
-
-
-def guess_arch(state_dict: Mapping[str, Tensor]) -> str | None:
-    """The first named arch whose torchvision/timm flat layout matches these keys exactly, if any."""
-    matches = matching_archs(state_dict)
-    return matches[0] if matches else None
 
 
 def _params_of(path: str) -> tuple[str, ...]:
@@ -354,7 +345,7 @@ def reshape_head(sd: dict[str, Tensor], fc6_in_channels: int) -> dict[str, Tenso
 
 
 # ---------------------------------------------------------------------------- into a backbone
-def _full_keys(model: VGGBackbone) -> set[str]:
+def _full_keys(model: nn.Module) -> set[str]:
     """Every key the full (untruncated) arch would have, to tell 'not built' from 'unknown'."""
     keys: set[str] = set()
     cfg = model.config
@@ -368,9 +359,10 @@ def _full_keys(model: VGGBackbone) -> set[str]:
 
 
 def load_backbone_weights(
-    model: VGGBackbone, weights: Any, normalization: Any = None, *, progress: bool = True
+    model: nn.Module, weights: Any, normalization: Any = None, *, progress: bool = True
 ) -> InputNormalization:
-    """Load ``weights`` into ``model`` strictly; return the normalisation the weights expect.
+    """Load ``weights`` into ``model`` (a :class:`~vggbackbone.VGGBackbone`) strictly; return the
+    normalisation the weights expect.
 
     Keys of layers the model did not build (deeper than its deepest tap) and the classifier's
     fc8 are skipped; anything else missing, unexpected or of the wrong shape raises
@@ -450,7 +442,7 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def save_backbone_weights(model: VGGBackbone, path: str | os.PathLike[str]) -> Path:
+def save_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``model``'s weights with ``format``/``arch``/``normalization`` metadata, atomically."""
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

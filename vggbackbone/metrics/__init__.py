@@ -3,17 +3,15 @@
 from .detection import COCO_STATS, coco_evaluate, detections_to_coco, voc_ap, voc_evaluate
 from .rank import RankResult, compute_distance, evaluate_rank, rank_embeddings
 from .rerank import KReciprocalReRanker
-from .segmentation import ConfusionMatrix, SegmentationScores, confusion_matrix, segmentation_scores
+from .segmentation import SegmentationScores, segmentation_scores
 
 __all__ = [
     "COCO_STATS",
-    "ConfusionMatrix",
     "KReciprocalReRanker",
     "RankResult",
     "SegmentationScores",
     "coco_evaluate",
     "compute_distance",
-    "confusion_matrix",
     "detections_to_coco",
     "evaluate_rank",
     "rank_embeddings",

@@ -21,17 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distance import Metric, compute_distance
+from .rerank import KReciprocalReRanker
+
 __all__ = ["RankResult", "compute_distance", "evaluate_rank", "rank_embeddings"]
 
 ArrayLike = Tensor | np.ndarray
-Metric = Literal["cosine", "euclidean"]
 
 # elements of one (chunk x gallery) working set; ~60 bytes each across the ranking buffers
 _WORKING_SET = 4_000_000
@@ -40,19 +41,6 @@ _WORKING_SET = 4_000_000
 def _as_tensor(x: ArrayLike, dtype: torch.dtype | None = None) -> Tensor:
     t = x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
     return t.to(dtype) if dtype is not None else t
-
-
-def compute_distance(query: Tensor, gallery: Tensor, metric: Metric = "cosine") -> Tensor:
-    """Pairwise distances ``(Q, D) x (G, D) -> (Q, G)``.
-
-    ``cosine``: ``1 - cos(q, g)`` in ``[0, 2]``; ``euclidean``: ``||q - g||_2``.
-    """
-    if metric == "cosine":
-        return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T
-    if metric == "euclidean":
-        sq = (query * query).sum(1, keepdim=True) + (gallery * gallery).sum(1) - 2.0 * query @ gallery.T
-        return sq.clamp_(min=0).sqrt_()
-    raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
 
 
 @dataclass
@@ -244,8 +232,6 @@ def rank_embeddings(
     ids = _ids(q_pids, g_pids, q_camids, g_camids, query.shape[0], gallery.shape[0])
     query, gallery = query.float(), gallery.float()
     if rerank:
-        from .rerank import KReciprocalReRanker
-
         ranker = KReciprocalReRanker(query, gallery, metric=metric, k1=k1, k2=k2, lambda_value=lambda_value)
         dist_fn = ranker.distances
     else:

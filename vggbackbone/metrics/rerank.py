@@ -25,14 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distance import squared_euclidean
+
 __all__ = ["KReciprocalReRanker", "knn"]
 
 _CHUNK_ELEMS = 8_000_000
-
-
-def _sqdist(a: Tensor, b: Tensor) -> Tensor:
-    """``(n, D) x (m, D) -> (n, m)`` squared euclidean distances."""
-    return ((a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2.0 * a @ b.T).clamp_(min=0)
 
 
 def knn(x: Tensor, k: int, *, use_faiss: bool | None = None) -> Tensor:
@@ -57,7 +54,9 @@ def knn(x: Tensor, k: int, *, use_faiss: bool | None = None) -> Tensor:
         _, idx = index.search(xs, k)
         return torch.from_numpy(idx).long().to(x.device)
     chunk = max(1, _CHUNK_ELEMS // max(1, n))
-    return torch.cat([_sqdist(x[a : a + chunk], x).topk(k, dim=1, largest=False).indices for a in range(0, n, chunk)])
+    return torch.cat(
+        [squared_euclidean(x[a : a + chunk], x).topk(k, dim=1, largest=False).indices for a in range(0, n, chunk)]
+    )
 
 
 def _k_reciprocal(ranks: Tensor, k: int, rows: slice) -> Tensor:
@@ -118,7 +117,7 @@ class KReciprocalReRanker:
         with torch.no_grad():
             step = max(1, _CHUNK_ELEMS // n)
             # the reference divides each row of the distance matrix by its maximum over all images
-            self.row_max = torch.cat([_sqdist(feats[a : a + step], feats).amax(1) for a in range(0, n, step)])
+            self.row_max = torch.cat([squared_euclidean(feats[a : a + step], feats).amax(1) for a in range(0, n, step)])
             self.row_max.clamp_(min=1e-12)
             ranks = knn(feats, k1 + 1)
             v_rows, v_cols, v_vals = self._encode(ranks, n, k1, kh)
@@ -193,5 +192,5 @@ class KReciprocalReRanker:
                 mins = torch.minimum(vq[:, cols[s : s + step]], vals[s : s + step])
                 temp_min.index_add_(1, rows[s : s + step], mins)
             jaccard = 1.0 - temp_min / (2.0 - temp_min)
-            original = _sqdist(self.feats[a:b], self.feats[q:]) / self.row_max[a:b, None]
+            original = squared_euclidean(self.feats[a:b], self.feats[q:]) / self.row_max[a:b, None]
             return (1.0 - self.lambda_value) * jaccard + self.lambda_value * original

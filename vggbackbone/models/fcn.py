@@ -35,9 +35,18 @@ from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone, get_config
 
-__all__ = ["FCN", "BilinearUpsample", "bilinear_kernel", "fcn_vgg"]
+__all__ = ["FCN", "FCN_TAPS", "BilinearUpsample", "bilinear_kernel", "fcn_vgg"]
 
 FCNVariant = Literal["32s", "16s", "8s"]
+
+#: Backbone taps each variant fuses, shallowest first.
+FCN_TAPS: dict[str, list[str]] = {"32s": ["fc7"], "16s": ["pool4", "fc7"], "8s": ["pool3", "pool4", "fc7"]}
+
+
+def _variant_taps(variant: str) -> list[str]:
+    if variant not in FCN_TAPS:
+        raise ValueError(f"FCN variant must be '32s', '16s' or '8s', got {variant!r}")
+    return FCN_TAPS[variant]
 
 
 def bilinear_kernel(factor: int) -> Tensor:
@@ -114,9 +123,7 @@ class FCN(nn.Module):
         learn_upsampling: bool = True,
     ) -> None:
         super().__init__()
-        if variant not in ("32s", "16s", "8s"):
-            raise ValueError(f"FCN variant must be '32s', '16s' or '8s', got {variant!r}")
-        needed = {"32s": ["fc7"], "16s": ["pool4", "fc7"], "8s": ["pool3", "pool4", "fc7"]}[variant]
+        needed = _variant_taps(variant)
         missing = [t for t in needed if t not in backbone.return_layers]
         if missing:
             raise ValueError(f"FCN-{variant} needs backbone taps {needed}; missing {missing}")
@@ -202,9 +209,7 @@ def fcn_vgg(
     Returns:
         :class:`FCN`, mapping ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)``.
     """
-    taps = {"32s": ["fc7"], "16s": ["pool4", "fc7"], "8s": ["pool3", "pool4", "fc7"]}.get(variant)
-    if taps is None:
-        raise ValueError(f"FCN variant must be '32s', '16s' or '8s', got {variant!r}")
+    taps = _variant_taps(variant)
     cfg = get_config(arch, batch_norm)
     if len(cfg.blocks) != 5:
         raise ValueError(f"FCN needs a 5-block VGG (pool3/pool4/fc7 at strides 8/16/32), got {cfg.name}")

@@ -126,16 +126,7 @@ def register_smp_encoder(name: str, arch: ArchSpec = "vgg16", **backbone_kwargs:
 
 def register_smp_encoders() -> list[str]:
     """Register ``vggbackbone_<arch>`` for every named arch; return the names."""
-    names = []
-    for arch in ARCHS:
-        name = SMP_PREFIX + arch
-        smp.encoders.encoders[name] = {
-            "encoder": VGGSmpEncoder,
-            "pretrained_settings": {},
-            "params": {"arch": arch},
-        }
-        names.append(name)
-    return names
+    return [register_smp_encoder(SMP_PREFIX + arch, arch) for arch in ARCHS]
 
 
 register_smp_encoders()

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..vgg import ArchSpec, VGGBackbone
+from ..vgg import ArchSpec, VGGBackbone, get_config
 
 __all__ = ["UNetVGG", "unet_vgg"]
 
@@ -114,8 +114,6 @@ def unet_vgg(
     Returns:
         :class:`UNetVGG`, mapping ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)``.
     """
-    from ..vgg import get_config
-
     n = len(get_config(arch, batch_norm).blocks)
     taps = [f"conv{i}" for i in range(1, n + 1)] + [f"pool{n}"]
     backbone = VGGBackbone(
