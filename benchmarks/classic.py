@@ -74,10 +74,8 @@ class VGGClassifier(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 1000) -> None:
         super().__init__()
+        # fc_padding="valid" (the default): fc6 is the Linear layer over the 7x7 pool5 map, 1x1 output.
         self.backbone = VGGBackbone(arch, return_layers=["fc7"])
-        # The backbone pads fc6 ("same", so the fc6/fc7 taps keep a stride-32 map). The classifier's
-        # fc6 is the Linear layer over the 7x7 pool5 map, i.e. a *valid* 7x7 conv: 1x1 output.
-        self.backbone.features["fc6"].conv.padding = (0, 0)
         self.fc8 = nn.Conv2d(self.backbone.out_channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

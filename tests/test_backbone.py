@@ -132,7 +132,13 @@ def test_module_names_follow_caffe() -> None:
 def _tiny(ceil_mode: bool, output_stride: int) -> VGGBackbone:
     """All taps of a thin vgg16_bn (cached: hypothesis calls the test many times)."""
     return VGGBackbone(
-        "vgg16_bn", list(TAPS), width_mult=0.125, fc_channels=16, ceil_mode=ceil_mode, output_stride=output_stride
+        "vgg16_bn",
+        list(TAPS),
+        width_mult=0.125,
+        fc_channels=16,
+        ceil_mode=ceil_mode,
+        output_stride=output_stride,
+        fc_padding="same",  # dense fc maps of pool5's size (the valid default is tested on its own)
     ).eval()
 
 
@@ -208,8 +214,8 @@ def test_too_small_input_is_a_clear_error() -> None:
 # ------------------------------------------------------------------------------ output stride
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_output_stride_by_dilation(output_stride: int) -> None:
-    dense = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, output_stride=output_stride).eval()
-    plain = VGGBackbone("vgg16", list(TAPS), width_mult=0.125).eval()
+    dense = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, output_stride=output_stride, fc_padding="same").eval()
+    plain = VGGBackbone("vgg16", list(TAPS), width_mult=0.125, fc_padding="same").eval()
     plain.load_state_dict(dense.state_dict())  # same parameters: dilation changes no shapes
     assert dense.features.conv5.conv5_1.dilation == ((2, 2) if output_stride == 8 else (1, 1))
     assert dense.features.fc6.conv.dilation == ((4, 4) if output_stride == 8 else (2, 2))
@@ -242,7 +248,9 @@ def test_width_mult() -> None:
 
 def test_custom_block_spec_with_other_in_channels() -> None:
     spec = [(1, 16), (2, 24), (3, 40)]
-    bb = VGGBackbone(spec, list(VGGBackbone.available_taps(get_config(spec))), in_channels=4, batch_norm=True)
+    bb = VGGBackbone(
+        spec, list(VGGBackbone.available_taps(get_config(spec))), in_channels=4, batch_norm=True, fc_padding="same"
+    )
     assert bb.arch == "custom[[1,16],[2,24],[3,40]]"
     assert bb.output_stride == 8  # three strided pools
     assert list(bb.return_layers) == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc6", "fc7"]
@@ -271,7 +279,7 @@ def _bn_layers(m: nn.Module) -> list[nn.Module]:
 
 
 def test_frozen_stages() -> None:
-    bb = VGGBackbone("vgg11_bn", ["conv3", "fc7"], width_mult=0.125, frozen_stages=2).train()
+    bb = VGGBackbone("vgg11_bn", ["conv3", "fc7"], width_mult=0.125, frozen_stages=2, fc_padding="same").train()
     assert bb.training
     for name, p in bb.named_parameters():
         assert p.requires_grad == (not name.startswith(("features.conv1.", "features.conv2."))), name
@@ -341,7 +349,7 @@ def test_returned_taps_are_not_overwritten_by_later_inplace_ops(train: bool) -> 
     op, it would silently change after being returned (see the torchvision contrast below).
     """
     taps = [t for t in TAPS if not t.startswith("fc")] + (["fc6", "fc7"] if not train else [])
-    kw = dict(width_mult=0.125, fc_channels=32, fc_dropout=0.0)
+    kw = dict(width_mult=0.125, fc_channels=32, fc_dropout=0.0, fc_padding="same")
     full = randomize_(VGGBackbone("vgg13_bn", taps, **kw)).train(train)
     x = torch.randn(2, 3, 64, 64)
     together = full(x)
@@ -502,3 +510,46 @@ def test_vggbackbone_import_graph_has_no_cycle() -> None:
     assert {"vggbackbone.vgg", "vggbackbone.weights", "vggbackbone.config"} <= set(graph)
     assert "vggbackbone.config" in graph["vggbackbone.weights"] and "vggbackbone.weights" in graph["vggbackbone.vgg"]
     list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
+
+
+# ------------------------------------------------------------------------------ fc6 padding
+@pytest.mark.parametrize("size", [224, 384])
+def test_fc_taps_are_unpadded_by_default(size: int) -> None:
+    """fc6 is a valid 7x7 conv on pool5 (the paper's dense evaluation): 1x1 at 224, 6x6 at 384."""
+    bb = randomize_(VGGBackbone("vgg11", ["pool5", "fc6", "fc7"], width_mult=0.0625, fc_channels=16)).eval()
+    assert bb.fc_padding == "valid" and bb.features.fc6.conv.padding == (0, 0)
+    assert bb.feature_info.reduction() == [32, 32, 32] and bb.feature_info.channels() == [32, 16, 16]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = bb(x)
+        fc6 = bb.features.fc6.conv
+        want6 = torch.relu(nn.functional.conv2d(out["pool5"], fc6.weight, fc6.bias))
+        want7 = torch.relu(nn.functional.conv2d(want6, bb.features.fc7.conv.weight, bb.features.fc7.conv.bias))
+    n = size // 32 - 6
+    assert out["fc6"].shape == out["fc7"].shape == (1, 16, n, n)
+    assert torch.equal(out["fc6"], want6) and torch.equal(out["fc7"], want7)
+
+
+def test_fc_padding_same_keeps_pool5_size_and_valid_refuses_small_inputs() -> None:
+    kw = dict(width_mult=0.0625, fc_channels=16)
+    valid = VGGBackbone("vgg11", ["pool5", "fc7"], **kw).eval()
+    same = VGGBackbone("vgg11", ["pool5", "fc7"], fc_padding="same", **kw).eval()
+    same.load_state_dict(valid.state_dict())  # same parameters, only the padding differs
+    assert same.features.fc6.conv.padding == (3, 3)
+    x = torch.randn(1, 3, 288, 256)
+    with torch.no_grad():
+        v, s = valid(x), same(x)
+    assert v["fc7"].shape[-2:] == (3, 2) and s["fc7"].shape[-2:] == (9, 8) == s["pool5"].shape[-2:]
+    # cells far enough from the border see no padding: the valid map is the inside of the same one
+    assert_close(s["fc7"][..., 3:-3, 3:-3], v["fc7"], rtol=1e-5, atol=1e-6)
+    # the smallest input with a 7x7 pool5 map: 224 (floor pools), 193 (ceil pools); dilated fc6
+    # (output stride 16, dilation 2) needs a 13x13 map: 208
+    for kwargs, smallest in (({}, 224), ({"ceil_mode": True}, 193), ({"output_stride": 16}, 208)):
+        bb = VGGBackbone("vgg11", ["fc7"], **kw, **kwargs).eval()
+        assert bb.min_input_size == smallest
+        with torch.no_grad():
+            assert bb(torch.randn(1, 3, smallest, smallest))["fc7"].shape[-2:] == (1, 1)
+        with pytest.raises(ValueError, match=rf"smaller than {smallest}, .*fc6's unpadded .*fc_padding='same'"):
+            bb(torch.randn(1, 3, smallest - 1, smallest))
+    with pytest.raises(ValueError, match="fc_padding must be 'valid' or 'same', got 'full'"):
+        VGGBackbone("vgg11", ["fc7"], fc_padding="full")

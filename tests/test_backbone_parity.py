@@ -1,7 +1,7 @@
 """VGGBackbone reproduces torchvision's and timm's VGG exactly, loaded from saved state dict files.
 
 Full-width models are needed (the files must be the libraries' own layouts), so inputs are small
-(64x48) except for fc6/fc7, whose 7x7 kernel needs the 7x7 pool5 of a 224x224 image.
+(64x48) except for fc6/fc7, whose unpadded 7x7 kernel needs the 7x7 pool5 of a 224x224 image.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_every_tap_equals_torchvision_features_slice(arch: str, big_tmp) -> None
     path = big_tmp / f"{arch}.pth"
     torch.save(tv.state_dict(), path)
 
-    bb = VGGBackbone(arch, list(TAPS), weights=path).eval()
+    bb = VGGBackbone(arch, CONV_AND_POOL_TAPS, weights=path).eval()
     assert bb.normalization == IMAGENET
 
     slices = tap_slices(tv.features)
@@ -42,14 +42,31 @@ def test_every_tap_equals_torchvision_features_slice(arch: str, big_tmp) -> None
             # the same ops in the same order on the same weights: bit-identical
             assert_close(ours[tap], tv.features[: slices[tap]](x), rtol=0, atol=0, msg=f"{arch} {tap}")
 
-        # fc6/fc7: the classifier's Linear layers as 7x7/1x1 convs; at 224x224 pool5 is 7x7 and
-        # the centre of our (padded) fc maps sees exactly the classifier's input.
-        x = torch.randn(1, 3, 224, 224)
-        ours = bb(x)
-        pooled = torch.flatten(tv.avgpool(tv.features(x)), 1)
-        assert_close(ours["fc6"][:, :, 3, 3], tv.classifier[:2](pooled), rtol=1e-4, atol=1e-5)
-        assert_close(ours["fc7"][:, :, 3, 3], tv.classifier[:5](pooled), rtol=1e-4, atol=1e-5)
-        assert ours["fc7"].shape == (1, 4096, 7, 7)
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg11_bn"])
+def test_fc_taps_are_torchvisions_classifier(arch: str, big_tmp) -> None:
+    """fc6/fc7 from the classifier's Linear layers as a valid 7x7 and a 1x1 conv (the default).
+
+    At 224x224 pool5 is 7x7, so fc7 is ``(N, 4096, 1, 1)``: torchvision's ``classifier[:5]`` (eval:
+    dropout off). The 7x7 conv sums the same products as the Linear layer in another order, so
+    the two agree to float32 rounding (measured: max abs difference ~2e-6), not bit for bit.
+    """
+    tv = tv_model(arch)
+    path = big_tmp / f"{arch}.pth"
+    torch.save(tv.state_dict(), path)  # classifier included
+    valid = VGGBackbone(arch, ["pool5", "fc6", "fc7"], weights=path).eval()
+    same = VGGBackbone(arch, ["fc6", "fc7"], weights=path, fc_padding="same").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, dense = valid(x), same(x)
+        assert torch.equal(ours["pool5"], tv.features(x))
+        pooled = torch.flatten(tv.avgpool(tv.features(x)), 1)  # avgpool is the identity on 7x7
+        assert ours["fc6"].shape == ours["fc7"].shape == (2, 4096, 1, 1)
+        assert_close(ours["fc6"].flatten(1), tv.classifier[:2](pooled), rtol=1e-4, atol=1e-5)
+        assert_close(ours["fc7"].flatten(1), tv.classifier[:5](pooled), rtol=1e-4, atol=1e-5)
+        # "same": 7x7 maps whose centre cell sees exactly the classifier's input (borders see zeros)
+        assert dense["fc7"].shape == (2, 4096, 7, 7)
+        assert_close(dense["fc7"][:, :, 3:4, 3:4], ours["fc7"], rtol=1e-4, atol=1e-5)
 
 
 timm = pytest.importorskip("timm")

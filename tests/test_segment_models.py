@@ -114,6 +114,8 @@ def test_fcn_rejects_bad_config() -> None:
     bb = VGGBackbone("vgg11", ["fc7"], **TINY)
     with pytest.raises(ValueError, match="pool4"):
         FCN(bb, 3, "16s")
+    with pytest.raises(ValueError, match="fc_padding='same'"):  # FCN's skips need aligned fc maps
+        FCN(VGGBackbone("vgg11", ["pool4", "fc7"], **TINY), 3, "16s")
 
 
 # ---------------------------------------------------------------------------- U-Net

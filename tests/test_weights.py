@@ -141,7 +141,7 @@ def test_features_only_and_wrapped_state_dicts_load(tmp_path) -> None:
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_save_weights_round_trip_keeps_arch_and_normalization(tmp_path, suffix: str) -> None:
     taps = list(TAPS)
-    kw = dict(width_mult=0.125, fc_channels=64)
+    kw = dict(width_mult=0.125, fc_channels=64, fc_padding="same")
     src = randomize_(VGGBackbone("vgg16_bn", taps, normalization=CAFFE, **kw)).eval()
     path = src.save_weights(tmp_path / f"w{suffix}")
     assert path == tmp_path / f"w{suffix}"

@@ -7,12 +7,25 @@ Shared by :mod:`vggbackbone.vgg` (which builds the layers) and :mod:`vggbackbone
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ARCHS", "PAPER_COLUMN", "TAPS", "ArchSpec", "BlockSpec", "VGGConfig", "get_config"]
+__all__ = [
+    "ARCHS",
+    "FC_LAYERS",
+    "PAPER_COLUMN",
+    "TAPS",
+    "ArchSpec",
+    "BlockSpec",
+    "VGGConfig",
+    "block_layers",
+    "get_config",
+    "layer_taps",
+    "tap_location",
+]
 
-#: Tap names in network order.
+#: Block tap names in network order (every layer's own name: :func:`layer_taps`).
 TAPS: tuple[str, ...] = (
     "conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4", "pool4", "conv5", "pool5", "fc6", "fc7",
 )  # fmt: skip
@@ -82,3 +95,52 @@ def get_config(arch: ArchSpec, batch_norm: bool | None = None) -> VGGConfig:
     blocks = tuple(BlockSpec(c, (3,) * n) for n, c in spec)
     name = "custom" + json.dumps(spec).replace(" ", "")
     return VGGConfig(name, blocks, batch_norm=bool(batch_norm))
+
+
+def block_layers(cfg: VGGConfig, block: int) -> list[str]:
+    """Caffe names of block ``block``'s layers (1-based), in order: ``conv{b}_{j}``,
+    [``bn{b}_{j}``], ``relu{b}_{j}`` for each conv, and ``lrn1`` after ``relu1_1`` in A-LRN.
+
+    They are the module names inside ``features.conv{b}`` and, block by block with a pool after
+    each, the order of torchvision's flat ``features`` Sequential.
+    """
+    names: list[str] = []
+    for j in range(1, len(cfg.blocks[block - 1].kernels) + 1):
+        names.append(f"conv{block}_{j}")
+        if cfg.batch_norm:
+            names.append(f"bn{block}_{j}")
+        names.append(f"relu{block}_{j}")
+        if cfg.lrn and block == 1 and j == 1:
+            names.append(f"lrn{block}")
+    return names
+
+
+#: fc layers that are taps of their own: the module inside ``features.fc6`` / ``features.fc7``.
+FC_LAYERS: dict[str, tuple[str, str]] = {"relu6": ("fc6", "relu"), "relu7": ("fc7", "relu")}
+
+
+def layer_taps(cfg: VGGConfig) -> tuple[str, ...]:
+    """Every tap of ``cfg`` in network order: each layer by its Caffe name and the block taps.
+
+    ``conv1_1, relu1_1, ..., relu1_2, conv1, pool1, ..., pool5, relu6, fc6, relu7, fc7``: a block
+    tap comes right after its last layer (``conv5`` is the same tensor as ``relu5_3``, ``fc6`` as
+    ``relu6``).
+    """
+    names: list[str] = []
+    for b in range(1, len(cfg.blocks) + 1):
+        names += [*block_layers(cfg, b), f"conv{b}", f"pool{b}"]
+    return (*names, "relu6", "fc6", "relu7", "fc7")
+
+
+_IN_BLOCK = re.compile(r"(?:conv|bn|relu)(\d+)_\d+|lrn(\d+)")
+
+
+def tap_location(tap: str) -> tuple[str, str | None]:
+    """``(stage, layer)``: the ``features`` stage that computes ``tap`` and the layer inside it,
+    ``None`` when the tap is the stage's output (``conv3``, ``pool3``, ``fc6``...)."""
+    if tap in FC_LAYERS:
+        return FC_LAYERS[tap]
+    m = _IN_BLOCK.fullmatch(tap)
+    if m:
+        return f"conv{m.group(1) or m.group(2)}", tap
+    return tap, None

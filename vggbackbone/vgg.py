@@ -16,9 +16,15 @@ conv4     8
 pool4     16
 conv5     16
 pool5     32
-fc6       32                    classifier fc6 as a 7x7 conv (4096 ch)
-fc7       32                    classifier fc7 as a 1x1 conv (4096 ch)
+fc6       32                    classifier fc6 as a 7x7 conv (4096 ch), after its ReLU
+fc7       32                    classifier fc7 as a 1x1 conv (4096 ch), after its ReLU
 ========  ====================  =========================================
+
+fc6 is *unpadded* by default (``fc_padding="valid"``), the paper's dense evaluation (Sec. 3.2)
+and FCN's: at 224x224 ``fc7`` is ``(N, 4096, 1, 1)`` and equals torchvision's
+``classifier[:5]``; an ``H x W`` input gives ``(floor(H/32) - 6) x (floor(W/32) - 6)`` cells, cell
+``(i, j)`` seeing pool5 cells ``i..i+6, j..j+6``. ``fc_padding="same"`` pads fc6 by 3 (times its
+dilation) so fc6/fc7 keep pool5's size and alignment, border cells seeing zeros.
 
 Module names follow the Caffe prototxt everyone knows (``features.conv5.conv5_3``), so a tap
 name is also the module that produces it. Torchvision and timm state dicts load through an
@@ -32,7 +38,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -79,14 +85,24 @@ def _make_block(
     return nn.Sequential(layers)
 
 
-class _FC(nn.Sequential):
-    """fc6/fc7 as a convolution: [drop ->] conv -> relu (the tap is the ReLU output)."""
+FCPadding = Literal["valid", "same"]
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int, dropout: float | None) -> None:
+
+class _FC(nn.Sequential):
+    """fc6/fc7 as a convolution: [drop ->] conv -> relu (the tap is the ReLU output).
+
+    ``padding="valid"``: no padding (a 7x7 fc6 on a 7x7 map is the Linear layer); ``"same"``:
+    ``dilation * (kernel // 2)``, so the output keeps the input's size.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, dilation: int, dropout: float | None, padding: FCPadding
+    ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if dropout is not None:
             layers["drop"] = nn.Dropout(dropout)
-        layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+        pad = dilation * (kernel // 2) if padding == "same" else 0
+        layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation)
         layers["relu"] = nn.ReLU(inplace=True)
         super().__init__(layers)
 
@@ -127,6 +143,11 @@ class VGGBackbone(nn.Module):
         width_mult: multiply every channel count (rounded to a multiple of 8) for small models.
         fc_channels: fc6/fc7 width (default ``4096 * width_mult``).
         fc_dropout: dropout between fc6 and fc7 (the paper's 0.5); ``0`` disables it.
+        fc_padding: ``"valid"`` (default): fc6 is an unpadded 7x7 conv, the paper's dense
+            evaluation (``fc7`` of a 224x224 image is ``(N, 4096, 1, 1)``, torchvision's
+            ``classifier[:5]``; inputs need at least 224 px, or ``32 * (6 * d + 1)`` with fc6
+            dilation ``d`` under ``output_stride``). ``"same"``: fc6 padded by ``3 * d``, so
+            fc6/fc7 are stride-aligned dense maps of pool5's size (FCN uses this).
         normalization: the input normalisation the weights expect, as
             :class:`~vggbackbone.weights.InputNormalization`, ``"imagenet"`` or ``"caffe"``.
             Default: taken from the weights (torchvision and timm: ImageNet mean/std). ``"caffe"``
@@ -161,6 +182,7 @@ class VGGBackbone(nn.Module):
         width_mult: float = 1.0,
         fc_channels: int | None = None,
         fc_dropout: float = 0.5,
+        fc_padding: FCPadding = "valid",
         normalization: Any = None,
         progress: bool = True,
     ) -> None:
@@ -195,6 +217,9 @@ class VGGBackbone(nn.Module):
 
         if frozen_stages < 0 or frozen_stages > n_blocks + 2:
             raise ValueError(f"frozen_stages must be in 0..{n_blocks + 2}, got {frozen_stages}")
+        if fc_padding not in ("valid", "same"):
+            raise ValueError(f"fc_padding must be 'valid' or 'same', got {fc_padding!r}")
+        self.fc_padding = fc_padding
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.output_stride = output_stride
@@ -211,6 +236,7 @@ class VGGBackbone(nn.Module):
         info: dict[str, dict[str, Any]] = {}
         in_ch, stride, dilation = in_channels, 1, 1
         min_size = 1
+        min_reason = ""
         # With weights, every parameter and buffer comes from the file (the load is strict), so
         # build on the meta device: no random init of ~130M parameters that would be overwritten.
         device = torch.get_default_device()  # where the loaded weights go (honours `with torch.device(...)`)
@@ -232,19 +258,28 @@ class VGGBackbone(nn.Module):
                     stages[f"pool{i}"] = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
                     stride *= 2
                     min_size = stride if not ceil_mode else 1
+                    min_reason = f"the stride of pool{i}"
                 else:  # DeepLab: keep resolution, dilate what follows
                     stages[f"pool{i}"] = nn.MaxPool2d(3, 1, padding=1)
                     dilation *= 2
                 info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
             fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
             if "fc6" in build:
-                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None)
+                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None, fc_padding)
                 info["fc6"] = {"num_chs": fc_ch, "reduction": stride}
+                if fc_padding == "valid":  # the pool5 map must hold one dilated 7x7 window
+                    cells = 6 * dilation + 1
+                    min_size = max(min_size, stride * cells if not ceil_mode else stride * (cells - 1) + 1)
+                    min_reason = (
+                        f"the smallest input whose pool{len(cfg.blocks)} map holds fc6's unpadded {cells}x{cells} "
+                        "window (fc_padding='valid'; fc_padding='same' pads it)"
+                    )
             if "fc7" in build:
-                stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None)
+                stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None, fc_padding)
                 info["fc7"] = {"num_chs": fc_ch, "reduction": stride}
             self.features = nn.ModuleDict(stages)
         self.min_input_size = min_size
+        self._min_input_reason = min_reason
 
         ordered = [t for t in build if t in rl]
         self.return_layers = {t: str(rl[t]) for t in ordered}
@@ -326,8 +361,8 @@ class VGGBackbone(nn.Module):
         if h < self.min_input_size or w < self.min_input_size:
             deepest = next(reversed(self.return_layers))
             raise ValueError(
-                f"VGGBackbone({self.arch}): input {h}x{w} is smaller than {self.min_input_size}, the stride of the "
-                f"deepest pool run for tap '{deepest}'; resize or pad the image to at least "
+                f"VGGBackbone({self.arch}): input {h}x{w} is smaller than {self.min_input_size}, "
+                f"{self._min_input_reason} (deepest tap '{deepest}'); resize or pad the image to at least "
                 f"{self.min_input_size}x{self.min_input_size}"
             )
 
@@ -352,4 +387,7 @@ class VGGBackbone(nn.Module):
         return save_backbone_weights(self, path)
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, return_layers={self.return_layers}, output_stride={self.output_stride}"
+        return (
+            f"arch={self.arch}, return_layers={self.return_layers}, output_stride={self.output_stride}, "
+            f"fc_padding={self.fc_padding}"
+        )

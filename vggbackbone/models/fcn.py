@@ -16,12 +16,16 @@ The network, as in the reference Caffe models (``voc-fcn{32,16,8}s``, ``voc-fcn8
   (the reference ``voc-fcn8s-atonce``), which makes the finer skips start learning slowly, as if
   the 32s -> 16s -> 8s stages had been run one after the other. Set both to 1 to turn it off.
 
-Alignment. The reference pads conv1_1 by 100 pixels because its fc6 is an unpadded 7x7 conv,
-and then crops the upsampled maps at offsets 5, 9 and 31. :class:`VGGBackbone` keeps every
-map aligned instead ("same" 3x3 convs, fc6 padded by 3) and FCN builds it with Caffe's
-``ceil_mode`` pools, so a stride-``s`` map has ``ceil(H / s)`` rows whose row ``i`` is centred
-on input row ``s * i + (s - 1) / 2``. Every crop is then at offset 0 and only trims the
-extra rows that ``ceil`` adds: the output is exactly ``H x W`` for any ``H, W >= 1``.
+Alignment: ``fc_padding="same"``, a deliberate difference from the reference. The reference
+(``voc-fcn8s/net.py``) pads conv1_1 by 100 pixels because its fc6 is an unpadded ("valid") 7x7
+conv, as in the VGG paper's dense evaluation, and then crops the upsampled maps at offsets 5, 9
+and 31. Here the backbone is built with ``fc_padding="same"`` (fc6 padded by 3, the backbone's
+default is "valid") and Caffe's ``ceil_mode`` pools, so every map stays aligned: a stride-``s``
+map has ``ceil(H / s)`` rows whose row ``i`` is centred on input row ``s * i + (s - 1) / 2``.
+Every crop is then at offset 0 and only trims the extra rows that ``ceil`` adds: the output is
+exactly ``H x W`` for any ``H, W >= 1`` and no compute is spent on a 100-pixel frame. Both forms
+use the same fc6 weights; they differ only at the border cells of fc6, which here see zeros
+where the reference's see the padded frame.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class BilinearUpsample(nn.Module):
 
 
 class FCN(nn.Module):
-    """FCN head on a :class:`VGGBackbone` returning ``pool3`` (8s), ``pool4`` (16s, 8s) and ``fc7``.
+    """FCN head on a :class:`VGGBackbone` returning ``pool3`` (8s), ``pool4`` (16s, 8s) and ``fc7``,
+    built with ``fc_padding="same"`` (see the module docstring for why not the reference's valid fc6).
 
     Input ``(N, C, H, W)`` normalised with ``self.normalization``; output logits
     ``(N, num_classes, H, W)``.
@@ -127,6 +132,11 @@ class FCN(nn.Module):
         missing = [t for t in needed if t not in backbone.return_layers]
         if missing:
             raise ValueError(f"FCN-{variant} needs backbone taps {needed}; missing {missing}")
+        if backbone.fc_padding != "same":
+            raise ValueError(
+                "FCN aligns its skips with stride-aligned fc6/fc7 maps: build the backbone with fc_padding='same' "
+                f"(got {backbone.fc_padding!r}; see the module docstring)"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone = backbone
@@ -201,7 +211,8 @@ def fcn_vgg(
             from the classifier weights.
         in_channels, batch_norm, frozen_stages, norm_layer, norm_eval, width_mult, fc_channels,
             fc_dropout, normalization: passed to :class:`VGGBackbone` (built with Caffe's
-            ``ceil_mode=True`` pools so any input size works).
+            ``ceil_mode=True`` pools and ``fc_padding="same"`` so any input size works and every
+            map stays aligned).
         pool4_scale, pool3_scale: skip scaling of FCN-8s "at once" (reference values 0.01 and
             1e-4); ``1.0`` disables it.
         learn_upsampling: learn the x2 upsamplings (the final one is always fixed bilinear).
@@ -226,6 +237,7 @@ def fcn_vgg(
         width_mult=width_mult,
         fc_channels=fc_channels,
         fc_dropout=fc_dropout,
+        fc_padding="same",
         normalization=normalization,
     )
     return FCN(
