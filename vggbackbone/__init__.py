@@ -7,6 +7,7 @@
 """
 
 from .optimize import InferenceModule, fold_batchnorm, optimize_for_inference
+from .perceptual import LPIPS, PerceptualLoss, StyleLoss
 from .vgg import ARCHS, TAPS, VGGBackbone, VGGConfig, get_config
 from .weights import CAFFE, IMAGENET, InputNormalization, WeightsError
 
@@ -16,9 +17,12 @@ __all__ = [
     "ARCHS",
     "CAFFE",
     "IMAGENET",
+    "LPIPS",
     "TAPS",
     "InferenceModule",
     "InputNormalization",
+    "PerceptualLoss",
+    "StyleLoss",
     "VGGBackbone",
     "VGGConfig",
     "WeightsError",

@@ -1,5 +1,6 @@
 """Task models built on :class:`~vggbackbone.VGGBackbone` (plain PyTorch, no Lightning)."""
 
+from .classifier import VGGClassifier, vgg_classifier
 from .detection import fasterrcnn_vgg
 from .fcn import FCN, fcn_vgg
 from .reid import GeM, ReIDNet, ReIDOutput, reid_vgg
@@ -13,6 +14,7 @@ __all__ = [
     "ReIDNet",
     "ReIDOutput",
     "UNetVGG",
+    "VGGClassifier",
     "fasterrcnn_vgg",
     "fcn_vgg",
     "fcos_vgg",
@@ -20,6 +22,7 @@ __all__ = [
     "retinanet_vgg",
     "ssd_vgg",
     "unet_vgg",
+    "vgg_classifier",
 ]
 
 try:  # segmentation-models-pytorch is optional (the `seg` extra): register our smp encoders
