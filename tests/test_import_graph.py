@@ -89,13 +89,7 @@ def test_find_cycle_finds_a_planted_cycle_and_none_where_there_is_none() -> None
 
 @pytest.mark.parametrize(
     "package",
-    [
-        pytest.param(
-            "vggbackbone",
-            marks=pytest.mark.xfail(strict=True, reason="vgg<->weights cycle, removed on branch backbone"),
-        ),
-        "tasks",
-    ],
+    ["vggbackbone", "tasks"],
 )
 def test_no_import_cycle(package: str) -> None:
     graph = import_graph(package)
