@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["RenamedOptionWarning", "old_names", "renamed"]
+__all__ = ["RenamedOptionWarning", "old_names", "renamed", "warn_once"]
 
 _warned: set[tuple[str, str]] = set()
 
@@ -35,6 +35,13 @@ def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, defa
         _warned.add((owner, old))
         warnings.warn(f"{owner}: option {old!r} is renamed {new!r}; write {new} instead", RenamedOptionWarning, 3)
     return convert(old_value) if convert is not None else old_value
+
+
+def warn_once(owner: str, key: str, message: str) -> None:
+    """A :class:`RenamedOptionWarning` with ``message``, once per process for ``(owner, key)``."""
+    if (owner, key) not in _warned:
+        _warned.add((owner, key))
+        warnings.warn(message, RenamedOptionWarning, stacklevel=3)
 
 
 def old_names(module: str, names: Mapping[str, Callable[[], Any]]) -> Callable[[str], Any]:

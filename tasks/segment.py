@@ -18,7 +18,6 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ from tasks.checkpoint import backbone_weights
 from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
 from tasks.data.voc import voc_palette
-from tasks.deprecation import RenamedOptionWarning, old_names
+from tasks.deprecation import old_names, warn_once
 from tasks.distributed import is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
@@ -173,10 +172,10 @@ class SegmentationTask(TaskModule):
             clash = sorted(set(head_kwargs) & set(model_kwargs))
             if clash:
                 raise ValueError(f"model: {', '.join(clash)} given both in head_kwargs and directly")
-            warnings.warn(
+            warn_once(
+                "model",
+                "head_kwargs",
                 f"model.head_kwargs is deprecated: write {', '.join(sorted(head_kwargs))} directly under model",
-                RenamedOptionWarning,
-                stacklevel=2,
             )
             model_kwargs = {**model_kwargs, **head_kwargs}
         options = _BUILDER_ARGS.resolve("model", head, model_kwargs)
