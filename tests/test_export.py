@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _model(**kw) -> VGGBackbone:
     """A thin vgg16_bn with every tap, dilation, ceil mode and non-trivial BN statistics."""
-    args = dict(width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True) | kw
+    args = dict(width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True, fc_padding="same") | kw
     return randomize_(VGGBackbone("vgg16_bn", list(TAPS), **args)).eval()
 
 
@@ -107,7 +107,7 @@ def test_onnx_export_dynamic_batch_and_size(tmp_path) -> None:
 
     from vggbackbone.export import export_onnx
 
-    kw = dict(width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True)
+    kw = dict(width_mult=0.125, fc_channels=32, output_stride=16, ceil_mode=True, fc_padding="same")
     bb = randomize_(VGGBackbone("vgg11_bn", list(TAPS), **kw))
     path = export_onnx(bb.eval(), tmp_path / "bb.onnx", torch.randn(1, 3, 64, 64))
     assert [p.name for p in tmp_path.iterdir()] == ["bb.onnx"]  # atomic: no temp file left

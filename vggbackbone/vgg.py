@@ -26,6 +26,12 @@ and FCN's: at 224x224 ``fc7`` is ``(N, 4096, 1, 1)`` and equals torchvision's
 ``(i, j)`` seeing pool5 cells ``i..i+6, j..j+6``. ``fc_padding="same"`` pads fc6 by 3 (times its
 dilation) so fc6/fc7 keep pool5's size and alignment, border cells seeing zeros.
 
+Every layer is a tap too, under its Caffe name: ``conv3_1`` (the convolution's output, before
+BN/ReLU), ``bn3_1`` (``_bn`` archs), ``relu3_1``, ``lrn1`` (A-LRN), ``relu6``/``relu7`` (= ``fc6``/
+``fc7``); :func:`vggbackbone.config.layer_taps` lists them in network order. A returned tensor
+is what that layer computed, never changed by a later in-place op: the ReLU right after a
+returned pre-activation runs out of place, every other ReLU stays in place.
+
 Module names follow the Caffe prototxt everyone knows (``features.conv5.conv5_3``), so a tap
 name is also the module that produces it. Torchvision and timm state dicts load through an
 explicit key map (:mod:`vggbackbone.weights`).
@@ -44,7 +50,18 @@ import torch
 from torch import Tensor, nn
 
 from ._features import FeatureInfo
-from .config import ARCHS, PAPER_COLUMN, TAPS, ArchSpec, BlockSpec, VGGConfig, get_config
+from .config import (
+    ARCHS,
+    PAPER_COLUMN,
+    TAPS,
+    ArchSpec,
+    BlockSpec,
+    VGGConfig,
+    block_layers,
+    get_config,
+    layer_taps,
+    tap_location,
+)
 from .utils import make_divisible
 from .weights import load_backbone_weights, resolve_normalization, save_backbone_weights
 
@@ -60,35 +77,90 @@ __all__ = [
 ]
 
 
+class _Stage(nn.Sequential):
+    """A ``Sequential`` stage of ``features`` that can also return some of its layers' outputs.
+
+    ``taps`` maps a child name (``conv3_1``, ``relu``...) to its output key; empty for the
+    usual block taps, whose stage then runs as a plain ``Sequential``.
+    """
+
+    __annotations__ = {"taps": dict[str, str]}  # a real type for TorchScript (may be empty)
+
+    def __init__(self, layers: OrderedDict[str, nn.Module], taps: Mapping[str, str] | None = None) -> None:
+        super().__init__(layers)
+        self.taps = dict(taps or {})
+        # A returned layer output must not be changed by a later in-place op: the ReLU that ends a
+        # conv [-> bn] group with a returned pre-activation (conv3_1, bn3_1) runs out of place.
+        # Counted from the conv, not only from the layer just before the ReLU, so the tap stays
+        # intact when a BatchNorm is later folded into its conv and replaced by nn.Identity.
+        # Every other ReLU stays in place (the default taps cost nothing extra).
+        returned_before = False
+        for name, layer in self._modules.items():
+            if isinstance(layer, nn.ReLU):
+                if returned_before:
+                    layer.inplace = False
+                returned_before = False
+            elif name in self.taps:
+                returned_before = True
+
+    def forward_taps(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """``forward`` that also stores the outputs of the tapped children in ``out``."""
+        for name, layer in self.named_children():
+            x = layer(x)
+            if name in self.taps:
+                out[self.taps[name]] = x
+        return x
+
+
+class _Pool(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with :class:`_Stage`'s interface (every stage has ``forward_taps``, so the
+    backbone's loop compiles under TorchScript without ``isinstance`` on module types)."""
+
+    def forward_taps(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+        return self.forward(x)
+
+
 def _make_block(
+    cfg: VGGConfig,
     idx: int,
     in_ch: int,
-    spec: BlockSpec,
+    channels: int,
     *,
     dilation: int,
     norm_layer: Callable[[int], nn.Module] | None,
-    lrn: bool,
-) -> nn.Sequential:
-    """Block ``idx`` (1-based): conv{idx}_{j} [-> bn{idx}_{j}] -> relu{idx}_{j} ... [-> lrn{idx}]."""
+    taps: Mapping[str, str],
+    last: str | None = None,
+) -> _Stage:
+    """Block ``idx`` (1-based): conv{idx}_{j} [-> bn{idx}_{j}] -> relu{idx}_{j} ... [-> lrn{idx}].
+
+    ``taps``: the block's layers to return (name -> key); ``last``: stop after that layer.
+    """
+    kernels = {f"conv{idx}_{j}": k for j, k in enumerate(cfg.blocks[idx - 1].kernels, start=1)}
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for j, k in enumerate(spec.kernels, start=1):
-        d = dilation if k > 1 else 1
-        layers[f"conv{idx}_{j}"] = nn.Conv2d(in_ch, spec.channels, k, padding=d * (k // 2), dilation=d)
-        if norm_layer is not None:
-            layers[f"bn{idx}_{j}"] = norm_layer(spec.channels)
-        layers[f"relu{idx}_{j}"] = nn.ReLU(inplace=True)
-        if lrn and j == 1:
+    for name in block_layers(cfg, idx):
+        if name in kernels:
+            k = kernels[name]
+            d = dilation if k > 1 else 1
+            layers[name] = nn.Conv2d(in_ch, channels, k, padding=d * (k // 2), dilation=d)
+            in_ch = channels
+        elif name.startswith("bn"):
+            assert norm_layer is not None  # block_layers lists bn only for batch-norm configs
+            layers[name] = norm_layer(channels)
+        elif name.startswith("relu"):
+            layers[name] = nn.ReLU(inplace=True)
+        else:
             # A-LRN: Krizhevsky's LRN (n=5, alpha=1e-4, beta=0.75, k=2) after the first layer.
             # PyTorch divides alpha by n, as Caffe does.
-            layers[f"lrn{idx}"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
-        in_ch = spec.channels
-    return nn.Sequential(layers)
+            layers[name] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+        if name == last:
+            break
+    return _Stage(layers, taps)
 
 
 FCPadding = Literal["valid", "same"]
 
 
-class _FC(nn.Sequential):
+class _FC(_Stage):
     """fc6/fc7 as a convolution: [drop ->] conv -> relu (the tap is the ReLU output).
 
     ``padding="valid"``: no padding (a 7x7 fc6 on a 7x7 map is the Linear layer); ``"same"``:
@@ -96,7 +168,14 @@ class _FC(nn.Sequential):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel: int, dilation: int, dropout: float | None, padding: FCPadding
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        dilation: int,
+        dropout: float | None,
+        padding: FCPadding,
+        taps: Mapping[str, str] | None = None,
     ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if dropout is not None:
@@ -104,7 +183,7 @@ class _FC(nn.Sequential):
         pad = dilation * (kernel // 2) if padding == "same" else 0
         layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation)
         layers["relu"] = nn.ReLU(inplace=True)
-        super().__init__(layers)
+        super().__init__(layers, taps)
 
 
 def _is_tracing(x: Tensor) -> bool:
@@ -120,9 +199,10 @@ class VGGBackbone(nn.Module):
             A, A-LRN, B, C, D, E), ``"vgg11_bn" | "vgg13_bn" | "vgg16_bn" | "vgg19_bn"``, or a
             custom block spec ``[(num_convs, out_channels), ...]`` (1 to 5 blocks of 3x3 convs).
         return_layers: taps to return, a dict ``tap -> output key`` (as torchvision's
-            ``IntermediateLayerGetter``) or a list of tap names (keys = tap names). Default:
-            ``conv1..conv5``. Outputs come in network order. Layers deeper than the deepest
-            tap are not built.
+            ``IntermediateLayerGetter``) or a list of tap names (keys = tap names): the block
+            taps of the table above or any layer by its Caffe name (``conv3_1``, ``bn3_1``,
+            ``relu3_1``...). Default: ``conv1..conv5``. Outputs come in network order. Layers
+            deeper than the deepest tap are not built.
         weights: ``None``; a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or a
             ``torchvision.models.VGG16_Weights`` member, downloaded through torchvision's
             cache); or a path to a ``.pth``/``.safetensors`` state dict saved from
@@ -166,6 +246,9 @@ class VGGBackbone(nn.Module):
     that runs (eager mode raises a clear error otherwise).
     """
 
+    # real types for TorchScript (the dict or list may be empty)
+    __annotations__ = {"_stage_taps": dict[str, str], "_inner_stages": list[str]}
+
     def __init__(
         self,
         arch: ArchSpec = "vgg16",
@@ -198,11 +281,12 @@ class VGGBackbone(nn.Module):
         if isinstance(return_layers, str):
             return_layers = [return_layers]
         rl = dict(return_layers) if isinstance(return_layers, Mapping) else {t: t for t in return_layers}
-        taps = self.available_taps(cfg)
+        taps = self.available_taps(cfg, every_layer=True)
         unknown = [t for t in rl if t not in taps]
         if unknown or not rl:
             raise ValueError(
-                f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: {list(taps)}"
+                f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: "
+                f"{list(self.available_taps(cfg))} and every layer by its Caffe name: {list(taps)}"
             )
         if len(set(rl.values())) != len(rl):
             raise ValueError(f"return_layers maps two taps to the same output key: {rl}")
@@ -230,8 +314,16 @@ class VGGBackbone(nn.Module):
         elif norm_layer is not None:
             raise ValueError(f"{cfg.name} has no BatchNorm; pick a _bn arch to use norm_layer")
 
-        deepest = max(taps.index(t) for t in rl)
-        build = taps[: deepest + 1]
+        ordered = sorted(rl, key=taps.index)  # network order
+        self.return_layers = {t: str(rl[t]) for t in ordered}
+        where = {t: tap_location(t) for t in ordered}
+        last_stage, last_layer = where[ordered[-1]]  # nothing after this is built
+        build = TAPS[: TAPS.index(last_stage) + 1]
+
+        def inner(stage: str) -> dict[str, str]:
+            """The stage's layers to return: layer name -> output key."""
+            return {layer: self.return_layers[t] for t, (st, layer) in where.items() if st == stage and layer}
+
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         info: dict[str, dict[str, Any]] = {}
         in_ch, stride, dilation = in_channels, 1, 1
@@ -246,27 +338,34 @@ class VGGBackbone(nn.Module):
                 if f"conv{i}" not in build:
                     break
                 ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
-                spec_w = BlockSpec(ch, spec.kernels)
                 stages[f"conv{i}"] = _make_block(
-                    i, in_ch, spec_w, dilation=dilation, norm_layer=norm, lrn=cfg.lrn and i == 1
+                    cfg,
+                    i,
+                    in_ch,
+                    ch,
+                    dilation=dilation,
+                    norm_layer=norm,
+                    taps=inner(f"conv{i}"),
+                    last=last_layer if last_stage == f"conv{i}" else None,
                 )
                 info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
+                info.update({t: info[f"conv{i}"] for t in stages[f"conv{i}"].taps})
                 in_ch = ch
                 if f"pool{i}" not in build:
                     break
                 if i <= n_strided:
-                    stages[f"pool{i}"] = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
+                    stages[f"pool{i}"] = _Pool(2, 2, ceil_mode=ceil_mode)
                     stride *= 2
                     min_size = stride if not ceil_mode else 1
                     min_reason = f"the stride of pool{i}"
                 else:  # DeepLab: keep resolution, dilate what follows
-                    stages[f"pool{i}"] = nn.MaxPool2d(3, 1, padding=1)
+                    stages[f"pool{i}"] = _Pool(3, 1, padding=1)
                     dilation *= 2
                 info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
             fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
             if "fc6" in build:
-                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None, fc_padding)
-                info["fc6"] = {"num_chs": fc_ch, "reduction": stride}
+                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None, fc_padding, inner("fc6"))
+                info["fc6"] = info["relu6"] = {"num_chs": fc_ch, "reduction": stride}
                 if fc_padding == "valid":  # the pool5 map must hold one dilated 7x7 window
                     cells = 6 * dilation + 1
                     min_size = max(min_size, stride * cells if not ceil_mode else stride * (cells - 1) + 1)
@@ -275,16 +374,22 @@ class VGGBackbone(nn.Module):
                         "window (fc_padding='valid'; fc_padding='same' pads it)"
                     )
             if "fc7" in build:
-                stages["fc7"] = _FC(fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None, fc_padding)
-                info["fc7"] = {"num_chs": fc_ch, "reduction": stride}
+                stages["fc7"] = _FC(
+                    fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None, fc_padding, inner("fc7")
+                )
+                info["fc7"] = info["relu7"] = {"num_chs": fc_ch, "reduction": stride}
             self.features = nn.ModuleDict(stages)
         self.min_input_size = min_size
         self._min_input_reason = min_reason
 
-        ordered = [t for t in build if t in rl]
-        self.return_layers = {t: str(rl[t]) for t in ordered}
+        # stage outputs to return (the block taps); layers inside a stage are returned by the stage
+        self._stage_taps: dict[str, str] = {t: k for t, k in self.return_layers.items() if where[t][1] is None}
+        self._inner_stages: list[str] = sorted({st for st, layer in where.values() if layer})
         self.feature_info = FeatureInfo(
-            [dict(info[t], module=f"features.{t}", key=self.return_layers[t]) for t in ordered]
+            [
+                dict(info[t], module=".".join(filter(None, ("features", *where[t]))), key=self.return_layers[t])
+                for t in ordered
+            ]
         )
         self.out_channels: int = info[ordered[-1]]["num_chs"]
 
@@ -301,9 +406,13 @@ class VGGBackbone(nn.Module):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def available_taps(arch: ArchSpec | VGGConfig = "vgg16") -> tuple[str, ...]:
-        """Tap names that ``arch`` offers, in network order."""
+    def available_taps(arch: ArchSpec | VGGConfig = "vgg16", every_layer: bool = False) -> tuple[str, ...]:
+        """Block tap names that ``arch`` offers (``conv1, pool1, ..., fc7``), in network order;
+        with ``every_layer``, also each layer by its Caffe name (``conv1_1``, ``bn1_1``,
+        ``relu1_1``, ..., ``relu6``, ``relu7``), see :func:`vggbackbone.config.layer_taps`."""
         cfg = arch if isinstance(arch, VGGConfig) else get_config(arch)
+        if every_layer:
+            return layer_taps(cfg)
         n = len(cfg.blocks)
         return tuple(t for t in TAPS if t.startswith("fc") or int(t[4:]) <= n)
 
@@ -372,10 +481,11 @@ class VGGBackbone(nn.Module):
             if not _is_tracing(x):
                 self._check_input(x)
         out: dict[str, Tensor] = OrderedDict()
-        for name, module in self.features.items():
-            x = module(x)
-            if name in self.return_layers:
-                out[self.return_layers[name]] = x
+        for name, stage in self.features.items():
+            # forward_taps also returns some of the stage's layers; stage(x) keeps fx's module calls
+            x = stage.forward_taps(x, out) if name in self._inner_stages else stage(x)
+            if name in self._stage_taps:
+                out[self._stage_taps[name]] = x
         return out
 
     # ------------------------------------------------------------------ weights

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ARCHS, VGGConfig
+from .config import ARCHS, VGGConfig, block_layers
 from .utils import atomic_path
 
 __all__ = [
@@ -113,20 +113,9 @@ def flat_layout(cfg: VGGConfig) -> dict[int, str]:
 
     Only layers with parameters or buffers appear (convs and BatchNorms).
     """
-    out: dict[int, str] = {}
-    i = 0
-    for b, spec in enumerate(cfg.blocks, start=1):
-        for j, _ in enumerate(spec.kernels, start=1):
-            out[i] = f"features.conv{b}.conv{b}_{j}"
-            i += 1
-            if cfg.batch_norm:
-                out[i] = f"features.conv{b}.bn{b}_{j}"
-                i += 1
-            i += 1  # ReLU
-            if cfg.lrn and b == 1 and j == 1:
-                i += 1  # LRN
-        i += 1  # max-pool
-    return out
+    # torchvision/timm lay each block out as block_layers() then a max-pool, one index per layer
+    flat = [f"features.conv{b}.{name}" for b in range(1, len(cfg.blocks) + 1) for name in (*block_layers(cfg, b), "")]
+    return {i: path for i, path in enumerate(flat) if path.rpartition(".")[2].startswith(("conv", "bn"))}
 
 
 _FLAT_KEY = re.compile(r"^features\.(\d+)\.(\w+)$")
