@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._features import FeatureInfo
@@ -181,9 +182,30 @@ class _FC(_Stage):
         if dropout is not None:
             layers["drop"] = nn.Dropout(dropout)
         pad = dilation * (kernel // 2) if padding == "same" else 0
-        layers["conv"] = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation)
+        layers["conv"] = _FCConv(in_ch, out_ch, kernel, padding=pad, dilation=dilation)
         layers["relu"] = nn.ReLU(inplace=True)
         super().__init__(layers, taps)
+
+
+class _FCConv(nn.Conv2d):
+    """fc6/fc7's convolution; where it covers its whole input (one output cell), a matrix product.
+
+    An unpadded 7x7 fc6 on a 7x7 pool5 map (224 px input) and fc7 on its 1x1 output are the
+    classifier's Linear layers. Computed as ``F.linear`` there, they give torchvision's
+    ``classifier`` outputs bit for bit (a convolution sums the same products in another order,
+    ~1e-6 apart). Traced or compiled graphs keep the convolution (no shape-dependent branch).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            not torch.jit.is_scripting()
+            and not _is_tracing(x)
+            and self.padding == (0, 0)
+            and x.dim() == 4
+            and tuple(x.shape[-2:]) == tuple(self.kernel_size)
+        ):
+            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+        return super().forward(x)
 
 
 def _is_tracing(x: Tensor) -> bool:
