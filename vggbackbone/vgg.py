@@ -197,15 +197,15 @@ class _FCConv(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            not torch.jit.is_scripting()
-            and not _is_tracing(x)
-            and self.padding == (0, 0)
-            and x.dim() == 4
-            and tuple(x.shape[-2:]) == tuple(self.kernel_size)
-        ):
-            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
-        return super().forward(x)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript needs this exact form)
+            if (
+                not _is_tracing(x)
+                and self.padding == (0, 0)
+                and x.dim() == 4
+                and tuple(x.shape[-2:]) == tuple(self.kernel_size)
+            ):
+                return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 def _is_tracing(x: Tensor) -> bool:
