@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vgg import ArchSpec, VGGBackbone, get_config
+from .vgg import ArchSpec, VGGBackbone
 from .weights import WeightsError
 
 __all__ = ["GATYS_STYLE_LAYERS", "LPIPS", "LPIPS_LAYERS", "PerceptualLoss", "StyleLoss", "gram_matrix"]
@@ -108,31 +108,16 @@ def _parse_layers(
     return out
 
 
-def _layer_taps(arch: ArchSpec) -> dict[str, str]:
-    """Layer name -> the backbone tap that computes it, for every layer ``arch`` offers."""
-    taps = {t: t for t in VGGBackbone.available_taps(arch)}
-    # TODO(backbone merge): every Caffe-named layer is a VGGBackbone tap on the `backbone` branch;
-    # until then the last ReLU of a block is its block tap (conv1..conv5 = reluI_<last>), except
-    # block 1 of A-LRN whose tap comes after the LRN.
-    cfg = get_config(arch)
-    for i, spec in enumerate(cfg.blocks, start=1):
-        name = f"relu{i}_{len(spec.kernels)}"
-        if name not in taps and f"conv{i}" in taps and not (cfg.lrn and i == 1):
-            taps[name] = f"conv{i}"
-    return taps
-
-
 class _FrozenVGG(nn.Module):
     """A VGGBackbone returning ``layers`` (Caffe names), frozen and always in eval mode."""
 
     def __init__(self, arch: ArchSpec, layers: Sequence[str], weights: Any, **backbone_kwargs: Any) -> None:
         super().__init__()
-        valid = _layer_taps(arch)
+        valid = VGGBackbone.available_taps(arch, every_layer=True)
         unknown = [n for n in layers if n not in valid]
         if unknown:
             raise ValueError(f"unknown VGG layer(s) {unknown} for {arch!r}; valid names: {list(valid)}")
-        return_layers = {valid[n]: n for n in layers}
-        self.net = VGGBackbone(arch, return_layers=return_layers, weights=weights, **backbone_kwargs)
+        self.net = VGGBackbone(arch, return_layers=list(layers), weights=weights, **backbone_kwargs)
         self.net.requires_grad_(False)
         self.net.eval()
         self.layers = tuple(layers)
