@@ -171,3 +171,24 @@ def test_quantized_module_keeps_state_once() -> None:
     q = quantize_int8(model, batches(1, (2, 3, 12, 12)), compile=False)
     assert isinstance(q, QuantizedModule)
     assert all(k.startswith("quantized.") for k in q.state_dict())
+
+
+def test_detector_backbone_is_what_gets_quantised() -> None:
+    from vggbackbone.models import fasterrcnn_vgg, unet_vgg
+
+    torch.manual_seed(0)
+    fpn = fasterrcnn_vgg("vgg11", num_classes=3, fpn=True, width_mult=0.125)
+    assert opt._vgg_backbones(fpn) == ["backbone.body"]  # the FPN itself stays fp32
+    assert opt._vgg_backbones(unet_vgg("vgg11", num_classes=3, width_mult=0.125)) == ["backbone"]
+    det = fasterrcnn_vgg("vgg11", num_classes=3, width_mult=0.125, min_size=64, max_size=96).eval()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        ref = det(images)
+    quantize_int8(det, [images, [torch.rand(3, 64, 64)]], compile=False)  # lists of images, as forward takes
+    assert isinstance(det.backbone, QuantizedModule)
+    assert not any(isinstance(m, QuantizedModule) for m in (det.rpn, det.roi_heads))
+    with torch.no_grad():
+        out = det(images)
+    for o, r in zip(out, ref):
+        assert o.keys() == r.keys() and o["boxes"].dtype == torch.float32
+        assert len(o["boxes"]) > 0 and len(r["boxes"]) > 0

@@ -440,28 +440,28 @@ def _probe_call(precision: str) -> Callable[[], Any]:
 
 
 def _probe_seconds(precision: str, budget: float) -> float:
-    """Best-of-3 seconds of the probe in ``precision`` (one warm-up call); a precision whose first
-    call already takes longer than ``budget`` is not timed further (it cannot win)."""
+    """Best-of-5 seconds of the probe in ``precision`` (the minimum: other processes only ever add
+    time), after one untimed warm-up call (oneDNN
+    creates and JIT-compiles its kernels on the first call: ~10 ms for int8). A precision whose
+    first timed call already takes longer than ``budget`` is not timed further (it cannot win)."""
     fn = _probe_call(precision)
     with torch.inference_mode():
-        t0 = time.perf_counter()
         fn()
-        first = time.perf_counter() - t0
-        if first > budget:
-            return first
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - t0)
+            if best > budget:
+                break
     return best
 
 
 def measure_precisions(candidates: tuple[str, ...]) -> dict[str, float]:
     """Probe seconds per candidate precision on this CPU, measured once per process (cached).
 
-    Well under a second in all: each candidate's warm-up call plus 3 timed calls of a ~58 MFLOP
-    conv; a precision that is 4x slower than the best so far on its first call stops there.
+    Well under a second in all: each candidate's warm-up call plus 5 timed calls of a ~58 MFLOP
+    conv; a precision that is 4x slower than the best so far on its first timed call stops there.
     """
     if candidates not in _probe_cache:
         times: dict[str, float] = {}
