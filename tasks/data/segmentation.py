@@ -238,7 +238,7 @@ def train_transforms(
     hflip = _flip_probability(hflip)
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
-    return v2.Compose(steps)
+    return v2.Compose(steps or [v2.Identity()])
 
 
 def _flip_probability(hflip: float | bool) -> float:
