@@ -22,9 +22,9 @@ input (``--probe``, default 1x64x64) next to the torchvision baseline *at that p
 so their speedup is still a measured side-by-side ratio. ``--full-slow`` measures them at full
 size anyway (can take many minutes).
 
-On a CPU without VNNI/AMX ``optimize_for_inference(precision="int8")`` falls back to fp32; the
-int8 row is then built with :func:`vggbackbone.optimize.quantize_int8` directly (the same
-quantised, compiled graph) and marked ``(no VNNI/AMX)``, so the table shows what int8 would give.
+Where oneDNN has no int8 kernels at all ``optimize_for_inference(precision="int8")`` falls back
+to fp32; the int8 row is then built with :func:`vggbackbone.optimize.quantize_int8` directly (the
+same quantised, compiled graph) and marked ``(no int8 kernels)``, so the table shows what it gives.
 ``--only REGEX`` keeps the contenders whose name matches (the torchvision baselines always run).
 Each run writes its own sections, named after the shape and the CPU (model + features), so
 tables of different machines stay side by side.
@@ -137,7 +137,7 @@ def onnxruntime_runner(model: nn.Module, shape: tuple[int, int, int]) -> Callabl
 
 
 def int8_contender(model: VGGBackbone, device: torch.device, shape: tuple[int, int, int], batches: int) -> Contender:
-    """int8 through optimize_for_inference, or (CPU without VNNI/AMX, where that falls back to fp32)
+    """int8 through optimize_for_inference, or (where that falls back to fp32: no int8 kernels)
     through quantize_int8 on the same BN-folded channels_last model."""
     n, h, w = shape
     g = torch.Generator().manual_seed(1)
@@ -161,7 +161,7 @@ def int8_contender(model: VGGBackbone, device: torch.device, shape: tuple[int, i
         return run
 
     runner, seconds = timed(build)
-    return Contender(name + " (no VNNI/AMX)", "vgg16", runner, "int8", seconds)
+    return Contender(name + " (no int8 kernels)", "vgg16", runner, "int8", seconds)
 
 
 def build_models(

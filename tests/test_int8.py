@@ -94,9 +94,11 @@ def test_int8_needs_calibration_and_a_cpu() -> None:
         quantize_int8(model.eval(), [])
 
 
-def test_fallback_without_vnni_warns_and_runs_fp32(monkeypatch) -> None:
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx2", "fma"}))
+def test_fallback_without_int8_kernels_warns_and_runs_fp32(monkeypatch) -> None:
+    # no VNNI/AMX and no AVX2 (e.g. an old x86 or a non-x86 CPU): oneDNN has no int8 convolutions
+    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     model = VGGBackbone("vgg11", ["conv2"], width_mult=0.0625).eval()
     x = torch.rand(1, 3, 16, 16)
     with pytest.warns(UserWarning, match="falls back to fp32: this CPU has none of AMX-INT8, AVX512-VNNI, AVX-VNNI"):
@@ -104,6 +106,24 @@ def test_fallback_without_vnni_warns_and_runs_fp32(monkeypatch) -> None:
     assert fast.precision == "fp32" and fast.quantized == ()
     with torch.no_grad():
         assert rel_err(fast(x)["conv2"], model(x)["conv2"]) < 1e-5
+
+
+def test_avx2_without_vnni_runs_int8_and_says_so(monkeypatch, caplog) -> None:
+    # measured on an AVX2-only EPYC: oneDNN's AVX2 int8 kernels beat fp32 (docs/benchmarks.md),
+    # so int8 runs there, logged as running without dot-product instructions
+    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(opt.platform, "machine", lambda: "x86_64")
+    ok, why = opt.int8_supported()
+    assert ok and "run on AVX2 multiply-adds" in why and opt.int8_dot_product() == []
+    real_quantize = opt.quantize_int8
+    monkeypatch.setattr(opt, "quantize_int8", lambda *a, **k: real_quantize(*a, **{**k, "compile": False}))
+    model = VGGBackbone("vgg11", ["conv2"], width_mult=0.0625).eval()
+    with caplog.at_level("INFO", logger="vggbackbone.optimize"):
+        fast = optimize_for_inference(model, precision="int8", calibration=batches(1, (1, 3, 16, 16)))
+    assert fast.precision == "int8" and fast.quantized
+    assert "AVX2 multiply-adds" in caplog.text
 
 
 def test_int8_compiled_end_to_end(monkeypatch) -> None:
@@ -140,16 +160,20 @@ def test_auto_picks_the_fastest_probe_and_logs_it(monkeypatch, caplog) -> None:
     assert optimize_for_inference(model).precision == "fp32"
 
 
-def test_auto_tries_int8_only_with_calibration_and_vnni(monkeypatch, caplog) -> None:
+def test_auto_tries_int8_only_with_calibration_and_int8_kernels(monkeypatch, caplog) -> None:
     monkeypatch.setattr(opt, "_probe_cache", {})
     monkeypatch.setattr(opt, "_logged_choices", set())
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     monkeypatch.setattr(opt, "_probe_seconds", lambda p, budget: {"fp32": 3e-3, "int8": 1e-3}[p])
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
         assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "fp32"
     assert "int8 not tried: this CPU has none of AMX-INT8" in caplog.text
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(opt.platform, "machine", lambda: "x86_64")
+    assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "int8"  # AVX2 kernels, measured faster
     monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx_vnni"}))
     assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "int8"
     assert opt._auto_precision(torch.device("cpu"), calibrated=False) == "fp32"

@@ -40,6 +40,7 @@ import copy
 import functools
 import itertools
 import logging
+import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -60,6 +61,7 @@ __all__ = [
     "default_precision",
     "fast_reduced_precision",
     "fold_batchnorm",
+    "int8_dot_product",
     "int8_supported",
     "optimize_for_inference",
     "quantize_int8",
@@ -121,20 +123,38 @@ def cpu_features() -> dict[str, bool]:
     return {name: _cpu_has(feature) for feature, name in CPU_FEATURES}
 
 
-def int8_supported() -> tuple[bool, str]:
-    """Whether this CPU has int8 dot-product instructions (AMX-INT8, AVX512-VNNI or AVX-VNNI), and why.
+def int8_dot_product() -> list[str]:
+    """The int8 dot-product instruction sets of this CPU (AMX-INT8, AVX512-VNNI, AVX-VNNI) found."""
+    return [name for feature, name in INT8_FEATURES if _cpu_has(feature)]
 
-    Without them oneDNN's u8s8 convolutions fall back to AVX2 multiply-add sequences, and the
-    gain over fp32 is not the one int8 is chosen for, so :func:`optimize_for_inference` falls
-    back to fp32 (with a warning that carries this message).
+
+#: torch CPU capabilities under which oneDNN has int8 (u8s8) convolution kernels.
+_INT8_CAPABILITIES = ("AVX2", "AVX512")
+
+
+def int8_supported() -> tuple[bool, str]:
+    """Whether oneDNN runs int8 convolutions on this CPU, and how (the message says which kernels).
+
+    With AMX-INT8 / AVX512-VNNI / AVX-VNNI they are dot-product instructions. On an x86 CPU with
+    AVX2 but none of those they are AVX2 multiply-add sequences: slower than with VNNI, but
+    measured faster than fp32 all the same (3.2x torchvision fp32 eager at 8x224 and 1.9x at
+    1x600x800 on an AVX2-only AMD EPYC, docs/benchmarks.md), so int8 runs there too. Elsewhere
+    (no AVX2, or not x86) there are no int8 kernels and :func:`optimize_for_inference` falls back
+    to fp32 with a warning carrying this message.
     """
-    found = [name for feature, name in INT8_FEATURES if _cpu_has(feature)]
+    found = int8_dot_product()
     if found:
         return True, f"this CPU has {', '.join(found)}"
+    capability = torch.backends.cpu.get_cpu_capability()
     names = ", ".join(name for _, name in INT8_FEATURES)
+    if capability in _INT8_CAPABILITIES and platform.machine().lower() in ("x86_64", "amd64"):
+        return True, (
+            f"this CPU has none of {names}: oneDNN's int8 convolutions run on {capability} multiply-adds "
+            "(slower than with VNNI, measured faster than fp32)"
+        )
     return False, (
-        f"this CPU has none of {names} (no /proc/cpuinfo flag "
-        f"{' / '.join(f for f, _ in INT8_FEATURES)}; capability {torch.backends.cpu.get_cpu_capability()})"
+        f"this CPU has none of {names} (no /proc/cpuinfo flag {' / '.join(f for f, _ in INT8_FEATURES)}) "
+        f"and no x86 AVX2 (capability {capability}, machine {platform.machine()})"
     )
 
 
@@ -476,7 +496,7 @@ _logged_choices: set[tuple[Any, ...]] = set()
 
 def _auto_precision(device: torch.device, calibrated: bool) -> str:
     """``precision="auto"``: CUDA by capability; CPU by timing fp32 / bf16 (where oneDNN has bf16
-    kernels) / int8 (with calibration, on a CPU with VNNI/AMX) on the probe. Logged once."""
+    kernels) / int8 (with calibration, where oneDNN has int8 kernels) on the probe. Logged once."""
     if device.type != "cpu":
         return default_precision(device)
     candidates = ["fp32"]
@@ -645,10 +665,11 @@ def optimize_for_inference(
         model: the trained model (its mode does not matter; the result is in eval mode).
         precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` (autocast; outputs come back as
             float32) or ``"int8"`` (CPU; needs ``calibration``: the VGG backbones are quantised
-            with :func:`quantize_int8` and compiled, the rest stays fp32; on a CPU without
-            VNNI/AMX it falls back to fp32 with a warning naming the missing features).
+            with :func:`quantize_int8` and compiled, the rest stays fp32; fast with VNNI/AMX,
+            slower but still ahead of fp32 on AVX2 alone (logged); on a CPU with neither it
+            falls back to fp32 with a warning naming what is missing).
             ``"auto"``: on a CPU, whichever of fp32 / bf16 / int8 (int8 only with
-            ``calibration`` and VNNI/AMX) runs a probe convolution fastest, measured once per
+            ``calibration`` where :func:`int8_supported`) runs a probe convolution fastest, measured once per
             process and logged (``logging``, logger ``vggbackbone.optimize``); on CUDA bf16
             where supported, else fp16. Asking for a precision the device runs slowly warns.
         channels_last: convert 4-D weights and inputs to NHWC.
@@ -686,10 +707,12 @@ def optimize_for_inference(
         ok, why = int8_supported()
         if not ok:
             warnings.warn(
-                f"precision='int8' falls back to fp32: {why}, so oneDNN has no fast int8 convolutions here",
+                f"precision='int8' falls back to fp32: {why}, so oneDNN has no int8 convolutions here",
                 stacklevel=2,
             )
             precision = "fp32"
+        elif not int8_dot_product():
+            logger.info("precision='int8': %s", why)
     elif precision == "auto":
         precision = _auto_precision(device, calibrated=calibration is not None)
     elif precision != "fp32" and precision not in fast_reduced_precision(device):
