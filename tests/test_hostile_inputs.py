@@ -408,3 +408,36 @@ def test_csv_identity_below_minus_one_is_an_error_naming_the_line(tmp_path: Path
     (tmp_path / "split.csv").write_text("path,pid,camid\na.jpg,3,0\nb.jpg,-1,0\nc.jpg,-2,1\n")
     with pytest.raises(ValueError, match=r"split\.csv:4: pid must be >= -1 \(-1 = junk, 0 = distractor\), got -2"):
         read_pid_csv(tmp_path / "split.csv")
+
+
+def test_reid_training_skips_are_not_reported_as_validation_skips(tmp_path: Path) -> None:
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from tasks.data.market import MarketConfig
+    from tasks.data.reid import ReIDDataModule
+    from tasks.reid import ReIDTask
+
+    tiny = MarketConfig(num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3,
+                        max_per_camera=3, num_distractors=3, num_junk=2, height=32, width=16, seed=3)  # fmt: skip
+    root = tmp_path / "market"
+    dm = ReIDDataModule(root=str(root), synthetic=tiny, image_size=(32, 16), p=3, k=2, eval_batch_size=8,
+                        num_workers=0, random_erasing=0.0)  # fmt: skip
+    dm.prepare_data()
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))
+    for p in train[::2]:
+        p.write_bytes(b"")  # half the training crops unreadable
+    query = sorted((root / "query").glob("*.jpg"))[0]
+    query.write_bytes(b"")
+    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, grid_queries=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, datamodule=dm)
+    said = [str(w.message) for w in caught if "skipped" in str(w.message) and "unreadable" in str(w.message)]
+    val = [m for m in said if m.startswith("val evaluation")]
+    fit = [m for m in said if m.startswith("training epoch 0")]
+    assert len(val) == 1 and val[0].startswith(f"val evaluation: skipped 1 unreadable image(s): {query} (")
+    assert len(fit) == 1 and "bounding_box_train" in fit[0] and "query" not in fit[0]
