@@ -205,7 +205,7 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
                 f"set {_MAX_PIXELS_ENV} to allow more)",
             )
         try:
-            ImageOps.exif_transpose(img, in_place=True)  # no-op (and no decoding) without an orientation tag
+            ImageOps.exif_transpose(img, in_place=True)  # decodes; turns the pixels only if the tag says so
             img.load()
         except _DECODE_ERRORS as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
