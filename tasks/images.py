@@ -9,31 +9,52 @@ skipping unreadable samples with a count.
   :func:`list_images`, read by :func:`read_image`, unreadable ones returned as
   :class:`SkippedSample`); each task formats its items for its own collate;
 * :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`,
-  :class:`SkipCounter` (skipped images gathered from every process and reported once).
+  :class:`SkipCounter` (skipped images gathered from every process and reported once);
+* :func:`open_image`: the one way a file is opened (images and masks): the pixel limit
+  :data:`MAX_IMAGE_PIXELS` checked on the header before anything is decoded, then the EXIF
+  orientation applied, so every reader sees the image as it is displayed.
+
+What every reader gets (``docs/bad-input.md`` has the whole table):
+
+* 16-bit images (PNG/TIFF ``I;16``/``I;16B``, 16-bit PGM/PPM read as ``I``) are scaled to 8 bits
+  as torchvision's ``to_dtype(..., scale=True)`` does (the high byte), not clipped to white;
+  48-bit RGB and 64-bit RGBA PNGs are already read that way by Pillow. 32-bit integer pixels
+  outside ``0..65535`` and float (``F``) images have no defined range and are refused;
+* an image whose header declares more than :func:`max_image_pixels` pixels is refused before
+  it is decoded (a decompression bomb costs nothing);
+* the EXIF orientation tag is applied (``ImageOps.exif_transpose``), in training and inference
+  alike, so annotations are taken to be in the displayed orientation (as detectron2's
+  ``read_image``, OpenCV's ``imread`` and the annotation tools LabelMe and CVAT have it).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "BadImageError",
     "ImageListDataset",
     "SkipCounter",
     "SkippedSample",
     "drop_skipped",
     "list_images",
+    "max_image_pixels",
+    "open_image",
     "output_names",
     "read_image",
     "warn_skipped",
@@ -41,6 +62,17 @@ __all__ = [
 
 #: File suffixes (lower case) that :func:`list_images` takes from a folder or as a single image.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: Images (and masks) whose header declares more pixels than this are refused before decoding:
+#: Pillow's own warning threshold (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 px, 0.25 GiB as
+#: 24-bit RGB), which it only warns about; read as a float tensor such an image takes ~1 GiB, and
+#: a worker holds a few. Raise it with the environment variable ``VGGBACKBONE_MAX_IMAGE_PIXELS``
+#: (read in every loader process). Pillow still refuses images above twice its own threshold
+#: (raise ``PIL.Image.MAX_IMAGE_PIXELS`` as well to go past ~179 Mpx).
+MAX_IMAGE_PIXELS = 89_478_485
+
+_MAX_PIXELS_ENV = "VGGBACKBONE_MAX_IMAGE_PIXELS"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def list_images(source: str | Path | Sequence[str | Path]) -> tuple[list[str], list[Path]]:
@@ -124,27 +156,102 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
-    """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (``mode`` is a PIL mode: RGB, L, ...).
+def max_image_pixels() -> int:
+    """The pixel limit in force: ``$VGGBACKBONE_MAX_IMAGE_PIXELS`` if set, else :data:`MAX_IMAGE_PIXELS`."""
+    env = os.environ.get(_MAX_PIXELS_ENV)
+    if env is None or not env.strip():
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{_MAX_PIXELS_ENV}={env!r} is not a whole number of pixels") from None
+    if value <= 0:
+        raise ValueError(f"{_MAX_PIXELS_ENV}={env!r} must be > 0")
+    return value
 
-    Raises :class:`BadImageError` naming the file for a missing, empty, truncated or corrupt
-    image. Decoding goes through Pillow: torchvision's own decoders are deprecated since 0.29
-    (superseded by TorchCodec, which is not a dependency here) and Pillow reads every format
-    the datasets use.
+
+# Pillow raises these for corrupt, truncated or hostile files (struct.error: malformed EXIF).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """Open ``path`` with Pillow, refuse it above the pixel limit, apply its EXIF orientation.
+
+    The size is read from the header, before anything is decoded, so a decompression bomb
+    costs nothing; the image is then decoded and turned upright (``ImageOps.exif_transpose``).
+    Raises :class:`BadImageError` naming the file when it is missing, empty, corrupt or too large.
     """
     p = Path(path)
     if not p.is_file():
         raise BadImageError(p, "image file not found")
     if p.stat().st_size == 0:
         raise BadImageError(p, "image file is empty")
+    limit = max_image_pixels()
     try:
-        with Image.open(p) as img:
-            arr = np.asarray(img.convert(mode))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0]})") from e
+        with warnings.catch_warnings():  # the limit below replaces Pillow's DecompressionBombWarning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)
+    except Image.DecompressionBombError as e:  # above twice Pillow's own limit
+        raise BadImageError(p, f"too many pixels, refused before decoding ({e})") from e
+    except _DECODE_ERRORS as e:
+        raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    with img:
+        w, h = img.size
+        if w * h > limit:
+            raise BadImageError(
+                p,
+                f"image is {w}x{h} = {w * h} pixels, above the limit of {limit} (refused before decoding; "
+                f"set {_MAX_PIXELS_ENV} to allow more)",
+            )
+        try:
+            ImageOps.exif_transpose(img, in_place=True)  # decodes; turns the pixels only if the tag says so
+            img.load()
+        except _DECODE_ERRORS as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BadImageError(p, f"cannot decode image ({msg})") from e
+        yield img
+
+
+def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
+    """16-bit and 32-bit integer grayscale -> 8-bit ``L`` by the high byte (torchvision's ``to_dtype``
+    scaling of uint16 to uint8); float images are refused (no defined range). Others as they are."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        arr = np.asarray(img)
+        if img.mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise BadImageError(
+                path,
+                f"32-bit integer pixels in {arr.min()}..{arr.max()}, outside 0..65535: no defined range "
+                "(save it as an 8- or 16-bit image)",
+            )
+        wide = torch.from_numpy(arr.astype(np.uint16))
+        return Image.fromarray(TF.to_dtype(wide, torch.uint8, scale=True).numpy(), mode="L")
+    if img.mode == "F":
+        raise BadImageError(path, "32-bit float pixels have no defined range (save it as an 8- or 16-bit image)")
+    return img
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+    """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (``mode`` is a PIL mode: RGB, L, ...).
+
+    The image is read as displayed (EXIF orientation applied); 16-bit images are scaled to 8
+    bits (their high byte), not clipped (see the module docstring). Raises
+    :class:`BadImageError` naming the file for a missing, empty, truncated, corrupt or too large
+    image, or one whose pixels have no defined range. Decoding goes through Pillow: torchvision's
+    own decoders are deprecated since 0.29 (superseded by TorchCodec, which is not a dependency
+    here) and Pillow reads every format the datasets use.
+    """
+    p = Path(path)
+    with open_image(p) as img:
+        try:
+            arr = np.asarray(_to_8bit(img, p).convert(mode))
+        except _DECODE_ERRORS as e:
+            if isinstance(e, BadImageError):
+                raise
+            raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0]})") from e
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(np.require(arr.transpose(2, 0, 1), requirements=["C", "W"]))  # a writable copy if needed
 
 
 class SkippedSample(NamedTuple):

@@ -262,6 +262,29 @@ class SegmentationTask(TaskModule):
             logits = F.interpolate(logits, size=size, mode="bilinear")
         return logits
 
+    def too_small(self, image: Tensor) -> str | None:
+        """Why ``image`` ``(3, H, W)`` cannot be segmented (smaller than the network's minimum input
+        once scaled by ``inference_scale``), or ``None``: such images are skipped and counted."""
+        h, w = image.shape[-2:]
+        sh, sw = math.floor(h * self.inference_scale), math.floor(w * self.inference_scale)
+        backbone = getattr(self.model, "backbone", None)
+        least = max(1, int(getattr(backbone, "min_input_size", 1)))
+        if min(sh, sw) >= least:
+            return None
+        scaled = f" ({sh}x{sw} at inference_scale {self.inference_scale})" if self.inference_scale != 1.0 else ""
+        return f"image is {h}x{w}{scaled}, smaller than the network's minimum input {least}x{least}"
+
+    def _skip_small(self, batch: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """The batch's ``keys`` per image, images too small for the network left out and counted as skipped."""
+        rows = []
+        for row in zip(*(batch[k] for k in keys), batch["path"]):
+            reason = self.too_small(row[0])
+            if reason is None:
+                rows.append(row[:-1])
+            else:
+                self._eval_skipped.add([(row[-1], reason)])
+        return rows
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._train_skipped.add(batch.get("skipped", []))
@@ -279,7 +302,7 @@ class SegmentationTask(TaskModule):
         self._eval_skipped.add(batch.get("skipped", []))
         if batch["image"] and "mask" not in batch:
             raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
-        for image, mask in zip(batch["image"], batch.get("mask", [])):
+        for image, mask in self._skip_small(batch, ("image", "mask")):
             logits = self.predict_logits(image)
             self.confmat.update(logits.argmax(1), mask[None])
             self._eval_loss.append(self.ce(logits, mask[None]).detach())
@@ -312,7 +335,7 @@ class SegmentationTask(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         self._eval_skipped.add(batch.get("skipped", []))
         written = []
-        for image, sid in zip(batch["image"], batch["id"]):
+        for image, sid in self._skip_small(batch, ("image", "id")):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
             written.append(
                 str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha))

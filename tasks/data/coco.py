@@ -3,6 +3,9 @@
 * :func:`find_coco_images`: ``images/<set>/``, ``<set>/`` (COCO 2017) or ``images/``;
 * :func:`read_coco_categories`: the ``categories`` of an instances JSON, sorted by id (the one
   reader of COCO class names, for detection and segmentation);
+* :func:`load_coco_json`: an instances JSON read and checked (the one reader of COCO files, for
+  detection and segmentation): duplicate image or annotation ids, a missing ``file_name``,
+  sizes or boxes that are not numbers are refused with an error naming the file and the ids;
 * :func:`read_coco`: an instances JSON read with pycocotools into a
   :class:`~tasks.data.records.DetectionSplit`. Category ids (COCO's go 1..90 with holes) map to
   contiguous labels 1..K; 0 is background. ``iscrowd`` boxes are not trained on and are ignored
@@ -14,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import warnings
+from collections import Counter
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ import numpy as np
 
 from tasks.data.records import DetectionRecord, DetectionSplit, clean_boxes, warn_boxes
 
-__all__ = ["find_coco_images", "read_coco", "read_coco_categories"]
+__all__ = ["find_coco_images", "load_coco_json", "read_coco", "read_coco_categories"]
 
 
 def read_coco_categories(ann_file: str | Path) -> list[dict[str, Any]]:
@@ -41,6 +47,9 @@ def read_coco_categories(ann_file: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"{ann_file}: cannot read the categories ({e})") from e
     if not cats:
         raise ValueError(f"{ann_file}: no categories listed")
+    bad = [c for c in cats if not isinstance(c, dict) or not _is_number(c.get("id")) or "name" not in c]
+    if bad:
+        raise ValueError(f"{ann_file}: categories need an integer 'id' and a 'name', got {bad[:3]}")
     return sorted(cats, key=lambda c: c["id"])
 
 
@@ -54,15 +63,29 @@ def find_coco_images(root: Path, set_name: str) -> Path:
     )
 
 
-def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
-    """Read a COCO instances JSON with pycocotools; boxes ``xywh`` become ``xyxy``.
+def _is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
 
-    Raises ``FileNotFoundError``/``ValueError`` naming ``ann_file`` when it is missing, empty,
-    not JSON, has no images or categories, or an annotation names an unknown category.
+
+def _duplicates(values: list[Any]) -> list[Any]:
+    return sorted((v for v, n in Counter(values).items() if n > 1), key=str)
+
+
+def _listed(values: list[Any]) -> str:
+    return f"{values[:10]}" + (f" and {len(values) - 10} more" if len(values) > 10 else "")
+
+
+def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
+    """The COCO instances JSON ``ann_file`` as a dict, checked so that nothing is lost silently.
+
+    Raises ``FileNotFoundError``/``ValueError`` naming ``ann_file`` (and the image or annotation
+    id) when the file is missing, empty or not JSON; lists no images or no categories; two
+    images or two annotations share an id (pycocotools would let the second overwrite the
+    first); an image has no ``file_name`` or a ``width``/``height`` that is not a positive
+    number; an annotation has no ``image_id``/``category_id``, or a ``bbox`` that is not 4
+    numbers. ``annotations`` defaults to an empty list.
     """
-    from pycocotools.coco import COCO
-
-    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: annotation file not found")
     if ann_file.stat().st_size == 0:
@@ -76,6 +99,59 @@ def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
     if not data.get("categories"):
         raise ValueError(f"{ann_file}: no categories listed")
     data.setdefault("annotations", [])
+    images, anns = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(anns, list):
+        raise ValueError(f"{ann_file}: 'images' and 'annotations' must be lists")
+    for k, img in enumerate(images):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), (int, str)) or isinstance(img.get("id"), bool):
+            raise ValueError(f"{ann_file}: images[{k}] has no 'id' (an integer)")
+        where = f"{ann_file}: image {img['id']!r}"
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise ValueError(f"{where} has no 'file_name'")
+        for key in ("width", "height"):
+            v = img.get(key)
+            if not _is_number(v) or not math.isfinite(v) or v < 1:
+                raise ValueError(f"{where} ({img['file_name']}): '{key}' must be a positive number, got {v!r}")
+    dup = _duplicates([img["id"] for img in images])
+    if dup:
+        names = [img["file_name"] for img in images if img["id"] in set(dup)]
+        raise ValueError(
+            f"{ann_file}: duplicate image ids {_listed(dup)} ({_listed(names)}): each image needs its own id "
+            "(pycocotools would give the later image the first one's annotations)"
+        )
+    for k, ann in enumerate(anns):
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), (int, str)) or isinstance(ann.get("id"), bool):
+            raise ValueError(f"{ann_file}: annotations[{k}] has no 'id' (an integer)")
+        where = f"{ann_file}: annotation {ann['id']!r}"
+        for key in ("image_id", "category_id"):
+            if key not in ann:
+                raise ValueError(f"{where} has no '{key}'")
+        box = ann.get("bbox")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise ValueError(
+                f"{where} of image {ann['image_id']!r}: 'bbox' must be 4 numbers [x, y, w, h], got {box!r}"
+            )
+    dup = _duplicates([ann["id"] for ann in anns])
+    if dup:
+        raise ValueError(f"{ann_file}: duplicate annotation ids {_listed(dup)}: each annotation needs its own id")
+    return data
+
+
+def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
+    """Read a COCO instances JSON with pycocotools; boxes ``xywh`` become ``xyxy``.
+
+    Raises ``FileNotFoundError``/``ValueError`` naming ``ann_file`` when it is missing, empty,
+    not JSON, has no images or categories, fails the checks of :func:`load_coco_json`
+    (duplicate ids, missing ``file_name``, boxes that are not 4 numbers...), an image id is not
+    an integer, or an annotation names an unknown category.
+    """
+    from pycocotools.coco import COCO
+
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    data = load_coco_json(ann_file)
+    bad = [img["id"] for img in data["images"] if not isinstance(img["id"], int)]
+    if bad:
+        raise ValueError(f"{ann_file}: detection needs integer image ids, got {_listed(bad)}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -101,9 +177,7 @@ def read_coco(ann_file: str | Path, image_dir: str | Path) -> DetectionSplit:
             )
         boxes = np.array([a.get("bbox", [np.nan] * 4) for a in anns], np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
-        w, h = int(info.get("width", 0) or 0), int(info.get("height", 0) or 0)
-        if w <= 0 or h <= 0:
-            raise ValueError(f"{ann_file}: image {img_id} ({info.get('file_name')}) has no valid width/height")
+        w, h = int(info["width"]), int(info["height"])  # checked by load_coco_json
         cboxes, keep = clean_boxes(boxes, w, h)
         clipped_count += int(((cboxes != boxes).any(1) & keep).sum())
         dropped += [f"ann {a['id']} of image {img_id} {a.get('bbox')}" for a, k in zip(anns, keep) if not k]

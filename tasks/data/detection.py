@@ -95,7 +95,11 @@ class DetectionDataset(Dataset):
             return SkippedSample(e.path, e.reason)
         h, w = raw.shape[-2:]
         if (w, h) != (rec.width, rec.height):
-            return SkippedSample(str(rec.path), f"image is {w}x{h} but its annotation says {rec.width}x{rec.height}")
+            turned = (h, w) == (rec.width, rec.height)  # annotated on the stored pixels of an EXIF-rotated file?
+            why = " (read upright, EXIF orientation applied; boxes must be for the displayed image)" if turned else ""
+            return SkippedSample(
+                str(rec.path), f"image is {w}x{h}{why} but its annotation says {rec.width}x{rec.height}"
+            )
         image = tv_tensors.Image(raw)
         if not self.train:
             return self.transforms(image), {"image_id": rec.image_id, "size": (h, w)}

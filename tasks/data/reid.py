@@ -7,7 +7,10 @@ sequence, frame, box. The benchmark's conventions, as torchreid and fast-reid ap
   also ignores it (see :func:`vggbackbone.metrics.evaluate_rank`);
 * identity ``0`` ("distractors": background false alarms) is kept in the gallery as a non-match
   and dropped from training;
-* cameras are numbered from 1 in file names and from 0 here.
+* cameras are numbered from 1 in file names and from 0 here;
+* identities below ``-1`` mean nothing in the protocol (torchreid asserts ``0 <= pid``): such
+  files are skipped with the same counted warning as names that do not follow the pattern,
+  and such CSV rows are refused with an error naming the line.
 
 The name pattern ``PPPP_cC`` also reads DukeMTMC-reID (``0001_c2_f0046182.jpg``). Other data:
 a CSV with a header ``path,pid,camid`` per split (paths relative to the CSV's folder).
@@ -71,14 +74,15 @@ def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReI
     """Crops of one Market-1501 folder, sorted by name, junk (``-1``) dropped.
 
     ``keep_distractors``: keep identity ``0`` (the gallery keeps it, training drops it). Files
-    whose names do not follow the pattern are skipped with one counted warning.
+    whose names do not follow the pattern, or name an identity below ``-1``, are skipped with one
+    counted warning.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder}: Market-1501 folder not found (expected bounding_box_train, query, bounding_box_test)"
         )
-    samples, odd = [], []
+    samples, odd, bad_pid = [], [], []
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             continue  # Thumbs.db and friends ship with the real dataset
@@ -87,6 +91,9 @@ def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReI
             odd.append(p.name)
             continue
         pid, camid = parsed
+        if pid < -1:
+            bad_pid.append(p.name)
+            continue
         if pid == -1 or (pid == 0 and not keep_distractors):
             continue
         samples.append(ReIDSample(str(p), pid, camid))
@@ -94,6 +101,12 @@ def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReI
         warnings.warn(
             f"{folder}: skipped {len(odd)} image(s) whose names are not PPPP_cC...: {', '.join(odd[:5])}"
             + (" ..." if len(odd) > 5 else ""),
+            stacklevel=2,
+        )
+    if bad_pid:
+        warnings.warn(
+            f"{folder}: skipped {len(bad_pid)} image(s) whose identity is below -1 (-1 = junk, 0 = distractor, "
+            f"people from 1): {', '.join(bad_pid[:5])}" + (" ..." if len(bad_pid) > 5 else ""),
             stacklevel=2,
         )
     if not samples:
@@ -104,7 +117,8 @@ def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReI
 def read_pid_csv(path: str | Path) -> list[ReIDSample]:
     """A split from a CSV with header ``path,pid,camid`` (paths relative to the CSV's folder).
 
-    Identity ``-1`` rows are junk and dropped, as in Market-1501. Errors name the file and line.
+    Identity ``-1`` rows are junk and dropped, as in Market-1501; an identity below ``-1`` is an
+    error. Errors name the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -126,6 +140,8 @@ def read_pid_csv(path: str | Path) -> list[ReIDSample]:
                 raise ValueError(f"{path}:{line}: empty path")
             if camid < 0:
                 raise ValueError(f"{path}:{line}: camid must be >= 0, got {camid}")
+            if pid < -1:
+                raise ValueError(f"{path}:{line}: pid must be >= -1 (-1 = junk, 0 = distractor), got {pid}")
             if pid == -1:
                 continue
             p = Path(row["path"])

@@ -19,7 +19,6 @@ naming the file, since training on it would be silently wrong.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.data.coco import read_coco_categories
+from tasks.data.coco import load_coco_json, read_coco_categories
 from tasks.data.masks import IGNORE_INDEX, BadMaskError, check_mask, read_mask
 from tasks.data.sbd import sbd_layout_split
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
@@ -148,12 +147,10 @@ class COCOSegmentation(_SegmentationDataset):
         from pycocotools.coco import COCO
 
         self.ann_file = Path(ann_file)
-        if not self.ann_file.is_file():
-            raise FileNotFoundError(f"{self.ann_file}: COCO annotation file not found")
-        try:
-            self.coco = _quiet(lambda: COCO(str(self.ann_file)))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{self.ann_file}: not a COCO instances file ({e})") from e
+        data = load_coco_json(self.ann_file)  # checked: duplicate ids, missing file_name... refused by name
+        self.coco = COCO()
+        self.coco.dataset = data
+        _quiet(self.coco.createIndex)
         self.image_dir = Path(image_dir)
         self.ids = sorted(self.coco.getImgIds())
         if not self.ids:
@@ -177,7 +174,13 @@ class COCOSegmentation(_SegmentationDataset):
         mask = np.zeros(size, np.uint8)
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))
         for ann in sorted(anns, key=lambda a: -float(a.get("area", 0))):
-            m = self.coco.annToMask(ann).astype(bool)
+            try:
+                m = self.coco.annToMask(ann).astype(bool)
+            except Exception as e:  # pycocotools raises KeyError, TypeError... and bare Exception on bad polygons
+                raise BadMaskError(
+                    f"{self.ann_file}: annotation {ann['id']!r} of image {image_id!r} ({info['file_name']}) has an "
+                    f"unreadable 'segmentation' (polygons [[x, y, ...]] or RLE {{'counts', 'size'}}): {e!r}"
+                ) from e
             mask[m] = IGNORE_INDEX if ann.get("iscrowd", 0) else self.cat_to_label.get(ann["category_id"], 0)
         return torch.from_numpy(mask.astype(np.int64))
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -68,6 +69,18 @@ def _voc_text(node: ET.Element, tag: str, xml: Path) -> str:
     return found.text.strip()
 
 
+def _voc_number(node: ET.Element, tag: str, xml: Path, what: str) -> float:
+    """The number in ``<tag>`` of ``node``; an error naming the XML file, ``what`` and the text otherwise."""
+    text = _voc_text(node, tag, xml)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{xml}: {what} <{tag}> is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{xml}: {what} <{tag}> is not a finite number: {text!r}")
+    return value
+
+
 def read_voc(
     root: str | Path,
     sets: str,
@@ -107,9 +120,11 @@ def read_voc(
         size = tree.find("size")
         if size is None:
             raise ValueError(f"{xml}: missing <size>")
-        w, h = int(float(_voc_text(size, "width", xml))), int(float(_voc_text(size, "height", xml)))
+        w, h = (int(_voc_number(size, t, xml, f"image {file_id}: <size>")) for t in ("width", "height"))
+        if w < 1 or h < 1:
+            raise ValueError(f"{xml}: image {file_id}: <size> is {w}x{h}, not a positive width and height")
         boxes, labels, difficult = [], [], []
-        for obj in tree.iter("object"):
+        for k, obj in enumerate(tree.iter("object")):
             name = _voc_text(obj, "name", xml)
             if name not in label_of:
                 raise ValueError(
@@ -118,7 +133,8 @@ def read_voc(
             bb = obj.find("bndbox")
             if bb is None:
                 raise ValueError(f"{xml}: object {name!r} has no <bndbox>")
-            x0, y0, x1, y1 = (float(_voc_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            what = f"image {file_id}: object {k} ({name}) <bndbox>"
+            x0, y0, x1, y1 = (_voc_number(bb, t, xml, what) for t in ("xmin", "ymin", "xmax", "ymax"))
             boxes.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive -> 0-based continuous
             labels.append(label_of[name])
             d = obj.find("difficult")
