@@ -136,6 +136,7 @@ def _onnx_run(path: Path, x: torch.Tensor) -> list:
 def test_segmentation_trained_from_caffe_weights_survives_checkpoint_and_onnx(tmp_path) -> None:
     import pytorch_lightning as pl
 
+    from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
     from tasks.optim import OptimConfig
     from tasks.segment import SegmentationTask
     from vggbackbone.models.export import export_task_onnx
@@ -172,8 +173,9 @@ def test_segmentation_trained_from_caffe_weights_survives_checkpoint_and_onnx(tm
     assert loaded.normalization == CAFFE
     assert_close(loaded.predict_logits(image), expected, rtol=0, atol=0)
     # the stored normalisation is enough: the weights file is not needed to rebuild it
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["weights_backbone"] == WEIGHTS_IN_CHECKPOINT
     path.unlink()
-    rebuilt = SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_backbone=None).eval()
+    rebuilt = SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu").eval()
     assert rebuilt.normalization == CAFFE
     assert_close(rebuilt.predict_logits(image), expected, rtol=0, atol=0)
     wrong = SegmentationTask.load_from_checkpoint(ckpt, weights_backbone=None, normalization="imagenet").eval()
@@ -219,7 +221,7 @@ def test_detection_trained_from_caffe_weights_through_the_cli(tmp_path) -> None:
     ckpt = tmp_path / "det.ckpt"
     cli.trainer.save_checkpoint(ckpt)
     path.unlink()  # the checkpoint holds the weights and the normalisation
-    loaded = DetectionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_backbone=None).eval()
+    loaded = DetectionTask.load_from_checkpoint(ckpt, map_location="cpu").eval()
     assert loaded.model.normalization == trained.model.normalization
     with torch.no_grad():
         got = loaded([image])[0]
