@@ -138,8 +138,10 @@ class SegmentationTask(TaskModule):
         head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``).
         **model_kwargs: the head builder's options with its defaults (``arch``, ``width_mult``,
             ``frozen_stages``, ``norm_eval``, ``pool4_scale``, ``decoder_channels``... of
-            :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`). An
-            unknown option, or one of another head, is an error naming it.
+            :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`), among
+            them ``normalization`` (default: what the weights carry): the model normalises the
+            ``[0, 1]`` images this task gives it. An unknown option, or one of another head, is
+            an error naming it.
     """
 
     def __init__(
