@@ -219,6 +219,9 @@ def cli_main(
             trainer_defaults=trainer_defaults,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            # one way to set the optimiser: model.optim (LightningCLI's --optimizer/--lr_scheduler
+            # would replace configure_optimizers, dropping parameter groups and the schedule)
+            auto_configure_optimizers=False,
             args=args,  # None: LightningCLI reads sys.argv itself (and does not warn)
             run=run,
         )

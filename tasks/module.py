@@ -96,7 +96,15 @@ class TaskModule(pl.LightningModule):
             norm = getattr(self.get_submodule(self.backbone_path), "normalization", None)
         except AttributeError:  # a task without a VGG backbone
             return True
-        return norm is None or norm == resolve_normalization(None, len(norm.mean))
+        if norm is None or norm == resolve_normalization(None, len(norm.mean)):
+            return True
+        # a normalisation given explicitly (model.normalization) is stored with the options and
+        # rebuilds the same model without the weights file (Caffe's conv1_1 flip is in the state dict)
+        explicit = self.hparams.get("normalization")
+        try:
+            return explicit is not None and resolve_normalization(explicit, len(norm.mean)) == norm
+        except ValueError:
+            return False
 
     def export_model(self) -> nn.Module:
         """The module ``python -m tasks.<task> export`` writes: it takes images in ``[0, 1]``.

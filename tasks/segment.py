@@ -108,17 +108,9 @@ def sliding_window_logits(
     return logits / count
 
 
-class _Normalized(nn.Module):
-    """``model((x - mean) / std)``: an exportable net that takes ``[0, 1]`` images."""
-
-    def __init__(self, model: nn.Module, mean: Tensor, std: Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", mean.detach().clone().reshape(1, -1, 1, 1))
-        self.register_buffer("std", std.detach().clone().reshape(1, -1, 1, 1))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model((images - self.mean) / self.std)
+def _as_float(images: Tensor) -> Tensor:
+    """uint8 images -> floats in [0, 1]; floats (already in [0, 1]) as they are. The model normalises."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
 @builder_signature(_BUILDER_ARGS)
@@ -145,8 +137,10 @@ class SegmentationTask(TaskModule):
         head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``).
         **model_kwargs: the head builder's options with its defaults (``arch``, ``width_mult``,
             ``frozen_stages``, ``norm_eval``, ``pool4_scale``, ``decoder_channels``... of
-            :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`). An
-            unknown option, or one of another head, is an error naming it.
+            :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`), among
+            them ``normalization`` (default: what the weights carry): the model normalises the
+            ``[0, 1]`` images this task gives it. An unknown option, or one of another head, is
+            an error naming it.
     """
 
     def __init__(
@@ -196,9 +190,6 @@ class SegmentationTask(TaskModule):
         self.model = SEGMENTATION_HEADS[head](
             num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
         )
-        norm = self.model.normalization
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
         self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.aux_loss = self._aux_loss(loss)
         self.aux_loss_weight = aux_loss_weight
@@ -228,16 +219,12 @@ class SegmentationTask(TaskModule):
     # ------------------------------------------------------------------ model
     def forward(self, images: Tensor) -> Tensor:
         """uint8 or [0, 1] float ``(N, 3, H, W)`` -> logits ``(N, K, H, W)``."""
-        return self.model(self.normalize(images))
+        return self.model(_as_float(images))
 
-    def export_model(self) -> nn.Module:
-        """The segmentation net with this task's input normalisation in front ([0, 1] images in)."""
-        return _Normalized(self.model, self.mean, self.std)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        return (images - self.mean) / self.std
+    @property
+    def normalization(self) -> Any:
+        """The :class:`~vggbackbone.weights.InputNormalization` the model applies (it takes [0, 1] images)."""
+        return self.model.normalization
 
     def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
         loss = self.ce(logits, masks)
@@ -250,7 +237,7 @@ class SegmentationTask(TaskModule):
         """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window, at
         ``inference_scale`` (logits resized back to ``H x W``), by ``model`` (default ``self.model``)."""
         model = self.model if model is None else model
-        x = self.normalize(image[None])
+        x = _as_float(image[None])
         size = x.shape[-2:]
         if self.inference_scale != 1.0:
             x = F.interpolate(x, scale_factor=self.inference_scale, mode="bilinear", antialias=True)

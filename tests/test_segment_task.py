@@ -20,10 +20,13 @@ def test_backbone_lr_mult_reaches_the_backbone() -> None:
 
 
 def test_uint8_input_is_normalised_with_the_backbone_statistics() -> None:
+    """The task hands [0, 1] images to the model, which normalises them itself (once)."""
     m = SegmentationTask(num_classes=3, **TINY).eval()
     images = torch.randint(0, 256, (1, 3, 40, 36), dtype=torch.uint8)
-    expected = m.model(m.model.normalization(images.float() / 255))
+    x = m.model.backbone.normalization(images.float() / 255)
+    expected = m.model.segmentation_head(m.model.decoder([x, *m.model.backbone(x).values()]))
     torch.testing.assert_close(m(images), expected)
+    assert m.normalization is m.model.normalization and m.export_model() is m.model
 
 
 @pytest.mark.parametrize("loss", ["ce", "ce+dice", "ce+lovasz"])
@@ -58,7 +61,7 @@ def test_inference_scale_resizes_in_and_out() -> None:
     out = half.predict_logits(image)
     assert out.shape == (1, 3, 50, 70)
     small = torch.nn.functional.interpolate(image[None].float(), size=(25, 35), mode="bilinear", antialias=True)
-    expected = torch.nn.functional.interpolate(full.model(full.normalize(small / 255)), size=(50, 70), mode="bilinear")
+    expected = torch.nn.functional.interpolate(full.model(small / 255), size=(50, 70), mode="bilinear")
     torch.testing.assert_close(out, expected)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "CAFFE",
     "IMAGENET",
     "InputNormalization",
+    "NormalizeInput",
     "WeightsError",
     "load_state_dict_file",
     "load_vgg_state_dict",
@@ -70,7 +71,41 @@ class InputNormalization:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InputNormalization:
-        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), str(d.get("name", "custom")))
+        """From ``{mean, std[, name][, space]}``; ``space`` says how ``mean``/``std`` are written:
+
+        * ``"rgb01"`` (default, what :meth:`to_dict` writes): RGB order, on ``[0, 1]`` images;
+        * ``"rgb255"``: RGB order, on ``0-255`` images;
+        * ``"bgr255"``: Caffe's convention, BGR order on ``0-255`` images (e.g. py-faster-rcnn's
+          ``PIXEL_MEANS`` ``[102.9801, 115.9465, 122.7717]`` with ``std`` ``[1, 1, 1]``). The
+          result is named ``"caffe"``: weights trained on BGR input get their conv1_1 channels
+          flipped when loaded, so the model still takes RGB.
+
+        An unknown key, or a mean above 1 on ``[0, 1]`` images, raises ``ValueError``.
+        """
+        unknown = sorted(set(d) - {"mean", "std", "name", "space"})
+        if unknown:
+            raise ValueError(f"normalization: unknown key(s) {unknown}; accepted: mean, std, name, space")
+        missing = [k for k in ("mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"normalization: missing {missing} in {dict(d)}")
+        space = d.get("space", "rgb01")
+        if space not in ("rgb01", "rgb255", "bgr255"):
+            raise ValueError(f"normalization: space must be 'rgb01', 'rgb255' or 'bgr255', got {space!r}")
+        mean = [float(v) for v in d["mean"]]
+        std = [float(v) for v in d["std"]]
+        name = str(d.get("name", "caffe" if space == "bgr255" else "custom"))
+        if space == "bgr255":
+            if name != "caffe":
+                raise ValueError(f"normalization: space 'bgr255' is Caffe's convention, named 'caffe' (got {name!r})")
+            mean, std = mean[::-1], std[::-1]
+        if space == "rgb01" and any(abs(m) > 1 for m in mean):
+            raise ValueError(
+                f"normalization: mean {mean} is not on [0, 1] images; for 0-255 statistics add "
+                "space: rgb255 (RGB order) or space: bgr255 (Caffe's BGR order)"
+            )
+        if space != "rgb01":
+            mean, std = [m / 255 for m in mean], [v / 255 for v in std]
+        return cls(tuple(mean), tuple(std), name)
 
 
 #: torchvision's and timm's ImageNet weights.
@@ -78,6 +113,26 @@ IMAGENET = InputNormalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "ima
 #: The original Caffe VGG release: BGR 0-255 minus the BGR mean, expressed on RGB [0, 1] input
 #: (the BGR order is folded into the first conv when such weights are loaded).
 CAFFE = InputNormalization((123.68 / 255, 116.779 / 255, 103.939 / 255), (1 / 255, 1 / 255, 1 / 255), "caffe")
+
+
+class NormalizeInput(nn.Module):
+    """``(x - mean) / std`` on ``(N, C, H, W)`` images in ``[0, 1]``: a task model's first module.
+
+    The statistics are non-persistent buffers (a state dict does not carry them: they come with
+    the weights, see :func:`resolve_normalization`); :attr:`normalization` is what it applies.
+    """
+
+    def __init__(self, normalization: InputNormalization) -> None:
+        super().__init__()
+        self.normalization = normalization
+        self.register_buffer("mean", torch.tensor(normalization.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalization.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"name={self.normalization.name!r}, mean={self.normalization.mean}, std={self.normalization.std}"
 
 
 def resolve_normalization(normalization: Any, in_channels: int = 3) -> InputNormalization:

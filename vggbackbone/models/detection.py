@@ -22,9 +22,10 @@ count: a multi-level detector therefore always goes through the FPN, never raw c
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,13 +42,20 @@ from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
 from ..weights import WeightsError, load_vgg_state_dict
 
-__all__ = ["RoIPoolSingleLevel", "VGGBoxHead", "VGGFPNBackbone", "fasterrcnn_vgg"]
+__all__ = ["RoIPoolSingleLevel", "VGGBoxHead", "VGGFPNBackbone", "check_detector_kwargs", "fasterrcnn_vgg"]
 
 #: Anchors of the classic form (paper: 3 scales x 3 aspect ratios on conv5).
 CLASSIC_ANCHOR_SIZES: tuple[int, ...] = (128, 256, 512)
 #: One anchor size per FPN level (strides 4, 8, 16, 32).
 FPN_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: GeneralizedRCNNTransform's own keyword arguments, which torchvision's detectors pass on.
+TRANSFORM_KWARGS: tuple[str, ...] = ("size_divisible", "fixed_size", "_skip_resize")
+#: FasterRCNN arguments fasterrcnn_vgg sets itself (from its own options).
+_FASTERRCNN_OWN = (
+    "backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std",
+    "rpn_anchor_generator", "box_roi_pool", "box_head", "box_predictor",
+)  # fmt: skip
 
 
 class VGGBoxHead(nn.Sequential):
@@ -159,6 +167,27 @@ class VGGFPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
+def check_detector_kwargs(
+    cls: type[nn.Module], kwargs: dict[str, Any], *, own: Iterable[str], transform: Iterable[str], builder: str
+) -> None:
+    """Refuse keyword arguments ``cls`` would not use, by name.
+
+    torchvision's detectors pass unknown ``**kwargs`` on to ``GeneralizedRCNNTransform``,
+    which swallows them silently: a misspelt ``score_tresh`` would be ignored. Accepted: the
+    named parameters of ``cls.__init__`` that the builder does not set itself (``own``), plus
+    the transform options in ``transform``.
+    """
+    params = inspect.signature(cls.__init__).parameters
+    named = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    accepted = [n for n in named if n not in set(own)] + list(transform)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"{builder}: unknown argument(s) {unknown}; {cls.__name__} accepts {sorted(accepted)} "
+            f"besides the builder's own arguments"
+        )
+
+
 def fasterrcnn_vgg(
     arch: ArchSpec = "vgg16",
     num_classes: int = 91,
@@ -177,6 +206,7 @@ def fasterrcnn_vgg(
     box_head_dropout: float | None = None,
     min_size: int | Sequence[int] = 600,
     max_size: int = 1000,
+    normalization: Any = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -212,14 +242,25 @@ def fasterrcnn_vgg(
         min_size, max_size: torchvision's resize inside the model (shorter side to ``min_size``,
             longer side at most ``max_size``; a sequence of ``min_size`` picks one at random per
             training batch). Defaults: the paper's 600/1000.
-        **kwargs: any other ``FasterRCNN`` argument. The classic form defaults to the paper's
-            ``box_batch_size_per_image=128`` and ``rpn_post_nms_top_n_test=300``.
+        normalization: the input normalisation (``"imagenet"``, ``"caffe"``, a dict ``{mean,
+            std}`` on ``[0, 1]`` RGB, or an :class:`~vggbackbone.weights.InputNormalization`);
+            default: what the backbone weights carry (ImageNet for torchvision's). It becomes
+            the ``GeneralizedRCNNTransform``'s ``image_mean``/``image_std``; for Caffe (BGR,
+            0-255) weights the channel flip is folded into conv1_1 when they are loaded, so the
+            model still takes RGB (see :func:`~vggbackbone.weights.load_backbone_weights`).
+        **kwargs: any other ``FasterRCNN`` argument (``box_nms_thresh``, ``rpn_pre_nms_top_n_test``...,
+            and the transform's ``size_divisible``/``fixed_size``); an unknown one raises
+            ``ValueError`` naming it (``FasterRCNN`` would pass it on to its transform, which
+            ignores it). The classic form defaults to the paper's ``box_batch_size_per_image=128``
+            and ``rpn_post_nms_top_n_test=300``.
 
     Returns:
         ``FasterRCNN``; ``model.backbone`` is the ``VGGBackbone`` (classic) or a
-        :class:`VGGFPNBackbone` whose ``.body`` is. Images go in as a list of ``(3, H, W)``
-        tensors in ``[0, 1]``; the model normalises them with the weights' mean/std.
+        :class:`VGGFPNBackbone` whose ``.body`` is; ``model.normalization`` the
+        :class:`~vggbackbone.weights.InputNormalization` its transform applies. Images go in as a
+        list of ``(3, H, W)`` RGB tensors in ``[0, 1]``.
     """
+    check_detector_kwargs(FasterRCNN, kwargs, own=_FASTERRCNN_OWN, transform=TRANSFORM_KWARGS, builder="fasterrcnn_vgg")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too: at least 2, got {num_classes}")
     pretrained = weights_backbone is not None
@@ -235,7 +276,11 @@ def fasterrcnn_vgg(
     sizes = tuple(anchor_sizes) if anchor_sizes is not None else (FPN_ANCHOR_SIZES if fpn else CLASSIC_ANCHOR_SIZES)
     ratios = tuple(float(r) for r in aspect_ratios)
     common: dict[str, Any] = dict(
-        weights=weights_backbone, frozen_stages=frozen_stages, width_mult=width_mult, progress=progress
+        weights=weights_backbone,
+        frozen_stages=frozen_stages,
+        width_mult=width_mult,
+        normalization=normalization,
+        progress=progress,
     )
     if norm_layer is not None:
         common["norm_layer"] = norm_layer
@@ -293,4 +338,5 @@ def fasterrcnn_vgg(
     )
     if not fpn and roi_pool == "pool":  # FasterRCNN only accepts a MultiScaleRoIAlign: swap it after
         model.roi_heads.box_roi_pool = RoIPoolSingleLevel("0", output_size=7, stride=stride)
+    model.normalization = normalization
     return model

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone, get_config
+from ..weights import InputNormalization, NormalizeInput
 
 __all__ = ["FCN", "FCN_TAPS", "BilinearUpsample", "bilinear_kernel", "fcn_vgg"]
 
@@ -112,7 +113,8 @@ class FCN(nn.Module):
     """FCN head on a :class:`VGGBackbone` returning ``pool3`` (8s), ``pool4`` (16s, 8s) and ``fc7``,
     built with ``fc_padding="same"`` (see the module docstring for why not the reference's valid fc6).
 
-    Input ``(N, C, H, W)`` normalised with ``self.normalization``; output logits
+    Input ``(N, C, H, W)`` images in ``[0, 1]`` (RGB), normalised inside with
+    :attr:`normalization` (the backbone's: what its weights expect); output logits
     ``(N, num_classes, H, W)``.
     """
 
@@ -142,7 +144,7 @@ class FCN(nn.Module):
         self.backbone = backbone
         self.variant = variant
         self.num_classes = num_classes
-        self.normalization = backbone.normalization
+        self.input_norm = NormalizeInput(backbone.normalization)
         self.pool4_scale = pool4_scale
         self.pool3_scale = pool3_scale
         channels = dict(zip(backbone.return_layers, backbone.feature_info.channels()))
@@ -164,12 +166,17 @@ class FCN(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def normalization(self) -> InputNormalization:
+        """The :class:`~vggbackbone.weights.InputNormalization` this model applies to its ``[0, 1]`` input."""
+        return self.input_norm.normalization
+
     def _key(self, tap: str) -> str:
         return self.backbone.return_layers[tap]
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> logits ``(N, num_classes, H, W)``."""
-        feats = self.backbone(x)
+        """``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes, H, W)``."""
+        feats = self.backbone(self.input_norm(x))
         score = self.score_fr(self.drop7(feats[self._key("fc7")]))  # stride 32
         if self.variant != "32s":
             pool4 = feats[self._key("pool4")]
@@ -218,7 +225,9 @@ def fcn_vgg(
         learn_upsampling: learn the x2 upsamplings (the final one is always fixed bilinear).
 
     Returns:
-        :class:`FCN`, mapping ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)``.
+        :class:`FCN`, mapping ``(N, in_channels, H, W)`` images in ``[0, 1]`` to logits
+        ``(N, num_classes, H, W)``; it normalises its input itself (``model.normalization``:
+        ``normalization`` if given, else what the weights carry, else ImageNet's).
     """
     taps = _variant_taps(variant)
     cfg = get_config(arch, batch_norm)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone
+from ..weights import InputNormalization
 
 __all__ = ["GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
 
@@ -109,6 +110,7 @@ class ReIDNet(nn.Module):
         self.backbone = backbone
         self.tap = next(reversed(backbone.return_layers.values()))
         norm = backbone.normalization
+        self._normalization = norm
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
         self.pool: nn.Module = GeM(gem_p) if pooling == "gem" else _GlobalPool(pooling)
@@ -127,6 +129,11 @@ class ReIDNet(nn.Module):
         self.classifier: nn.Module = nn.Identity()
         self.num_classes = 0
         self.reset_classifier(num_classes)
+
+    @property
+    def normalization(self) -> InputNormalization:
+        """The :class:`~vggbackbone.weights.InputNormalization` applied to the ``[0, 1]`` input."""
+        return self._normalization
 
     def reset_classifier(self, num_classes: int) -> None:
         """(Re)build the identity classifier for ``num_classes`` identities (0 removes it)."""
@@ -168,6 +175,7 @@ def reid_vgg(
     embedding_dim: int | None = None,
     bnneck: bool = True,
     normalize: bool = True,
+    normalization: Any = None,
     **backbone_kwargs: Any,
 ) -> ReIDNet:
     """A :class:`ReIDNet` on ``VGGBackbone(arch)``'s last conv block (``conv5`` for paper archs).
@@ -181,6 +189,10 @@ def reid_vgg(
             so the map is twice as large, e.g. 32x16 instead of 16x8 for 256x128 input. Custom
             archs with fewer blocks: the last block's natural stride, or half of it.
         pooling, gem_p, embedding_dim, bnneck, normalize: see :class:`ReIDNet`.
+        normalization: input normalisation (``"imagenet"``, ``"caffe"``, a dict or an
+            :class:`~vggbackbone.weights.InputNormalization`); default: what the weights carry,
+            ImageNet's for RGB. The model applies it to its ``[0, 1]`` RGB input
+            (``model.normalization``).
         **backbone_kwargs: passed to :class:`~vggbackbone.VGGBackbone` (``width_mult``,
             ``frozen_stages``, ``norm_layer``, ``in_channels``...).
     """
@@ -196,7 +208,12 @@ def reid_vgg(
         )
     bb_stride = 2**n_blocks if output_stride == natural else output_stride
     backbone = VGGBackbone(
-        arch, return_layers=[last_conv], weights=weights_backbone, output_stride=bb_stride, **backbone_kwargs
+        arch,
+        return_layers=[last_conv],
+        weights=weights_backbone,
+        output_stride=bb_stride,
+        normalization=normalization,
+        **backbone_kwargs,
     )
     return ReIDNet(
         backbone,

@@ -27,8 +27,7 @@ derives its per-level regression ranges from them).
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from .detection import VGGFPNBackbone
+from .detection import TRANSFORM_KWARGS, VGGFPNBackbone, check_detector_kwargs
 
 __all__ = [
     "FCOS_ANCHOR_SIZES",
@@ -60,29 +59,8 @@ RETINANET_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
 #: FCOS's anchor-point size per level P3..P7 (the strides, as torchvision's fcos_resnet50_fpn).
 FCOS_ANCHOR_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128)
 #: GeneralizedRCNNTransform's own keyword arguments, which RetinaNet/FCOS pass on.
-_TRANSFORM_KWARGS = ("size_divisible", "fixed_size", "_skip_resize")
+_TRANSFORM_KWARGS = TRANSFORM_KWARGS
 _OWN = ("backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std", "anchor_generator")
-
-
-def check_detector_kwargs(
-    cls: type[nn.Module], kwargs: dict[str, Any], *, own: Iterable[str], transform: Iterable[str], builder: str
-) -> None:
-    """Refuse keyword arguments ``cls`` would not use, by name.
-
-    torchvision's detectors pass unknown ``**kwargs`` on to ``GeneralizedRCNNTransform``,
-    which swallows them silently: a misspelt ``score_tresh`` would be ignored. Accepted: the
-    named parameters of ``cls.__init__`` that the builder does not set itself (``own``), plus
-    the transform options in ``transform``.
-    """
-    params = inspect.signature(cls.__init__).parameters
-    named = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    accepted = [n for n in named if n not in set(own)] + list(transform)
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"{builder}: unknown argument(s) {unknown}; {cls.__name__} accepts {sorted(accepted)} "
-            f"besides the builder's own arguments"
-        )
 
 
 def vgg_fpn_p3p7(body: VGGBackbone, out_channels: int) -> VGGFPNBackbone:

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone, get_config
+from ..weights import InputNormalization, NormalizeInput
 
 __all__ = ["UNetVGG", "unet_vgg"]
 
@@ -27,7 +28,8 @@ class UNetVGG(nn.Module):
     """VGG encoder + smp ``UnetDecoder`` + ``SegmentationHead``.
 
     ``backbone`` must return ``conv1 .. conv{n}`` and ``pool{n}`` for its ``n`` blocks, in that
-    order. Input ``(N, C, H, W)`` normalised with ``self.normalization``; output logits
+    order. Input ``(N, C, H, W)`` images in ``[0, 1]``, normalised inside with :attr:`normalization`
+    (the backbone's: what its weights expect); output logits
     ``(N, num_classes, H, W)`` for any ``H, W`` (with the default Caffe-style ``ceil_mode``
     pools; with floor pools, ``H, W >= 2**n``).
     """
@@ -60,7 +62,7 @@ class UNetVGG(nn.Module):
             )
         self.backbone = backbone
         self.num_classes = num_classes
-        self.normalization = backbone.normalization
+        self.input_norm = NormalizeInput(backbone.normalization)
         encoder_channels = [backbone.in_channels, *backbone.feature_info.channels()]
         self.decoder = UnetDecoder(
             encoder_channels=encoder_channels,
@@ -75,8 +77,14 @@ class UNetVGG(nn.Module):
         initialization.initialize_decoder(self.decoder)
         initialization.initialize_head(self.segmentation_head)
 
+    @property
+    def normalization(self) -> InputNormalization:
+        """The :class:`~vggbackbone.weights.InputNormalization` this model applies to its ``[0, 1]`` input."""
+        return self.input_norm.normalization
+
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> logits ``(N, num_classes, H, W)``."""
+        """``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes, H, W)``."""
+        x = self.input_norm(x)
         feats = list(self.backbone(x).values())  # conv1 .. conv_n, pool_n
         return self.segmentation_head(self.decoder([x, *feats]))
 
@@ -112,7 +120,9 @@ def unet_vgg(
             passed to :class:`VGGBackbone`. ``ceil_mode=True`` (default) accepts any input size.
 
     Returns:
-        :class:`UNetVGG`, mapping ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)``.
+        :class:`UNetVGG`, mapping ``(N, in_channels, H, W)`` images in ``[0, 1]`` to logits
+        ``(N, num_classes, H, W)``; it normalises its input itself (``model.normalization``:
+        ``normalization`` if given, else what the weights carry, else ImageNet's).
     """
     n = len(get_config(arch, batch_norm).blocks)
     taps = [f"conv{i}" for i in range(1, n + 1)] + [f"pool{n}"]
