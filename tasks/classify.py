@@ -298,7 +298,8 @@ class TestAfterFit(pl.Callback):
         if self.ckpt == "last":
             callback = next(c for c in trainer.checkpoint_callbacks if getattr(c, "filename", None) == "last")
             return str(Path(callback.dirpath) / "last.ckpt")
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        chosen = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]  # the `checkpoint:` one
+        best = chosen[0].best_model_path if chosen else ""
         if not best:
             raise RuntimeError("test_after_fit: no best checkpoint (was the monitored val/acc1 ever logged?)")
         return best
