@@ -43,7 +43,7 @@ from vggbackbone import VGGBackbone
 from vggbackbone.models import vgg_classifier
 from vggbackbone.utils import atomic_path
 
-__all__ = ["ClassificationTask", "TestAfterFit", "main", "plot_confusion", "write_predictions"]
+__all__ = ["ClassificationTask", "ExportableClassifier", "TestAfterFit", "main", "plot_confusion", "write_predictions"]
 
 _BUILDER_ARGS = BuilderArgs(
     {"vgg": vgg_classifier},
@@ -123,6 +123,10 @@ class ClassificationTask(TaskModule):
     def forward(self, images: Tensor) -> Tensor:
         """``(N, in_channels, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes)``."""
         return self.model(images)
+
+    def export_model(self) -> nn.Module:
+        """The network for ONNX: :class:`ExportableClassifier` for the linear head (any input size)."""
+        return ExportableClassifier(self.model) if self.model.head == "linear" else self.model
 
     def export_example(self, height: int, width: int) -> Tensor:
         return torch.rand(1, self.in_channels, height, width)
@@ -223,6 +227,42 @@ class ClassificationTask(TaskModule):
         if is_global_zero():
             out = write_predictions(self.predict_file, rows, self.class_names, self.top_k)
             print(f"predict: top-{self.top_k} labels and scores of {len(rows)} images written to {out}")
+
+
+def adaptive_avg_pool_matrix(size: int, out: int, like: Tensor) -> Tensor:
+    """``(out, size)`` matrix ``P`` with ``P @ v`` = ``adaptive_avg_pool1d(v, out)``: bin ``i``
+    averages ``[floor(i * size / out), ceil((i + 1) * size / out))``, as PyTorch's kernel does."""
+    i = torch.arange(out, device=like.device)
+    start = (i * size) // out
+    end = ((i + 1) * size + out - 1) // out
+    idx = torch.arange(size, device=like.device)
+    mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None])).to(like.dtype)
+    return mask / mask.sum(1, keepdim=True)
+
+
+class ExportableClassifier(nn.Module):
+    """A linear-head :class:`~vggbackbone.models.VGGClassifier` (eval) whose 7x7 adaptive average
+    pool is two matrix products, so an ONNX graph with dynamic height/width stays exact.
+
+    Written by hand because the ONNX exporter lowers ``adaptive_avg_pool2d`` to a fixed-kernel
+    pooling for the traced size only: exported with dynamic axes, the graph silently gives other
+    numbers at other sizes (the export's onnxruntime check caught it). Same parameters, same
+    logits up to float rounding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        f = m.forward_features(x)
+        ph = adaptive_avg_pool_matrix(f.shape[-2], 7, f)
+        pw = adaptive_avg_pool_matrix(f.shape[-1], 7, f)
+        f = torch.einsum("oh,nchw,pw->ncop", ph, f, pw).flatten(1)
+        f = m.drop6(F.relu(m.fc6(f)))
+        f = m.drop7(F.relu(m.fc7(f)))
+        return m.fc8(f)
 
 
 def write_predictions(

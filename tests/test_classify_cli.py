@@ -115,3 +115,25 @@ def test_ddp_two_processes_equal_one_process_predict_csv_and_export(tmp_path: Pa
 
     _run("export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--height", "16", "--width", "16")
     assert (tmp_path / "model.onnx").stat().st_size > 0  # checked against onnxruntime by the export command
+
+
+def test_exportable_classifier_pools_like_torch_at_every_size() -> None:
+    """The export form of the linear head (the 7x7 adaptive pool as matrix products) gives the
+    model's logits at sizes whose pool5 is smaller, equal to or larger than 7x7 and not divisible."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.classify import ExportableClassifier, adaptive_avg_pool_matrix
+    from vggbackbone.models import vgg_classifier
+
+    for h, w in ((1, 1), (2, 3), (7, 7), (12, 20), (9, 16)):
+        x = torch.randn(2, 3, h, w)
+        pooled = torch.einsum(
+            "oh,nchw,pw->ncop", adaptive_avg_pool_matrix(h, 7, x), x, adaptive_avg_pool_matrix(w, 7, x)
+        )
+        torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, 7))
+    model = vgg_classifier([[1, 8], [1, 16]], 6, in_channels=1, fc_channels=32).eval()
+    export = ExportableClassifier(model).eval()
+    for size in ((16, 16), (48, 80), (20, 36)):
+        x = torch.rand(2, 1, *size)
+        torch.testing.assert_close(export(x), model(x))
