@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
-from tasks.optim import OptimConfig, build_optimizer
+from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
 from tasks.reporting import DEFAULT_METRICS_FILE
 from vggbackbone.weights import resolve_normalization
 
@@ -123,8 +123,9 @@ class TaskModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         steps = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1.0
         total = int(steps) if math.isfinite(steps) and steps > 0 else 1
-        opt, sched = build_optimizer(self, self.optim_config(), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        cfg = self.optim_config()
+        opt, sched = build_optimizer(self, cfg, total)
+        return {"optimizer": opt, "lr_scheduler": lr_scheduler_config(sched, cfg)}
 
     # -- evaluation: one pattern for validate and test --
     def eval_step(self, batch: Any) -> None:

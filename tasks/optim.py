@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["OptimConfig", "build_optimizer", "lr_factor", "param_groups"]
+__all__ = ["OptimConfig", "build_optimizer", "lr_factor", "lr_scheduler_config", "param_groups"]
 
 
 @dataclass
@@ -37,13 +37,18 @@ class OptimConfig:
             default ``backbone`` means "the task's backbone": a :class:`TaskModule` maps it to
             its ``backbone_path`` (``model.backbone``, or the VGG body of a detector's FPN).
         scheduler: ``none`` (constant), ``step``/``multistep`` (x ``gamma`` at each milestone),
-            or ``cosine`` (to ``min_lr_ratio * lr``).
+            ``cosine`` (to ``min_lr_ratio * lr``), or ``plateau`` (x ``gamma`` when the epoch
+            metric ``plateau_monitor`` has not improved for ``plateau_patience`` evaluations:
+            ``torch.optim.lr_scheduler.ReduceLROnPlateau``, stepped after each validation; no warm-up).
         milestones: fractions of the total number of optimiser steps at which ``step``
             decays (the Faster R-CNN VOC07 recipe, 50k of 60k iterations, is ``[0.833]``).
         gamma: decay factor of ``step``.
         min_lr_ratio: final learning rate of ``cosine`` as a fraction of ``lr``.
         warmup_steps: linear warm-up iterations from ``warmup_factor * lr``.
         warmup_factor: starting factor of the warm-up.
+        plateau_monitor: logged metric ``plateau`` watches (``val/acc1``, ``val/loss``...).
+        plateau_mode: ``max`` (accuracy) or ``min`` (loss).
+        plateau_patience: evaluations without improvement before the learning rate drops.
     """
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -55,12 +60,15 @@ class OptimConfig:
     no_decay_norm_bias: bool = True
     backbone_lr_mult: float = 1.0
     backbone_prefix: str = "backbone"
-    scheduler: Literal["none", "step", "multistep", "cosine"] = "cosine"
+    scheduler: Literal["none", "step", "multistep", "cosine", "plateau"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.75])
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     warmup_factor: float = 0.001
+    plateau_monitor: str = "val/loss"
+    plateau_mode: Literal["min", "max"] = "min"
+    plateau_patience: int = 2
 
 
 # Hyper-parameters of a task or data module built in Python (not from YAML) hold these dataclasses
@@ -114,15 +122,16 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     elif cfg.scheduler == "cosine":
         t = min(1.0, max(0, step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
         decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    else:
+    else:  # none; plateau's decays are ReduceLROnPlateau's, not a function of the step
         decay = 1.0
     return warm * decay
 
 
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Optimiser over ``model``'s trainable parameters and a per-step ``LambdaLR``."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau]:
+    """Optimiser over ``model``'s trainable parameters and a per-step ``LambdaLR``
+    (``scheduler: plateau``: a ``ReduceLROnPlateau``, see :func:`lr_scheduler_config`)."""
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters (is everything frozen?)")
@@ -134,10 +143,26 @@ def build_optimizer(
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}")
+    if cfg.scheduler == "plateau":
+        if cfg.warmup_steps:
+            # LambdaLR would recompute the lr from the base lr every step and undo the plateau's drops
+            raise ValueError("scheduler: plateau takes no warm-up (set warmup_steps: 0)")
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=cfg.plateau_mode, factor=cfg.gamma, patience=cfg.plateau_patience
+        )
+        return opt, plateau
     # LambdaLR rather than SequentialLR(LinearLR, ...): one closed-form factor is resumable
     # from any step and has no chained-scheduler edge cases.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
     return opt, sched
+
+
+def lr_scheduler_config(sched: Any, cfg: OptimConfig) -> dict[str, Any]:
+    """Lightning's scheduler dict: every step for ``LambdaLR``; after each validation, on
+    ``cfg.plateau_monitor``, for ``plateau`` (Lightning raises naming the metric if it is not logged)."""
+    if cfg.scheduler == "plateau":
+        return {"scheduler": sched, "interval": "epoch", "frequency": 1, "monitor": cfg.plateau_monitor}
+    return {"scheduler": sched, "interval": "step", "frequency": 1}
 
 
 #: ``weights_backbone`` of a model rebuilt from a checkpoint: build it as the pretrained model it

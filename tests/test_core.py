@@ -426,7 +426,7 @@ def test_checkpoints_keep_weights_that_carry_their_own_normalisation(task: str, 
     assert norm.name == "caffe" and norm == module.get_submodule(module.backbone_path).normalization
 
 
-_TASK_OF = {"detect": "tasks.detect", "segment": "tasks.segment", "reid": "tasks.reid"}
+_TASK_OF = {"detect": "tasks.detect", "segment": "tasks.segment", "reid": "tasks.reid", "classify": "tasks.classify"}
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.recipe_trees import make_coco_tree, make_market_tree, make_sbd_tree, make_voc_tree
+from tests.recipe_trees import make_coco_tree, make_imagefolder_tree, make_market_tree, make_sbd_tree, make_voc_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,10 @@ COMMON: tuple[str, ...] = (
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--data.num_workers=0",
-    "--model.weights_backbone=null",  # no download in tests
 )
+
+#: The option naming pretrained weights, set to null in every case: no download in tests.
+NO_WEIGHTS: dict[str, str] = {"classify": "--model.weights=null"}  # other tasks: weights_backbone
 
 #: A detector small enough for CPU: 1/16 width, 64-96 px images, few proposals.
 DETECT_SIZE: tuple[str, ...] = (
@@ -100,6 +102,38 @@ RECIPES: list[Recipe] = [
         ),
         "mAP",
     ),
+    Recipe(
+        "configs/classify/d2l_vgg11.yaml",
+        "classify",
+        lambda cwd: make_imagefolder_tree(
+            cwd / "data/fashion_mnist", ("train", "test"), ("0_T-shirt-top", "1_Trouser", "9_Ankle-boot"), 2, (28, 28)
+        ),
+        (
+            "--model.width_mult=0.0625",
+            "--model.fc_channels=64",
+            "--data.image_size=32",
+            "--data.resize_size=32",
+            "--data.batch_size=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+        ),
+        "acc1",
+    ),
+    Recipe(
+        "configs/classify/imagenet_vgg16.yaml",
+        "classify",
+        lambda cwd: make_imagefolder_tree(cwd / "data/imagenet", ("train", "val"), per_class=3, size=(48, 64)),
+        (
+            "--model.width_mult=0.0625",
+            "--data.image_size=32",
+            "--data.resize_size=36",
+            "--data.jitter_range=[36, 48]",
+            "--data.batch_size=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+        ),
+        "acc1",
+    ),
 ]
 
 
@@ -114,7 +148,7 @@ def test_recipe_runs_on_its_layout(recipe: Recipe, tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     recipe.build(tmp_path)
 
-    overrides = [*COMMON, *recipe.size]
+    overrides = [*COMMON, NO_WEIGHTS.get(recipe.task, "--model.weights_backbone=null"), *recipe.size]
     _run(recipe.task, ["fit", "--config", recipe.config, *overrides])
 
     root = tmp_path / shipped["trainer"]["default_root_dir"]  # the recipe's own run folder

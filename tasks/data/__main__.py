@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from .digits import DigitsConfig, generate_digits
 from .market import MarketConfig, generate_market
 from .shapes import ShapesConfig, generate_shapes
 
@@ -19,6 +20,7 @@ from .shapes import ShapesConfig, generate_shapes
 GENERATORS: dict[str, tuple[type, Callable[..., Any], str]] = {
     "shapes": (ShapesConfig, generate_shapes, "synthetic shapes: COCO + VOC layouts, boxes and masks"),
     "market": (MarketConfig, generate_market, "synthetic pedestrians in Market-1501 layout (ReID)"),
+    "digits": (DigitsConfig, generate_digits, "scikit-learn's 8x8 digits as an ImageFolder tree (classification)"),
 }
 
 

@@ -1,0 +1,377 @@
+"""``python -m tasks.classify fit|validate|test|predict|export --config configs/classify/<name>.yaml``.
+
+Image classification with the whole VGG network (:func:`vggbackbone.models.vgg_classifier`:
+backbone + fc6/fc7/fc8) on an ImageFolder tree (:mod:`tasks.data.classify`).
+
+* loss: cross-entropy (optional label smoothing);
+* metrics over the whole evaluation set, whatever the number of processes: a confusion matrix
+  and a top-k accuracy (torchmetrics, whose states are counts summed across processes; the
+  evaluation loaders shard without padding, so each image counts once) give ``acc1``,
+  ``acc5`` (top-5, top-``num_classes`` when there are fewer classes), ``mean_class_acc`` and
+  the per-class accuracy (NaN, written ``null``, for a class absent from the set), printed,
+  logged and written to ``<log_dir>/<stage>_metrics.json`` with the confusion matrix
+  (:func:`tasks.reporting.publish_metrics`); the matrix is also drawn to
+  ``<log_dir>/<stage>_confusion.png``;
+* ``predict`` writes a CSV ``path,label1,score1,...,labelK,scoreK`` (softmax scores, best
+  first, rows in input order) to ``model.predict_file``, atomically;
+* ``export --ckpt C --out model.onnx --height S --width S``: the network (it takes ``[0, 1]``
+  images with ``in_channels`` channels) to ONNX.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from tasks.builders import BuilderArgs, builder_signature
+from tasks.checkpoint import backbone_weights
+from tasks.cli import cli_main
+from tasks.data.classify import ClassificationDataModule
+from tasks.distributed import all_gather_objects, is_global_zero
+from tasks.images import SkipCounter
+from tasks.module import TaskModule
+from tasks.optim import OptimConfig
+from tasks.reporting import EvalReport, publish_metrics
+from vggbackbone import VGGBackbone
+from vggbackbone.models import vgg_classifier
+from vggbackbone.utils import atomic_path
+
+__all__ = ["ClassificationTask", "ExportableClassifier", "TestAfterFit", "main", "plot_confusion", "write_predictions"]
+
+_BUILDER_ARGS = BuilderArgs(
+    {"vgg": vgg_classifier},
+    supplied=frozenset({"num_classes", "weights"}),
+    excluded=frozenset({"progress", "normalization"}),
+    extra={"batch_norm": VGGBackbone, "frozen_stages": VGGBackbone, "norm_eval": VGGBackbone, "ceil_mode": VGGBackbone},
+)
+
+
+@builder_signature(_BUILDER_ARGS)
+class ClassificationTask(TaskModule):
+    """Image classification with :class:`~vggbackbone.models.VGGClassifier`.
+
+    Args:
+        num_classes: classes (linked from ``data.num_classes``).
+        class_names: names for the tables, the picture and the CSV (linked from ``data.class_names``).
+        weights: weights of the whole network (torchvision name such as ``IMAGENET1K_V1``, or a
+            torchvision/timm/backbone state-dict file); fc8 is fresh when ``num_classes`` differs
+            (:func:`~vggbackbone.models.vgg_classifier`).
+        label_smoothing: of the cross-entropy.
+        top_k: labels and scores per image in the ``predict`` CSV (clipped to ``num_classes``).
+        predict_file: the CSV ``predict`` writes.
+        optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`; ``scheduler: plateau``
+            for the paper's "divide by 10 when validation accuracy stops improving").
+        **model_kwargs: :func:`~vggbackbone.models.vgg_classifier`'s options with its defaults
+            (``arch`` incl. block specs, ``in_channels`` (linked from ``data.in_channels``),
+            ``width_mult``, ``fc_channels``, ``dropout``, ``head``) and the backbone's
+            ``batch_norm``, ``frozen_stages``, ``norm_eval``, ``ceil_mode``. Unknown keys are refused.
+    """
+
+    backbone_path = "model.backbone"
+    pretrained_hparams = ("weights",)
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        class_names: list[str] | None = None,
+        weights: str | None = None,
+        label_smoothing: float = 0.0,
+        top_k: int = 5,
+        predict_file: str = "runs/classify/predictions.csv",
+        optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        options = _BUILDER_ARGS.resolve("model", "vgg", model_kwargs)
+        self.save_options(
+            {
+                "num_classes": num_classes, "class_names": class_names, "weights": weights,
+                "label_smoothing": label_smoothing, "top_k": top_k, "predict_file": predict_file,
+                "optim": optim, **_BUILDER_ARGS.hparams("vgg", model_kwargs),
+            }
+        )  # fmt: skip
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.optim = optim
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.in_channels = int(options.get("in_channels", 3))
+        self.model = vgg_classifier(num_classes=num_classes, weights=backbone_weights(weights), **options)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_k = min(5, num_classes)
+        self.top_k = min(top_k, num_classes)
+        self.predict_file = Path(predict_file)
+        self.confmat = MulticlassConfusionMatrix(num_classes)
+        self.acc_topk = MulticlassAccuracy(num_classes, top_k=self.eval_k, average="micro")
+        self._eval_loss: list[Tensor] = []
+        self._pred_rows: list[tuple[int, str, list[int], list[float]]] = []
+        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
+        self._train_skipped = SkipCounter()
+        self._eval_skipped = SkipCounter()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(N, in_channels, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes)``."""
+        return self.model(images)
+
+    def export_model(self) -> nn.Module:
+        """The network for ONNX: :class:`ExportableClassifier` for the linear head (any input size)."""
+        return ExportableClassifier(self.model) if self.model.head == "linear" else self.model
+
+    def export_example(self, height: int, width: int) -> Tensor:
+        return torch.rand(1, self.in_channels, height, width)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._train_skipped.add(batch["skipped"])
+        labels = batch["label"]
+        if not len(labels):  # every image of the batch was unreadable
+            return self.zero_loss()
+        logits = self.model(batch["image"])
+        loss = self.criterion(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc1", acc, batch_size=len(labels))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._train_skipped.report(f"training epoch {self.current_epoch}")
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_epoch_start(self, stage: str) -> None:
+        self.confmat.reset()
+        self.acc_topk.reset()
+        self._eval_loss.clear()
+
+    def eval_step(self, batch: dict[str, Any]) -> None:
+        self._eval_skipped.add(batch["skipped"])
+        labels = batch["label"]
+        if not len(labels):
+            return
+        if int(labels.min()) < 0:
+            raise ValueError(f"evaluation needs labelled images, but {batch['path'][0]} has none (an image list?)")
+        logits = self.model(batch["image"])
+        self.confmat.update(logits.argmax(1), labels)
+        self.acc_topk.update(logits, labels)
+        self._eval_loss.append(F.cross_entropy(logits, labels, reduction="sum").detach())
+
+    def eval_epoch_end(self, stage: str) -> None:
+        skipped = self._eval_skipped.report(f"{stage} evaluation")
+        conf = self.confmat.compute().cpu()  # summed over every process (collectives)
+        acc_k = float(self.acc_topk.compute())
+        self.confmat.reset()
+        self.acc_topk.reset()
+        loss_sum = torch.stack(self._eval_loss).sum() if self._eval_loss else torch.zeros((), device=self.device)
+        self._eval_loss.clear()
+        total = self.all_gather(loss_sum).sum()
+        if self.trainer.sanity_checking:
+            return
+
+        def compute(log_dir: Path) -> EvalReport:
+            n = int(conf.sum())
+            per_class = (conf.diag().double() / conf.sum(1).double()).tolist()  # NaN: class absent
+            present = [a for a, c in zip(per_class, conf.sum(1).tolist()) if c > 0]
+            metrics = {
+                "acc1": float(conf.diag().sum()) / max(n, 1),
+                "acc5": acc_k,
+                "mean_class_acc": sum(present) / len(present) if present else float("nan"),
+                "loss": float(total) / max(n, 1),
+            }
+            picture = plot_confusion(conf, self.class_names, log_dir / f"{stage}_confusion.png", f"{stage}: {n} images")
+            return EvalReport(
+                metrics,
+                extra={
+                    "num_images": n,
+                    "top_k_of_acc5": self.eval_k,
+                    "num_skipped": len(skipped),
+                    "class_names": self.class_names,
+                    "per_class_acc": dict(zip(self.class_names, per_class)),
+                    "confusion_matrix": conf.tolist(),  # rows: true class, columns: predicted
+                    "confusion_picture": str(picture),
+                },
+                title=f"{stage}: {n} images",
+                table=[("class", self.class_names), ("acc", per_class), ("images", conf.sum(1).tolist())]
+                if self.num_classes <= 50
+                else None,
+            )
+
+        publish_metrics(self, stage, compute, prog_bar=("acc1",))
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._pred_rows.clear()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_skipped.add(batch["skipped"])
+        if not len(batch["index"]):
+            return
+        probs = self.inference_model(batch["image"]).float().softmax(1)
+        scores, labels = probs.topk(self.top_k, dim=1)
+        for i, path, lab, sc in zip(batch["index"].tolist(), batch["path"], labels.tolist(), scores.tolist()):
+            self._pred_rows.append((i, path, lab, sc))
+
+    def on_predict_epoch_end(self) -> None:
+        self._eval_skipped.report("predict")
+        rows = sorted(r for part in all_gather_objects(self._pred_rows) for r in part)
+        self._pred_rows.clear()
+        if is_global_zero():
+            out = write_predictions(self.predict_file, rows, self.class_names, self.top_k)
+            print(f"predict: top-{self.top_k} labels and scores of {len(rows)} images written to {out}")
+
+
+def adaptive_avg_pool_matrix(size: int, out: int, like: Tensor) -> Tensor:
+    """``(out, size)`` matrix ``P`` with ``P @ v`` = ``adaptive_avg_pool1d(v, out)``: bin ``i``
+    averages ``[floor(i * size / out), ceil((i + 1) * size / out))``, as PyTorch's kernel does."""
+    i = torch.arange(out, device=like.device)
+    start = (i * size) // out
+    end = ((i + 1) * size + out - 1) // out
+    idx = torch.arange(size, device=like.device)
+    mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None])).to(like.dtype)
+    return mask / mask.sum(1, keepdim=True)
+
+
+class ExportableClassifier(nn.Module):
+    """A linear-head :class:`~vggbackbone.models.VGGClassifier` (eval) whose 7x7 adaptive average
+    pool is two matrix products, so an ONNX graph with dynamic height/width stays exact.
+
+    Written by hand because the ONNX exporter lowers ``adaptive_avg_pool2d`` to a fixed-kernel
+    pooling for the traced size only: exported with dynamic axes, the graph silently gives other
+    numbers at other sizes (the export's onnxruntime check caught it). Same parameters, same
+    logits up to float rounding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        f = m.forward_features(x)
+        ph = adaptive_avg_pool_matrix(f.shape[-2], 7, f)
+        pw = adaptive_avg_pool_matrix(f.shape[-1], 7, f)
+        f = torch.einsum("oh,nchw,pw->ncop", ph, f, pw).flatten(1)
+        f = m.drop6(F.relu(m.fc6(f)))
+        f = m.drop7(F.relu(m.fc7(f)))
+        return m.fc8(f)
+
+
+def write_predictions(
+    path: str | Path, rows: list[tuple[int, str, list[int], list[float]]], class_names: list[str], top_k: int
+) -> Path:
+    """Write ``path,label1,score1,...`` (one row per ``(index, path, labels, scores)``) atomically."""
+    path = Path(path)
+    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for _, image, labels, scores in rows:
+            writer.writerow([image, *(v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))])
+    return path
+
+
+def plot_confusion(conf: Tensor, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    """Draw the confusion matrix (rows: true class, columns: predicted) to a PNG, atomically.
+
+    Colours are row-normalised (the fraction of each true class predicted as each class);
+    counts are written in the cells up to 30 classes, class names on the axes up to 60.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    k = len(class_names)
+    rows = conf.double().sum(1, keepdim=True).clamp(min=1)
+    frac = (conf.double() / rows).numpy()
+    side = min(20.0, max(4.0, 0.45 * k + 2))
+    fig = Figure(figsize=(side, side * 0.9), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 60:
+        ax.set_xticks(range(k), class_names, rotation=90 if max(map(len, class_names)) > 3 else 0)
+        ax.set_yticks(range(k), class_names)
+    if k <= 30:
+        counts = conf.tolist()
+        for i in range(k):
+            for j in range(k):
+                if counts[i][j]:
+                    color = "white" if frac[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(counts[i][j]), ha="center", va="center", fontsize=8, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+class TestAfterFit(pl.Callback):
+    """``test_after_fit:`` in the YAML: once ``fit`` has finished, ``python -m tasks.classify fit``
+    runs ``test`` on ``data.test_split`` with the ``ckpt`` weights and prints the metrics.
+
+    Args:
+        enabled: run the test after fit.
+        ckpt: ``best`` (the checkpoint selected on the validation metric), ``last`` (the
+            ``last.ckpt`` written at the end of training).
+    """
+
+    def __init__(self, enabled: bool = True, ckpt: Literal["best", "last"] = "best") -> None:
+        self.enabled, self.ckpt = enabled, ckpt
+        self.fit_done = False
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_done = not trainer.interrupted
+
+    def checkpoint(self, trainer: pl.Trainer) -> str:
+        if self.ckpt == "last":
+            callback = next(c for c in trainer.checkpoint_callbacks if getattr(c, "filename", None) == "last")
+            return str(Path(callback.dirpath) / "last.ckpt")
+        chosen = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]  # the `checkpoint:` one
+        best = chosen[0].best_model_path if chosen else ""
+        if not best:
+            raise RuntimeError("test_after_fit: no best checkpoint (was the monitored val/acc1 ever logged?)")
+        return best
+
+
+LINKS = [
+    ("data.num_classes", "model.num_classes", "instantiate"),
+    ("data.class_names", "model.class_names", "instantiate"),
+    ("data.in_channels", "model.in_channels", "instantiate"),
+]
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m tasks.classify`` (``fit`` followed by ``test``, see :class:`TestAfterFit`)."""
+    cli = cli_main(
+        ClassificationTask,
+        ClassificationDataModule,
+        task="classify",
+        monitor=("val/acc1", "max"),
+        links=LINKS,
+        callbacks={"test_after_fit": TestAfterFit},
+        args=args,
+    )
+    after = next(
+        (c for c in getattr(getattr(cli, "trainer", None), "callbacks", []) if isinstance(c, TestAfterFit)), None
+    )
+    if after is not None and after.enabled and after.fit_done:
+        cli.trainer.test(
+            cli.model, datamodule=cli.datamodule, ckpt_path=after.checkpoint(cli.trainer), weights_only=True
+        )
+    return cli
+
+
+if __name__ == "__main__":
+    main()

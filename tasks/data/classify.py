@@ -1,0 +1,295 @@
+"""Classification data: the ImageFolder layout, grayscale or RGB, torchvision ``transforms.v2``.
+
+Layout (torchvision's ``ImageFolder``)::
+
+    <root>/<split>/<class>/<image>.png|jpg|...    (split: train, val, test; any depth below <class>)
+
+Class folders are found and listed by torchvision's own ``find_classes`` / ``make_dataset``
+(:mod:`torchvision.datasets.folder`); the class indices are the sorted folder names of the
+training split (or ``data.classes``), the same in every split. Images are decoded by
+:func:`tasks.images.read_image` (``L`` for ``in_channels: 1``, ``RGB`` for 3): a missing, empty
+or corrupt image becomes a :class:`~tasks.images.SkippedSample`, dropped by the collate and
+counted and reported once per epoch by the task, as in every other task.
+
+Samples are ``{"image": float (C, S, S) in [0, 1], "label": int, "index": int, "path": str}``;
+batches ``{"image": (N, C, S, S), "label": (N,), "index": (N,), "path": [...], "skipped": [...]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.transforms import v2
+
+from tasks.data.digits import DigitsConfig, ensure_digits
+from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, list_images, read_image
+from tasks.module import TaskDataModule
+
+__all__ = [
+    "ClassificationDataModule",
+    "ImageFiles",
+    "ImageFolderDataset",
+    "collate_classify",
+    "eval_transforms",
+    "train_transforms",
+]
+
+_MODES = {1: "L", 3: "RGB"}
+#: class names of the digits demo (the folder names :mod:`tasks.data.digits` writes)
+DIGITS_CLASSES = [str(k) for k in range(10)]
+
+
+def _mode(in_channels: int) -> str:
+    if in_channels not in _MODES:
+        raise ValueError(f"in_channels must be 1 (grayscale, read as L) or 3 (RGB), got {in_channels}")
+    return _MODES[in_channels]
+
+
+class _Images(Dataset):
+    samples: list[tuple[str, int]]
+    mode: str
+    transform: Callable[[Any], Any] | None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
+        path, label = self.samples[i]
+        try:
+            image = read_image(path, self.mode)
+        except BadImageError as e:
+            return SkippedSample(e.path, e.reason)
+        if self.transform is not None:
+            image = self.transform(tv_tensors.Image(image))
+        return {"image": image.as_subclass(torch.Tensor), "label": label, "index": i, "path": str(path)}
+
+
+class ImageFolderDataset(_Images):
+    """One split of an ImageFolder tree: ``root/<class>/**/<image>``, listed by torchvision.
+
+    Args:
+        root: the split folder (``<data root>/train``...).
+        classes: class names in index order; every class folder under ``root`` must be one of
+            them (a folder that is not is an error naming it). A class without a folder or
+            without images is allowed only with ``allow_empty`` (evaluation splits).
+        in_channels: 1 (images read as ``L``) or 3 (``RGB``).
+        transform: applied to the ``tv_tensors.Image`` (uint8 ``(C, H, W)``).
+        allow_empty: allow classes without images (otherwise torchvision's error names them).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        classes: Sequence[str],
+        in_channels: int = 3,
+        transform: Callable[[Any], Any] | None = None,
+        allow_empty: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.root}: split folder not found (ImageFolder layout: <root>/<split>/<class>/)"
+            )
+        found, _ = find_classes(self.root)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{self.root}: class folder(s) {unknown} are not among the classes {list(classes)}")
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        present = {c: i for c, i in self.class_to_idx.items() if c in found}
+        self.samples = make_dataset(self.root, present, extensions=IMAGE_EXTENSIONS, allow_empty=allow_empty)
+        if not self.samples:
+            raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.mode = _mode(in_channels)
+        self.transform = transform
+
+
+class ImageFiles(_Images):
+    """Images without labels (``label`` -1) from a folder, an image list file or one image
+    (:func:`tasks.images.list_images`), for ``predict``."""
+
+    def __init__(self, source: str | Path, in_channels: int = 3, transform: Callable[[Any], Any] | None = None) -> None:
+        _, files = list_images(source)
+        self.samples = [(str(p), -1) for p in files]
+        self.mode = _mode(in_channels)
+        self.transform = transform
+
+
+# ---------------------------------------------------------------------------- transforms
+def train_transforms(
+    image_size: int,
+    crop: Literal["random_resized", "resize_crop", "scale_jitter"] = "random_resized",
+    resize_size: int | None = None,
+    scale_range: tuple[float, float] = (0.08, 1.0),
+    jitter_range: tuple[int, int] = (256, 512),
+    hflip: float = 0.5,
+) -> v2.Compose:
+    """Training augmentation of uint8 images, ending in float ``[0, 1]`` ``(C, image_size, image_size)``.
+
+    * ``random_resized``: ``v2.RandomResizedCrop(image_size, scale=scale_range)`` (Inception-style);
+    * ``resize_crop``: shorter side resized to ``resize_size``, random ``image_size`` crop;
+    * ``scale_jitter``: the VGG paper's multi-scale training: shorter side ``S`` drawn uniformly
+      from the integers in ``jitter_range`` (``v2.RandomShortestSize``), random ``image_size`` crop;
+
+    then a horizontal flip with probability ``hflip``.
+    """
+    steps: list[Any]
+    if crop == "random_resized":
+        steps = [v2.RandomResizedCrop(image_size, scale=tuple(scale_range), antialias=True)]
+    elif crop == "resize_crop":
+        steps = [v2.Resize(resize_size or image_size, antialias=True), v2.RandomCrop(image_size)]
+    elif crop == "scale_jitter":
+        lo, hi = int(jitter_range[0]), int(jitter_range[1])
+        if not image_size <= lo <= hi:
+            raise ValueError(f"jitter_range must satisfy image_size <= S_min <= S_max, got {jitter_range}")
+        steps = [v2.RandomShortestSize(list(range(lo, hi + 1)), antialias=True), v2.RandomCrop(image_size)]
+    else:
+        raise ValueError(f"unknown train_crop {crop!r}; choose random_resized, resize_crop or scale_jitter")
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def eval_transforms(image_size: int, resize_size: int | None = None) -> v2.Compose:
+    """Shorter side resized to ``resize_size`` (default ``image_size``), centre ``image_size`` crop, ``[0, 1]``."""
+    return v2.Compose(
+        [
+            v2.Resize(resize_size or image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+def collate_classify(samples: list[Any]) -> dict[str, Any]:
+    """Same-size images -> a batch; unreadable ones dropped and listed under ``skipped``."""
+    kept, skipped = drop_skipped(samples)  # counted and reported once per epoch by the task
+    return {
+        "image": torch.stack([s["image"] for s in kept]) if kept else torch.empty(0, 1, 1, 1),
+        "label": torch.tensor([s["label"] for s in kept], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+        "path": [s["path"] for s in kept],
+        "skipped": [(s.path, s.reason) for s in skipped],
+    }
+
+
+# ---------------------------------------------------------------------------- data module
+class ClassificationDataModule(TaskDataModule):
+    """ImageFolder data for ``python -m tasks.classify``.
+
+    Args:
+        root: dataset folder holding one folder per split.
+        train_split, val_split, test_split: split folder names (ImageNet has no labelled test:
+            set ``test_split: val``).
+        classes: class names in index order. Default: the sorted class folders of
+            ``train_split`` (of ``val_split``/``test_split`` when there is no training folder),
+            or ``0``..``9`` for ``digits``.
+        in_channels: 1 (images read as grayscale ``L``) or 3 (``RGB``); linked to the model's.
+        image_size: side of the square network input.
+        resize_size: shorter side before the crop (evaluation: centre crop; ``resize_crop``
+            training: random crop). Default ``image_size * 256 / 224`` (ImageNet's 256 -> 224).
+        train_crop: ``random_resized``, ``resize_crop`` or ``scale_jitter`` (:func:`train_transforms`).
+        scale_range: area range of ``random_resized``.
+        jitter_range: ``[S_min, S_max]`` of ``scale_jitter`` (the paper's ``[256, 512]``).
+        hflip: horizontal flip probability in training (0 for digits and text).
+        predict_images: images for ``predict`` (folder, list file or one image); default: ``test_split``.
+        digits: write scikit-learn's digits into ``root`` with this split when it is missing
+            (:mod:`tasks.data.digits`, the demo's data).
+        batch_size, eval_batch_size, num_workers: loaders.
+    """
+
+    collate_fns: ClassVar[Mapping[str, Any]] = {
+        "train": collate_classify, "val": collate_classify, "test": collate_classify, "predict": collate_classify
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        root: str = "data/digits",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        classes: list[str] | None = None,
+        in_channels: int = 3,
+        image_size: int = 224,
+        resize_size: int | None = None,
+        train_crop: Literal["random_resized", "resize_crop", "scale_jitter"] = "random_resized",
+        scale_range: tuple[float, float] = (0.08, 1.0),
+        jitter_range: tuple[int, int] = (256, 512),
+        hflip: float = 0.5,
+        predict_images: str | None = None,
+        digits: DigitsConfig | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
+        self.root = Path(root)
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        _mode(in_channels)
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.resize_size = resize_size or round(image_size * 256 / 224)
+        if self.resize_size < image_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {image_size}")
+        self.train_crop, self.scale_range, self.jitter_range = train_crop, tuple(scale_range), tuple(jitter_range)
+        self.hflip = float(hflip)
+        self.predict_images = predict_images
+        self.digits = digits
+        self.classes = list(classes) if classes else self._default_classes()
+        if len(self.classes) < 2:
+            raise ValueError(f"classification needs at least 2 classes, got {self.classes}")
+
+    def _default_classes(self) -> list[str]:
+        if self.digits is not None:
+            return list(DIGITS_CLASSES)
+        for split in (self.train_split, self.val_split, self.test_split):
+            if (self.root / split).is_dir():
+                return find_classes(self.root / split)[0]
+        raise FileNotFoundError(
+            f"{self.root}: none of the split folders {self.train_split}, {self.val_split}, {self.test_split} "
+            "exists, so the class names cannot be read; set data.classes or create the data first"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (linked to ``model.num_classes``)."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def prepare_data(self) -> None:
+        if self.digits is not None:
+            ensure_digits(self.root, self.digits)
+
+    def dataset(self, split: str, train: bool = False) -> ImageFolderDataset:
+        """The ``split`` folder with training or evaluation transforms."""
+        if train:
+            tf = train_transforms(
+                self.image_size, self.train_crop, self.resize_size, self.scale_range, self.jitter_range, self.hflip
+            )
+        else:
+            tf = eval_transforms(self.image_size, self.resize_size)
+        return ImageFolderDataset(self.root / split, self.classes, self.in_channels, tf, allow_empty=not train)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = self.dataset(self.train_split, train=True)
+        if stage in (None, "fit", "validate"):
+            self.val_set = self.dataset(self.val_split)
+        if stage in (None, "test"):
+            self.test_set = self.dataset(self.test_split)
+        if stage in (None, "predict"):
+            if self.predict_images:
+                tf = eval_transforms(self.image_size, self.resize_size)
+                self.predict_set = ImageFiles(self.predict_images, self.in_channels, tf)
+            else:
+                self.predict_set = self.dataset(self.test_split)
