@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,7 +111,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("\n")[0] if "Unsupported" in str(e) or "global" in str(e) else type(e).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the callable the pickle asks for
+        reason = f"it asks for {found.group(1)}" if found else str(e).splitlines()[0][:200]
         raise CheckpointError(
             f"{path}: refused: it holds Python objects other than tensors and plain data, which would run "
             f"code when read ({reason}). Only checkpoints written by `fit` are read, and never unsafely."
