@@ -174,9 +174,7 @@ class TaskCLI(LightningCLI):
                 "checkpoint's path, or --last_checkpoint.dirpath DIR to start from scratch when DIR has none"
             )
         cfg["ckpt_path"] = str(found[-1])
-        match = re.fullmatch(r"version_(\d+)", found[-1].parent.parent.name)
-        if found[-1].parent.name == "checkpoints" and match:
-            self._resume_version = int(match.group(1))
+        self._resume_from = found[-1]
         print(f"--ckpt_path last: resuming from {found[-1]} (the newest of {len(found)} under {root})")
 
     def before_instantiate_classes(self) -> None:
@@ -192,12 +190,15 @@ class TaskCLI(LightningCLI):
                 init = logger.get("init_args") if hasattr(logger, "get") else None
                 if init is not None and init.get("save_dir") == default_root:
                     init["save_dir"] = root
-        version = getattr(self, "_resume_version", None)
-        if version is not None and isinstance(loggers, list) and loggers:
+        resumed = getattr(self, "_resume_from", None)
+        first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+        init = first.get("init_args") if hasattr(first, "get") else None
+        match = re.fullmatch(r"version_(\d+)", resumed.parent.parent.name) if resumed is not None else None
+        if match and init is not None and init.get("save_dir") is not None and resumed.parent.name == "checkpoints":
             # the first logger's folder holds the checkpoints: a resumed run goes on in the same version_N
-            init = loggers[0].get("init_args") if hasattr(loggers[0], "get") else None
-            if init is not None and "TensorBoardLogger" in str(loggers[0].get("class_path")):
-                init["version"] = version
+            folder = Path(init["save_dir"]) / (init.get("name") or "")
+            if folder.resolve() == resumed.parent.parent.parent.resolve():
+                init["version"] = int(match.group(1))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         """Lightning's, plus :class:`LogProgress` when stdout is not a terminal (and a bar is wanted)."""
