@@ -99,6 +99,9 @@ class TaskModule(pl.LightningModule):
         old = 0 if batch_idx == 0 else self.__dict__.get("_train_readable", 0)
         n = readable_count(batch)
         self.__dict__["_train_readable"] = -1 if n < 0 or old < 0 else old + n
+        if batch_idx == 0:
+            self.__dict__["_train_skips"] = []
+        self.__dict__["_train_skips"].extend(skipped_of(batch))
 
     def on_before_backward(self, loss: Tensor) -> None:
         """Stop on a NaN/inf loss, naming the step and the loss terms logged by ``training_step``."""
@@ -121,7 +124,7 @@ class TaskModule(pl.LightningModule):
         if readable == 0:
             raise RuntimeError(
                 f"training epoch {self.current_epoch}: every image of the training split was unreadable "
-                "(see the skipped-image warning); nothing was learnt, stopping"
+                f"({_skips_text(self.__dict__.get('_train_skips', []))}); nothing was learnt, stopping"
             )
 
     def _total(self, count: int) -> int:
@@ -230,11 +233,11 @@ class TaskModule(pl.LightningModule):
         self.eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
-        self.__dict__["_eval_readable"] = 0
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = 0, []
         self.eval_epoch_start("val")
 
     def on_test_epoch_start(self) -> None:
-        self.__dict__["_eval_readable"] = 0
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = 0, []
         self.eval_epoch_start("test")
 
     def on_validation_epoch_end(self) -> None:
@@ -249,6 +252,7 @@ class TaskModule(pl.LightningModule):
         n = readable_count(batch)
         old = self.__dict__.get("_eval_readable", 0)
         self.__dict__["_eval_readable"] = -1 if n < 0 or old < 0 else old + n
+        self.__dict__.setdefault("_eval_skips", []).extend(skipped_of(batch))
 
     def _check_eval_readable(self, stage: str) -> None:
         """An evaluation that read no image at all is an error, not a metric of nothing (AP -1)."""
@@ -256,8 +260,8 @@ class TaskModule(pl.LightningModule):
             return
         if self._total(self.__dict__.get("_eval_readable", 0)) == 0:
             raise RuntimeError(
-                f"{stage} evaluation: every image of the {stage} split was unreadable (see the skipped-image "
-                "warning): no metric to report, stopping"
+                f"{stage} evaluation: every image of the {stage} split was unreadable "
+                f"({_skips_text(self.__dict__.get('_eval_skips', []))}): no metric to report, stopping"
             )
 
     # -- export --
@@ -274,6 +278,24 @@ def readable_count(batch: Any) -> int:
     if isinstance(images, (list, tuple)):
         return len(images)
     return -1
+
+
+def skipped_of(batch: Any) -> list[Any]:
+    """The unreadable samples a task batch reports (``skipped`` of a dict or a batch object)."""
+    skipped = batch.get("skipped") if isinstance(batch, Mapping) else getattr(batch, "skipped", None)
+    return list(skipped) if isinstance(skipped, (list, tuple)) else []
+
+
+def _skips_text(skips: list[Any]) -> str:
+    """``3 skipped on this process, e.g. a.jpg: cannot identify image file`` for an error message."""
+    if not skips:
+        return "none readable on this process"
+    first = skips[0]
+    path, reason = (getattr(first, "path", None), getattr(first, "reason", None))
+    if path is None and isinstance(first, tuple) and len(first) == 2:  # (path, reason) pairs
+        path, reason = first
+    shown = f"{path}: {reason}" if path is not None else str(first)
+    return f"{len(skips)} skipped on this process, e.g. {shown}"
 
 
 class TaskDataModule(pl.LightningDataModule):
