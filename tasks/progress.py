@@ -124,11 +124,11 @@ class LogProgress(ProgressBar):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[override]
         if not trainer.sanity_checking:
-            self._eval_batch(trainer, "validate", batch, batch_idx, self.total_val_batches_current_dataloader)
+            self._eval_batch(trainer, "validate", batch, batch_idx, trainer.num_val_batches[dataloader_idx])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            total = self.total_val_batches
+            total = sum(trainer.num_val_batches)
             self._print(trainer, self._line(trainer, "validate", int(total), total, loss=False) + " | done")
         self._images, self._start = self._eval_images, self._eval_start  # training's rate goes on
 
@@ -136,7 +136,7 @@ class LogProgress(ProgressBar):
         self._reset()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[override]
-        self._eval_batch(trainer, "test", batch, batch_idx, self.total_test_batches_current_dataloader)
+        self._eval_batch(trainer, "test", batch, batch_idx, trainer.num_test_batches[dataloader_idx])
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(trainer, self._line(trainer, "test", int(sum(trainer.num_test_batches)), 0, loss=False) + " | done")
@@ -145,7 +145,7 @@ class LogProgress(ProgressBar):
         self._reset()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[override]
-        self._eval_batch(trainer, "predict", batch, batch_idx, self.total_predict_batches_current_dataloader)
+        self._eval_batch(trainer, "predict", batch, batch_idx, trainer.num_predict_batches[dataloader_idx])
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = sum(trainer.num_predict_batches)
