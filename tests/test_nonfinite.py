@@ -119,3 +119,18 @@ def test_extract_refuses_nonfinite_embeddings_naming_the_image(tmp_path: Path) -
     with pytest.raises(FloatingPointError, match=r"weights: 1 of 2 tensors hold NaN/inf \(model\.1\.bias\)"):
         extract_embeddings(net, images, out, **kw)
     assert not out.exists()
+
+
+def test_detection_writer_refuses_nonfinite_boxes_naming_the_image(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tasks.data.detection import DetectionBatch
+    from tasks.detect_writer import DetectionWriter
+
+    writer = DetectionWriter(output_dir=str(tmp_path / "pred"))
+    pred = {"image_id": 7, "path": "photos/cat.jpg", "boxes": np.array([[0, 0, np.nan, 4]], np.float32),
+            "scores": np.array([0.9], np.float32), "labels": np.array([1])}  # fmt: skip
+    batch = DetectionBatch([torch.rand(3, 8, 8)], [{"image_id": torch.tensor(7)}], [])
+    with pytest.raises(FloatingPointError, match=r"non-finite boxes or scores for photos/cat\.jpg"):
+        writer.write_on_batch_end(None, None, [pred], None, batch, 0, 0)
+    assert not (tmp_path / "pred").exists()
