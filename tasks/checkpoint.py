@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "load_task",
     "nonfinite_tensors",
     "read_checkpoint",
+    "task_name",
 ]
 
 #: checkpoint key naming the task class that wrote it (``tasks.reid.ReIDTask``)
@@ -141,16 +143,26 @@ def describe_checkpoint(ckpt: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def task_name(task_class: type) -> str:
+    """``tasks.reid.ReIDTask``: the importable name of a task class, also under ``python -m tasks.reid``."""
+    module = task_class.__module__
+    if module == "__main__":  # python -m tasks.<task>: the module runs as __main__
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else module
+    return f"{module}.{task_class.__qualname__}"
+
+
 def check_task(ckpt: Mapping[str, Any], task_class: type, path: str | Path) -> None:
     """Refuse a checkpoint written by another task than ``task_class`` (naming both).
 
     Checkpoints record their task class (:data:`TASK_KEY`); for one that does not, the stored
     hyper-parameters must all be arguments of ``task_class`` (unless it takes ``**kwargs``).
     """
-    expected = f"{task_class.__module__}.{task_class.__qualname__}"
+    expected = task_name(task_class)
     stored = ckpt.get(TASK_KEY)
     if stored is not None:
-        if stored != expected:
+        # by class name (the module differs between `python -m tasks.reid` and an import); a subclass may load it
+        if str(stored).rsplit(".", 1)[-1] not in {c.__qualname__.rsplit(".", 1)[-1] for c in task_class.__mro__}:
             raise CheckpointError(f"{path}: a checkpoint of {describe_checkpoint(ckpt)}, expected one of {expected}")
         return
     hp = ckpt.get("hyper_parameters") or {}

@@ -17,7 +17,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch
+from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
 from tasks.optim import OptimConfig, build_optimizer
 from tasks.reporting import DEFAULT_METRICS_FILE
 from vggbackbone.weights import resolve_normalization
@@ -173,7 +173,7 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite(checkpoint.get("state_dict", {}), f"checkpoint at step {self.global_step}")
-        checkpoint[TASK_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[TASK_KEY] = task_name(type(self))
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if isinstance(hparams, dict) and self._rebuilds_without_weights():
             for key in self.pretrained_hparams:
