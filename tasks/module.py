@@ -233,11 +233,11 @@ class TaskModule(pl.LightningModule):
         self.eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
-        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = 0, []
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("val")
 
     def on_test_epoch_start(self) -> None:
-        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = 0, []
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("test")
 
     def on_validation_epoch_end(self) -> None:
@@ -250,7 +250,7 @@ class TaskModule(pl.LightningModule):
 
     def _count_eval(self, batch: Any) -> None:
         n = readable_count(batch)
-        old = self.__dict__.get("_eval_readable", 0)
+        old = self.__dict__.get("_eval_readable") or 0
         self.__dict__["_eval_readable"] = -1 if n < 0 or old < 0 else old + n
         self.__dict__.setdefault("_eval_skips", []).extend(skipped_of(batch))
 
@@ -258,7 +258,11 @@ class TaskModule(pl.LightningModule):
         """An evaluation that read no image at all is an error, not a metric of nothing (AP -1)."""
         if self._trainer is None or self.trainer.sanity_checking:  # the sanity check sees a few batches only
             return
-        if self._total(self.__dict__.get("_eval_readable", 0)) == 0:
+        counted = self.__dict__.get("_eval_readable")
+        if counted is None:  # no batch here, or a task with its own validation_step/test_step (not counted)
+            own = getattr(type(self), f"{'validation' if stage == 'val' else 'test'}_step")
+            counted = 0 if own is getattr(TaskModule, own.__name__) else -1
+        if self._total(counted) == 0:
             raise RuntimeError(
                 f"{stage} evaluation: every image of the {stage} split was unreadable "
                 f"({_skips_text(self.__dict__.get('_eval_skips', []))}): no metric to report, stopping"
