@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from tasks.callbacks import InferenceOptimization, OptionalLearningRateMonitor
-from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
+from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, check_finite, check_task, load_task, read_checkpoint
 from tasks.module import TaskModule
+from tasks.progress import LogProgress
 from vggbackbone.models.export import export_task_onnx
 
 __all__ = ["TaskCLI", "cli_main", "export_main"]
@@ -36,6 +38,12 @@ class TaskCLI(LightningCLI):
       when a new best is saved);
     * ``inference:`` :class:`InferenceOptimization` of the model used by ``predict``;
     * ``lr_monitor:`` learning-rate logging (inactive with ``trainer.logger: false``);
+    * ``progress:`` when stdout is not a terminal (``nohup``, cluster logs), :class:`LogProgress`
+      prints a plain line every ``progress.interval_s`` seconds instead of Lightning's bar;
+    * ``--ckpt_path last``: the newest ``last.ckpt`` of the run (``last_checkpoint.dirpath`` when
+      set, else under ``trainer.default_root_dir``), resumed in its own ``version_N`` folder;
+    * a checkpoint given by ``--ckpt_path`` is read safely, and one that is not a checkpoint of
+      this task is an error naming the file (:func:`tasks.checkpoint.read_checkpoint`);
     * the task's own always-on callbacks (``callbacks=`` of :func:`cli_main`).
 
     Argument links from the data module to the model (``data.num_classes -> model.num_classes``)
@@ -72,6 +80,7 @@ class TaskCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(InferenceOptimization, "inference")
+        parser.add_class_arguments(LogProgress, "progress", instantiate=False)
         parser.add_lightning_class_args(OptionalLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         for key, callback_class in self.task_callbacks.items():
@@ -98,10 +107,16 @@ class TaskCLI(LightningCLI):
         its state dict replaces them, so they are not fetched (a checkpoint that kept naming its
         weights, see :meth:`TaskModule.on_save_checkpoint`, keeps them).
         """
-        super()._parse_ckpt_path()
         sub = self.config.get("subcommand")
         if not sub or not self.config[sub].get("ckpt_path"):
             return
+        self._resolve_last(sub)
+        path = self.config[sub].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or "://" in str(path):
+            return
+        ckpt = read_checkpoint(path)  # safely; errors name the file
+        check_task(ckpt, self.model_class, path)
+        self._checkpoint_hparams(sub, ckpt)
         stored = self.config[sub].get("model")  # the checkpoint's hyper-parameters, where it had some
         in_checkpoint = [
             key for key in getattr(self.model_class, "pretrained_hparams", ())
@@ -118,6 +133,50 @@ class TaskCLI(LightningCLI):
             if model_cfg.get(key) is not None:
                 model_cfg[key] = WEIGHTS_IN_CHECKPOINT
 
+    def _checkpoint_hparams(self, sub: str, ckpt: Mapping[str, Any]) -> None:
+        """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``."""
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
+    def _resolve_last(self, sub: str) -> None:
+        """``--ckpt_path last`` -> the newest ``last.ckpt`` of this run, or an error naming where it looked.
+
+        With a fixed ``last_checkpoint.dirpath`` (the same command at every start of a cluster
+        job), its ``last.ckpt``; absent, the run starts from scratch (Lightning warns "no last
+        checkpoint available"): the first start. Without one, the newest ``**/last.ckpt`` under
+        ``trainer.default_root_dir``; the run then logs into the checkpoint's ``version_N`` (the
+        TensorBoard logger's version). None found there is an error.
+        """
+        cfg = self.config[sub]
+        if cfg.get("ckpt_path") != "last":
+            return
+        last_cfg = cfg.get("last_checkpoint") or {}
+        name = f"{last_cfg.get('filename') or 'last'}.ckpt"
+        dirpath = last_cfg.get("dirpath")
+        if dirpath:
+            if (Path(dirpath) / name).is_file():
+                cfg["ckpt_path"] = str(Path(dirpath) / name)
+            return  # not there yet: the first start of the job, from scratch
+        root = Path((cfg.get("trainer") or {}).get("default_root_dir") or f"runs/{self.task_name}")
+        found = sorted(root.glob(f"**/{name}"), key=lambda p: p.stat().st_mtime_ns) if root.is_dir() else []
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no {name} under {root.resolve()} (looked for {root}/**/{name}); give the "
+                "checkpoint's path, or --last_checkpoint.dirpath DIR to start from scratch when DIR has none"
+            )
+        cfg["ckpt_path"] = str(found[-1])
+        self._resume_from = found[-1]
+        print(f"--ckpt_path last: resuming from {found[-1]} (the newest of {len(found)} under {root})")
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = cfg.get("trainer")
@@ -131,6 +190,25 @@ class TaskCLI(LightningCLI):
                 init = logger.get("init_args") if hasattr(logger, "get") else None
                 if init is not None and init.get("save_dir") == default_root:
                     init["save_dir"] = root
+        resumed = getattr(self, "_resume_from", None)
+        first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+        init = first.get("init_args") if hasattr(first, "get") else None
+        match = re.fullmatch(r"version_(\d+)", resumed.parent.parent.name) if resumed is not None else None
+        if match and init is not None and init.get("save_dir") is not None and resumed.parent.name == "checkpoints":
+            # the first logger's folder holds the checkpoints: a resumed run goes on in the same version_N
+            folder = Path(init["save_dir"]) / (init.get("name") or "")
+            if folder.resolve() == resumed.parent.parent.parent.resolve():
+                init["version"] = int(match.group(1))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
+        """Lightning's, plus :class:`LogProgress` when stdout is not a terminal (and a bar is wanted)."""
+        wanted = config.get("enable_progress_bar") is not False
+        configured = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
+        if wanted and not configured and not sys.stdout.isatty():
+            options = self._get(self.config, "progress", default=None)
+            kwargs = options.as_dict() if hasattr(options, "as_dict") else dict(options or {})
+            callbacks = [*callbacks, LogProgress(**kwargs)]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
@@ -151,7 +229,8 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt}: checkpoint not found")
-    module = model_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    module = load_task(model_class, ckpt)  # safely, errors naming the file, its task/arch and what was expected
+    check_finite(module.state_dict(), f"{ckpt}: weights")
     if not isinstance(module, TaskModule):
         raise TypeError(f"{model_class.__name__} is not a tasks.module.TaskModule: it does not say what to export")
     model = module.export_model().eval()

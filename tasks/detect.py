@@ -220,12 +220,7 @@ class DetectionTask(TaskModule):
         targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in batch.targets]
         losses = self.model(batch.images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} ({ {k: float(v) for k, v in losses.items()} }); "
-                f"lower model.optim.lr, raise warm-up, or set trainer.gradient_clip_val"
-            )
-        n = len(batch)
+        n = len(batch)  # a non-finite loss stops the run in TaskModule.on_before_backward, naming these terms
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
@@ -241,7 +236,10 @@ class DetectionTask(TaskModule):
         self._eval_skipped.add(batch.skipped)
         if not batch.images:
             return
-        outputs = self.model(batch.images)
+        # one image at a time: a batch is padded to its largest image (GeneralizedRCNNTransform), and
+        # padding changes the detections, so batched metrics would depend on how images are grouped
+        # (eval_batch_size, number of processes); unpadded, they do not
+        outputs = [self.model([image])[0] for image in batch.images]
         for t, o in zip(batch.targets, outputs):
             self._predictions[int(t["image_id"])] = _to_numpy(o)
 

@@ -33,8 +33,14 @@ class DetectionWriter(BasePredictionWriter):
     * ``<output_dir>/images/<name>.jpg``: each image with boxes scoring at least
       ``score_threshold``, labelled ``class score``; ``<output_dir>/grid.jpg``: the first 16.
 
-    Every file is written atomically.
+    Every file is written atomically. A run into a folder that holds an earlier run's output first
+    removes that output (the files above, and ``images/*.jpg``), so a killed run never leaves the
+    earlier ``detections.json`` beside new pictures; ``<output_dir>/_COMPLETE`` (JSON: images,
+    detections) is written last: a folder without it holds an incomplete run.
     """
+
+    #: written last, once every other file is in place
+    COMPLETE = "_COMPLETE"
 
     def __init__(
         self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2
@@ -47,6 +53,16 @@ class DetectionWriter(BasePredictionWriter):
         self._detections: dict[int, dict[str, np.ndarray]] = {}
         self._images: dict[int, dict[str, Any]] = {}
         self._grid: list[Tensor] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "predict":
+            return
+        if is_global_zero():  # the marker first: from here on the folder says "incomplete"
+            for name in (self.COMPLETE, "detections.json", "images.json", "grid.jpg"):
+                (self.output_dir / name).unlink(missing_ok=True)
+            for old in (self.output_dir / "images").glob("*.jpg"):
+                old.unlink()
+        trainer.strategy.barrier("detection-writer-clean")
 
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._detections, self._images, self._grid = {}, {}, []
@@ -68,6 +84,11 @@ class DetectionWriter(BasePredictionWriter):
             iid = pred["image_id"]
             path = Path(pred["path"]) if pred.get("path") else Path(f"{iid}.jpg")
             h, w = image.shape[-2:]
+            if not all(np.isfinite(pred[k]).all() for k in ("boxes", "scores")):
+                raise FloatingPointError(
+                    f"predict: non-finite boxes or scores for {path}: the model's weights or this image "
+                    "produce NaN/inf; nothing more is written"
+                )
             self._detections[iid] = {k: pred[k] for k in ("boxes", "scores", "labels")}
             self._images[iid] = {"id": iid, "file_name": str(path), "width": int(w), "height": int(h)}
             if not self.draw:
@@ -114,6 +135,7 @@ class DetectionWriter(BasePredictionWriter):
         if drawn:
             self._save_jpeg(_grid(drawn), self.output_dir / "grid.jpg")
         kept = sum(int((p["scores"] >= self.score_threshold).sum()) for p in detections.values())
+        write_json(self.output_dir / self.COMPLETE, {"images": len(images), "detections": len(results)})
         print(
             f"predict: {len(images)} images, {len(results)} detections ({kept} with score >= {self.score_threshold}) "
             f"-> {self.output_dir / 'detections.json'}"

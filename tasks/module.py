@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -15,7 +17,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT
+from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
 from tasks.reporting import DEFAULT_METRICS_FILE
 from vggbackbone.weights import resolve_normalization
@@ -37,7 +39,14 @@ class TaskModule(pl.LightningModule):
       weights, so ``load_from_checkpoint``, ``export --ckpt`` and the CLI's ``--ckpt_path``
       rebuild the model as the pretrained one it was without fetching ImageNet weights (the
       run's ``config.yaml``/``hparams.yaml`` still record which weights it started from);
-    * :attr:`metrics_file`: where :func:`publish_metrics` writes evaluation metrics.
+    * :attr:`metrics_file`: where :func:`publish_metrics` writes evaluation metrics;
+    * nothing silent: a non-finite training loss stops the run with a ``FloatingPointError``
+      naming the step and the logged loss terms (:meth:`on_before_backward`); a checkpoint is
+      never written from non-finite weights (:meth:`on_save_checkpoint`), nor ``predict`` run
+      with them (:meth:`on_predict_start`); a training epoch or an evaluation in which every
+      image was unreadable is an error, not a metric of nothing; an unwritable checkpoint
+      folder is an error before the first step (:meth:`on_fit_start`); a checkpoint whose
+      tensors do not fit the model is an error naming the file and the tensors (:meth:`load_state_dict`).
     """
 
     optim: OptimConfig
@@ -78,7 +87,93 @@ class TaskModule(pl.LightningModule):
             return torch.zeros((), device=self.device, requires_grad=True)
         return sum(p.sum() for p in params) * 0.0  # type: ignore[return-value]
 
+    # -- nothing silent: non-finite numbers, unreadable splits, unwritable folders --
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``; training values are also kept for :meth:`on_before_backward`'s message."""
+        if self._trainer is not None and self.trainer.training:
+            self.__dict__.setdefault("_step_terms", {})[name] = value.detach() if isinstance(value, Tensor) else value
+        super().log(name, value, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.__dict__["_step_terms"] = {}
+        old = 0 if batch_idx == 0 else self.__dict__.get("_train_readable", 0)
+        n = readable_count(batch)
+        self.__dict__["_train_readable"] = -1 if n < 0 or old < 0 else old + n
+        if batch_idx == 0:
+            self.__dict__["_train_skips"] = []
+        self.__dict__["_train_skips"].extend(skipped_of(batch))
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop on a NaN/inf loss, naming the step and the loss terms logged by ``training_step``."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        terms = ", ".join(
+            f"{k}={float(v):.6g}" if isinstance(v, Tensor) and v.numel() == 1 else f"{k}={v}"
+            for k, v in self.__dict__.get("_step_terms", {}).items()
+        )
+        raise FloatingPointError(
+            f"non-finite training loss {float(loss.detach().float().mean())} at step {self.global_step} "
+            f"(epoch {self.current_epoch}){': ' + terms if terms else ''}; lower model.optim.lr, raise "
+            "model.optim.warmup_steps, or set trainer.gradient_clip_val. Nothing was written from these weights."
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 != self.trainer.num_training_batches:  # check once, at the end of the epoch
+            return
+        readable = self._total(self.__dict__.get("_train_readable", 0))
+        if readable == 0:
+            raise RuntimeError(
+                f"training epoch {self.current_epoch}: every image of the training split was unreadable "
+                f"({_skips_text(self.__dict__.get('_train_skips', []))}); nothing was learnt, stopping"
+            )
+
+    def _total(self, count: int) -> int:
+        """``count`` summed over every process (a collective); negative when some batch was of unknown size."""
+        t = torch.tensor(float(count) if count >= 0 else -1e9, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        return int(t.item())
+
+    def on_fit_start(self) -> None:
+        """Check, before the first step, that every checkpoint folder can be written (rank 0 tries, all agree)."""
+        error = None
+        if self.trainer.is_global_zero:
+            for cb in self.trainer.checkpoint_callbacks:
+                dirpath = getattr(cb, "dirpath", None)
+                if not dirpath or "://" in str(dirpath):
+                    continue
+                try:
+                    os.makedirs(dirpath, exist_ok=True)
+                    with tempfile.NamedTemporaryFile(dir=dirpath, prefix=".write-test-"):
+                        pass
+                except OSError as e:
+                    error = f"checkpoint folder {dirpath} cannot be written ({type(e).__name__}: {e.strerror or e})"
+                    break
+        error = self.trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise PermissionError(f"{error}: fix its permissions or set checkpoint.dirpath / trainer.default_root_dir")
+
+    def on_predict_start(self) -> None:
+        check_finite(self.state_dict(), f"{type(self).__name__} weights")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, with an error naming the checkpoint, what it holds and the misfits."""
+        if strict:
+            problems = state_dict_mismatch(self.state_dict(), state_dict)
+            if problems:
+                trainer = self._trainer
+                path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+                hp = dict(self.hparams)
+                expected = ", ".join(f"{k} {hp[k]}" for k in ("family", "head", "arch") if k in hp)
+                raise RuntimeError(
+                    f"{path or 'checkpoint'}: its weights do not fit {type(self).__name__}"
+                    f"{' (' + expected + ')' if expected else ''}: " + "; ".join(problems[:4])
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite(checkpoint.get("state_dict", {}), f"checkpoint at step {self.global_step}")
+        checkpoint[TASK_KEY] = task_name(type(self))
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if isinstance(hparams, dict) and self._rebuilds_without_weights():
             for key in self.pretrained_hparams:
@@ -139,27 +234,81 @@ class TaskModule(pl.LightningModule):
         """Every process: gather what :meth:`eval_step` accumulated and :func:`~tasks.reporting.publish_metrics`."""
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._count_eval(batch)
         self.eval_step(batch)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._count_eval(batch)
         self.eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("val")
 
     def on_test_epoch_start(self) -> None:
+        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("test")
 
     def on_validation_epoch_end(self) -> None:
+        self._check_eval_readable("val")
         self.eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
+        self._check_eval_readable("test")
         self.eval_epoch_end("test")
+
+    def _count_eval(self, batch: Any) -> None:
+        n = readable_count(batch)
+        old = self.__dict__.get("_eval_readable") or 0
+        self.__dict__["_eval_readable"] = -1 if n < 0 or old < 0 else old + n
+        self.__dict__.setdefault("_eval_skips", []).extend(skipped_of(batch))
+
+    def _check_eval_readable(self, stage: str) -> None:
+        """An evaluation that read no image at all is an error, not a metric of nothing (AP -1)."""
+        if self._trainer is None or self.trainer.sanity_checking:  # the sanity check sees a few batches only
+            return
+        counted = self.__dict__.get("_eval_readable")
+        if counted is None:  # no batch here, or a task with its own validation_step/test_step (not counted)
+            own = getattr(type(self), f"{'validation' if stage == 'val' else 'test'}_step")
+            counted = 0 if own is getattr(TaskModule, own.__name__) else -1
+        if self._total(counted) == 0:
+            raise RuntimeError(
+                f"{stage} evaluation: every image of the {stage} split was unreadable "
+                f"({_skips_text(self.__dict__.get('_eval_skips', []))}): no metric to report, stopping"
+            )
 
     # -- export --
     def export_example(self, height: int, width: int) -> Any:
         """An example input of :meth:`export_model` (``(1, 3, H, W)``; detectors take a list of ``(3, H, W)``)."""
         return torch.rand(1, 3, height, width)
+
+
+def readable_count(batch: Any) -> int:
+    """Number of readable images in a task batch (``image``/``images`` of a dict or a batch object); -1: unknown."""
+    images = batch.get("image") if isinstance(batch, Mapping) else getattr(batch, "images", None)
+    if isinstance(images, Tensor):
+        return int(images.shape[0]) if images.numel() else 0
+    if isinstance(images, (list, tuple)):
+        return len(images)
+    return -1
+
+
+def skipped_of(batch: Any) -> list[Any]:
+    """The unreadable samples a task batch reports (``skipped`` of a dict or a batch object)."""
+    skipped = batch.get("skipped") if isinstance(batch, Mapping) else getattr(batch, "skipped", None)
+    return list(skipped) if isinstance(skipped, (list, tuple)) else []
+
+
+def _skips_text(skips: list[Any]) -> str:
+    """``3 skipped on this process, e.g. a.jpg: cannot identify image file`` for an error message."""
+    if not skips:
+        return "none readable on this process"
+    first = skips[0]
+    path, reason = (getattr(first, "path", None), getattr(first, "reason", None))
+    if path is None and isinstance(first, tuple) and len(first) == 2:  # (path, reason) pairs
+        path, reason = first
+    shown = f"{path}: {reason}" if path is not None else str(first)
+    return f"{len(skips)} skipped on this process, e.g. {shown}"
 
 
 class TaskDataModule(pl.LightningDataModule):

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from tasks.callbacks import InferenceOptimization
+from tasks.checkpoint import load_task, read_checkpoint
 from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
 from tasks.images import ImageListDataset, SkippedSample, list_images
 from tasks.module import TaskModule
@@ -166,6 +167,13 @@ class _ShardWriter(BasePredictionWriter):
         if emb is None or emb.numel() == 0:
             return
         emb = emb.detach().float().cpu().numpy()
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():  # never written: a NaN embedding would poison every distance computed from it
+            first = self.data.names[int(prediction["index"][int(np.flatnonzero(bad)[0])])]
+            raise FloatingPointError(
+                f"extract: non-finite embedding of {first} ({int(bad.sum())} in this batch); "
+                "the model's weights or this image produce NaN/inf, nothing of this batch was written"
+            )
         if self.rec_file is None:
             self.rec_file = open(  # noqa: SIM115 (kept open across batches, closed in teardown)
                 self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab"
@@ -207,9 +215,9 @@ def _load_model(
             raise TypeError(
                 f"{model}: a checkpoint needs its task class: use tasks.reid.extract_embeddings, or pass task_class="
             )
-        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+        raw = read_checkpoint(ckpt)  # safely, errors naming the file and what it holds
         size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
-        task = task_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        task = load_task(task_class, ckpt)
         st = ckpt.stat()
         fp = {"model": str(ckpt.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return task, fp, tuple(size) if size else None

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from tasks.checkpoint import check_finite
 from tasks.distributed import all_gather_objects, is_global_zero
 from vggbackbone.utils import atomic_path
 
@@ -102,11 +103,13 @@ def publish_metrics(
     not logged at all rather than logged as a number. Rank 0 prints the table (``verbose``)
     and writes ``<log_dir>/<stage>_metrics.json`` (``module.metrics_file``) atomically:
     ``stage``, ``epoch``, ``global_step``, the metrics and ``extra``, NaN written as ``null``.
-    Nothing happens during Lightning's sanity check. Returns the metrics.
+    Nothing happens during Lightning's sanity check. A model with non-finite weights gets no
+    metrics: a ``FloatingPointError`` names its NaN/inf tensors (on every process). Returns the metrics.
     """
     trainer = module.trainer
     if trainer.sanity_checking:
         return {}
+    check_finite(module.state_dict(), f"{stage} evaluation of {type(module).__name__}: its weights")
     # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     report = compute(log_dir) if is_global_zero() else None

@@ -33,6 +33,9 @@ import pytest
 import torch
 import yaml
 
+import tasks.reid  # noqa: F401 (registers the hyper-parameter dataclasses as safe globals)
+from tasks.checkpoint import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per launch; a hang (a rank waiting for a collective that never comes) fails, not blocks
 NODE_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2")
@@ -358,7 +361,7 @@ def test_reid_two_nodes_slurm_fit_equals_one_process_and_resumes_from_last(tmp_p
     run = _single_run(fit0, fit1, "reid")
     assert _files(ckpts) == [Path("last.ckpt")]
     two_fit = _metrics(run)
-    steps = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    steps = read_checkpoint(ckpts / "last.ckpt")["global_step"]
     assert steps > 0
 
     single = tmp_path / "single"
