@@ -191,7 +191,7 @@ def _metrics(run: Path) -> dict:
 
 
 def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return read_checkpoint(ckpt)["state_dict"]
 
 
 # ---------------------------------------------------------------------------- configs
@@ -284,7 +284,7 @@ def test_detect_two_nodes_torchrun_fit_and_validate_equal_one_process(tmp_path: 
     run = _single_run(fit0, fit1, "detect")
     ckpt = run / "checkpoints" / "last.ckpt"
     two_fit = _metrics(run)
-    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2  # 2 steps, 2 images each
+    assert read_checkpoint(ckpt)["global_step"] == 2  # 2 steps, 2 images each
 
     val0, val1 = tmp_path / "validate" / "node0", tmp_path / "validate" / "node1"
     validate = ["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), *save]
@@ -377,5 +377,5 @@ def test_reid_two_nodes_slurm_fit_equals_one_process_and_resumes_from_last(tmp_p
     second = slurm("resume", "tasks.reid", [*fit, "--trainer.max_epochs", "2"], [again0, again1], logs)
     assert "Restored all states from the checkpoint at " + str(ckpts / "last.ckpt") in second[0]
     _single_run(again0, again1, "reid")
-    resumed = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = read_checkpoint(ckpts / "last.ckpt")
     assert (resumed["epoch"], resumed["global_step"]) == (1, 2 * steps)  # went on from epoch 1, not from 0
