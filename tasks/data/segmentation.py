@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 
 from tasks.data.coco import read_coco_categories
 from tasks.data.masks import IGNORE_INDEX, BadMaskError, check_mask, read_mask
+from tasks.data.sbd import sbd_layout_split
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from tasks.data.voc import VOC_SEGMENTATION_CLASSES
@@ -216,7 +217,7 @@ def _quiet(fn: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------------------- transforms
 def train_transforms(
-    crop_size: int,
+    crop_size: int | None,
     scale_size: int | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     hflip: float = 0.5,
@@ -225,16 +226,19 @@ def train_transforms(
     random ``crop_size`` crop (padded with 0 in the image and 255 = ignore in the mask) and
     horizontal flip, applied jointly to ``tv_tensors.Image`` and ``tv_tensors.Mask`` (masks
     are resized with nearest neighbour). ``hflip``: flip probability (``True``/``False``, the
-    old type, mean 0.5/0)."""
-    size = scale_size or crop_size
-    steps: list[Any] = [
-        v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-    ]
+    old type, mean 0.5/0). ``crop_size=None``: whole images, neither scaled nor cropped (the
+    FCN recipe's online training at batch 1)."""
+    steps: list[Any] = []
+    if crop_size is not None:
+        size = scale_size or crop_size
+        steps += [
+            v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
+            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        ]
     hflip = _flip_probability(hflip)
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
-    return v2.Compose(steps)
+    return v2.Compose(steps or [v2.Identity()])
 
 
 def _flip_probability(hflip: float | bool) -> float:
@@ -280,7 +284,10 @@ class SegmentationDataModule(TaskDataModule):
 
     Args:
         root: dataset folder.
-        layout: ``voc`` (``VOCdevkit/<voc_year>`` or a ``VOC20xx`` folder) or ``coco``.
+        layout: ``voc`` (``VOCdevkit/<voc_year>`` or a ``VOC20xx`` folder), ``coco``, or ``sbd``
+            (``root`` holds ``benchmark_RELEASE/dataset`` and ``VOCdevkit/<voc_year>``: a split is
+            an SBD list name, read from SBD's ``.mat`` labels, or the path of an id list read from
+            VOC, e.g. ``configs/segment/lists/seg11valid.txt``; :func:`tasks.data.sbd.sbd_layout_split`).
         classes: class names with ``background`` first. Default: VOC's 21 for ``voc``, the
             shapes classes when ``shapes`` is set, the categories of the training JSON for ``coco``.
         train_split, val_split, test_split: split names (VOC list names; COCO ``{split}`` in
@@ -291,7 +298,8 @@ class SegmentationDataModule(TaskDataModule):
         coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
         shapes: generate the synthetic shapes dataset in ``root`` with these settings when it
             is missing (the demo's embedded data).
-        crop_size, scale_size, scale_range: training augmentation (:func:`train_transforms`).
+        crop_size, scale_size, scale_range: training augmentation (:func:`train_transforms`);
+            ``crop_size: null`` trains on whole images (needs ``batch_size: 1``).
         hflip: horizontal flip probability in training (``true``/``false``, the old type, read as 0.5/0).
         batch_size, eval_batch_size, num_workers: loaders (evaluation runs image by image
             inside a batch, at each image's own size).
@@ -304,7 +312,7 @@ class SegmentationDataModule(TaskDataModule):
     def __init__(
         self,
         root: str = "data/shapes",
-        layout: Literal["voc", "coco"] = "voc",
+        layout: Literal["voc", "coco", "sbd"] = "voc",
         classes: list[str] | None = None,
         train_split: str = "train",
         val_split: str = "val",
@@ -314,7 +322,7 @@ class SegmentationDataModule(TaskDataModule):
         coco_ann_file: str = "annotations/instances_{split}.json",
         coco_image_dir: str = "images/{split}",
         shapes: ShapesConfig | None = None,
-        crop_size: int = 320,
+        crop_size: int | None = 320,
         scale_size: int | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
         hflip: float | bool = 0.5,
@@ -336,11 +344,13 @@ class SegmentationDataModule(TaskDataModule):
         self.classes = list(classes) if classes else self._default_classes()
         if len(self.classes) < 2:
             raise ValueError(f"classes needs background and at least one class, got {self.classes}")
+        if crop_size is None and batch_size != 1:
+            raise ValueError(f"data.crop_size null (whole images) needs data.batch_size 1, got {batch_size}")
 
     def _default_classes(self) -> list[str]:
         if self.shapes is not None:
             return ["background", *SHAPES_CLASSES]
-        if self.layout == "voc":
+        if self.layout in ("voc", "sbd"):
             return list(VOC_SEGMENTATION_CLASSES)
         ann = self.root / self.coco_ann_file.format(split=self.train_split)
         if not ann.is_file():
@@ -364,6 +374,8 @@ class SegmentationDataModule(TaskDataModule):
         """The ``split`` of the configured layout."""
         if self.layout == "voc":
             return VOCSegmentation(self.root, split, self.num_classes, self.voc_year, transforms)
+        if self.layout == "sbd":
+            return sbd_layout_split(self.root, split, self.num_classes, self.voc_year, transforms)
         return COCOSegmentation(
             self.root / self.coco_ann_file.format(split=split),
             self.root / self.coco_image_dir.format(split=split),

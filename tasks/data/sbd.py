@@ -1,0 +1,191 @@
+"""SBD (Hariharan et al., "Semantic Contours from Inverse Detectors", ICCV 2011) and id-listed VOC sets.
+
+The FCN recipe (``configs/segment/voc_fcn8s.yaml``) trains on SBD's ``train`` (8,498 images)
+and evaluates on ``seg11valid`` (736 VOC2011 ``val`` images that are not in SBD ``train``).
+
+* :class:`SBDSegmentation`: the Berkeley release, ``benchmark_RELEASE/dataset/{img/<id>.jpg,
+  cls/<id>.mat, train.txt, val.txt}``. The label of an image is ``GTcls.Segmentation`` of its
+  ``.mat`` file (uint8 ``H x W``, 0 = background, 1..20 = VOC's classes), read with
+  ``scipy.io.loadmat`` as FCN's ``voc_layers.SBDDSegDataLayer`` does.
+* :class:`VOCListSegmentation`: VOC images and ``SegmentationClass`` PNGs of the ids in a list
+  file anywhere (e.g. ``configs/segment/lists/seg11valid.txt``), not only ``ImageSets/Segmentation``.
+
+Samples are ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id", "path"}`` as in
+:mod:`tasks.data.segmentation`; an unreadable image is a counted :class:`~tasks.images.SkippedSample`;
+a missing or wrong label raises :class:`~tasks.data.masks.BadMaskError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from tasks.data.masks import BadMaskError, check_mask, read_mask
+from tasks.images import BadImageError, SkippedSample, read_image
+
+__all__ = ["SBD_DIR", "SBDSegmentation", "VOCListSegmentation", "read_id_list", "read_sbd_label"]
+
+#: Where the Berkeley release keeps its ``dataset`` folder, relative to the data root.
+SBD_DIR = "benchmark_RELEASE/dataset"
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids of a list file, one per line (first column; blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image id list not found")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: the image id list is empty")
+    return ids
+
+
+def read_sbd_label(path: str | Path, num_classes: int, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``GTcls.Segmentation`` of an SBD ``cls/<id>.mat`` file as an int64 ``(H, W)`` tensor.
+
+    Raises :class:`BadMaskError` naming the file when it is missing, not a MATLAB file, has no
+    ``GTcls.Segmentation``, or does not fit the image / the classes.
+    """
+    import scipy.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadMaskError(f"{path}: SBD label file not found")
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=False, struct_as_record=True)
+        seg = mat["GTcls"][0]["Segmentation"][0]  # FCN's voc_layers.py reads it the same way
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        raise BadMaskError(f"{path}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})") from e
+    seg = np.asarray(seg)
+    if seg.ndim != 2:
+        raise BadMaskError(f"{path}: GTcls.Segmentation is {seg.ndim}-D, expected an H x W array")
+    mask = torch.from_numpy(seg.astype(np.int64))
+    check_mask(mask, num_classes, path, image_size)
+    return mask
+
+
+class _ListedSegmentation(Dataset):
+    """Ids + where an id's image and label are (subclasses); the transforms act on the sample dict."""
+
+    root: Path
+    ids: list[str]
+    num_classes: int
+    transforms: Callable[[dict], dict] | None
+
+    def image_path(self, sid: str) -> Path:
+        raise NotImplementedError
+
+    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict | SkippedSample:
+        sid = self.ids[i]
+        path = self.image_path(sid)
+        try:
+            image = read_image(path)
+        except BadImageError as e:
+            return SkippedSample(str(path), e.reason)
+        sample: dict[str, Any] = {
+            "image": tv_tensors.Image(image),
+            "mask": tv_tensors.Mask(self.read_label(sid, (image.shape[-2], image.shape[-1]))),
+            "id": sid,
+            "path": str(path),
+        }
+        return sample if self.transforms is None else self.transforms(sample)
+
+
+class SBDSegmentation(_ListedSegmentation):
+    """SBD's semantic labels (``cls/*.mat``) with their images (``img/*.jpg``).
+
+    Args:
+        root: the release's ``dataset`` folder, or a folder holding ``benchmark_RELEASE/dataset``.
+        split: ``train`` / ``val`` (SBD's lists in ``dataset/``) or the path of a list file of ids.
+        num_classes: classes including background (21).
+        transforms: joint transform of the sample dict.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        num_classes: int = 21,
+        transforms: Callable[[dict], dict] | None = None,
+    ) -> None:
+        root = Path(root)
+        self.root = root if (root / "cls").is_dir() or (root / "img").is_dir() else root / SBD_DIR
+        if not (self.root / "img").is_dir() or not (self.root / "cls").is_dir():
+            raise FileNotFoundError(f"{self.root}: not an SBD dataset folder (needs img/ and cls/)")
+        named = self.root / f"{split}.txt"
+        self.ids = read_id_list(named if named.is_file() else Path(split))
+        self.num_classes, self.transforms = num_classes, transforms
+
+    def image_path(self, sid: str) -> Path:
+        return self.root / "img" / f"{sid}.jpg"
+
+    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
+        return read_sbd_label(self.root / "cls" / f"{sid}.mat", self.num_classes, size)
+
+
+class VOCListSegmentation(_ListedSegmentation):
+    """VOC ``JPEGImages`` + ``SegmentationClass`` PNGs of the ids in ``list_file``.
+
+    Args:
+        voc_dir: the ``VOC20xx`` folder (holding ``JPEGImages`` and ``SegmentationClass``).
+        list_file: a file of image ids (e.g. FCN's ``seg11valid.txt``).
+        num_classes: classes including background (21).
+        transforms: joint transform of the sample dict.
+    """
+
+    def __init__(
+        self,
+        voc_dir: str | Path,
+        list_file: str | Path,
+        num_classes: int = 21,
+        transforms: Callable[[dict], dict] | None = None,
+    ) -> None:
+        self.root = Path(voc_dir)
+        if not (self.root / "JPEGImages").is_dir():
+            raise FileNotFoundError(f"{self.root}: not a VOC folder (no JPEGImages/)")
+        self.ids = read_id_list(list_file)
+        self.num_classes, self.transforms = num_classes, transforms
+
+    def image_path(self, sid: str) -> Path:
+        return self.root / "JPEGImages" / f"{sid}.jpg"
+
+    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
+        return read_mask(self.root / "SegmentationClass" / f"{sid}.png", self.num_classes, size)
+
+
+def sbd_layout_split(
+    root: str | Path,
+    split: str,
+    num_classes: int = 21,
+    voc_year: str = "VOC2012",
+    transforms: Callable[[dict], dict] | None = None,
+) -> Dataset:
+    """A split of the ``sbd`` layout (``data.layout: sbd``), ``root`` holding both
+    ``benchmark_RELEASE/dataset`` and ``VOCdevkit/<voc_year>``:
+
+    * a name of one of SBD's lists (``train``, ``val``: ``benchmark_RELEASE/dataset/<split>.txt``)
+      is read from SBD (``img/``, ``cls/*.mat``);
+    * otherwise ``split`` is the path of an id list (``configs/segment/lists/seg11valid.txt``)
+      read from VOC (``JPEGImages``, ``SegmentationClass``).
+    """
+    root = Path(root)
+    sbd = root / SBD_DIR
+    if (sbd / f"{split}.txt").is_file():
+        return SBDSegmentation(sbd, split, num_classes, transforms)
+    if Path(split).is_file():
+        return VOCListSegmentation(root / "VOCdevkit" / voc_year, split, num_classes, transforms)
+    raise FileNotFoundError(
+        f"layout sbd: split {split!r} is neither an SBD list ({sbd / f'{split}.txt'}) nor an id list file"
+    )
