@@ -115,7 +115,7 @@ def test_family_fits_validates_on_coco_and_voc_and_predicts(tmp_path, family) ->
         ]
     )
     voc = json.loads((_last_run(tmp_path) / "val_metrics.json").read_text())
-    assert 0.0 <= voc["VOC07_mAP"] <= 1.0 and voc["AP50"] == coco["AP50"]
+    assert 0.0 <= voc["VOC07_mAP"] <= 1.0 and voc["images"] == SHAPES["num_val"]
 
     # predict runs through InferenceOptimization (BatchNorm folded, channels_last) and writes results
     main(["predict", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
@@ -203,7 +203,9 @@ def test_ssd_augmentation_is_torchvisions_ssd_preset() -> None:
         torch.testing.assert_close(a_t["boxes"], b_t["boxes"], rtol=0, atol=0)
         assert torch.equal(a_t["labels"], b_t["labels"])
         assert ((a_t["boxes"] >= 0) & (a_t["boxes"] <= 96)).all()
-        changed += not torch.equal(a_t["boxes"], torch.tensor(target["boxes"]) * torch.tensor([96 / 80, 96 / 60] * 2))
+        changed += not torch.equal(
+            a_t["boxes"], target["boxes"].as_subclass(torch.Tensor) * torch.tensor([96 / 80, 96 / 60] * 2)
+        )
     assert changed  # crops, zoom-outs and flips happened
     with pytest.raises(ValueError, match="augment must be 'frcnn' or 'ssd'"):
         detection_transforms(True, augment="yolo")
