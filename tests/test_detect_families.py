@@ -209,3 +209,30 @@ def test_ssd_augmentation_is_torchvisions_ssd_preset() -> None:
     assert changed  # crops, zoom-outs and flips happened
     with pytest.raises(ValueError, match="augment must be 'frcnn' or 'ssd'"):
         detection_transforms(True, augment="yolo")
+
+
+@pytest.mark.parametrize("family", ["fcos"])  # an untrained RetinaNet ties at its 300-detection cut
+def test_fcos_and_retinanet_export_checked_as_sets(tmp_path, family) -> None:
+    from vggbackbone.export import ExportVerificationError
+    from vggbackbone.models import fcos_vgg, retinanet_vgg
+    from vggbackbone.models.export import DetectorForExport, export_task_onnx, verify_detector_onnx
+
+    builder = {"fcos": fcos_vgg, "retinanet": retinanet_vgg}[family]
+    torch.manual_seed(0)
+    # score_thresh 0: an untrained head scores everything alike, the near-ties that reorder FCOS's boxes
+    model = builder("vgg11", num_classes=4, width_mult=0.125, min_size=160, max_size=192, score_thresh=0.0).eval()
+    image = torch.rand(3, 160, 192)
+    path = export_task_onnx(model, tmp_path / f"{family}.onnx", image)  # verified on 2 sizes inside
+    other = torch.rand(3, 200, 168)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    boxes, _, scores = session.run(None, {"image": other.numpy()})
+    with torch.no_grad():
+        want = model([other])[0]
+    assert len(boxes) == len(want["boxes"]) == model.detections_per_img
+    np.testing.assert_allclose(np.sort(scores), np.sort(want["scores"].numpy()), rtol=1e-4, atol=1e-5)
+    assert np.abs(boxes[:, None] - want["boxes"].numpy()[None]).max(-1).min(1).max() < 1e-2  # every box has a twin
+    # another model's detections do not match: the set check can fail
+    torch.manual_seed(1)
+    wrong = builder("vgg11", num_classes=4, width_mult=0.125, min_size=160, max_size=192, score_thresh=0.0).eval()
+    with pytest.raises(ExportVerificationError, match="has no onnxruntime match|detections in onnxruntime"):
+        verify_detector_onnx(path, DetectorForExport(wrong), [image])
