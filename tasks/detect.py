@@ -1,10 +1,11 @@
-"""Object detection: Faster R-CNN on VGGBackbone with LightningCLI.
+"""Object detection on VGGBackbone (Faster R-CNN, SSD, RetinaNet, FCOS) with LightningCLI.
 
 ``python -m tasks.detect fit|validate|test|predict --config configs/detect/<name>.yaml``
 
 * :class:`~tasks.data.detection.DetectionDataModule`: COCO JSON or PASCAL VOC, or the synthetic
   shapes dataset generated on first use (``data.shapes``).
-* :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``, default
+* :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``: ``ssd``, ``retinanet``,
+  ``fcos`` or the default
   ``fasterrcnn``: :func:`vggbackbone.models.fasterrcnn_vgg`) + SGD/AdamW, warm-up and
   step/cosine schedules (:mod:`tasks.optim`); validation/test run COCOeval (and VOC07 mAP for
   VOC data) once over the whole set, with predictions gathered from every process.
