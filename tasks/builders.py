@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 __all__ = ["BuilderArgs", "builder_signature"]
 
@@ -24,6 +24,15 @@ _EMPTY = inspect.Parameter.empty
 
 def _params(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(fn).parameters)
+
+
+def _union(annotations: list[Any]) -> Any:
+    """The union of the builders' annotations of one option, plus ``None``; strings (postponed
+    annotations) stay a string, resolved like the builders' own."""
+    if all(isinstance(a, str) for a in annotations):
+        return " | ".join([*dict.fromkeys(a.removesuffix(" | None") for a in annotations), "None"])
+    unique = list(dict.fromkeys(annotations))
+    return Union[(*unique, type(None))]
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,35 @@ class BuilderArgs:
     extra: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     passthrough: str | None = None
 
+    def per_builder_defaults(self) -> frozenset[str]:
+        """Options whose default differs between builders (``min_size``: 600 for Faster R-CNN, 800
+        for RetinaNet): offered with the default ``None``, which means "the chosen builder's default"."""
+        seen: dict[str, Any] = {}
+        differ: set[str] = set()
+        for builder in self.builders.values():
+            for name, p in _params(builder).items():
+                if name in seen and seen[name] != p.default:
+                    differ.add(name)
+                seen.setdefault(name, p.default)
+        return frozenset(differ)
+
     def parameters(self) -> dict[str, inspect.Parameter]:
-        """Every offered option, keyword-only, typed and defaulted by the first builder that has it."""
+        """Every offered option, keyword-only, typed and defaulted by the first builder that has it
+        (``None``, the chosen builder's default, where builders disagree: :meth:`per_builder_defaults`)."""
         out: dict[str, inspect.Parameter] = {}
         sources = [_params(b) for b in self.builders.values()]
         sources += [{n: _params(fn)[n]} for n, fn in self.extra.items()]
+        per_builder = self.per_builder_defaults()
         for params in sources:
             for name, p in params.items():
                 if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in self.supplied or name in self.excluded:
+                    continue
+                if name in per_builder:
+                    if name not in out:
+                        annotation = _union(
+                            [_params(b)[name].annotation for b in self.builders.values() if name in _params(b)]
+                        )
+                        out[name] = p.replace(kind=p.KEYWORD_ONLY, default=None, annotation=annotation)
                     continue
                 # a tuple default is written as a YAML list: give it as one, so it round-trips
                 default = list(p.default) if isinstance(p.default, tuple) else p.default
@@ -79,12 +109,15 @@ class BuilderArgs:
             raise ValueError(f"{owner}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(offered))}")
         own = _params(self.builders[name])
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in own.values())
+        per_builder = self.per_builder_defaults()
         out: dict[str, Any] = {}
         for key, p in offered.items():
             if key == self.passthrough:
                 continue
             accepted = key in own or (key in self.extra and takes_kwargs)
             value = given.get(key, p.default)
+            if key in per_builder and value is None and key in own:
+                value = own[key].default  # None: this builder's own default
             if accepted:
                 if value is not _EMPTY:
                     out[key] = value
@@ -94,7 +127,13 @@ class BuilderArgs:
 
     def hparams(self, name: str, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every offered option's value (given or default): what a checkpoint stores."""
+        own = _params(self.builders[name]) if name in self.builders else {}
+        per_builder = self.per_builder_defaults()
         values = {k: given.get(k, p.default) for k, p in self.parameters().items()}
+        for k in per_builder & set(own):
+            if values.get(k) is None:
+                d = own[k].default
+                values[k] = list(d) if isinstance(d, tuple) else d  # the chosen builder's default, stored
         return {k: v for k, v in values.items() if v is not _EMPTY}
 
 

@@ -1,10 +1,11 @@
-"""Object detection: Faster R-CNN on VGGBackbone with LightningCLI.
+"""Object detection on VGGBackbone (Faster R-CNN, SSD, RetinaNet, FCOS) with LightningCLI.
 
 ``python -m tasks.detect fit|validate|test|predict --config configs/detect/<name>.yaml``
 
 * :class:`~tasks.data.detection.DetectionDataModule`: COCO JSON or PASCAL VOC, or the synthetic
   shapes dataset generated on first use (``data.shapes``).
-* :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``, default
+* :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``: ``ssd``, ``retinanet``,
+  ``fcos`` or the default
   ``fasterrcnn``: :func:`vggbackbone.models.fasterrcnn_vgg`) + SGD/AdamW, warm-up and
   step/cosine schedules (:mod:`tasks.optim`); validation/test run COCOeval (and VOC07 mAP for
   VOC data) once over the whole set, with predictions gathered from every process.
@@ -41,7 +42,7 @@ from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics, write_json
 from vggbackbone import get_config
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
-from vggbackbone.models import fasterrcnn_vgg
+from vggbackbone.models import fasterrcnn_vgg, fcos_vgg, retinanet_vgg, ssd_vgg
 
 __all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
@@ -109,25 +110,36 @@ class Detector:
     pretrained_structure: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
 
 
-def _fasterrcnn_pretrained(options: Mapping[str, Any]) -> dict[str, Any]:
-    # fasterrcnn_vgg's rule for weights_backbone is not None: conv1-2 frozen, FrozenBatchNorm2d
-    bn = get_config(options["arch"]).batch_norm
-    return {"frozen_stages": 2, **({"norm_layer": FrozenBatchNorm2d} if bn else {})}
+def _pretrained_structure(frozen_stages: int) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """A builder's rule for ``weights_backbone is not None``: ``frozen_stages`` VGG blocks frozen,
+    FrozenBatchNorm2d for ``_bn`` archs (Faster R-CNN, RetinaNet, FCOS: 2 of 5, torchvision's
+    ``trainable_backbone_layers=3``; SSD: 1, torchvision's ``ssd300_vgg16``)."""
+
+    def structure(options: Mapping[str, Any]) -> dict[str, Any]:
+        bn = get_config(options["arch"]).batch_norm
+        return {"frozen_stages": frozen_stages, **({"norm_layer": FrozenBatchNorm2d} if bn else {})}
+
+    return structure
 
 
-#: Detector families by ``model.family``: adding one (SSD, RetinaNet...) is a builder and an entry here.
+#: Detector families by ``model.family``: adding one is a builder and an entry here.
 DETECTORS: dict[str, Detector] = {
     "fasterrcnn": Detector(
         fasterrcnn_vgg,
         backbone_path=lambda o: "model.backbone.body" if o.get("fpn") else "model.backbone",  # the FPN is new
-        pretrained_structure=_fasterrcnn_pretrained,
+        pretrained_structure=_pretrained_structure(2),
     ),
+    # SSD's fc6/fc7 and extra layers are new (model.backbone holds them around .body, the VGG)
+    "ssd": Detector(ssd_vgg, lambda o: "model.backbone.body", _pretrained_structure(1)),
+    "retinanet": Detector(retinanet_vgg, lambda o: "model.backbone.body", _pretrained_structure(2)),
+    "fcos": Detector(fcos_vgg, lambda o: "model.backbone.body", _pretrained_structure(2)),
 }
 
 _BUILDER_ARGS = BuilderArgs(
     {name: d.builder for name, d in DETECTORS.items()},
     supplied=frozenset({"num_classes", "weights_backbone"}),
-    excluded=frozenset({"norm_layer", "progress"}),
+    # ssd_vgg's ``weights`` (a whole SSD file) is not offered: a task starts from backbone weights
+    excluded=frozenset({"norm_layer", "progress", "weights"}),
     passthrough="detector",
 )
 
@@ -211,6 +223,19 @@ class DetectionTask(TaskModule):
     def export_example(self, height: int, width: int) -> Any:
         """Detectors take a list of images: one ``(3, H, W)`` image is the example."""
         return torch.rand(3, height, width)
+
+    def setup(self, stage: str) -> None:
+        """The data's training resize (``data.fixed_size``) must be the model's own fixed size (SSD's ``size``)."""
+        fixed = getattr(getattr(self.trainer, "datamodule", None), "fixed_size", None) if self._trainer else None
+        if stage == "fit" and fixed is not None:
+            model_size = getattr(getattr(self.model, "transform", None), "fixed_size", None)
+            if model_size is None or tuple(model_size) != (fixed, fixed):
+                raise ValueError(
+                    f"data.fixed_size is {fixed} but the {self.hparams['family']} model resizes to "
+                    f"{'min_size/max_size, not a fixed size' if model_size is None else tuple(model_size)}: "
+                    f"training and evaluation would see objects at different scales; set data.fixed_size to "
+                    f"the model's size (SSD: model.size) or to null"
+                )
 
     # -- training --
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:

@@ -52,6 +52,17 @@ DETECT_SIZE: tuple[str, ...] = (
 )
 
 
+#: SSD resizes to its fixed 300 x 300 inside (no min_size): width and steps only.
+SSD_SIZE: tuple[str, ...] = (
+    "--model.width_mult=0.0625",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=1",
+    "--trainer.limit_test_batches=2",
+    "--data.batch_size=2",  # the recipes batch 32 (VOC) or 4 per GPU: more than a tiny tree holds
+    "--data.eval_batch_size=2",
+)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One shipped recipe and how to run it tiny.
@@ -80,6 +91,10 @@ RECIPES: list[Recipe] = [
     Recipe(
         "configs/detect/coco_vgg16.yaml", "detect", lambda cwd: make_coco_tree(cwd / "data/coco"), DETECT_SIZE, "AP"
     ),
+    Recipe(
+        "configs/detect/ssd300_voc0712.yaml", "detect", lambda cwd: make_voc_tree(cwd / "data"), SSD_SIZE, "VOC07_mAP"
+    ),
+    Recipe("configs/detect/ssd300_coco.yaml", "detect", lambda cwd: make_coco_tree(cwd / "data/coco"), SSD_SIZE, "AP"),
     Recipe(
         "configs/segment/voc_fcn8s.yaml",
         "segment",

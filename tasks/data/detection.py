@@ -47,21 +47,49 @@ __all__ = [
 ]
 
 
-def detection_transforms(train: bool, hflip: float = 0.5, photometric: float = 0.5) -> v2.Compose:
-    """transforms v2 on ``(tv_tensors.Image, {"boxes": BoundingBoxes, "labels": ...})``.
+#: ImageNet mean in 0-255: what SSD's zoom-out fills the canvas with (torchvision's detection references).
+SSD_FILL_MEAN = (123, 117, 104)
 
-    Training: horizontal flip and photometric distortion (SSD's brightness/contrast/saturation/
-    hue jitter), boxes flipped with the image; then float ``[0, 1]`` and a sanity pass that
-    drops boxes a transform made degenerate. Resizing to ``min_size``/``max_size`` is the
-    model's job (torchvision's ``GeneralizedRCNNTransform``), so predictions come back in the
-    coordinates of the file.
+
+def detection_transforms(
+    train: bool,
+    hflip: float = 0.5,
+    photometric: float = 0.5,
+    augment: Literal["frcnn", "ssd"] = "frcnn",
+    fixed_size: int | None = None,
+) -> v2.Compose:
+    """transforms v2 on ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "labels": ...})``.
+
+    Training, ``augment="frcnn"``: horizontal flip and photometric distortion (brightness/
+    contrast/saturation/hue jitter), boxes moved with the image. ``augment="ssd"``: the SSD
+    paper's augmentation as torchvision's detection references build it (``presets.py``,
+    ``data_augmentation="ssd"``): ``RandomPhotometricDistort(p=photometric)``,
+    ``RandomZoomOut`` (the "expand" up to 4x, canvas filled with the ImageNet mean
+    :data:`SSD_FILL_MEAN`), ``RandomIoUCrop`` (the paper's min-IoU patch sampling, or the whole
+    image), ``RandomHorizontalFlip(hflip)``. Then, in training, ``fixed_size``: a resize to
+    ``fixed_size x fixed_size`` (SSD's input; the model's own transform resizes to its ``size``
+    again, a no-op when they agree, which :class:`~tasks.detect.DetectionTask` checks); float
+    ``[0, 1]``; and ``SanitizeBoundingBoxes``, which drops boxes a transform made degenerate
+    (crops and flips). Evaluation images are only converted to float: resizing is the model's
+    job (``GeneralizedRCNNTransform``), so predictions come back in the file's pixels.
     """
+    if augment not in ("frcnn", "ssd"):
+        raise ValueError(f"augment must be 'frcnn' or 'ssd', got {augment!r}")
     ops: list[Any] = []
     if train:
-        if hflip > 0:
-            ops.append(v2.RandomHorizontalFlip(hflip))
-        if photometric > 0:
-            ops.append(v2.RandomPhotometricDistort(p=photometric))
+        if augment == "ssd":
+            if photometric > 0:
+                ops.append(v2.RandomPhotometricDistort(p=photometric))
+            ops += [v2.RandomZoomOut(fill={tv_tensors.Image: SSD_FILL_MEAN, "others": 0}), v2.RandomIoUCrop()]
+            if hflip > 0:
+                ops.append(v2.RandomHorizontalFlip(hflip))
+        else:
+            if hflip > 0:
+                ops.append(v2.RandomHorizontalFlip(hflip))
+            if photometric > 0:
+                ops.append(v2.RandomPhotometricDistort(p=photometric))
+        if fixed_size is not None:
+            ops.append(v2.Resize((fixed_size, fixed_size)))
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if train:
         ops.append(v2.SanitizeBoundingBoxes())
@@ -174,6 +202,12 @@ class DetectionDataModule(TaskDataModule):
         train_difficult: train on VOC ``difficult`` objects too (the paper's code does not).
         hflip: horizontal flip probability in training.
         photometric: probability of each photometric distortion in training.
+        augment: training augmentation (:func:`detection_transforms`): ``frcnn`` (flip +
+            photometric, Faster R-CNN/RetinaNet/FCOS) or ``ssd`` (the SSD paper's photometric,
+            zoom-out, IoU crop and flip). Chosen here, not derived from ``model.family``: either
+            works with every family; the SSD configs set ``ssd``.
+        fixed_size: resize training images to ``fixed_size x fixed_size`` in the loader (SSD: its
+            ``model.size``, checked by the task; ``None``: the model resizes them).
         shapes: generate the synthetic shapes dataset with these settings into ``root`` when
             it is missing or was made with other settings (the demo).
         batch_size, eval_batch_size, num_workers: loaders (``batch_size`` per process).
@@ -201,6 +235,8 @@ class DetectionDataModule(TaskDataModule):
         train_difficult: bool = False,
         hflip: float = 0.5,
         photometric: float = 0.5,
+        augment: Literal["frcnn", "ssd"] = "frcnn",
+        fixed_size: int | None = None,
         shapes: ShapesConfig | None = None,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
@@ -235,6 +271,8 @@ class DetectionDataModule(TaskDataModule):
                 "train_difficult": train_difficult,
                 "hflip": hflip,
                 "photometric": photometric,
+                "augment": augment,
+                "fixed_size": fixed_size,
                 "shapes": shapes,
                 "batch_size": batch_size,
                 "eval_batch_size": eval_batch_size,
@@ -252,6 +290,11 @@ class DetectionDataModule(TaskDataModule):
         self._classes = list(classes) if classes is not None else None
         self.train_difficult = train_difficult
         self.hflip, self.photometric = hflip, photometric
+        if augment not in ("frcnn", "ssd"):
+            raise ValueError(f"data.augment must be 'frcnn' or 'ssd', got {augment!r}")
+        if fixed_size is not None and fixed_size < 1:
+            raise ValueError(f"data.fixed_size must be a positive size in pixels, got {fixed_size}")
+        self.augment, self.fixed_size = augment, fixed_size
         self.shapes = shapes
         self._splits: dict[str, DetectionSplit] = {}
         self._categories: list[dict[str, Any]] | None = None
@@ -319,7 +362,7 @@ class DetectionDataModule(TaskDataModule):
             self.train_set = DetectionDataset(
                 self.split("train"),
                 train=True,
-                transforms=detection_transforms(True, self.hflip, self.photometric),
+                transforms=detection_transforms(True, self.hflip, self.photometric, self.augment, self.fixed_size),
                 keep_ignored=self.train_difficult,
             )
         if stage in ("fit", "validate"):
