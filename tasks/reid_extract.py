@@ -122,15 +122,21 @@ class _ExtractData(pl.LightningDataModule):
         self.resumed = int(done.sum())
         self.todo = np.flatnonzero(~done)
 
+    def _dataset(self, indices: Sequence[int]) -> _Images:
+        transform = v2.Compose(
+            [v2.Resize(tuple(self.image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
+        )
+        return _Images(self.files, transform=transform, indices=indices)
+
+    def calibration_set(self, num_images: int) -> _Images:
+        """int8 calibration images (:func:`tasks.callbacks.calibration_inputs`): ``num_images``
+        spread evenly over the *whole* list, so a resumed run calibrates on the same images."""
+        n = len(self.files)
+        return self._dataset(np.unique(np.linspace(0, n - 1, min(num_images, n)).round().astype(int)).tolist())
+
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
-            _Images(
-                self.files,
-                transform=v2.Compose(
-                    [v2.Resize(tuple(self.image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
-                ),
-                indices=self.todo,
-            ),
+            self._dataset(self.todo),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
@@ -233,6 +239,7 @@ def extract_embeddings(
     optimize: bool = True,
     precision: str = "auto",
     task_class: type[pl.LightningModule] | None = None,
+    calibration_images: int = 32,
 ) -> Path:
     """Embed ``images`` with ``model`` into ``out`` (``.npz``, see the module doc); return ``out``.
 
@@ -251,11 +258,15 @@ def extract_embeddings(
         optimize: run the model through :func:`vggbackbone.optimize_for_inference` (BatchNorm
             folded, channels_last; same embeddings within 1e-4 in fp32).
         precision: ``auto`` (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, fp32 elsewhere:
-            :func:`vggbackbone.optimize.default_precision`), ``fp32``, ``bf16`` or ``fp16``.
-            Reduced precision changes embeddings by up to
-            :data:`vggbackbone.optimize.RELATIVE_TOLERANCE` (relative to the largest value);
-            pass ``fp32`` for embeddings that match the plain model on any machine.
+            :func:`vggbackbone.optimize.default_precision`), ``fp32``, ``bf16``, ``fp16`` or
+            ``int8`` (CPU: calibrated on ``calibration_images`` of ``images``, spread over the
+            list; fp32 with a warning on a CPU without VNNI/AMX). Reduced precision changes
+            embeddings by up to :data:`vggbackbone.optimize.RELATIVE_TOLERANCE` (relative to the
+            largest value; int8: cosine similarity to fp32 above
+            :data:`vggbackbone.optimize.INT8_TOLERANCE` ``["embedding_cosine"]`` on the tested
+            models); pass ``fp32`` for embeddings that match the plain model on any machine.
         task_class: the ``LightningModule`` class a checkpoint ``model`` is loaded with.
+        calibration_images: images int8 calibrates on (1 to 64).
     """
     out = Path(out)
     if out.suffix != ".npz":
@@ -276,10 +287,13 @@ def extract_embeddings(
         "image_size": list(size),
         "precision": precision if optimize else "fp32 (not optimised)",
     }
+    if optimize and precision == "int8":  # another calibration gives other embeddings: no mixing on resume
+        fingerprint["calibration_images"] = calibration_images
     parts = out.parent / f".{out.name}.parts"
     data = _ExtractData(names, files, parts, fingerprint, size, batch_size, num_workers)  # type: ignore[arg-type]
     writer = _ShardWriter(data, out)
-    trainer.callbacks += [InferenceOptimization(enabled=optimize, precision=precision), writer]  # type: ignore[arg-type]
+    optimization = InferenceOptimization(enabled=optimize, precision=precision, calibration_images=calibration_images)  # type: ignore[arg-type]
+    trainer.callbacks += [optimization, writer]  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
@@ -308,7 +322,13 @@ def extract_main(argv: list[str], task_class: type[pl.LightningModule]) -> Path:
         "--optimize", type=bool, default=True, help="BN folding + channels_last (optimize_for_inference)"
     )
     parser.add_argument(
-        "--precision", type=str, default="auto", help="auto, fp32, bf16 or fp16 for the optimised model"
+        "--precision", type=str, default="auto", help="auto, fp32, bf16, fp16 or int8 for the optimised model"
+    )
+    parser.add_argument(
+        "--calibration_images",
+        type=int,
+        default=32,
+        help="int8: images (1-64) spread over --images that calibrate the activation ranges",
     )
     parser.add_lightning_class_args(pl.Trainer, "trainer")
     parser.set_defaults(
@@ -326,4 +346,5 @@ def extract_main(argv: list[str], task_class: type[pl.LightningModule]) -> Path:
         optimize=cfg.optimize,
         precision=cfg.precision,
         task_class=task_class,
+        calibration_images=cfg.calibration_images,
     )
