@@ -13,7 +13,6 @@ Two ways on any CPU:
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ def vnni(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = opt.quantize_int8
 
-    def uncompiled(model, calibration, targets=None, *, compile=True):  # noqa: ANN001, ANN202
+    def uncompiled(model, calibration, targets=None, *, compile=True):
         batches = list(calibration)
         seen.append(len(batches))
         return real(model, batches, targets, compile=False)
@@ -155,14 +154,14 @@ def test_calibration_inputs_take_the_form_the_detector_forward_takes(tmp_path: P
         def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             captured["inputs"] = calibration_inputs(trainer, pl_module, 64)
 
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         callbacks=[Capture(), InferenceOptimization(precision="int8", calibration_images=3)])  # fmt: skip
+    callbacks = [Capture(), InferenceOptimization(precision="int8", calibration_images=3)]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):  # reported once, by predict itself
         out = trainer.predict(task, datamodule=dm)
     inputs = captured["inputs"]
     assert len(inputs) == 4  # 5 images, the unreadable one passed over
     assert all(isinstance(x, list) and len(x) == 1 and x[0].dim() == 3 for x in inputs)
     assert {tuple(x[0].shape[1:]) for x in inputs} == {(60, 80), (72, 64), (64, 64), (50, 90)}
-    assert all(0 <= float(x[0].min()) and float(x[0].max()) <= 1 for x in inputs)
+    assert all(float(x[0].min()) >= 0 and float(x[0].max()) <= 1 for x in inputs)
     assert vnni == [2]  # the callback's own: images 0, 2, 4 of the 5, the unreadable 4 passed over
     assert sum(len(b) for b in out) == 4
