@@ -32,6 +32,7 @@ __all__ = [
     "ImageListDataset",
     "SkipCounter",
     "SkippedSample",
+    "draft_decode",
     "drop_skipped",
     "list_images",
     "output_names",
@@ -124,8 +125,35 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+def draft_decode(img: Image.Image, mode: str, size: tuple[int, int]) -> int:
+    """Ask Pillow to decode ``img`` (opened, not yet loaded) at a reduced scale, where that is free.
+
+    For a JPEG, libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 of the stored size (Pillow's
+    :meth:`~PIL.Image.Image.draft`): the largest reduction that keeps the image at least ``size``
+    (``(height, width)``, the size it will be resized to next) on both sides, in its displayed
+    orientation (an EXIF rotation by 90 degrees swaps the sides asked for). Other formats, and
+    JPEGs less than twice ``size``, decode in full. Returns the reduction (1, 2, 4 or 8).
+
+    Not exact: a draft-decoded image then resized to ``size`` differs from the full decode
+    resized to ``size`` by a few grey levels (the DCT scaling is a box-like filter, where the
+    resize is an antialiased bilinear one); ``tests/test_draft_decode.py`` bounds it.
+    """
+    h, w = size
+    if img.format != "JPEG" or h <= 0 or w <= 0:
+        return 1
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF Orientation: transposed by 90 degrees
+        h, w = w, h
+    stored = img.size
+    img.draft(mode if mode in ("RGB", "L") else None, (w, h))
+    return round(stored[0] / img.size[0])  # sides are rounded up: 129 / 2 -> 65
+
+
+def read_image(path: str | Path, mode: str = "RGB", draft: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (``mode`` is a PIL mode: RGB, L, ...).
+
+    ``draft``: the ``(height, width)`` the caller resizes the image to next; a JPEG at least
+    twice that size is then decoded at 1/2, 1/4 or 1/8 scale (:func:`draft_decode`: several
+    times faster, approximately the same after the resize), never below ``draft``.
 
     Raises :class:`BadImageError` naming the file for a missing, empty, truncated or corrupt
     image. Decoding goes through Pillow: torchvision's own decoders are deprecated since 0.29
@@ -139,6 +167,8 @@ def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
         raise BadImageError(p, "image file is empty")
     try:
         with Image.open(p) as img:
+            if draft is not None:
+                draft_decode(img, mode, draft)
             arr = np.asarray(img.convert(mode))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0]})") from e

@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 
 from tasks.callbacks import InferenceOptimization
 from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
-from tasks.images import ImageListDataset, SkippedSample, list_images
+from tasks.images import BadImageError, ImageListDataset, SkippedSample, list_images, read_image
 from tasks.module import TaskModule
 from vggbackbone.optimize import default_precision
 from vggbackbone.utils import atomic_path
@@ -53,11 +53,22 @@ MANIFEST = "manifest.json"
 
 # ---------------------------------------------------------------------------- inputs
 class _Images(ImageListDataset):
-    """The images still to embed, as ``(index in the full list, image or SkippedSample)``."""
+    """The images still to embed, as ``(index in the full list, image or SkippedSample)``, resized
+    to ``size``; JPEGs decoded at the smallest DCT scale still at least ``size``
+    (:func:`tasks.images.draft_decode`: decoding was the bottleneck of extraction on small CPUs)."""
+
+    def __init__(self, files: list[Path], size: tuple[int, int], indices: Sequence[int]) -> None:
+        transform = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+        super().__init__(files, transform=transform, indices=indices)
+        self.size = size
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | SkippedSample]:
-        item = super().__getitem__(i)
-        return self.indices[i], item if isinstance(item, SkippedSample) else item["image"]
+        index = self.indices[i]
+        try:
+            image = read_image(self.paths[index], draft=self.size)
+        except BadImageError as e:
+            return index, SkippedSample(e.path, e.reason)
+        return index, self.transform(image)
 
 
 def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
@@ -123,10 +134,7 @@ class _ExtractData(pl.LightningDataModule):
         self.todo = np.flatnonzero(~done)
 
     def _dataset(self, indices: Sequence[int]) -> _Images:
-        transform = v2.Compose(
-            [v2.Resize(tuple(self.image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
-        )
-        return _Images(self.files, transform=transform, indices=indices)
+        return _Images(self.files, tuple(self.image_size), indices)  # type: ignore[arg-type]
 
     def calibration_set(self, num_images: int) -> _Images:
         """int8 calibration images (:func:`tasks.callbacks.calibration_inputs`): ``num_images``
