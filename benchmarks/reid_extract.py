@@ -18,8 +18,9 @@ Throughput. Same model (``reid_vgg(arch, width_mult)``, random init, eval mode),
   W worker processes, per-batch shard writes, the final merge into an atomically written
   ``.npz``.
 
-Every row decodes the way extraction does (``read_image(path, draft=size)``: a JPEG at least
-twice the target size is decoded at 1/2, 1/4 or 1/8 scale), so all rows embed the same pixels.
+Every row decodes the way extraction does, so all rows embed the same pixels: in full by
+default; with ``--draft-decode`` (extraction's ``draft_decode=True``) a JPEG at least twice the
+target size is decoded at 1/2, 1/4 or 1/8 scale (``read_image(path, draft=size)``).
 
 Where the time goes: ``--breakdown`` (on by default) times, per image and on one core, the
 steps of extraction apart: JPEG decode in full and in draft mode, the resize of each to the
@@ -104,8 +105,9 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
     model = reid_vgg(args.arch, width_mult=args.width_mult).eval()
     tf = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
     bs = args.batch_size
+    draft = size if args.draft_decode else None
     batches = [
-        torch.stack([tf(read_image(f, draft=size)) for f in files[a : a + bs]]) for a in range(0, len(files), bs)
+        torch.stack([tf(read_image(f, draft=draft)) for f in files[a : a + bs]]) for a in range(0, len(files), bs)
     ]
 
     def bare(net: nn.Module) -> Callable[[], np.ndarray]:
@@ -119,7 +121,7 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         def run() -> None:
             with torch.inference_mode():
                 for a in range(0, len(files), bs):
-                    net(torch.stack([tf(read_image(f, draft=size)) for f in files[a : a + bs]]))
+                    net(torch.stack([tf(read_image(f, draft=draft)) for f in files[a : a + bs]]))
 
         return run
 
@@ -127,7 +129,7 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         def run() -> Path:
             out = work / f"emb_w{workers}_{precision}.npz"
             return extract_embeddings(model, listing, out, image_size=size, batch_size=bs, num_workers=workers,
-                                      precision=precision, trainer=TRAINER)  # fmt: skip
+                                      precision=precision, trainer=TRAINER, draft_decode=args.draft_decode)  # fmt: skip
 
         return run
 
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers of the extract runs")
         p.add_argument("--images", default=None, help="use this folder's images instead of generating crops")
+        p.add_argument("--draft-decode", action="store_true", help="extraction with draft_decode=True (all rows)")
         p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                        help="time decode / resize / forward apart (one thread)")  # fmt: skip
         p.add_argument("--memory-counts", type=int, nargs="*", default=[1000, 4000, 16000],

@@ -80,3 +80,28 @@ def test_draft_follows_the_exif_rotation(tmp_path: Path) -> None:
         # ... so a (64, 32) target (displayed h x w) is 32 x 64 stored: 1/4, not 1/2 of the other reading
         assert draft_decode(img, "RGB", (256 // 4, 128 // 4)) == 4
         assert img.size == (64, 32)
+
+
+def test_extract_draft_decode_embeds_the_draft_pixels_and_is_off_by_default(tmp_path: Path) -> None:
+    from tasks.reid_extract import extract_embeddings, load_embeddings
+    from vggbackbone.models import reid_vgg
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(_photo(128, 64, seed=i)).save(files[-1], quality=92)
+    torch.manual_seed(0)
+    net = reid_vgg("vgg11", width_mult=0.125, embedding_dim=8).eval()
+    tf = v2.Compose([v2.Resize((32, 16), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+
+    def direct(draft: tuple[int, int] | None) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.stack([tf(read_image(f, draft=draft)) for f in files])).numpy()
+
+    kw = {"image_size": (32, 16), "batch_size": 2, "num_workers": 0, "precision": "fp32"}
+    kw["trainer"] = {"accelerator": "cpu", "enable_progress_bar": False}
+    full = load_embeddings(extract_embeddings(net, files, tmp_path / "full.npz", **kw))["embeddings"]
+    fast = load_embeddings(extract_embeddings(net, files, tmp_path / "fast.npz", draft_decode=True, **kw))
+    np.testing.assert_allclose(full, direct(None), atol=1e-5)
+    np.testing.assert_allclose(fast["embeddings"], direct((32, 16)), atol=1e-5)
+    assert np.abs(fast["embeddings"] - full).max() > 1e-4  # other pixels (1/4-scale decode), other embeddings
