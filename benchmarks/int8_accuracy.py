@@ -124,12 +124,12 @@ def _embedding_cosine(loader: Iterable[Any], fp32: torch.nn.Module, int8: torch.
     return {"embedding cosine min": float(c.min()), "embedding cosine mean": float(c.mean())}
 
 
-def train_demo(task: str, work: Path) -> Path:
+def train_demo(task: str, work: Path, extra: list[str]) -> Path:
     """``python -m tasks.<task> fit --config configs/<task>/demo.yaml`` into ``work``; its last.ckpt."""
     logs = work / task
     cmd = [sys.executable, "-m", f"tasks.{task}", "fit", "--config", f"configs/{task}/demo.yaml",
            "--trainer.logger.class_path", "pytorch_lightning.loggers.CSVLogger",
-           "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+           "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     print("training:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     (ckpt,) = sorted(logs.glob("**/checkpoints/last.ckpt"))
@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(f"--ckpt-{t}", default=None, help=f"a {t} demo checkpoint (default: train the demo)")
         p.add_argument("--calibration-images", type=int, default=64)
         p.add_argument("--compile", action="store_true", help="compile the int8 graph (oneDNN int8 kernels)")
+        p.add_argument("--fit-args", default="", help="extra fit options, e.g. '--trainer.max_epochs 10'")
         p.add_argument("--work", default="runs/int8_accuracy", help="where demos are trained")
 
     args = parse_args("int8 vs fp32 task metrics on the demos.", argv, extra)
     env = environment(torch.device("cpu"))
     rows = []
     for task in args.tasks:
-        ckpt = getattr(args, f"ckpt_{task}") or train_demo(task, ROOT / args.work)
+        ckpt = getattr(args, f"ckpt_{task}") or train_demo(task, ROOT / args.work, args.fit_args.split())
         fp32 = validate(task, Path(ckpt), f"{task}-fp32", "fp32", args)
         int8 = validate(task, Path(ckpt), f"{task}-int8", "int8", args)
         for m in METRICS[task]:
