@@ -131,9 +131,15 @@ def train_demo(task: str, work: Path, extra: list[str]) -> Path:
            "--trainer.logger.class_path", "pytorch_lightning.loggers.CSVLogger",
            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     print("training:", " ".join(cmd[1:]), flush=True)
+    start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    (ckpt,) = sorted(logs.glob("**/checkpoints/last.ckpt"))
-    return ckpt
+    # the logger's folder, or where the task's checkpoint callback writes (runs/<task>/version_N)
+    found = [
+        p for p in [*logs.glob("**/last.ckpt"), *(ROOT / "runs").glob("**/last.ckpt")] if p.stat().st_mtime >= start
+    ]
+    if not found:
+        raise FileNotFoundError(f"no last.ckpt written by {' '.join(cmd[1:])}")
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def validate(task: str, ckpt: Path, key: str, precision: str, args: Any) -> dict[str, float]:
