@@ -129,7 +129,8 @@ def train_demo(task: str, work: Path, extra: list[str]) -> Path:
     logs = work / task
     cmd = [sys.executable, "-m", f"tasks.{task}", "fit", "--config", f"configs/{task}/demo.yaml",
            "--trainer.logger.class_path", "pytorch_lightning.loggers.CSVLogger",
-           "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+           "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
+           *extra]  # fmt: skip
     print("training:", " ".join(cmd[1:]), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
