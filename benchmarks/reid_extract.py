@@ -18,6 +18,14 @@ Throughput. Same model (``reid_vgg(arch, width_mult)``, random init, eval mode),
   W worker processes, per-batch shard writes, the final merge into an atomically written
   ``.npz``.
 
+Every row decodes the way extraction does, so all rows embed the same pixels: in full by
+default; with ``--draft-decode`` (extraction's ``draft_decode=True``) a JPEG at least twice the
+target size is decoded at 1/2, 1/4 or 1/8 scale (``read_image(path, draft=size)``).
+
+Where the time goes: ``--breakdown`` (on by default) times, per image and on one core, the
+steps of extraction apart: JPEG decode in full and in draft mode, the resize of each to the
+target size, and the forward of the optimised fp32 model (per image, at the batch size).
+
 ``vs bare forward`` compares each row with the bare forward of the very model it runs (the
 issue's target: extraction >= 0.9x). Repeats run interleaved (contender order rotates each
 round), medians. Extracted embeddings are checked against the bare forward first (fp32: 1e-4;
@@ -32,6 +40,7 @@ stream to shards and the merge copies them in chunks.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -96,7 +105,10 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
     model = reid_vgg(args.arch, width_mult=args.width_mult).eval()
     tf = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
     bs = args.batch_size
-    batches = [torch.stack([tf(read_image(f)) for f in files[a : a + bs]]) for a in range(0, len(files), bs)]
+    draft = size if args.draft_decode else None
+    batches = [
+        torch.stack([tf(read_image(f, draft=draft)) for f in files[a : a + bs]]) for a in range(0, len(files), bs)
+    ]
 
     def bare(net: nn.Module) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
@@ -109,7 +121,7 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         def run() -> None:
             with torch.inference_mode():
                 for a in range(0, len(files), bs):
-                    net(torch.stack([tf(read_image(f)) for f in files[a : a + bs]]))
+                    net(torch.stack([tf(read_image(f, draft=draft)) for f in files[a : a + bs]]))
 
         return run
 
@@ -117,7 +129,7 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         def run() -> Path:
             out = work / f"emb_w{workers}_{precision}.npz"
             return extract_embeddings(model, listing, out, image_size=size, batch_size=bs, num_workers=workers,
-                                      precision=precision, trainer=TRAINER)  # fmt: skip
+                                      precision=precision, trainer=TRAINER, draft_decode=args.draft_decode)  # fmt: skip
 
         return run
 
@@ -154,6 +166,37 @@ def throughput(args: Any, work: Path, files: list[Path]) -> tuple[str, dict[str,
         )
     headers = ["contender", "images/s", "vs plain fp32 forward", "vs bare forward (same model)", "spread"]
     return markdown_table(headers, rows), ratios
+
+
+def breakdown(args: Any, files: list[Path]) -> str:
+    """ms per image of each step of extraction, one thread, interleaved medians (markdown table)."""
+    size = tuple(args.image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what one loader worker (or the main process between batches) has
+    try:
+        tf = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+        full = [read_image(f) for f in files]
+        draft = [read_image(f, draft=size) for f in files]
+        torch.manual_seed(0)
+        fast = optimize_for_inference(reid_vgg(args.arch, width_mult=args.width_mult).eval(), precision="fp32")
+        bs = args.batch_size
+        batches = [torch.stack([tf(x) for x in draft[a : a + bs]]) for a in range(0, len(draft), bs)]
+        fns: dict[str, Callable[[], Any]] = {
+            "decode, full size": lambda: [read_image(f) for f in files],
+            "decode, draft mode": lambda: [read_image(f, draft=size) for f in files],
+            "resize + to float, from the full decode": lambda: [tf(x) for x in full],
+            "resize + to float, from the draft decode": lambda: [tf(x) for x in draft],
+            f"forward, optimized fp32, batch {bs}, 1 thread": lambda: [fast(b) for b in batches],
+        }
+        t = time_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    n = len(files)
+    stored = f"{full[0].shape[1]}x{full[0].shape[2]}"
+    drafted = f"{draft[0].shape[1]}x{draft[0].shape[2]}"
+    rows = [[name, fmt(1e3 * timing.median / n), f"{100 * timing.spread:.0f}%"] for name, timing in t.items()]
+    table = markdown_table(["step (one thread)", "ms per image", "spread"], rows)
+    return f"Stored JPEGs {stored}, draft-decoded {drafted}, resized to {size[0]}x{size[1]}.\n\n{table}"
 
 
 _CHILD = """
@@ -208,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers of the extract runs")
         p.add_argument("--images", default=None, help="use this folder's images instead of generating crops")
+        p.add_argument("--draft-decode", action="store_true", help="extraction with draft_decode=True (all rows)")
+        p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                       help="time decode / resize / forward apart (one thread)")  # fmt: skip
         p.add_argument("--memory-counts", type=int, nargs="*", default=[1000, 4000, 16000],
                        help="image counts of the peak-memory runs (none: skip them)")  # fmt: skip
         p.add_argument("--memory-embedding-dim", type=int, default=4096,
@@ -219,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args.device)
     work = Path(tempfile.mkdtemp(prefix="reid_extract_bench."))
     files = make_images(work, args.num_images, args.images)
+    steps = breakdown(args, files) if args.breakdown else ""
+    if steps:
+        print(steps, flush=True)
     table, ratios = throughput(args, work, files)
     print(table, flush=True)
     mem = memory(args, work, files) if args.memory_counts else ""
@@ -234,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         "`vs bare forward (same model)`: images/s over the bare forward of the model that row runs "
         "(extraction's optimize_for_inference model of the same precision); worst extract row: "
         f"{min(ratios.values()):.2f}x.",
+        f"**Where the time goes** (per image, one thread, {args.repeats} interleaved repeats, median):"
+        if steps
+        else "",
+        steps,
         f"**Peak memory** of one extraction process (0 loader workers, fp32, {args.memory_embedding_dim}-d "
         "embeddings) on an image list that repeats the crops:" if mem else "",
         mem,

@@ -2,13 +2,103 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["InferenceOptimization", "OptionalLearningRateMonitor"]
+from tasks.images import SkippedSample
+
+__all__ = ["MAX_CALIBRATION_IMAGES", "InferenceOptimization", "OptionalLearningRateMonitor", "calibration_inputs"]
+
+#: Most images ``inference.calibration_images`` may take (issue 15: calibration on at most 64 images).
+MAX_CALIBRATION_IMAGES = 64
+
+
+class _Captured(Exception):
+    """Raised by :class:`_InputRecorder` once it holds a model input: the predict step stops there."""
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for the model during calibration: records the argument of its first call and stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Any] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or kwargs:
+            raise TypeError(
+                "int8 calibration replays the model's inputs as model(batch), but the task called it with "
+                f"{len(args)} positional and {sorted(kwargs)} keyword arguments"
+            )
+        self.inputs.append(args[0])
+        raise _Captured
+
+
+def _is_skipped(item: Any) -> bool:
+    return isinstance(item, SkippedSample) or (
+        isinstance(item, tuple) and any(isinstance(x, SkippedSample) for x in item)
+    )
+
+
+def calibration_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, num_images: int) -> list[Any]:
+    """Up to ``num_images`` model inputs for int8 calibration, in the form the model's forward takes.
+
+    The images: the datamodule's ``calibration_set(num_images)`` where it defines one (``python -m
+    tasks.reid extract``: spread over the *whole* image list, so a resumed run calibrates the
+    same), else ``num_images`` images spread evenly over the predict dataset (first, last and
+    evenly spaced between: the images ``predict`` runs on, which are there whatever else is; a
+    checkpoint and an image folder is all ``predict`` needs). Unreadable images are passed
+    over (they are reported by the predict run itself).
+
+    The form: each image goes, one per batch, through the predict loader's collate, the device
+    transfer and the task's own ``predict_step``, with the model replaced by a recorder that
+    keeps what the step would pass to the model and stops the step there (nothing is written,
+    nothing is counted). So calibration sees exactly what prediction feeds the model: a list of
+    ``[0, 1]`` images for a detector (resized inside the model), a normalised, rescaled image
+    (the first window, when sliding) for segmentation, a resized ``[0, 1]`` batch for ReID.
+    """
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"int8 calibration needs the predict DataLoader, got {type(loader).__name__}")
+    make_set = getattr(trainer.datamodule, "calibration_set", None) if trainer.datamodule is not None else None
+    if callable(make_set):
+        dataset: Dataset = make_set(num_images)
+    else:
+        dataset = loader.dataset
+        size = len(dataset) if isinstance(dataset, Sized) else 0
+        if size == 0:
+            raise ValueError("int8 calibration: the predict dataset has no (countable) images")
+        picks = np.unique(np.linspace(0, size - 1, min(num_images, size)).round().astype(int))
+        dataset = Subset(dataset, picks.tolist())
+    recorder = _InputRecorder()
+    pl_module.__dict__["_fast_model"] = recorder  # what TaskModule.inference_model returns
+    try:
+        for i in range(len(dataset)):  # type: ignore[arg-type]
+            item = dataset[i]
+            if _is_skipped(item):
+                continue
+            batch = loader.collate_fn([item]) if loader.collate_fn is not None else item
+            batch = trainer.strategy.batch_to_device(batch)
+            try:
+                pl_module.predict_step(batch, i)
+            except _Captured:
+                continue
+            raise RuntimeError(
+                f"int8 calibration: {type(pl_module).__name__}.predict_step did not call "
+                "self.inference_model, so its model input cannot be captured"
+            )
+    finally:
+        pl_module.__dict__.pop("_fast_model", None)
+    if not recorder.inputs:
+        raise ValueError(f"int8 calibration: none of the {len(dataset)} calibration images could be read")  # type: ignore[arg-type]
+    return recorder.inputs
 
 
 class InferenceOptimization(pl.Callback):
@@ -16,27 +106,41 @@ class InferenceOptimization(pl.Callback):
 
     At the start of prediction the task's ``model`` is copied, its BatchNorms folded into the
     convolutions, switched to channels_last and to the precision the device runs fastest
-    (``precision: auto``: bf16 on CUDA and AMX/AVX512-BF16 CPUs, fp32 elsewhere). Tasks read it
-    as ``TaskModule.inference_model``; training and validation never see it. In the task YAML:
-    ``inference: {enabled: true, precision: auto, compile: false}``; ``--inference.enabled false``
-    predicts with the model exactly as trained.
+    (``precision: auto``: the fastest of fp32 / bf16 measured on a CPU, bf16 on CUDA; never
+    int8, which needs calibration: ask for it). Tasks read it as ``TaskModule.inference_model``;
+    training and validation never see it. In the task YAML: ``inference: {enabled: true,
+    precision: auto, compile: false}``; ``--inference.enabled false`` predicts with the model
+    exactly as trained.
+
+    ``precision: int8`` first calibrates on ``calibration_images`` images taken by
+    :func:`calibration_inputs` (spread over the predict images), then quantises the model's VGG
+    backbones (:func:`vggbackbone.optimize.quantize_int8`). On a CPU without AVX512-VNNI,
+    AVX-VNNI or AMX-INT8 the library warns and runs fp32 (no calibration is read then).
 
     Args:
         enabled: optimise at all.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast; outputs in float32).
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (autocast; outputs in float32) or ``int8``.
         channels_last: NHWC weights and inputs.
         fuse_bn: fold BatchNorm into the preceding convolutions.
-        compile: ``torch.compile`` the model too (pays off on long runs only).
+        compile: ``torch.compile`` the model too (pays off on long runs only; int8 always compiles
+            its quantised parts).
+        calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`).
     """
 
     def __init__(
         self,
         enabled: bool = True,
-        precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
         channels_last: bool = True,
         fuse_bn: bool = True,
         compile: bool = False,
+        calibration_images: int = 32,
     ) -> None:
+        if not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
+            raise ValueError(
+                f"inference.calibration_images must be between 1 and {MAX_CALIBRATION_IMAGES}, got {calibration_images}"
+            )
+        self.calibration_images = calibration_images
         self.enabled = enabled
         self.precision = precision
         self.channels_last = channels_last
@@ -47,10 +151,20 @@ class InferenceOptimization(pl.Callback):
         model = getattr(pl_module, "model", None)
         if not self.enabled or not isinstance(model, nn.Module):
             return
-        from vggbackbone.optimize import optimize_for_inference
+        from vggbackbone.optimize import int8_supported, optimize_for_inference
 
+        calibration = None
+        if self.precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback
+            calibration = calibration_inputs(trainer, pl_module, self.calibration_images)
+        elif self.precision == "int8":
+            calibration = []  # never read: optimize_for_inference falls back to fp32 with its warning
         fast = optimize_for_inference(
-            model, self.precision, channels_last=self.channels_last, fuse_bn=self.fuse_bn, compile=self.compile
+            model,
+            self.precision,
+            channels_last=self.channels_last,
+            fuse_bn=self.fuse_bn,
+            compile=self.compile,
+            calibration=calibration,
         )
         # not an attribute assignment: a Module attribute would register it as a submodule
         pl_module.__dict__["_fast_model"] = fast

@@ -51,6 +51,7 @@ __all__ = [
     "ImageListDataset",
     "SkipCounter",
     "SkippedSample",
+    "draft_decode",
     "drop_skipped",
     "list_images",
     "max_image_pixels",
@@ -174,12 +175,39 @@ def max_image_pixels() -> int:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
+def draft_decode(img: Image.Image, mode: str, size: tuple[int, int]) -> int:
+    """Ask Pillow to decode ``img`` (opened, not yet loaded) at a reduced scale, where that is free.
+
+    For a JPEG, libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 of the stored size (Pillow's
+    :meth:`~PIL.Image.Image.draft`): the largest reduction that keeps the image at least ``size``
+    (``(height, width)``, the size it will be resized to next) on both sides, in its displayed
+    orientation (an EXIF rotation by 90 degrees swaps the sides asked for). Other formats, and
+    JPEGs less than twice ``size``, decode in full. Returns the reduction (1, 2, 4 or 8).
+
+    Not exact: a draft-decoded image then resized to ``size`` differs from the full decode
+    resized to ``size`` by a few grey levels (the DCT scaling is a box-like filter, where the
+    resize is an antialiased bilinear one); ``tests/test_draft_decode.py`` bounds it.
+    """
+    h, w = size
+    if img.format != "JPEG" or h <= 0 or w <= 0:
+        return 1
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF Orientation: transposed by 90 degrees
+        h, w = w, h
+    stored = img.size
+    img.draft(mode if mode in ("RGB", "L") else None, (w, h))
+    return round(stored[0] / img.size[0])  # sides are rounded up: 129 / 2 -> 65
+
+
 @contextmanager
-def open_image(path: str | Path) -> Iterator[Image.Image]:
+def open_image(
+    path: str | Path, draft: tuple[int, int] | None = None, draft_mode: str = "RGB"
+) -> Iterator[Image.Image]:
     """Open ``path`` with Pillow, refuse it above the pixel limit, apply its EXIF orientation.
 
     The size is read from the header, before anything is decoded, so a decompression bomb
     costs nothing; the image is then decoded and turned upright (``ImageOps.exif_transpose``).
+    ``draft``: decode a JPEG at a reduced scale no smaller than this ``(height, width)``
+    (:func:`draft_decode`, in ``draft_mode``), before the EXIF turn.
     Raises :class:`BadImageError` naming the file when it is missing, empty, corrupt or too large.
     """
     p = Path(path)
@@ -205,6 +233,8 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
                 f"set {_MAX_PIXELS_ENV} to allow more)",
             )
         try:
+            if draft is not None:
+                draft_decode(img, draft_mode, draft)
             ImageOps.exif_transpose(img, in_place=True)  # decodes; turns the pixels only if the tag says so
             img.load()
         except _DECODE_ERRORS as e:
@@ -231,8 +261,12 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
     return img
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+def read_image(path: str | Path, mode: str = "RGB", draft: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode ``path`` to a ``(C, H, W)`` uint8 tensor (``mode`` is a PIL mode: RGB, L, ...).
+
+    ``draft``: the ``(height, width)`` the caller resizes the image to next; a JPEG at least
+    twice that size is then decoded at 1/2, 1/4 or 1/8 scale (:func:`draft_decode`: faster on
+    large photos, approximately the same after the resize), never below ``draft``.
 
     The image is read as displayed (EXIF orientation applied); 16-bit images are scaled to 8
     bits (their high byte), not clipped (see the module docstring). Raises
@@ -242,7 +276,7 @@ def read_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
     here) and Pillow reads every format the datasets use.
     """
     p = Path(path)
-    with open_image(p) as img:
+    with open_image(p, draft, mode) as img:
         try:
             arr = np.asarray(_to_8bit(img, p).convert(mode))
         except _DECODE_ERRORS as e:
