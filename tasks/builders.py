@@ -63,6 +63,8 @@ class BuilderArgs:
         differ: set[str] = set()
         for builder in self.builders.values():
             for name, p in _params(builder).items():
+                if name in self.supplied or name in self.excluded:  # not options (fcn's variant: the head)
+                    continue
                 if name in seen and seen[name] != p.default:
                     differ.add(name)
                 seen.setdefault(name, p.default)

@@ -524,8 +524,14 @@ def test_fc_taps_are_unpadded_by_default(size: int) -> None:
     with torch.no_grad():
         out = bb(x)
         fc6 = bb.features.fc6.conv
-        want6 = torch.relu(nn.functional.conv2d(out["pool5"], fc6.weight, fc6.bias))
-        want7 = torch.relu(nn.functional.conv2d(want6, bb.features.fc7.conv.weight, bb.features.fc7.conv.bias))
+        fc7 = bb.features.fc7.conv
+        if size == 224:  # one output cell: fc6/fc7 run as the classifier's Linear layers (torchvision's sums)
+            want6 = torch.relu(nn.functional.linear(out["pool5"].flatten(1), fc6.weight.flatten(1), fc6.bias))
+            want7 = torch.relu(nn.functional.linear(want6, fc7.weight.flatten(1), fc7.bias))
+            want6, want7 = want6[:, :, None, None], want7[:, :, None, None]
+        else:
+            want6 = torch.relu(nn.functional.conv2d(out["pool5"], fc6.weight, fc6.bias))
+            want7 = torch.relu(nn.functional.conv2d(want6, fc7.weight, fc7.bias))
     n = size // 32 - 6
     assert out["fc6"].shape == out["fc7"].shape == (1, 16, n, n)
     assert torch.equal(out["fc6"], want6) and torch.equal(out["fc7"], want7)
