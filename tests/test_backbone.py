@@ -648,12 +648,18 @@ def test_layer_taps_keep_the_default_path_in_place_and_values_unchanged() -> Non
             alone = VGGBackbone("vgg13_bn", [tap], fc_padding="same", **kw).eval()
             alone.load_state_dict({k: v for k, v in full.state_dict().items() if k in alone.state_dict()})
             assert torch.equal(together[tap], alone(x)[tap]), tap
-        # BatchNorm folded into its conv (vggbackbone.fold_batchnorm): conv1_1 still comes back before its ReLU
+        # BatchNorm folded into its conv (vggbackbone.fold_batchnorm): the pairs whose conv output is
+        # returned (conv1_1, conv4_1) stay unfolded, so every tap keeps its value (10 convs, 8 folded)
         from vggbackbone import fold_batchnorm
 
-        assert fold_batchnorm(full) == 10
+        assert fold_batchnorm(full) == 8
+        assert isinstance(full.features.conv1.bn1_1, nn.BatchNorm2d)
+        assert isinstance(full.features.conv4.bn4_1, nn.BatchNorm2d)
+        assert isinstance(full.features.conv4.bn4_2, nn.Identity)
         folded = full(x)
-    assert (folded["conv1_1"] < 0).any()  # not overwritten by relu1_1 through the Identity
+    for tap in taps:
+        torch.testing.assert_close(folded[tap], together[tap], rtol=1e-4, atol=1e-4 * together[tap].abs().max().item())
+    assert (folded["conv1_1"] < 0).any()  # not overwritten by relu1_1
     with pytest.raises(ValueError, match=r"unknown tap\(s\) \['conv3_4', 'bn3_1'\].*every layer by its Caffe name"):
         VGGBackbone("vgg13", ["conv3_4", "bn3_1"])  # vgg13 has two convs in block 3 and no BN
 

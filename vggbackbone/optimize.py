@@ -229,8 +229,11 @@ def fold_batchnorm(model: nn.Module) -> int:
     ``Conv{1,2,3}d -> BatchNorm`` and ``ConvTranspose{1,2,3}d -> BatchNorm`` are folded with
     :func:`~torch.nn.utils.fusion.fuse_conv_bn_eval`, ``Linear -> BatchNorm1d`` with
     :func:`~torch.nn.utils.fusion.fuse_linear_bn_eval`; the BatchNorm is replaced by
-    ``nn.Identity`` (so ``bn5_3`` style names stay, and a tap on them still works). The model
-    must be in eval mode. Returns the number of folded pairs.
+    ``nn.Identity`` (so ``bn5_3`` style names stay, and a tap on them still works). A pair whose
+    conv output is itself returned (a :class:`~vggbackbone.VGGBackbone` tap before the BatchNorm,
+    such as ``conv3_1`` of a ``_bn`` arch) is left unfolded, and logged: folding would turn the
+    returned tensor into the conv + BN value. The model must be in eval mode. Returns the number
+    of folded pairs.
     """
     if model.training:
         raise ValueError("fold_batchnorm needs an eval-mode model (BatchNorm folds its running statistics)")
@@ -240,6 +243,9 @@ def fold_batchnorm(model: nn.Module) -> int:
         for prev_name, bn_name in itertools.pairwise(names):
             prev, bn = seq._modules[prev_name], seq._modules[bn_name]
             if prev is None or bn is None or not _is_batchnorm(bn) or getattr(bn, "running_mean", None) is None:
+                continue
+            if prev_name in (getattr(seq, "taps", None) or {}):  # a returned pre-BN tap (VGGBackbone's _Stage)
+                logger.info("fold_batchnorm: %s -> %s not folded: %s is a returned tap", prev_name, bn_name, prev_name)
                 continue
             if isinstance(prev, nn.modules.conv._ConvTransposeNd):
                 fused = fuse_conv_bn_eval(prev, bn, transpose=True)
