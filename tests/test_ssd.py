@@ -197,6 +197,28 @@ def test_a_few_training_steps_lower_the_loss() -> None:
     assert losses[-1] < 0.5 * losses[0], losses  # ~45 -> ~7 in 6 steps
 
 
+@pytest.mark.parametrize("size", [300, 512])
+def test_extra_norm_puts_batchnorm_after_every_added_conv(size) -> None:
+    plain = ssd_vgg("vgg11", size=size, num_classes=3, width_mult=0.125)
+    model = ssd_vgg("vgg11", size=size, num_classes=3, width_mult=0.125, extra_norm=True)
+    added = [n for n, m in plain.backbone.named_modules() if isinstance(m, torch.nn.Conv2d) and "body" not in n]
+    norms = {n for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and "body" not in n}
+    assert len(added) == 2 + 2 * (len(SOURCES[size][0]) - 2)  # fc6, fc7, two per extra source
+    assert norms == {f"{n}_norm" for n in added}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.backbone.modules())  # the paper's: none
+    model.eval()
+    with torch.no_grad():
+        feats, head = _head_outputs(model, size)
+    assert [f.shape[-1] for f in feats] == SOURCES[size][0]
+    assert head["cls_logits"].shape == (1, SOURCES[size][2], 3)
+    # in training, each BatchNorm sees the batch: a batch of 2 images trains even at conv11_2's 1x1
+    model.train()
+    images, targets = _shapes_batch()
+    loss = sum(model(images, targets).values())
+    loss.backward()
+    assert model.backbone.extra["conv9"].conv9_2_norm.weight.grad is not None
+
+
 def test_onnx_export_equals_pytorch(tmp_path) -> None:
     import onnxruntime as ort
 

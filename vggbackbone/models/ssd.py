@@ -156,7 +156,14 @@ class SSDVGGBackbone(nn.Module):
     conv4_3 (L2-normalised) first; channels in :attr:`out_channels` (a list, as ``SSD`` wants).
     """
 
-    def __init__(self, body: VGGBackbone, size: int = 300, fc_channels: int = 1024, width_mult: float = 1.0) -> None:
+    def __init__(
+        self,
+        body: VGGBackbone,
+        size: int = 300,
+        fc_channels: int = 1024,
+        width_mult: float = 1.0,
+        extra_norm: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         if list(body.return_layers) != ["conv4", "conv5"]:
             raise ValueError(f"the SSD body must return exactly conv4 and conv5, got {list(body.return_layers)}")
@@ -165,15 +172,23 @@ class SSDVGGBackbone(nn.Module):
         c4, c5 = body.feature_info.channels()
         self.body = body
         self.l2norm = L2Norm(c4, 20.0)
+
         # pool5 2x2/2 -> 3x3/1 keeps stride 16; fc6's dilation 6 stands for the 7x7 kernel over
         # stride-32 pool5 (x2) subsampled every 3rd tap (x3)
+        # extra_norm (ScratchDet's BatchNorm after every added convolution) goes between conv and ReLU
+        def conv_act(name: str, conv: nn.Conv2d, relu: str) -> list[tuple[str, nn.Module]]:
+            layers: list[tuple[str, nn.Module]] = [(name, conv)]
+            if extra_norm is not None:
+                layers.append((f"{name}_norm", extra_norm(conv.out_channels)))
+            return [*layers, (relu, nn.ReLU(inplace=True))]
+
         self.fc = nn.Sequential(
             OrderedDict(
-                pool5=nn.MaxPool2d(3, stride=1, padding=1),
-                fc6=nn.Conv2d(c5, fc_channels, 3, padding=6, dilation=6),
-                relu6=nn.ReLU(inplace=True),
-                fc7=nn.Conv2d(fc_channels, fc_channels, 1),
-                relu7=nn.ReLU(inplace=True),
+                [
+                    ("pool5", nn.MaxPool2d(3, stride=1, padding=1)),
+                    *conv_act("fc6", nn.Conv2d(c5, fc_channels, 3, padding=6, dilation=6), "relu6"),
+                    *conv_act("fc7", nn.Conv2d(fc_channels, fc_channels, 1), "relu7"),
+                ]
             )
         )
         _xavier_init(self.fc)
@@ -190,10 +205,8 @@ class SSDVGGBackbone(nn.Module):
             extra[name] = nn.Sequential(
                 OrderedDict(
                     [
-                        (f"conv{i}_1", nn.Conv2d(in_ch, mid, 1)),
-                        (f"relu{i}_1", nn.ReLU(inplace=True)),
-                        (f"conv{i}_2", nn.Conv2d(mid, out, k, stride=s, padding=p)),
-                        (f"relu{i}_2", nn.ReLU(inplace=True)),
+                        *conv_act(f"conv{i}_1", nn.Conv2d(in_ch, mid, 1), f"relu{i}_1"),
+                        *conv_act(f"conv{i}_2", nn.Conv2d(mid, out, k, stride=s, padding=p), f"relu{i}_2"),
                     ]
                 )
             )
@@ -378,6 +391,7 @@ def ssd_vgg(
     frozen_stages: int | None = None,
     norm_layer: Callable[[int], nn.Module] | None = None,
     box_scales: Literal["coco", "voc"] | Sequence[float] = "coco",
+    extra_norm: bool = False,
     normalization: Any = None,
     progress: bool = True,
     **kwargs: Any,
@@ -410,6 +424,10 @@ def ssd_vgg(
         box_scales: ``"coco"`` (torchvision's / Caffe's COCO settings: 0.07..1.05 at 300,
             0.04..1.06 at 512), ``"voc"`` (Caffe's VOC settings: 0.1..1.05 at 300, 0.07..1.05 at
             512), or one scale per source plus one. See :data:`SSD_BOX_SCALES`.
+        extra_norm: ``True`` puts a ``BatchNorm2d`` between every convolution SSD adds to VGG
+            (fc6, fc7, conv8_1 .. conv11_2/conv12_2) and its ReLU, as ScratchDet (Zhu et al.,
+            ICCV 2019) does to train SSD from scratch. Default ``False``: the paper's SSD, and the
+            only form torchvision's ``ssd300_vgg16`` files load into.
         normalization: input statistics. Default: from ``weights`` (torchvision's SSD statistics
             for a torchvision file), else from ``weights_backbone``, else ImageNet.
         **kwargs: ``SSD`` arguments (``score_thresh=0.01``, ``nms_thresh=0.45``,
@@ -458,7 +476,9 @@ def ssd_vgg(
         normalization=normalization if weights is None else None,
         **common,
     )
-    backbone = SSDVGGBackbone(body, size=size, fc_channels=fc_ch, width_mult=width_mult)
+    backbone = SSDVGGBackbone(
+        body, size=size, fc_channels=fc_ch, width_mult=width_mult, extra_norm=nn.BatchNorm2d if extra_norm else None
+    )
 
     if fc_init != "random" and weights is None:
         if weights_backbone is None:
