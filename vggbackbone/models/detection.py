@@ -40,9 +40,16 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import WeightsError, load_vgg_state_dict
+from ..weights import InputNormalization, WeightsError, load_vgg_state_dict
 
-__all__ = ["RoIPoolSingleLevel", "VGGBoxHead", "VGGFPNBackbone", "check_detector_kwargs", "fasterrcnn_vgg"]
+__all__ = [
+    "RoIPoolSingleLevel",
+    "VGGBoxHead",
+    "VGGFPNBackbone",
+    "check_detector_kwargs",
+    "fasterrcnn_vgg",
+    "set_detector_normalization",
+]
 
 #: Anchors of the classic form (paper: 3 scales x 3 aspect ratios on conv5).
 CLASSIC_ANCHOR_SIZES: tuple[int, ...] = (128, 256, 512)
@@ -188,6 +195,25 @@ def check_detector_kwargs(
         )
 
 
+def set_detector_normalization(
+    model: nn.Module, normalization: InputNormalization, *, body: nn.Module | None = None
+) -> None:
+    """Make ``normalization`` the input statistics a torchvision detector applies and exposes.
+
+    Sets the ``GeneralizedRCNNTransform``'s ``image_mean``/``image_std`` (read at every call, so
+    setting them after construction is the same as passing them to the constructor),
+    ``model.normalization`` and, when given, ``body.normalization`` (the ``VGGBackbone``'s
+    attribute, for builders whose statistics can differ from what the backbone resolved, e.g. a
+    whole-model file). Shared by :func:`fasterrcnn_vgg`, ``retinanet_vgg``, ``fcos_vgg`` and
+    ``ssd_vgg``, which list ``image_mean``/``image_std`` among the arguments they set themselves.
+    """
+    model.transform.image_mean = list(normalization.mean)
+    model.transform.image_std = list(normalization.std)
+    model.normalization = normalization
+    if body is not None:
+        body.normalization = normalization
+
+
 def fasterrcnn_vgg(
     arch: ArchSpec = "vgg16",
     num_classes: int = 91,
@@ -328,8 +354,6 @@ def fasterrcnn_vgg(
         num_classes=None,  # given through box_predictor: FasterRCNN's own assumes a 1024-wide head
         min_size=min_sizes,
         max_size=max_size,
-        image_mean=list(normalization.mean),
-        image_std=list(normalization.std),
         rpn_anchor_generator=anchor_gen,
         box_roi_pool=pooler,
         box_head=box_head,
@@ -338,5 +362,5 @@ def fasterrcnn_vgg(
     )
     if not fpn and roi_pool == "pool":  # FasterRCNN only accepts a MultiScaleRoIAlign: swap it after
         model.roi_heads.box_roi_pool = RoIPoolSingleLevel("0", output_size=7, stride=stride)
-    model.normalization = normalization
+    set_detector_normalization(model, normalization)
     return model

@@ -40,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from .detection import TRANSFORM_KWARGS, VGGFPNBackbone, check_detector_kwargs
+from .detection import TRANSFORM_KWARGS, VGGFPNBackbone, check_detector_kwargs, set_detector_normalization
 
 __all__ = [
     "FCOS_ANCHOR_SIZES",
@@ -166,18 +166,10 @@ def retinanet_vgg(
         tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in sizes),
         (tuple(float(r) for r in aspect_ratios),) * len(sizes),
     )
-    norm = body.normalization
     model = RetinaNet(
-        backbone,
-        num_classes,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(norm.mean),
-        image_std=list(norm.std),
-        anchor_generator=anchor_gen,
-        **kwargs,
+        backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_gen, **kwargs
     )
-    model.normalization = norm
+    set_detector_normalization(model, body.normalization)
     return model
 
 
@@ -228,16 +220,6 @@ def fcos_vgg(
     body = _fpn_body("fcos_vgg", arch, weights_backbone, width_mult, frozen_stages, norm_layer, normalization, progress)
     backbone = vgg_fpn_p3p7(body, channels)
     anchor_gen = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
-    norm = body.normalization
-    model = FCOS(
-        backbone,
-        num_classes,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(norm.mean),
-        image_std=list(norm.std),
-        anchor_generator=anchor_gen,
-        **kwargs,
-    )
-    model.normalization = norm
+    model = FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_gen, **kwargs)
+    set_detector_normalization(model, body.normalization)
     return model

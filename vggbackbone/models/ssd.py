@@ -63,7 +63,7 @@ from ..weights import (
     load_vgg_state_dict,
     resolve_normalization,
 )
-from .single_stage import check_detector_kwargs
+from .detection import check_detector_kwargs, set_detector_normalization
 
 __all__ = [
     "SSD_ASPECT_RATIOS",
@@ -520,15 +520,7 @@ def ssd_vgg(
     if normalization is not None:
         model_norm = resolve_normalization(normalization, body.in_channels)
     kwargs.setdefault("head", SSDHead(backbone.out_channels, anchor_gen.num_anchors_per_location(), num_classes))
-    model = SSD(
-        backbone,
-        anchor_gen,
-        (size, size),
-        num_classes,
-        image_mean=list(model_norm.mean),
-        image_std=list(model_norm.std),
-        **kwargs,
-    )
+    model = SSD(backbone, anchor_gen, (size, size), num_classes, **kwargs)
     if weights is not None:
         file_norm = load_ssd_weights(model, weights)
         if normalization is None:
@@ -540,8 +532,6 @@ def ssd_vgg(
                 )
             else:
                 model_norm = file_norm
-                model.transform.image_mean = list(model_norm.mean)
-                model.transform.image_std = list(model_norm.std)
-        body.normalization = model_norm
-    model.normalization = model_norm
+    # body too: with a whole-SSD file the statistics are the file's, not what the body resolved
+    set_detector_normalization(model, model_norm, body=body)
     return model
