@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from cli_configs import csv_versions, fasterrcnn_fpn_model, quick_trainer, run_module, shapes_data, write_config
 
 SHAPES = {
     "num_train": 8,
@@ -29,54 +24,12 @@ SHAPES = {
 def _config(tmp: Path, **trainer: object) -> Path:
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "limit_train_batches": 2,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp / "runs"),
-            "logger": [
-                {
-                    "class_path": "pytorch_lightning.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(tmp / "runs"), "name": "csv"},
-                }
-            ],
-            **trainer,
-        },
-        "model": {
-            "arch": "vgg11_bn",
-            "width_mult": 0.125,
-            "fpn": True,
-            "min_size": 64,
-            "max_size": 96,
-            "anchor_sizes": [16, 32, 64, 128],
-            "detector": {
-                "rpn_pre_nms_top_n_train": 200,
-                "rpn_post_nms_top_n_train": 100,
-                "box_batch_size_per_image": 32,
-            },
-            "optim": {"name": "sgd", "lr": 0.01, "scheduler": "cosine", "warmup_steps": 2},
-        },
-        "data": {
-            "root": str(tmp / "shapes"),
-            "shapes": SHAPES,
-            "batch_size": 2,
-            "eval_batch_size": 1,
-            "num_workers": 0,
-        },
+        "trainer": quick_trainer(tmp, devices=1, limit_train_batches=2, log_every_n_steps=1) | trainer,
+        "model": fasterrcnn_fpn_model(width_mult=0.125, warmup_steps=2),
+        "data": shapes_data(tmp / "shapes", SHAPES, eval_batch_size=1),
         "writer": {"output_dir": str(tmp / "pred")},
     }
-    path = tmp / "detect.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _versions(tmp: Path) -> list[Path]:
-    return sorted((tmp / "runs" / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return write_config(cfg, tmp / "detect.yaml")
 
 
 def test_fit_resume_validate_predict(tmp_path) -> None:
@@ -84,7 +37,7 @@ def test_fit_resume_validate_predict(tmp_path) -> None:
 
     cfg = _config(tmp_path)
     main(["fit", "--config", str(cfg)])
-    run0 = _versions(tmp_path)[-1]
+    run0 = csv_versions(tmp_path)[-1]
     last = run0 / "checkpoints" / "last.ckpt"
     fit_metrics = json.loads((run0 / "val_metrics.json").read_text())
     assert fit_metrics["images"] == SHAPES["num_val"] and 0.0 <= fit_metrics["AP50"] <= 1.0
@@ -93,20 +46,20 @@ def test_fit_resume_validate_predict(tmp_path) -> None:
 
     # resume: continues at step 2 and trains one more epoch
     main(["fit", "--config", str(cfg), "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
-    run1 = _versions(tmp_path)[-1]
+    run1 = csv_versions(tmp_path)[-1]
     resumed = torch.load(run1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1
     assert resumed["lr_schedulers"][0]["last_epoch"] == 4  # the LR schedule went on, not restarted
 
     # validate the checkpoint: same numbers as the validation at the end of fit
     main(["validate", "--config", str(cfg), "--ckpt_path", str(last)])
-    val_metrics = json.loads((_versions(tmp_path)[-1] / "val_metrics.json").read_text())
+    val_metrics = json.loads((csv_versions(tmp_path)[-1] / "val_metrics.json").read_text())
     for key in ("AP", "AP50", "AP75", "AR100", "images"):
         assert val_metrics[key] == fit_metrics[key], key
 
     # the same data through the VOC reader adds the VOC07 numbers
     main(["validate", "--config", str(cfg), "--ckpt_path", str(last), "--data.format", "voc"])
-    voc_metrics = json.loads((_versions(tmp_path)[-1] / "val_metrics.json").read_text())
+    voc_metrics = json.loads((csv_versions(tmp_path)[-1] / "val_metrics.json").read_text())
     assert 0.0 <= voc_metrics["VOC07_mAP"] <= 1.0 and 0.0 <= voc_metrics["VOC_mAP"] <= 1.0
 
     # predict: COCO results JSON over the validation images and drawn pictures
@@ -133,7 +86,7 @@ def test_unreadable_images_are_skipped_by_fit_and_left_out_of_the_metrics(tmp_pa
     cfg = _config(tmp_path, limit_train_batches=None)  # one whole epoch: every training image is read
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\)"):
         main(["fit", "--config", str(cfg)])
-    metrics = json.loads((_versions(tmp_path)[-1] / "val_metrics.json").read_text())
+    metrics = json.loads((csv_versions(tmp_path)[-1] / "val_metrics.json").read_text())
     assert metrics["images"] == SHAPES["num_val"] - 1
 
 
@@ -144,29 +97,19 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
     (``trainer.sync_batchnorm`` is a GPU feature: PyTorch's DDP refuses SyncBatchNorm on CPU.)
     """
     cfg = _config(tmp_path, max_epochs=1)
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")  # same threads, same numerics
 
     def run(*args: str) -> None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tasks.detect", *args, "--config", str(cfg)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        run_module("tasks.detect", [*args, "--config", str(cfg)])
 
     save = ("--model.detections_file", "{stage}_detections.json")
     run("fit", "--trainer.devices", "2", "--trainer.strategy", "ddp", *save)
-    run0 = _versions(tmp_path)[-1]
+    run0 = csv_versions(tmp_path)[-1]
     ddp = json.loads((run0 / "val_metrics.json").read_text())
     ddp_detections = json.loads((run0 / "val_detections.json").read_text())
     ckpt = torch.load(run0 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 2 steps per process, gradients averaged
     run("validate", "--ckpt_path", str(run0 / "checkpoints" / "last.ckpt"), *save)
-    run1 = _versions(tmp_path)[-1]
+    run1 = csv_versions(tmp_path)[-1]
     single = json.loads((run1 / "val_metrics.json").read_text())
     assert ddp_detections == json.loads((run1 / "val_detections.json").read_text())  # every box, every score
     val_ids = set(range(SHAPES["num_train"] + 1, SHAPES["num_train"] + SHAPES["num_val"] + 1))

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-import yaml
+from cli_configs import csv_versions, quick_trainer, shapes_data, write_config
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -44,42 +44,17 @@ def _config(tmp: Path, family: str) -> Path:
     model, data = FAMILIES[family]
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "limit_train_batches": 2,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp / "runs"),
-            "logger": [
-                {
-                    "class_path": "pytorch_lightning.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(tmp / "runs"), "name": "csv"},
-                }
-            ],
-        },
+        "trainer": quick_trainer(tmp, devices=1, limit_train_batches=2, log_every_n_steps=1),
         "model": {
             "family": family,
             **TINY,
             **model,
             "optim": {"name": "adamw", "lr": 0.001, "scheduler": "cosine"},
         },
-        "data": {
-            "root": str(tmp / "shapes"),
-            "shapes": SHAPES,
-            "batch_size": 2,
-            "eval_batch_size": 2,
-            "num_workers": 0,
-            **data,
-        },
+        "data": shapes_data(tmp / "shapes", SHAPES, **data),
         "writer": {"output_dir": str(tmp / "pred")},
     }
-    path = tmp / "detect.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, tmp / "detect.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -87,15 +62,11 @@ def _no_pytest_argv(monkeypatch) -> None:
     monkeypatch.setattr("sys.argv", ["python -m tasks.detect"])  # the CLI is given its args
 
 
-def _last_run(tmp: Path) -> Path:
-    return max((tmp / "runs" / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_fits_validates_on_coco_and_voc_and_predicts(tmp_path, family) -> None:
     cfg = _config(tmp_path, family)
     main(["fit", "--config", str(cfg)])
-    run = _last_run(tmp_path)
+    run = csv_versions(tmp_path)[-1]
     steps = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["family"] == family and steps
@@ -114,7 +85,7 @@ def test_family_fits_validates_on_coco_and_voc_and_predicts(tmp_path, family) ->
             "voc",
         ]
     )
-    voc = json.loads((_last_run(tmp_path) / "val_metrics.json").read_text())
+    voc = json.loads((csv_versions(tmp_path)[-1] / "val_metrics.json").read_text())
     assert 0.0 <= voc["VOC07_mAP"] <= 1.0 and voc["images"] == SHAPES["num_val"]
 
     # predict runs through InferenceOptimization (BatchNorm folded, channels_last) and writes results
@@ -128,7 +99,7 @@ def test_family_fits_validates_on_coco_and_voc_and_predicts(tmp_path, family) ->
 def test_ssd_export_through_the_cli(tmp_path) -> None:
     cfg = _config(tmp_path, "ssd")
     main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"])
-    ckpt = _last_run(tmp_path) / "checkpoints" / "last.ckpt"
+    ckpt = csv_versions(tmp_path)[-1] / "checkpoints" / "last.ckpt"
     out = main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "ssd.onnx"), "--height", "72", "--width", "96"])
     task = DetectionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     image = torch.rand(3, 80, 64)

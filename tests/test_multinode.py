@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from cli_configs import REPO, fasterrcnn_fpn_model, quick_trainer, shapes_data, write_config
 
 import tasks.reid  # noqa: F401 (registers the hyper-parameter dataclasses as safe globals)
 from tasks.checkpoint import read_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per launch; a hang (a rank waiting for a collective that never comes) fails, not blocks
 NODE_FLAGS = ("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2")
 DDP = ("--trainer.strategy", "ddp")
@@ -196,57 +195,23 @@ def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- configs
 def _detect_config(tmp: Path) -> Path:
+    shapes = {"num_train": 8, "num_val": 5, "min_image_size": 64, "max_image_size": 96, "max_objects": 2,
+              "min_object_size": 16, "max_object_size": 32, "seed": 1}  # fmt: skip
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 1,
-            "limit_train_batches": 2,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-        },  # default_root_dir and loggers: the defaults, runs/detect relative to the working directory
-        "model": {
-            "arch": "vgg11_bn",
-            "width_mult": 0.0625,
-            "fpn": True,
-            "min_size": 64,
-            "max_size": 96,
-            "anchor_sizes": [16, 32, 64, 128],
-            "detector": {
-                "rpn_pre_nms_top_n_train": 200,
-                "rpn_post_nms_top_n_train": 100,
-                "box_batch_size_per_image": 32,
-            },
-            "optim": {"name": "sgd", "lr": 0.01, "scheduler": "cosine", "warmup_steps": 1},
-        },
-        "data": {
-            "root": str(tmp / "shared" / "shapes"),
-            "shapes": {
-                "num_train": 8, "num_val": 5, "min_image_size": 64, "max_image_size": 96, "max_objects": 2,
-                "min_object_size": 16, "max_object_size": 32, "seed": 1,
-            },
-            "batch_size": 2,
-            "eval_batch_size": 1,
-            "num_workers": 0,
-        },
-    }  # fmt: skip
-    path = tmp / "shared" / "detect.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        # accelerator: on the command line; default_root_dir and loggers: the defaults, runs/detect
+        # relative to the working directory
+        "trainer": quick_trainer(accelerator=None, limit_train_batches=2, log_every_n_steps=1),
+        "model": fasterrcnn_fpn_model(width_mult=0.0625, warmup_steps=1),
+        "data": shapes_data(tmp / "shared" / "shapes", shapes, eval_batch_size=1),
+    }
+    return write_config(cfg, tmp / "shared" / "detect.yaml")
 
 
 def _reid_config(tmp: Path) -> Path:
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 1,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-        },
+        "trainer": quick_trainer(accelerator=None, log_every_n_steps=1),
         "model": {
             "arch": "vgg11_bn",
             "width_mult": 0.0625,
@@ -268,10 +233,7 @@ def _reid_config(tmp: Path) -> Path:
             "num_workers": 0,
         },
     }  # fmt: skip
-    path = tmp / "shared" / "reid.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, tmp / "shared" / "reid.yaml")
 
 
 # ---------------------------------------------------------------------------- tests

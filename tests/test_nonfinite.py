@@ -8,45 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from cli_configs import quick_trainer, shapes_data, write_config
 from torch import nn
 
 from tasks.cli import cli_main
 
 
 def _segment_config(tmp: Path, **optim: object) -> Path:
+    shapes = {"num_train": 6, "num_val": 2, "min_image_size": 40, "max_image_size": 48, "min_object_size": 10,
+              "max_object_size": 20}  # fmt: skip
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_epochs": 1,
-            "limit_train_batches": 3,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp / "runs"),
-            "logger": [
-                {
-                    "class_path": "pytorch_lightning.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(tmp / "runs"), "name": "seg"},
-                }
-            ],
-        },
+        "trainer": quick_trainer(tmp, logger="seg", limit_train_batches=3),
         "model": {
             "head": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decoder_channels": [8, 8, 8, 8, 8],
             "predict_dir": str(tmp / "predict"),
             "optim": {"name": "sgd", "lr": 0.01, "warmup_steps": 0, **optim},
         },
-        "data": {
-            "root": str(tmp / "shapes"), "layout": "voc",
-            "shapes": {"num_train": 6, "num_val": 2, "min_image_size": 40, "max_image_size": 48,
-                       "min_object_size": 10, "max_object_size": 20},
-            "crop_size": 32, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0,
-        },
+        "data": shapes_data(tmp / "shapes", shapes, layout="voc", crop_size=32),
     }  # fmt: skip
-    path = tmp / "seg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, tmp / "seg.yaml")
 
 
 def _segment_cli(cfg: Path, *args: str):
