@@ -1,5 +1,11 @@
 """ONNX export of a backbone (or any model taking one image batch), verified with onnxruntime.
 
+This module's job: the generic exporter (:func:`export_onnx`, :func:`verify_onnx`) and the
+backbone command line, on torch alone. The task models of :mod:`vggbackbone.models` go through
+:func:`vggbackbone.models.export.export_task_onnx` (``vggbackbone/models/export.py``): it sends
+segmentation and ReID models here and exports torchvision's detectors itself (TorchScript-based
+exporter, detections checked as a set), keeping torchvision's detection models out of this module.
+
 >>> from vggbackbone import VGGBackbone
 >>> from vggbackbone.export import export_onnx
 >>> bb = VGGBackbone("vgg16", ["conv3", "conv4", "conv5"], weights="vgg16.pth").eval()

@@ -1,5 +1,11 @@
 """ONNX export of the task models, verified with onnxruntime.
 
+This module's job: :func:`export_task_onnx`, one entry for every model of
+:mod:`vggbackbone.models` (what ``python -m tasks.<task> export`` calls), and the detector
+export, which needs its own exporter and check (below). The generic exporter for one-batch-in
+models, the backbone's command line and :class:`~vggbackbone.export.ExportVerificationError`
+live in :mod:`vggbackbone.export` (``vggbackbone/export.py``), which this module builds on.
+
 >>> from vggbackbone.models import fasterrcnn_vgg, fcn_vgg
 >>> from vggbackbone.models.export import export_task_onnx
 >>> export_task_onnx(fcn_vgg("vgg16", num_classes=21).eval(), "fcn.onnx", torch.rand(1, 3, 320, 320))  # doctest: +SKIP
