@@ -35,9 +35,13 @@ __all__ = [
     "InputNormalization",
     "NormalizeInput",
     "WeightsError",
+    "all_finite",
+    "is_weights_file",
     "load_state_dict_file",
+    "load_torchvision_state_dict",
     "load_vgg_state_dict",
     "resolve_normalization",
+    "resolve_torchvision_weights",
 ]
 
 FORMAT = "vggbackbone"
@@ -296,7 +300,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     return _unwrap(obj, str(path))
 
 
-def _resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
+def resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
+    """torchvision's weights enum member for ``cfg``'s arch: ``name`` is a member already, or its
+    name (``"IMAGENET1K_V1"``, ``"VGG16_Weights.IMAGENET1K_V1"``, ``"DEFAULT"``).
+
+    Raises :class:`WeightsError` when torchvision has no weights for the arch or no such name.
+    """
     import torchvision
     from torchvision.models import WeightsEnum
 
@@ -317,9 +326,14 @@ def _resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
         ) from None
 
 
-def _load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, Tensor]:
-    """``w.get_state_dict()`` but with ``weights_only=True``: torchvision's own call unpickles the
-    cached file with ``weights_only=False``, so a tampered cache file could run code."""
+def load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, Tensor]:
+    """The state dict of torchvision weights ``w`` (an enum member, see
+    :func:`resolve_torchvision_weights`), through torch hub's download cache.
+
+    ``w.get_state_dict()`` but with ``weights_only=True``: torchvision's own call unpickles the
+    cached file with ``weights_only=False``, so a tampered cache file could run code. Raises
+    :class:`WeightsError` naming the cached file when it is not a plain tensors file.
+    """
     from torch.hub import get_dir, load_state_dict_from_url
 
     cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
@@ -335,8 +349,19 @@ def _load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, 
     return _unwrap(obj, str(cached))[0]
 
 
-def _looks_like_path(s: str) -> bool:
-    return os.sep in s or "/" in s or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+def is_weights_file(weights: Any) -> bool:
+    """Whether ``weights`` names a file rather than torchvision weights: a path that exists, or a
+    string shaped like one (a path separator, or a ``.pth``/``.pt``/``.bin``/``.safetensors``/``.ckpt``
+    suffix, so a missing file is reported as such, not as an unknown torchvision name)."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return False
+    s = str(weights)
+    return (
+        Path(s).exists()
+        or os.sep in s
+        or "/" in s
+        or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+    )
 
 
 def load_vgg_state_dict(
@@ -348,14 +373,14 @@ def load_vgg_state_dict(
     fc6/fc7 tensors are still in the source's shape (see :func:`reshape_head`).
     """
     norm: InputNormalization | None = None
-    if isinstance(weights, (str, os.PathLike)) and (Path(weights).exists() or _looks_like_path(str(weights))):
+    if is_weights_file(weights):
         sd, meta = load_state_dict_file(weights)
         desc = str(weights)
         if "normalization" in meta:
             norm = InputNormalization.from_dict(meta["normalization"])
     else:
-        w = _resolve_torchvision_weights(weights, cfg)
-        sd = _load_torchvision_state_dict(w, progress=progress)
+        w = resolve_torchvision_weights(weights, cfg)
+        sd = load_torchvision_state_dict(w, progress=progress)
         meta = {}
         desc = f"torchvision {type(w).__name__}.{w.name}"
         tf = w.transforms()
@@ -456,7 +481,7 @@ def load_backbone_weights(
         raise WeightsError(
             f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8])
         )
-    nonfinite = [k for k in own if k in sd and not _all_finite(sd[k])]
+    nonfinite = [k for k in own if k in sd and not all_finite(sd[k])]
     if nonfinite:
         hint = (
             " (torchvision's IMAGENET1K_FEATURES ships NaN classifier weights): request taps up to pool5 only"
@@ -479,7 +504,8 @@ def load_backbone_weights(
     return requested
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (always true for integer tensors)."""
     if not t.is_floating_point():
         return True
     # fast path: a finite sum means finite entries (one pass, no 100M-element bool mask)

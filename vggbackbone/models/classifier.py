@@ -28,7 +28,6 @@ upscale smaller images (e.g. 8x8 digits) first; the backbone refuses smaller one
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -41,11 +40,11 @@ from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
 from ..weights import (
     WeightsError,
-    _all_finite,
-    _load_torchvision_state_dict,
-    _looks_like_path,
-    _resolve_torchvision_weights,
+    all_finite,
+    is_weights_file,
     load_state_dict_file,
+    load_torchvision_state_dict,
+    resolve_torchvision_weights,
     to_canonical,
 )
 
@@ -165,10 +164,10 @@ def _init_linear(fc: nn.Linear) -> None:
 
 def _read_state_dict(weights: Any, arch: ArchSpec, batch_norm: bool | None, progress: bool) -> tuple[dict, str]:
     """The raw state dict of ``weights`` (a file or a torchvision weights name) and a description."""
-    if isinstance(weights, (str, os.PathLike)) and (Path(weights).exists() or _looks_like_path(str(weights))):
+    if is_weights_file(weights):
         return load_state_dict_file(weights)[0], str(weights)
-    w = _resolve_torchvision_weights(weights, get_config(arch, batch_norm))
-    return _load_torchvision_state_dict(w, progress=progress), f"torchvision {type(w).__name__}.{w.name}"
+    w = resolve_torchvision_weights(weights, get_config(arch, batch_norm))
+    return load_torchvision_state_dict(w, progress=progress), f"torchvision {type(w).__name__}.{w.name}"
 
 
 def load_classifier_head(model: VGGClassifier, state_dict: dict[str, Tensor], desc: str = "weights") -> list[str]:
@@ -206,7 +205,7 @@ def load_classifier_head(model: VGGClassifier, state_dict: dict[str, Tensor], de
             skipped[k] = "not in the file"
         elif new[k].shape != own[k].shape:
             skipped[k] = f"file has {tuple(new[k].shape)} (another number of classes), model {tuple(own[k].shape)}"
-        elif not _all_finite(new[k]):
+        elif not all_finite(new[k]):
             skipped[k] = "not finite in the file"
     # a layer loads whole or not at all: skip weight and bias together
     for layer in {k.split(".")[0] for k in skipped}:
