@@ -12,7 +12,9 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
   absent from the set is NaN: not logged, ``null`` in the JSON);
 * inference: whole image, or sliding windows for images larger than the network should see;
 * ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
-  ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``.
+  ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``, then
+  ``predict_dir/_COMPLETE`` last (JSON: images, skipped; an earlier run's marker is removed at
+  the start), as detection's writer: a folder without it holds an incomplete run.
 """
 
 from __future__ import annotations
@@ -36,20 +38,30 @@ from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
 from tasks.data.voc import voc_palette
 from tasks.deprecation import old_names, warn_once
-from tasks.distributed import is_global_zero
+from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.reporting import EvalReport, publish_metrics
+from tasks.reporting import EvalReport, publish_metrics, write_json
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path
 
-__all__ = ["SEGMENTATION_HEADS", "SegmentationTask", "build_segmentation_model", "main", "sliding_window_logits"]
+__all__ = [
+    "PREDICT_COMPLETE",
+    "SEGMENTATION_HEADS",
+    "SegmentationTask",
+    "build_segmentation_model",
+    "main",
+    "sliding_window_logits",
+]
 
 __getattr__ = old_names(
     __name__, {"SegmentationModel": lambda: SegmentationTask, "SegmentationData": lambda: SegmentationDataModule}
 )
+
+#: ``predict_dir/_COMPLETE``: written last, once every mask of a predict run is in place
+PREDICT_COMPLETE = "_COMPLETE"
 
 #: Segmentation models by ``model.head``: adding one is a builder ``(arch, num_classes,
 #: weights_backbone, **options)`` and an entry here; its options become ``model.<option>`` keys.
@@ -203,6 +215,7 @@ class SegmentationTask(TaskModule):
         # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
         self._train_skipped = SkipCounter()
         self._eval_skipped = SkipCounter()
+        self._predicted = 0  # masks this process wrote in the current predict run
 
     @staticmethod
     def _aux_loss(name: str) -> nn.Module | None:
@@ -319,6 +332,13 @@ class SegmentationTask(TaskModule):
 
         publish_metrics(self, stage, compute, prog_bar=("mIoU",))
 
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._predicted = 0
+        if is_global_zero():  # the marker first: from here on the folder says "incomplete"
+            (self.predict_dir / PREDICT_COMPLETE).unlink(missing_ok=True)
+        self.trainer.strategy.barrier("segment-predict-clean")
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         self._eval_skipped.add(batch.get("skipped", []))
         written = []
@@ -327,12 +347,16 @@ class SegmentationTask(TaskModule):
             written.append(
                 str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha))
             )
+        self._predicted += len(written)
         return written
 
     def on_predict_epoch_end(self) -> None:
-        self._eval_skipped.report("predict")
+        skipped = self._eval_skipped.report("predict")
+        # a collective: every process has written all its masks when it returns, so the marker comes last
+        images = sum(all_gather_objects(self._predicted))
+        write_json(self.predict_dir / PREDICT_COMPLETE, {"images": images, "skipped": len(skipped)})
         if is_global_zero():
-            print(f"predict: masks and overlays written to {self.predict_dir}")
+            print(f"predict: {images} masks and overlays written to {self.predict_dir}")
 
 
 def write_prediction(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from cli_configs import quick_trainer, run_module, shapes_data, write_config
 from PIL import Image
 
@@ -67,3 +68,41 @@ def test_ddp_two_processes_equal_one_process_then_predict(tmp_path: Path) -> Non
         assert mask.mode == "P" and mask.size == image.size
         assert int(np.array(mask).max()) < 4
         assert Image.open(tmp_path / "predict" / f"{sid}_overlay.png").size == image.size
+
+
+class _Killed(pl.Callback):
+    """Stops predict after its first batch, as a kill would."""
+
+    def on_predict_batch_end(self, trainer, *args) -> None:
+        raise RuntimeError("killed")
+
+
+def _cli(cfg: Path):
+    from tasks.cli import cli_main
+    from tasks.segment import LINKS, SegmentationDataModule, SegmentationTask
+
+    return cli_main(
+        SegmentationTask, SegmentationDataModule, task="segment", monitor=("val/mIoU", "max"), links=LINKS,
+        args=["--config", str(cfg)], run=False,
+    )  # fmt: skip
+
+
+def test_predict_writes_complete_last_and_a_rerun_first_removes_the_earlier_one(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    out = tmp_path / "predict"
+    out.mkdir()
+    (out / "_COMPLETE").write_text('{"images": 99, "skipped": 0}')  # an earlier run's marker
+    cli = _cli(cfg)
+    cli.trainer.callbacks.append(_Killed())
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    first = sorted(p.name for p in out.iterdir())
+    assert first and "_COMPLETE" not in first  # the masks of the batch done before the kill, no marker
+
+    cli = _cli(cfg)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    ids = (tmp_path / "shapes/VOCdevkit/VOC2007/ImageSets/Segmentation/val.txt").read_text().split()
+    assert json.loads((out / "_COMPLETE").read_text()) == {"images": len(ids), "skipped": 0}
+    written = [out / f"{sid}{suffix}.png" for sid in ids for suffix in ("", "_overlay")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in written), "_COMPLETE"])
+    assert (out / "_COMPLETE").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in written)  # written last
