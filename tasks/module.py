@@ -314,8 +314,9 @@ def _skips_text(skips: list[Any]) -> str:
 class TaskDataModule(pl.LightningDataModule):
     """Common loader settings and the four ``*_dataloader`` methods.
 
-    Subclasses build ``self.train_set`` / ``self.val_set`` / ``self.test_set`` /
-    ``self.predict_set`` in ``setup`` and name a collate function per stage in
+    Subclasses build each dataset in :meth:`build_dataset` (``train``, ``val``, ``test``,
+    ``predict``; :meth:`setup` stores the ones a Lightning stage needs as ``self.<name>_set``, see
+    :attr:`stage_sets`) or override ``setup`` itself, and name a collate function per stage in
     :attr:`collate_fns`; a training sampler (PK batches...) comes from :meth:`train_sampler`.
     Evaluation loaders shard the dataset without padding when distributed (Lightning's
     ``UnrepeatedDistributedSampler``), so summed metrics count every sample exactly once.
@@ -323,12 +324,31 @@ class TaskDataModule(pl.LightningDataModule):
 
     #: collate function of each stage (``train``, ``val``, ``test``, ``predict``); absent: PyTorch's default
     collate_fns: ClassVar[Mapping[str, Callable[[list[Any]], Any]]] = {}
+    #: the datasets :meth:`setup` builds for each Lightning stage (``None``: all four, in this order)
+    stage_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)
+    }  # fmt: skip
 
     def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+
+    def build_dataset(self, name: str) -> Dataset | None:
+        """The ``name`` dataset (``train``, ``val``, ``test`` or ``predict``) that :meth:`setup` stores.
+
+        ``None`` (this default): not built here, for a subclass with its own loaders or ``setup``;
+        a loader that needs it then fails naming it (:meth:`stage_dataset`).
+        """
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        """``self.<name>_set = build_dataset(name)`` for every dataset ``stage`` needs (:attr:`stage_sets`)."""
+        for name in ("train", "val", "test", "predict") if stage is None else self.stage_sets.get(stage, ()):
+            dataset = self.build_dataset(name)
+            if dataset is not None:
+                setattr(self, f"{name}_set", dataset)
 
     def stage_dataset(self, stage: str) -> Dataset:
         """``self.<stage>_set``, with an error naming it when ``setup`` did not build it."""

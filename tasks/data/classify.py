@@ -280,16 +280,10 @@ class ClassificationDataModule(TaskDataModule):
             tf = eval_transforms(self.image_size, self.resize_size)
         return ImageFolderDataset(self.root / split, self.classes, self.in_channels, tf, allow_empty=not train)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            self.train_set = self.dataset(self.train_split, train=True)
-        if stage in (None, "fit", "validate"):
-            self.val_set = self.dataset(self.val_split)
-        if stage in (None, "test"):
-            self.test_set = self.dataset(self.test_split)
-        if stage in (None, "predict"):
-            if self.predict_images:
-                tf = eval_transforms(self.image_size, self.resize_size)
-                self.predict_set = ImageFiles(self.predict_images, self.in_channels, tf)
-            else:
-                self.predict_set = self.dataset(self.test_split)
+    def build_dataset(self, name: str) -> Dataset:
+        """``train``/``val``/``test``: their split folders; ``predict``: ``predict_images``, else ``test_split``."""
+        if name == "train":
+            return self.dataset(self.train_split, train=True)
+        if name == "predict" and self.predict_images:
+            return ImageFiles(self.predict_images, self.in_channels, eval_transforms(self.image_size, self.resize_size))
+        return self.dataset({"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name])

@@ -357,25 +357,22 @@ class DetectionDataModule(TaskDataModule):
                 raise ValueError(f"data.layout is {self.layout!r} but data.shapes.layouts is {self.shapes.layouts}")
             ensure_shapes(self.root, self.shapes)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.train_set = DetectionDataset(
+    def build_dataset(self, name: str) -> Dataset:
+        """``train`` (augmented)/``val``/``test``: their splits; ``predict``: ``predict_images``, else
+        the validation images with their ids."""
+        if name == "train":
+            return DetectionDataset(
                 self.split("train"),
                 train=True,
                 transforms=detection_transforms(True, self.hflip, self.photometric, self.augment, self.fixed_size),
                 keep_ignored=self.train_difficult,
             )
-        if stage in ("fit", "validate"):
-            self.val_set = DetectionDataset(self.split("val"), train=False)
-        elif stage == "test":
-            self.test_set = DetectionDataset(self.split("test"), train=False)
-        elif stage == "predict":
+        if name == "predict":
             if self.predict_images is not None:
-                self.predict_set: Dataset = ImageFolderDataset(self.predict_images)
-            else:
-                val = self.split("val")
-                paths, ids = [r.path for r in val.records], [r.image_id for r in val.records]
-                self.predict_set = ImageFolderDataset(paths, ids=ids)
+                return ImageFolderDataset(self.predict_images)
+            val = self.split("val")
+            return ImageFolderDataset([r.path for r in val.records], ids=[r.image_id for r in val.records])
+        return DetectionDataset(self.split(name), train=False)
 
     @property
     def format(self) -> str:

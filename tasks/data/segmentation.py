@@ -386,13 +386,11 @@ class SegmentationDataModule(TaskDataModule):
             transforms,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+    def build_dataset(self, name: str) -> Dataset:
+        """``train`` (augmented)/``val``/``test``: their splits; ``predict``: ``predict_images``, else ``val_split``."""
+        if name == "train":
             tf = train_transforms(self.crop_size, self.scale_size, self.scale_range, self.hflip)
-            self.train_set = self.dataset(self.train_split, tf)
-        if stage in (None, "fit", "validate"):
-            self.val_set = self.dataset(self.val_split)
-        if stage in (None, "test"):
-            self.test_set = self.dataset(self.test_split)
-        if stage in (None, "predict"):
-            self.predict_set = ImageList(self.predict_images) if self.predict_images else self.dataset(self.val_split)
+            return self.dataset(self.train_split, tf)
+        if name == "predict":
+            return ImageList(self.predict_images) if self.predict_images else self.dataset(self.val_split)
+        return self.dataset(self.test_split if name == "test" else self.val_split)
