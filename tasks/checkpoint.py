@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import pickle
 import re
@@ -97,13 +98,21 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used here; the message names the file and the reason."""
 
 
+#: Modules whose dataclasses a checkpoint's hyper-parameters may hold; each registers its own with
+#: ``torch.serialization.add_safe_globals`` when imported (next to the dataclass).
+SAFE_GLOBAL_MODULES = ("tasks.optim", "tasks.data.shapes", "tasks.data.market")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file safely: ``torch.load(weights_only=True)``, errors naming the file.
 
     A pickle that needs anything but tensors and plain data (code to run, e.g. a malicious
     ``__reduce__``) is refused, never run; a missing, empty, truncated or non-checkpoint file
-    is a :class:`CheckpointError` (``FileNotFoundError`` when missing) saying so.
+    is a :class:`CheckpointError` (``FileNotFoundError`` when missing) saying so. The project's
+    own config dataclasses (:data:`SAFE_GLOBAL_MODULES`) are allowed whatever was imported before.
     """
+    for module in SAFE_GLOBAL_MODULES:  # imported here, not at the top: they import nothing of ours back
+        importlib.import_module(module)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

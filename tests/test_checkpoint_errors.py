@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 from PIL import Image
 
 from tasks.checkpoint import CheckpointError, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _WritesMarker:
@@ -120,3 +124,24 @@ def test_ckpt_path_of_another_arch_names_the_file_and_the_tensors(ckpts, tmp_pat
     with pytest.raises(CheckpointError, match=r"detect\.ckpt: a checkpoint of task tasks\.detect\.DetectionTask"):
         main([*args, "--ckpt_path", str(ckpts["detect"])])
     assert not ckpts["marker"].exists()
+
+
+def test_read_checkpoint_allows_the_config_dataclasses_in_a_fresh_process(tmp_path: Path) -> None:
+    """A checkpoint whose hyper-parameters hold ShapesConfig / MarketConfig / OptimConfig reads in
+    a process that imported nothing but tasks.checkpoint (the dataclasses register themselves
+    with torch's safe globals on import: read_checkpoint imports them)."""
+    from tasks.data.market import MarketConfig
+    from tasks.data.shapes import ShapesConfig
+    from tasks.optim import OptimConfig
+
+    path = tmp_path / "hp.ckpt"
+    hp = {"shapes": ShapesConfig(num_train=3), "market": MarketConfig(), "optim": OptimConfig()}
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": hp}, path)
+    code = (
+        "import sys; from tasks.checkpoint import read_checkpoint; "
+        "hp = read_checkpoint(sys.argv[1])['hyper_parameters']; "
+        "print(type(hp['shapes']).__name__, hp['shapes'].num_train, "
+        "type(hp['market']).__name__, type(hp['optim']).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["ShapesConfig", "3", "MarketConfig", "OptimConfig"]
