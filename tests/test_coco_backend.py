@@ -144,3 +144,29 @@ def test_backend_choice(monkeypatch) -> None:
     assert coco_backend("auto") == "pycocotools"
     with pytest.raises(ImportError, match="pip install faster-coco-eval"):
         coco_backend("faster_coco_eval")
+
+
+def test_coco_evaluate_restores_the_garbage_collector_state() -> None:
+    """The cyclic collector is paused during evaluation only: its state comes back, errors included."""
+    import gc
+
+    gt = {
+        "images": [{"id": 1, "width": 10, "height": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}]
+    was = gc.isenabled()
+    try:
+        for backend in ("pycocotools", "faster_coco_eval"):
+            gc.enable()
+            assert coco_evaluate(gt, dets, backend=backend)["AP"] == pytest.approx(1.0)
+            assert gc.isenabled()
+            with pytest.raises(Exception):  # noqa: B017 (each backend raises its own error for a result on no image)
+                coco_evaluate(gt, [{**dets[0], "image_id": 7}], backend=backend)
+            assert gc.isenabled()
+            gc.disable()
+            coco_evaluate(gt, dets, backend=backend)
+            assert not gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -18,8 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -79,6 +80,23 @@ def coco_backend(backend: CocoBackend = "auto") -> str:
     return backend
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (reference counting still frees everything).
+
+    COCO evaluation builds millions of small dicts and lists (one per detection and per image x
+    category) that form no cycles; the collector's repeated passes over them cost ~20 % of
+    faster-coco-eval's time at 5,000 images x 100 detections (7.7 s -> 6.1 s, AVX2 EPYC).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def coco_evaluate(
     gt: Mapping[str, Any],
     results: Sequence[Mapping[str, Any]],
@@ -109,7 +127,7 @@ def coco_evaluate(
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+    with _cyclic_gc_paused(), contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
         coco_gt = COCO()
         coco_gt.dataset = {k: list(v) for k, v in gt.items() if k in ("images", "annotations", "categories")}
         coco_gt.createIndex()
