@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_detect_cli import REPO, _config, _versions
+from cli_configs import REPO
+from cli_configs import csv_versions as _versions
+from test_detect_cli import _config
 
 # images of different sizes and aspect ratios: batched, they would be padded to a common size
 SIZES = ("--data.shapes.min_image_size", "40", "--data.shapes.max_image_size", "96", "--data.shapes.num_val", "5")

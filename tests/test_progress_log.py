@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_detect_cli import REPO, _config
+from cli_configs import REPO
+from test_detect_cli import _config
 
 
 def test_progress_lines_appear_during_training_when_stdout_is_not_a_tty(tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ def _max_abs(a: Any, b: Any) -> float:
 # ------------------------------------------------------------------------------ segmentation export
 def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path: Path) -> None:
     import onnxruntime as ort
-    from test_segment_cli import _config, _run
+    from cli_configs import run_module
+    from test_segment_cli import _config
 
     from tasks.segment import SegmentationTask, main
 
@@ -88,7 +89,9 @@ def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path:
     assert ckpt.is_file()
 
     out = tmp_path / "seg.onnx"
-    proc = _run(["export", "--ckpt", str(ckpt), "--out", str(out), "--height", "48", "--width", "64"], tmp_path)
+    proc = run_module(
+        "tasks.segment", ["export", "--ckpt", str(ckpt), "--out", str(out), "--height", "48", "--width", "64"]
+    )
     assert f"-> {out}" in proc.stdout and out.is_file()
 
     task = SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
