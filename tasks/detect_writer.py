@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tasks.data.detection import DetectionBatch
 from tasks.distributed import all_gather_objects, gather_unique, is_global_zero
-from tasks.reporting import write_json
+from tasks.reporting import COMPLETE_MARKER, write_json
 from vggbackbone.metrics import detections_to_coco
 from vggbackbone.utils import atomic_path
 
@@ -40,7 +40,7 @@ class DetectionWriter(BasePredictionWriter):
     """
 
     #: written last, once every other file is in place
-    COMPLETE = "_COMPLETE"
+    COMPLETE = COMPLETE_MARKER
 
     def __init__(
         self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2

@@ -136,6 +136,11 @@ def publish_metrics(
     return metrics
 
 
+#: the file a predict run writes last into its output folder (detection and segmentation): a folder
+#: without it holds an incomplete run
+COMPLETE_MARKER = "_COMPLETE"
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (on global rank 0 only); return the path."""
     path = Path(path)

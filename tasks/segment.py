@@ -42,7 +42,7 @@ from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.reporting import EvalReport, publish_metrics, write_json
+from tasks.reporting import COMPLETE_MARKER, EvalReport, publish_metrics, write_json
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path
@@ -61,7 +61,7 @@ __getattr__ = old_names(
 )
 
 #: ``predict_dir/_COMPLETE``: written last, once every mask of a predict run is in place
-PREDICT_COMPLETE = "_COMPLETE"
+PREDICT_COMPLETE = COMPLETE_MARKER
 
 #: Segmentation models by ``model.head``: adding one is a builder ``(arch, num_classes,
 #: weights_backbone, **options)`` and an entry here; its options become ``model.<option>`` keys.

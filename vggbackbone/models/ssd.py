@@ -173,8 +173,6 @@ class SSDVGGBackbone(nn.Module):
         self.body = body
         self.l2norm = L2Norm(c4, 20.0)
 
-        # pool5 2x2/2 -> 3x3/1 keeps stride 16; fc6's dilation 6 stands for the 7x7 kernel over
-        # stride-32 pool5 (x2) subsampled every 3rd tap (x3)
         # extra_norm (ScratchDet's BatchNorm after every added convolution) goes between conv and ReLU
         def conv_act(name: str, conv: nn.Conv2d, relu: str) -> list[tuple[str, nn.Module]]:
             layers: list[tuple[str, nn.Module]] = [(name, conv)]
@@ -182,6 +180,8 @@ class SSDVGGBackbone(nn.Module):
                 layers.append((f"{name}_norm", extra_norm(conv.out_channels)))
             return [*layers, (relu, nn.ReLU(inplace=True))]
 
+        # pool5 2x2/2 -> 3x3/1 keeps stride 16; fc6's dilation 6 stands for the 7x7 kernel over
+        # stride-32 pool5 (x2) subsampled every 3rd tap (x3)
         self.fc = nn.Sequential(
             OrderedDict(
                 [
