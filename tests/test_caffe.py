@@ -186,3 +186,20 @@ def test_bad_caffemodels_are_refused_by_name(tmp_path: Path) -> None:
     v19 = _write(tmp_path / "v19.caffemodel", _random_layers("vgg19"), "V1")
     with pytest.raises(WeightsError, match="vgg19"):
         VGGBackbone("vgg16", ["pool5"], weights=v19, width_mult=0.125)
+
+
+def test_the_faster_rcnn_and_fcn_builders_start_from_a_caffemodel(tmp_path: Path) -> None:
+    """What the Faster R-CNN and FCN recipes do by default: backbone, fc6/fc7 and normalisation from the file."""
+    from vggbackbone.models import fasterrcnn_vgg, fcn_vgg
+
+    layers = _random_layers("vgg16", seed=3)
+    path = _write(tmp_path / "VGG_ILSVRC_16_layers.caffemodel", layers, "V1")
+    det = fasterrcnn_vgg("vgg16", 3, weights_backbone=path, width_mult=0.125, min_size=64, max_size=64)
+    assert det.normalization.name == "caffe" and det.transform.image_std == [1 / 255] * 3
+    assert torch.equal(det.roi_heads.box_head.fc6.weight, torch.from_numpy(layers["fc6"][0]))
+    bgr_first = det.backbone.features["conv1"][0].weight.flip(1)  # turned to take RGB
+    assert torch.equal(bgr_first, torch.from_numpy(layers["conv1_1"][0]))
+    seg = fcn_vgg("vgg16", 21, "8s", weights_backbone=path, width_mult=0.125)
+    assert seg.normalization.name == "caffe"
+    fc7 = next(m for n, m in seg.backbone.named_modules() if isinstance(m, torch.nn.Conv2d) and "fc7" in n)
+    assert torch.equal(fc7.weight.flatten(1), torch.from_numpy(layers["fc7"][0]))
