@@ -69,10 +69,16 @@ class CenterLoss(nn.Module):
     every process keeps the same centres.
     """
 
-    def __init__(self, num_classes: int, dim: int, alpha: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, dim: int, alpha: float = 0.5, init: Literal["zeros", "randn"] = "zeros"
+    ) -> None:
         super().__init__()
         self.alpha = alpha
-        self.register_buffer("centers", torch.zeros(num_classes, dim))
+        if init not in ("zeros", "randn"):
+            raise ValueError(f"center_init must be 'zeros' or 'randn', got {init!r}")
+        # randn: reid-strong-baseline's layers/center_loss.py (nn.Parameter(torch.randn(classes, dim)))
+        centers = torch.randn(num_classes, dim) if init == "randn" else torch.zeros(num_classes, dim)
+        self.register_buffer("centers", centers)
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         centers = self.centers[labels]
@@ -101,6 +107,8 @@ class ReIDTask(TaskModule):
         ce_weight, triplet_weight, center_weight: loss weights (center: 0 = off, 5e-4 in BoT).
         triplet_margin: margin of the batch-hard triplet loss (euclidean, on pre-BN features).
         center_alpha: centre update rate of the center loss.
+        center_init: initial class centres: ``zeros`` or ``randn`` (standard normal, the strong
+            baseline's ``layers/center_loss.py``).
         distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
         rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
         max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
@@ -123,6 +131,7 @@ class ReIDTask(TaskModule):
         triplet_margin: float = 0.3,
         center_weight: float = 0.0,
         center_alpha: float = 0.5,
+        center_init: Literal["zeros", "randn"] = "zeros",
         distance: Literal["cosine", "euclidean"] = "cosine",
         rerank: bool = False,
         rerank_k1: int = 20,
@@ -149,9 +158,10 @@ class ReIDTask(TaskModule):
                 "weights_backbone": weights_backbone, "num_classes": num_classes,
                 "label_smoothing": label_smoothing, "ce_weight": ce_weight, "triplet_weight": triplet_weight,
                 "triplet_margin": triplet_margin, "center_weight": center_weight, "center_alpha": center_alpha,
-                "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1, "rerank_k2": rerank_k2,
-                "rerank_lambda": rerank_lambda, "max_rank": max_rank, "eval_chunk_size": eval_chunk_size,
-                "grid_queries": grid_queries, "grid_topk": grid_topk, "optim": optim,
+                "center_init": center_init, "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1,
+                "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda, "max_rank": max_rank,
+                "eval_chunk_size": eval_chunk_size, "grid_queries": grid_queries, "grid_topk": grid_topk,
+                "optim": optim,
                 **_BUILDER_ARGS.hparams("reid_vgg", model_kwargs),
             }
         )  # fmt: skip
@@ -166,7 +176,7 @@ class ReIDTask(TaskModule):
         self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=dist_fn, reducer=reducers.MeanReducer())
         self.center: CenterLoss | None = None
         if num_classes and center_weight > 0:
-            self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha)
+            self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha, center_init)
         self._eval_parts: list[tuple[Tensor, ...]] = []
         # training and evaluation skips are counted and reported apart
         self._train_skipped = SkipCounter()
@@ -177,7 +187,9 @@ class ReIDTask(TaskModule):
         self.model.reset_classifier(n)
         self.hparams["num_classes"] = n
         if self.hparams.center_weight > 0:
-            self.center = CenterLoss(n, self.model.embedding_dim, self.hparams.center_alpha).to(self.model.mean.device)
+            self.center = CenterLoss(
+                n, self.model.embedding_dim, self.hparams.center_alpha, self.hparams.get("center_init", "zeros")
+            ).to(self.model.mean.device)
 
     def setup(self, stage: str) -> None:
         if stage != "fit":

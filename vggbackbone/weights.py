@@ -5,11 +5,13 @@ Sources understood, all mapped key by key onto this package's names:
 * torchvision ``VGG`` state dicts (``features.<i>.*``, ``classifier.0/3/6.*``), also through a
   torchvision weights name (``"IMAGENET1K_V1"``), which goes through torchvision's download cache;
 * timm ``vgg*`` state dicts (``features.<i>.*``, ``pre_logits.fc1/fc2.*``, ``head.fc.*``);
-* files written by :meth:`VGGBackbone.save_weights` (``features.conv1.conv1_1.*``, with metadata).
+* files written by :meth:`VGGBackbone.save_weights` (``features.conv1.conv1_1.*``, with metadata);
+* the original Caffe release (``VGG_ILSVRC_16_layers.caffemodel`` ...), read with protobuf by
+  :mod:`vggbackbone.caffe` into torchvision's layout; Caffe's normalisation comes with it.
 
 ``classifier.0`` (4096 x 25088) becomes the 7x7 conv fc6 and ``classifier.3`` the 1x1 conv fc7,
 as FCN convolutionalises them; the 1000-way fc8 is ignored. Files are read with
-``torch.load(weights_only=True)`` or safetensors: a weights file never runs code.
+``torch.load(weights_only=True)``, safetensors or protobuf: a weights file never runs code.
 """
 
 from __future__ import annotations
@@ -273,6 +275,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".caffemodel":  # the original Caffe release: protobuf only, runs no code
+        return _read_caffemodel(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -298,6 +302,18 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightsError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from e
     return _unwrap(obj, str(path))
+
+
+def _read_caffemodel(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A VGG ``.caffemodel`` (:func:`vggbackbone.caffe.read_caffemodel`) as a torchvision-layout
+    state dict, its metadata declaring Caffe's input normalisation (BGR 0-255 minus the mean)."""
+    from .caffe import CaffeModelError, read_caffemodel
+
+    try:
+        sd, info = read_caffemodel(path)
+    except CaffeModelError as e:
+        raise WeightsError(str(e)) from e
+    return sd, {**info, "normalization": CAFFE.to_dict()}
 
 
 def resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
@@ -360,7 +376,7 @@ def is_weights_file(weights: Any) -> bool:
         Path(s).exists()
         or os.sep in s
         or "/" in s
-        or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+        or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".caffemodel")
     )
 
 
@@ -492,9 +508,15 @@ def load_backbone_weights(
     own_sd = {k: sd[k] for k in own if k in sd}
     model.load_state_dict(own_sd, strict=False)
 
-    if normalization is None:
+    caffemodel = meta.get("source") == "caffemodel"
+    if normalization is None and not caffemodel:
         return norm if norm is not None else resolve_normalization(None, model.in_channels)
-    requested = resolve_normalization(normalization, model.in_channels)
+    requested = norm if normalization is None else resolve_normalization(normalization, model.in_channels)
+    if caffemodel and requested.name != "caffe":
+        raise WeightsError(
+            f"{desc}: a .caffemodel takes BGR 0-255 input minus the mean pixel (normalization 'caffe', implied); "
+            f"got normalization {requested.name!r}: leave it unset, or give Caffe statistics (space: bgr255)"
+        )
     if requested.name == "caffe" and meta["source"] != "native":
         # Weights trained on BGR input: flip conv1_1's input channels so the model takes RGB.
         # This package's own files are already stored RGB-first (flipped when first loaded).

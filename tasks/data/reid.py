@@ -201,9 +201,13 @@ class PKSampler(DistributedSampler):
     its output and deals it out index by index, breaking the P x K structure. This subclasses
     ``DistributedSampler`` so Lightning leaves it alone, and calls ``set_epoch`` on it.
 
-    Per epoch (torchreid's ``RandomIdentitySampler``): each identity's images are shuffled,
-    padded by re-sampling to a multiple of K and cut into groups of K; batches take P random
-    identities that still have a group. Batches are dealt round-robin to the ``num_replicas``
+    Per epoch, each identity's images are shuffled and cut into groups of K, padded by
+    re-sampling its own images (``padding``): ``"multiple"`` (the default) pads every identity
+    to a multiple of K, so every image is seen each epoch; ``"below_k"`` pads only identities with
+    fewer than K images (up to K) and drops the others' last incomplete group, as the strong
+    baseline's ``RandomIdentitySampler`` (reid-strong-baseline ``data/samplers/triplet_sampler.py``,
+    also open-reid's and torchreid's): on Market-1501 at K=4 its epochs are ~15-20 % shorter.
+    Batches take P random identities that still have a group. Batches are dealt round-robin to the ``num_replicas``
     processes (the plan is seeded by ``seed + epoch``, so every rank builds the same one), each
     rank gets the same number. Yields indices; the loader cuts them into batches of ``P * K``.
     """
@@ -217,7 +221,11 @@ class PKSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
+        padding: Literal["multiple", "below_k"] = "multiple",
     ) -> None:
+        if padding not in ("multiple", "below_k"):
+            raise ValueError(f"PK sampler padding must be 'multiple' or 'below_k', got {padding!r}")
+        self.padding = padding
         # DistributedSampler.__init__ needs a dataset and an initialised process group; set its
         # attributes ourselves so this also works in a single process.
         if num_replicas is None:
@@ -244,7 +252,11 @@ class PKSampler(DistributedSampler):
         pools: dict[int, list[np.ndarray]] = {}
         for pid, idx in self.by_pid.items():
             idx = rng.permutation(idx)
-            if len(idx) % self.k:
+            if self.padding == "below_k":  # the strong baseline: pad to K only, drop the remainder
+                if len(idx) < self.k:
+                    idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx), replace=True)])
+                idx = idx[: len(idx) - len(idx) % self.k]
+            elif len(idx) % self.k:
                 idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx) % self.k, replace=True)])
             pools[pid] = list(idx.reshape(-1, self.k))
         batches = []
@@ -306,6 +318,12 @@ class ReIDDataModule(TaskDataModule):
         random_erasing: probability of random erasing (Zhong et al. 2020).
         erasing_value: the RGB value in ``[0, 1]`` erased areas get (the mean pixel, ImageNet's
             by default, so they become 0 after normalisation).
+        erasing_scale: ``[min, max]`` fraction of the crop an erased rectangle covers
+            (torchvision's ``RandomErasing`` default ``[0.02, 0.33]``; the strong baseline's
+            ``sl, sh`` are ``[0.02, 0.4]``).
+        pk_padding: how the PK sampler fills identities (:class:`PKSampler`): ``multiple`` (every
+            identity padded to a multiple of K) or ``below_k`` (only identities with fewer than K
+            images, the strong baseline's epoch).
         color_jitter: brightness/contrast/saturation jitter strength (0: off).
         format, flip: old names of ``layout`` and ``hflip`` (accepted, warned once).
     """
@@ -329,6 +347,8 @@ class ReIDDataModule(TaskDataModule):
         pad: int = 10,
         random_erasing: float = 0.5,
         erasing_value: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        erasing_scale: tuple[float, float] = (0.02, 0.33),
+        pk_padding: Literal["multiple", "below_k"] = "multiple",
         color_jitter: float = 0.0,
         format: Literal["market", "csv"] | None = None,
         flip: float | None = None,
@@ -344,6 +364,9 @@ class ReIDDataModule(TaskDataModule):
         self.synthetic = synthetic
         self.image_size = tuple(image_size)
         self.p, self.k = p, k
+        if pk_padding not in ("multiple", "below_k"):
+            raise ValueError(f"data.pk_padding must be 'multiple' or 'below_k', got {pk_padding!r}")
+        self.pk_padding = pk_padding
         self.train_transform = v2.Compose(
             [
                 v2.Resize(self.image_size, antialias=True),
@@ -351,7 +374,11 @@ class ReIDDataModule(TaskDataModule):
                 *([v2.Pad(pad), v2.RandomCrop(self.image_size)] if pad > 0 else []),
                 *([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
                 v2.ToDtype(torch.float32, scale=True),
-                *([v2.RandomErasing(random_erasing, value=list(erasing_value))] if random_erasing > 0 else []),
+                *(
+                    [v2.RandomErasing(random_erasing, scale=tuple(erasing_scale), value=list(erasing_value))]
+                    if random_erasing > 0
+                    else []
+                ),
             ]
         )
         self.eval_transform = v2.Compose(
@@ -415,4 +442,5 @@ class ReIDDataModule(TaskDataModule):
     def train_sampler(self) -> PKSampler:
         """PK batches, with the same seed on every rank (Lightning's own distributed samplers read it the same way)."""
         assert self.train_set is not None
-        return PKSampler(self.train_set.labels, self.p, self.k, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return PKSampler(self.train_set.labels, self.p, self.k, seed=seed, padding=self.pk_padding)
