@@ -4,8 +4,10 @@ Layout (torchvision's ``ImageFolder``)::
 
     <root>/<split>/<class>/<image>.png|jpg|...    (split: train, val, test; any depth below <class>)
 
-Class folders are found and listed by torchvision's own ``find_classes`` / ``make_dataset``
-(:mod:`torchvision.datasets.folder`); the class indices are the sorted folder names of the
+Class folders are found and listed as torchvision's ``find_classes`` / ``make_dataset`` do (same
+samples, same order), by :func:`tasks.walk.walk_files`, which also follows linked folders but
+never into a loop (torchvision's ``os.walk(followlinks=True)`` does) nor into a folder listed
+already, and reports the links it skipped; the class indices are the sorted folder names of the
 training split (or ``data.classes``), the same in every split. Images are decoded by
 :func:`tasks.images.read_image` (``L`` for ``in_channels: 1``, ``RGB`` for 3): a missing, empty
 or corrupt image becomes a :class:`~tasks.images.SkippedSample`, dropped by the collate and
@@ -17,6 +19,7 @@ batches ``{"image": (N, C, S, S), "label": (N,), "index": (N,), "path": [...], "
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,12 +27,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
 from tasks.data.digits import DigitsConfig, ensure_digits
+from tasks.distributed import is_global_zero
 from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, list_images, read_image
 from tasks.module import TaskDataModule
+from tasks.walk import class_folders, walk_files
 
 __all__ = [
     "ClassificationDataModule",
@@ -96,14 +100,26 @@ class ImageFolderDataset(_Images):
             raise FileNotFoundError(
                 f"{self.root}: split folder not found (ImageFolder layout: <root>/<split>/<class>/)"
             )
-        found, _ = find_classes(self.root)
+        # torchvision's make_dataset walks with os.walk(followlinks=True), which loops for ever on a
+        # link back into an ancestor: tasks.walk lists the same files in the same order, never twice
+        walk = walk_files(self.root, IMAGE_EXTENSIONS)
+        if is_global_zero():
+            walk.warn()
+        found = sorted({d[0] for d in walk.dirs})
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(f"{self.root}: class folder(s) {unknown} are not among the classes {list(classes)}")
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        present = {c: i for c, i in self.class_to_idx.items() if c in found}
-        self.samples = make_dataset(self.root, present, extensions=IMAGE_EXTENSIONS, allow_empty=allow_empty)
+        # torchvision's order: class by class, then by folder path, then by file name
+        listed = sorted((f for f in walk.files if len(f) > 1), key=lambda f: (f[0], os.sep.join(f[:-1]), f[-1]))
+        self.samples = [(os.path.join(self.root, *f), self.class_to_idx[f[0]]) for f in listed]
+        empty = sorted(set(found) - {f[0] for f in listed})
+        if empty and not allow_empty:  # torchvision's make_dataset error
+            raise FileNotFoundError(
+                f"{self.root}: found no valid file for the classes {', '.join(empty)}. "
+                f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}"
+            )
         if not self.samples:
             raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.mode = _mode(in_channels)
@@ -251,7 +267,7 @@ class ClassificationDataModule(TaskDataModule):
             return list(DIGITS_CLASSES)
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
-                return find_classes(self.root / split)[0]
+                return class_folders(self.root / split)
         raise FileNotFoundError(
             f"{self.root}: none of the split folders {self.train_split}, {self.val_split}, {self.test_split} "
             "exists, so the class names cannot be read; set data.classes or create the data first"
