@@ -33,6 +33,7 @@ from tasks.data.digits import DigitsConfig, ensure_digits
 from tasks.distributed import is_global_zero
 from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, list_images, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_probability, check_range, check_size, require_exists, require_folder
 from tasks.walk import class_folders, walk_files
 
 __all__ = [
@@ -249,6 +250,11 @@ class ClassificationDataModule(TaskDataModule):
         self.root = Path(root)
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         _mode(in_channels)
+        check_size("data.image_size", image_size)
+        check_size("data.resize_size", resize_size, optional=True)
+        check_range("data.scale_range", scale_range, maximum=1.0, positive=True)
+        check_size("data.jitter_range", jitter_range, 2)
+        check_probability("data.hflip", hflip)
         self.in_channels = in_channels
         self.image_size = image_size
         self.resize_size = resize_size or round(image_size * 256 / 224)
@@ -268,9 +274,11 @@ class ClassificationDataModule(TaskDataModule):
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
                 return class_folders(self.root / split)
+        require_folder("data.root", self.root)
         raise FileNotFoundError(
-            f"{self.root}: none of the split folders {self.train_split}, {self.val_split}, {self.test_split} "
-            "exists, so the class names cannot be read; set data.classes or create the data first"
+            f"data.root {self.root}: none of the split folders {self.train_split}, {self.val_split}, "
+            f"{self.test_split} (data.train_split, data.val_split, data.test_split) exists, so the class names "
+            "cannot be read; set data.classes or create the data first"
         )
 
     @property
@@ -286,8 +294,9 @@ class ClassificationDataModule(TaskDataModule):
         if self.digits is not None:
             ensure_digits(self.root, self.digits)
 
-    def dataset(self, split: str, train: bool = False) -> ImageFolderDataset:
-        """The ``split`` folder with training or evaluation transforms."""
+    def dataset(self, split: str, train: bool = False, option: str = "data.val_split") -> ImageFolderDataset:
+        """The ``split`` folder with training or evaluation transforms (``option`` names it in errors)."""
+        require_folder(option, self.root / split, within=("data.root", self.root))
         if train:
             tf = train_transforms(
                 self.image_size, self.train_crop, self.resize_size, self.scale_range, self.jitter_range, self.hflip
@@ -299,7 +308,11 @@ class ClassificationDataModule(TaskDataModule):
     def build_dataset(self, name: str) -> Dataset:
         """``train``/``val``/``test``: their split folders; ``predict``: ``predict_images``, else ``test_split``."""
         if name == "train":
-            return self.dataset(self.train_split, train=True)
+            return self.dataset(self.train_split, train=True, option="data.train_split")
         if name == "predict" and self.predict_images:
+            require_exists("data.predict_images", self.predict_images, "folder, image list or image")
             return ImageFiles(self.predict_images, self.in_channels, eval_transforms(self.image_size, self.resize_size))
-        return self.dataset({"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name])
+        option = "data.val_split" if name == "val" else "data.test_split"
+        return self.dataset(
+            {"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name], option=option
+        )
