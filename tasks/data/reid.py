@@ -125,7 +125,7 @@ def read_pid_csv(path: str | Path) -> list[ReIDSample]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
     samples = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="surrogateescape") as f:  # paths as the file system has them
         reader = csv.DictReader(f)
         missing = {"path", "pid", "camid"} - set(reader.fieldnames or ())
         if missing:
