@@ -38,6 +38,7 @@ from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.pathnames import display_path, path_hex
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.models import vgg_classifier
@@ -268,14 +269,19 @@ class ExportableClassifier(nn.Module):
 def write_predictions(
     path: str | Path, rows: list[tuple[int, str, list[int], list[float]]], class_names: list[str], top_k: int
 ) -> Path:
-    """Write ``path,label1,score1,...`` (one row per ``(index, path, labels, scores)``) atomically."""
+    """Write ``path,label1,score1,...,path_hex`` (one row per ``(index, path, labels, scores)``) atomically.
+
+    UTF-8; a path that is not valid UTF-8 is written ``\\xNN`` for its bad bytes, its exact bytes in
+    hex in ``path_hex`` (empty for the others): :mod:`tasks.pathnames`.
+    """
     path = Path(path)
-    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")] + ["path_hex"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for _, image, labels, scores in rows:
-            writer.writerow([image, *(v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))])
+            scored = (v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))
+            writer.writerow([display_path(image), *scored, path_hex(image)])
     return path
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from tasks.data.detection import DetectionBatch
 from tasks.distributed import all_gather_objects, gather_unique, is_global_zero
+from tasks.pathnames import name_fields
 from tasks.reporting import COMPLETE_MARKER, write_json
 from vggbackbone.metrics import detections_to_coco
 from vggbackbone.utils import atomic_path
@@ -90,7 +91,7 @@ class DetectionWriter(BasePredictionWriter):
                     "produce NaN/inf; nothing more is written"
                 )
             self._detections[iid] = {k: pred[k] for k in ("boxes", "scores", "labels")}
-            self._images[iid] = {"id": iid, "file_name": str(path), "width": int(w), "height": int(h)}
+            self._images[iid] = {"id": iid, **name_fields(path), "width": int(w), "height": int(h)}  # tasks.pathnames
             if not self.draw:
                 continue
             keep = pred["scores"] >= self.score_threshold

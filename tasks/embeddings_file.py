@@ -69,7 +69,7 @@ class Shard:
 
 def read_skips(path: Path) -> dict[int, str]:
     out = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         idx, _, reason = line.partition("\t")
         if idx.isdigit() and reason:
             out[int(idx)] = reason

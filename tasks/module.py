@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
+from tasks.options import check_int
 from tasks.reporting import DEFAULT_METRICS_FILE
 from vggbackbone.weights import resolve_normalization
 
@@ -331,9 +332,10 @@ class TaskDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
         super().__init__()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        # checked here, by name: DataLoader's own errors do not say which option (tasks.options)
+        self.batch_size = check_int("data.batch_size", batch_size)
+        self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, optional=True) or self.batch_size
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
 
     def build_dataset(self, name: str) -> Dataset | None:
         """The ``name`` dataset (``train``, ``val``, ``test`` or ``predict``) that :meth:`setup` stores.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -176,7 +177,8 @@ class _ShardWriter(BasePredictionWriter):
     ) -> None:  # type: ignore[override]
         if prediction["skipped"]:
             if self.skip_file is None:
-                self.skip_file = open(self.data.parts / f"{self._prefix(trainer)}.skip", "a")  # noqa: SIM115 (closed in teardown)
+                skips = self.data.parts / f"{self._prefix(trainer)}.skip"
+                self.skip_file = open(skips, "a", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 (closed in teardown)
             self.skip_file.write("".join(f"{i}\t{r}\n" for i, r in prediction["skipped"]))
             self.skip_file.flush()
         emb = prediction["embedding"]
@@ -306,7 +308,7 @@ def extract_embeddings(
     if precision == "auto":  # resolved here, so shards of a resumed run never mix precisions
         precision = default_precision(trainer.strategy.root_device) if optimize else "fp32"
     fingerprint |= {
-        "images_sha1": hashlib.sha1("\n".join(str(f) for f in files).encode()).hexdigest(),
+        "images_sha1": hashlib.sha1(b"\n".join(os.fsencode(f) for f in files)).hexdigest(),  # names as bytes
         "num_images": len(files),
         "image_size": list(size),
         "precision": precision if optimize else "fp32 (not optimised)",

@@ -37,6 +37,7 @@ from tasks.data.market import MarketConfig, ensure_market
 from tasks.deprecation import renamed
 from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_int, check_number, check_probability, check_size, require_file, require_folder
 
 __all__ = [
     "PKSampler",
@@ -124,7 +125,7 @@ def read_pid_csv(path: str | Path) -> list[ReIDSample]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
     samples = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="surrogateescape") as f:  # paths as the file system has them
         reader = csv.DictReader(f)
         missing = {"path", "pid", "camid"} - set(reader.fieldnames or ())
         if missing:
@@ -234,6 +235,7 @@ class PKSampler(DistributedSampler):
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        p, k = check_int("data.p", p), check_int("data.k", k)
         self.labels = np.asarray(labels)
         self.p, self.k = p, k
         self.num_replicas, self.rank = num_replicas, rank
@@ -242,7 +244,8 @@ class PKSampler(DistributedSampler):
         self.by_pid: dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
         if len(self.by_pid) < p:
             raise ValueError(
-                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}"
+                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}: "
+                f"lower data.p to at most {len(self.by_pid)}"
             )
         # batches per rank and epoch: from epoch 0's plan (later plans can differ by a batch or two)
         self.num_batches = max(1, len(self._plan(0)) // num_replicas)
@@ -353,9 +356,17 @@ class ReIDDataModule(TaskDataModule):
         format: Literal["market", "csv"] | None = None,
         flip: float | None = None,
     ) -> None:
+        p, k = check_int("data.p", p), check_int("data.k", k)  # before p * k is the batch size
         super().__init__(batch_size=p * k, eval_batch_size=eval_batch_size, num_workers=num_workers)
         layout = renamed("data", "format", "layout", format, layout, "market")
         hflip = renamed("data", "flip", "hflip", flip, hflip, 0.5)
+        check_size("data.image_size", image_size, 2)
+        check_probability("data.hflip", hflip)
+        check_int("data.pad", pad, minimum=0)
+        check_probability("data.random_erasing", random_erasing)
+        check_number("data.color_jitter", color_jitter)
+        if len(erasing_value) != 3 or not all(0.0 <= float(v) <= 1.0 for v in erasing_value):
+            raise ValueError(f"data.erasing_value must be 3 numbers (RGB) in [0, 1], got {erasing_value!r}")
         self.save_hyperparameters(ignore=["format", "flip"])
         self.hparams.update(layout=layout, hflip=hflip)
         self.root = Path(root)
@@ -399,9 +410,12 @@ class ReIDDataModule(TaskDataModule):
         if self.layout == "csv":
             if not self.csvs[split]:
                 raise ValueError(f"layout: csv needs {split}_csv")
-            samples = read_pid_csv(self.csvs[split])
+            samples = read_pid_csv(require_file(f"data.{split}_csv", self.csvs[split]))
             return [s for s in samples if s.pid != 0] if split == "train" else samples
-        return read_market_split(self.root / MARKET_SPLITS[split], keep_distractors=split == "gallery")
+        folder = require_folder(
+            "data.root", self.root / MARKET_SPLITS[split], within=("data.root", self.root)
+        )  # Market-1501: bounding_box_train, query, bounding_box_test
+        return read_market_split(folder, keep_distractors=split == "gallery")
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
