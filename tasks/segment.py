@@ -349,7 +349,13 @@ class SegmentationTask(TaskModule):
         for image, sid in self._skip_small(batch, ("image", "id")):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
             path = write_prediction(
-                self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha, outputs=self._outputs
+                self.predict_dir,
+                sid,
+                image.cpu(),
+                pred,
+                self.num_classes,
+                self.overlay_alpha,
+                outputs=getattr(self, "_outputs", None),
             )
             written.append(str(path))
         self._predicted += len(written)
@@ -358,12 +364,14 @@ class SegmentationTask(TaskModule):
     def on_predict_epoch_end(self) -> None:
         skipped = self._eval_skipped.report("predict")
         images = sum(all_gather_objects(self._predicted))
-        source = getattr(self.trainer.datamodule, "predict_images", None) or getattr(
-            self.trainer.datamodule, "root", "?"
-        )
-        require_some(images, "segment predict", source, skipped, on_error=self._outputs.close)
+        outputs = getattr(self, "_outputs", None)  # None: the predict hooks called by hand, without a run
+        if not images:
+            dm = self.trainer.datamodule
+            source = getattr(dm, "predict_images", None) or getattr(dm, "root", "?")
+            require_some(images, "segment predict", source, skipped, on_error=outputs.close if outputs else None)
         # a collective: every process has written all its masks when it returns, so the marker comes last
-        self._outputs.finish({"images": images, "skipped": len(skipped)})
+        if outputs is not None:
+            outputs.finish({"images": images, "skipped": len(skipped)})
         if is_global_zero():
             print(f"predict: {images} masks and overlays written to {self.predict_dir}")
 
