@@ -16,9 +16,9 @@ sha256}}``, ``dirs`` it created):
   atomically, then the ``_COMPLETE`` marker (:data:`COMPLETE_MARKER`) last: a folder without it
   holds an incomplete run.
 
-:class:`OutputFolder` is that protocol for the writers; :func:`record_tree`,
-:func:`foreign_entries` and :func:`remove_recorded` serve the dataset generators
-(:mod:`tasks.data._build`).
+:class:`OutputFolder` is that protocol for the writers; the dataset generators
+(:mod:`tasks.data._build`) use its pieces (:func:`read_manifest`, :func:`write_manifest`,
+:func:`remove_recorded`).
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ __all__ = [
     "MANIFEST",
     "OutputFolder",
     "UnsafeOutputError",
+    "changed_files",
     "check_apart",
     "file_record",
-    "foreign_entries",
     "gather_count",
     "input_paths",
     "predict_inputs",
     "read_manifest",
-    "record_tree",
     "remove_recorded",
     "require_some",
     "write_manifest",
@@ -103,7 +102,7 @@ def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps({"format": FORMAT, **manifest}, indent=1, sort_keys=True))
 
 
-def _changed(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def changed_files(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Listed files present in ``folder`` that are no longer what was written (appended files: still plain files)."""
     out = []
     for rel, rec in files.items():
@@ -124,7 +123,7 @@ def remove_recorded(folder: str | Path, files: Mapping[str, Mapping[str, Any]], 
     stops it all (:class:`UnsafeOutputError`, naming them). Files already gone are fine.
     """
     folder = Path(folder)
-    changed = _changed(folder, files)
+    changed = changed_files(folder, files)
     if changed:
         raise UnsafeOutputError(
             f"{folder}: {_few(changed)} changed since the project wrote {'it' if len(changed) == 1 else 'them'}, "
@@ -137,41 +136,6 @@ def remove_recorded(folder: str | Path, files: Mapping[str, Mapping[str, Any]], 
     for rel in sorted(dirs, key=lambda d: -len(PurePosixPath(d).parts)):  # deepest first; rmdir, never rmtree
         with contextlib.suppress(OSError):  # not empty (someone else's file) or gone: left as it is
             (folder / _relative(rel)).rmdir()
-
-
-def record_tree(folder: str | Path, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """``{"files": {rel: record}, "dirs": [rel]}``: every file and folder below ``folder`` (a generator's manifest)."""
-    folder = Path(folder)
-    files, dirs, skipped = {}, [], set(skip)
-    for top, subdirs, names in os.walk(folder):
-        rel_top = Path(top).relative_to(folder)
-        dirs += [(rel_top / d).as_posix() for d in subdirs]
-        for name in names:
-            rel = (rel_top / name).as_posix()
-            if rel not in skipped:
-                files[rel] = file_record(Path(top) / name)
-    return {"files": files, "dirs": sorted(dirs)}
-
-
-def foreign_entries(folder: str | Path, manifest: Mapping[str, Any] | None) -> list[str]:
-    """What ``folder`` holds that ``manifest`` does not account for: unlisted files, folders or links, changed files
-    (``<name> (changed since it was written)``)."""
-    folder = Path(folder)
-    files = dict(manifest["files"]) if manifest else {}
-    dirs = set(manifest.get("dirs", ())) if manifest else set()
-    out = []
-    for top, subdirs, names in os.walk(folder):
-        rel_top = Path(top).relative_to(folder)
-        for d in subdirs:  # os.walk lists a link to a folder here, and never enters it
-            rel = (rel_top / d).as_posix()
-            if rel not in dirs or (Path(top) / d).is_symlink():
-                out.append(rel + "/")
-        for name in names:
-            rel = (rel_top / name).as_posix()
-            if rel != MANIFEST and rel not in files:
-                out.append(rel)
-    changed = _changed(folder, {r: rec for r, rec in files.items() if (folder / r).exists()})
-    return sorted(out) + [f"{rel} (changed since it was written)" for rel in changed]
 
 
 def _few(names: list[str], n: int = 5) -> str:
@@ -410,10 +374,6 @@ class OutputFolder:
         for records, removed in all_gather_objects((self._records, sorted(self._removed))):
             names = (names - set(removed)) | set(records)
         return sorted(names)
-
-    def path(self, rel: str | Path) -> Path:
-        """``folder/rel`` once checked that nothing this run did not write is there (for reading or planning)."""
-        return self._claim(rel)[1]
 
     @contextmanager
     def write(self, rel: str | Path) -> Iterator[Path]:

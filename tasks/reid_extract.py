@@ -111,6 +111,7 @@ class _ExtractData(pl.LightningDataModule):
         self.attempt = 0
         self.resumed = 0
         self.embedded_before = 0  # images an earlier attempt embedded
+        self.skipped_before: list[tuple[int, str]] = []  # and those it could not read
         self.draft_decode = bool(fingerprint.get("draft_decode", False))
 
     def setup(self, stage: str) -> None:
@@ -119,14 +120,17 @@ class _ExtractData(pl.LightningDataModule):
         self.attempt = self.outputs.attempt
         done = np.zeros(len(self.names), bool)
         embedded = np.zeros(len(self.names), bool)
+        skips: dict[int, str] = {}
         for rel in self.outputs.known_files():
             path = self.outputs.folder / rel
             if path.suffix == ".rec" and path.is_file():
                 embedded[Shard(path).indices()] = True
             elif path.suffix == ".skip" and path.is_file():
-                done[list(read_skips(path))] = True
+                skips.update(read_skips(path))
+        done[list(skips)] = True
         done |= embedded
         self.resumed, self.embedded_before = int(done.sum()), int(embedded.sum())
+        self.skipped_before = sorted(skips.items())
         self.todo = np.flatnonzero(~done)
 
     def _dataset(self, indices: Sequence[int]) -> _Images:
@@ -215,7 +219,8 @@ class _ShardWriter(BasePredictionWriter):
         self._close()
         outputs, names = self.data.outputs, self.data.names
         embedded = sum(all_gather_objects(self.embedded)) + self.data.embedded_before
-        skipped = [SkippedSample(names[i], r) for part in all_gather_objects(self.skipped) for i, r in part]
+        skip_lists = [self.data.skipped_before, *all_gather_objects(self.skipped)]
+        skipped = [SkippedSample(names[i], r) for part in skip_lists for i, r in part]
         require_some(embedded, "extract", f"{len(names)} image(s)", skipped, on_error=outputs.close)
         shards = [f for f in outputs.recorded() if f.startswith(f"{self.parts}/")]  # a collective
         error: BaseException | None = None

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +24,9 @@ from typing import Any, TypeVar
 from tasks.outputs import (
     MANIFEST,
     UnsafeOutputError,
-    foreign_entries,
+    changed_files,
+    file_record,
     read_manifest,
-    record_tree,
     remove_recorded,
     write_manifest,
 )
@@ -37,6 +38,42 @@ C = TypeVar("C")
 
 class GeneratedFolderError(UnsafeOutputError):
     """The folder a generator would write holds files it did not generate."""
+
+
+def _raise(error: OSError) -> None:
+    raise error  # a folder that cannot be listed is not known to be empty of someone else's files
+
+
+def record_tree(folder: str | Path) -> dict[str, Any]:
+    """``{"files": {rel: record}, "dirs": [rel]}``: every file and folder below ``folder`` (a generator's manifest)."""
+    folder = Path(folder)
+    files, dirs = {}, []
+    for top, subdirs, names in os.walk(folder, onerror=_raise):
+        rel_top = Path(top).relative_to(folder)
+        dirs += [(rel_top / d).as_posix() for d in subdirs]
+        files |= {(rel_top / name).as_posix(): file_record(Path(top) / name) for name in names}
+    return {"files": files, "dirs": sorted(dirs)}
+
+
+def foreign_entries(folder: str | Path, manifest: Mapping[str, Any] | None) -> list[str]:
+    """What ``folder`` holds that ``manifest`` does not account for: unlisted files, folders or links, changed files
+    (``<name> (changed since it was written)``)."""
+    folder = Path(folder)
+    files = dict(manifest["files"]) if manifest else {}
+    dirs = set(manifest.get("dirs", ())) if manifest else set()
+    out = []
+    for top, subdirs, names in os.walk(folder, onerror=_raise):
+        rel_top = Path(top).relative_to(folder)
+        for d in subdirs:  # os.walk lists a link to a folder here, and never enters it
+            rel = (rel_top / d).as_posix()
+            if rel not in dirs or (Path(top) / d).is_symlink():
+                out.append(rel + "/")
+        for name in names:
+            rel = (rel_top / name).as_posix()
+            if rel != MANIFEST and rel not in files:
+                out.append(rel)
+    changed = changed_files(folder, {r: rec for r, rec in files.items() if (folder / r).exists()})
+    return sorted(out) + [f"{rel} (changed since it was written)" for rel in changed]
 
 
 def _check_replaceable(root: Path, option: str | None) -> dict[str, Any] | None:
