@@ -34,6 +34,7 @@ from tasks.distributed import all_gather_objects
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.outputs import gather_count, require_some
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
 from tasks.reporting import EvalReport, publish_metrics
@@ -349,10 +350,20 @@ class ReIDTask(TaskModule):
         return path
 
     # ------------------------------------------------------------------ prediction (extraction)
+    def on_predict_epoch_start(self) -> None:
+        self._predicted = 0
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         images = batch["image"]
         emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
+        self._eval_skipped.add(batch["skipped"])
+        self._predicted = getattr(self, "_predicted", 0) + len(emb)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
+
+    def on_predict_epoch_end(self) -> None:
+        skipped = self._eval_skipped.report("predict")
+        source = getattr(self.trainer.datamodule, "root", "the predict data")
+        require_some(gather_count(getattr(self, "_predicted", 0)), "reid predict", source, skipped)
 
     @property
     def embedding_dim(self) -> int:

@@ -20,9 +20,10 @@ import pytorch_lightning as pl
 
 from tasks.checkpoint import check_finite
 from tasks.distributed import all_gather_objects, is_global_zero
+from tasks.outputs import COMPLETE_MARKER  # its old home: re-exported
 from vggbackbone.utils import atomic_path
 
-__all__ = ["DEFAULT_METRICS_FILE", "EvalReport", "print_metrics", "publish_metrics", "write_json"]
+__all__ = ["COMPLETE_MARKER", "DEFAULT_METRICS_FILE", "EvalReport", "print_metrics", "publish_metrics", "write_json"]
 
 #: default of ``TaskModule.metrics_file``: evaluation metrics file, relative to the log folder
 DEFAULT_METRICS_FILE = "{stage}_metrics.json"
@@ -134,11 +135,6 @@ def publish_metrics(
         }
         write_json(log_dir / filename.format(stage=stage), _json_safe(out))
     return metrics
-
-
-#: the file a predict run writes last into its output folder (detection and segmentation): a folder
-#: without it holds an incomplete run
-COMPLETE_MARKER = "_COMPLETE"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
