@@ -43,7 +43,8 @@ _BINARY_MAGIC: tuple[tuple[bytes, str, str, str], ...] = (
 )
 #: sentences of torch's errors that advise loading unsafely (``weights_only=False``, allowlisting globals)
 _ADVICE = re.compile(
-    r"weights.only|safe_globals|trusted source|trust this|file an issue|documentation of torch\.load|allowlist",
+    r"weights.only|safe_globals|trusted source|trust this|file an issue|documentation of torch\.load|allowlist|"
+    r"^WeightsUnpickler error:?$",
     re.IGNORECASE,
 )
 
@@ -165,7 +166,7 @@ def sniff_file(path: str | os.PathLike[str]) -> FileKind:
     text = _text(head)
     if text is not None:
         return _sniff_text(text, size)
-    return FileKind("binary", f"a binary file of unknown kind ({size} bytes)", torch_readable=True)
+    return FileKind("binary", "a binary file of unknown kind", torch_readable=True)
 
 
 def error_text(error: BaseException, limit: int = 300) -> str:
@@ -180,7 +181,8 @@ def error_text(error: BaseException, limit: int = 300) -> str:
 def load_failure(kind: FileKind, error: BaseException) -> tuple[str, str]:
     """Why ``torch.load(weights_only=True)`` failed on a file of ``kind``: ``(reason, phrase)``.
 
-    ``reason`` is ``"code"`` (the pickle asks for a Python callable: ``phrase`` names it),
+    ``reason`` is ``"code"`` (the pickle asks for a Python callable, ``phrase`` names it, or uses
+    instructions the safe unpickler refuses),
     ``"truncated"`` (the file ends early) or ``"corrupt"``; ``phrase`` never repeats torch's
     advice to load unsafely.
     """
@@ -189,6 +191,8 @@ def load_failure(kind: FileKind, error: BaseException) -> tuple[str, str]:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))  # the callable the pickle asks for
         if found:
             return "code", f"it asks for {found.group(1)}"
+        if kind.torch_readable and kind.kind != "binary":  # a real pickle using more than tensors and plain data
+            return "code", f"its pickle needs more than tensors and plain data: {detail}"
     text = str(error)
     if isinstance(error, EOFError) or re.search(r"unexpected EOF|central directory|Ran out of input", text):
         return "truncated", f"truncated: {kind.what} that ends early ({detail})"
