@@ -44,6 +44,7 @@ __all__ = [
     "load_task",
     "nonfinite_tensors",
     "parser_string_options",
+    "plain_data",
     "read_checkpoint",
     "task_name",
 ]
@@ -267,6 +268,21 @@ def parser_string_options(parser: Any, prefix: str) -> dict[str, str]:
         elif type(action).__name__ == "_ActionConfigLoad":  # a nested group (a dataclass such as optim)
             out[option] = "as a config file path by the argument parser"
     return out
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with dataclasses (``OptimConfig``...) as dicts and tuples as lists: what a YAML file would give.
+
+    A checkpoint stores the config dataclasses themselves; the argument parser takes a group such as
+    ``optim`` as a mapping (an instance there is kept as is and fails at instantiation).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    return value
 
 
 def check_plain_hparams(

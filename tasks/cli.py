@@ -136,16 +136,18 @@ class TaskCLI(LightningCLI):
     def _checkpoint_hparams(self, sub: str, ckpt: Mapping[str, Any]) -> None:
         """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``.
 
-        Only as plain data: before any parsing, values the parser would resolve to code (a
-        ``class_path``/``init_args``/``_class_path`` mapping anywhere, also inside a YAML string; a
-        string under an option whose strings the parser imports or reads as a config file) are
-        refused naming the checkpoint and the key (:func:`tasks.checkpoint.check_plain_hparams`).
+        Only as plain data (dataclasses such as ``OptimConfig`` as mappings): before any parsing,
+        values the parser would resolve to code (a ``class_path``/``init_args``/``_class_path``
+        mapping anywhere, also inside a YAML string; a string under an option whose strings the
+        parser imports or reads as a config file) are refused naming the checkpoint and the key
+        (:func:`tasks.checkpoint.check_plain_hparams`).
         """
-        from tasks.checkpoint import check_plain_hparams, parser_string_options
+        from tasks.checkpoint import check_plain_hparams, parser_string_options, plain_data
 
         path = self.config[sub].get("ckpt_path")
         check_plain_hparams(ckpt, path, parser_string_options(self._parser(sub), "model"))
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        # dataclasses (optim) as mappings, as a YAML file gives them: an instance would reach instantiation as is
+        hparams = plain_data(dict(ckpt.get("hyper_parameters") or {}))
         hparams.pop("_instantiator", None)  # Lightning's own (the only one check_plain_hparams lets through): unused
         if not hparams:
             return

@@ -147,6 +147,24 @@ def test_the_legit_checkpoint_still_loads_everywhere(seg_run) -> None:
     assert module.hparams["head"] == "unet"
 
 
+def test_a_checkpoints_dataclasses_reach_the_parser_as_mappings(seg_run, tmp_path: Path) -> None:
+    """The checkpoint stores ``optim`` as an ``OptimConfig``; with no ``model.optim`` in the config it must still
+    rebuild (given to the parser as an instance, it failed at instantiation or when the config was saved)."""
+    import yaml
+
+    from tasks.segment import main
+
+    cfg, last = seg_run
+    config = yaml.safe_load(cfg.read_text())
+    del config["model"]["optim"]
+    bare = tmp_path / "no_optim.yaml"
+    bare.write_text(yaml.safe_dump(config))
+    runs = tmp_path / "runs"
+    main(["validate", "--config", str(bare), "--ckpt_path", str(last), "--trainer.limit_val_batches", "1",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(runs)])  # fmt: skip
+    assert (runs / "val_metrics.json").is_file()
+
+
 def _reid_ckpt(path: Path) -> Path:
     from tasks.reid import ReIDTask
 
