@@ -134,13 +134,23 @@ class TaskCLI(LightningCLI):
                 model_cfg[key] = WEIGHTS_IN_CHECKPOINT
 
     def _checkpoint_hparams(self, sub: str, ckpt: Mapping[str, Any]) -> None:
-        """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``."""
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
+        """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``.
+
+        Only as plain data (dataclasses such as ``OptimConfig`` as mappings): before any parsing,
+        values the parser would resolve to code (a ``class_path``/``init_args``/``_class_path``
+        mapping anywhere, also inside a YAML string; a string under an option whose strings the
+        parser imports or reads as a config file) are refused naming the checkpoint and the key
+        (:func:`tasks.checkpoint.check_plain_hparams`).
+        """
+        from tasks.checkpoint import check_plain_hparams, parser_string_options, plain_data
+
+        path = self.config[sub].get("ckpt_path")
+        check_plain_hparams(ckpt, path, parser_string_options(self._parser(sub), "model"))
+        # dataclasses (optim) as mappings, as a YAML file gives them: an instance would reach instantiation as is
+        hparams = plain_data(dict(ckpt.get("hyper_parameters") or {}))
+        hparams.pop("_instantiator", None)  # Lightning's own (the only one check_plain_hparams lets through): unused
         if not hparams:
             return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except SystemExit:

@@ -14,7 +14,7 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
 from tasks.deprecation import renamed
 from tasks.distributed import all_gather_objects
-from tasks.images import SkipCounter
+from tasks.images import SkipCounter, SkippedSample
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.outputs import gather_count, require_some
@@ -270,11 +270,13 @@ class ReIDTask(TaskModule):
     def eval_epoch_end(self, stage: str) -> None:
         parts, self._eval_parts = self._eval_parts, []
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
-        self._eval_skipped.report(f"{stage} evaluation")
+        skipped = self._eval_skipped.report(f"{stage} evaluation")
         arrays = [g for g in all_gather_objects(local) if g is not None]
 
         def compute(log_dir: Path) -> EvalReport | None:
-            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)]) if arrays else None
+            if not arrays:
+                return EvalReport({}, no_metric=f"no image of the {stage} split embedded ({len(skipped)} skipped)")
+            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)], skipped=skipped)
 
         publish_metrics(self, stage, compute, prog_bar=("mAP", "rank1"))
 
@@ -287,26 +289,26 @@ class ReIDTask(TaskModule):
         camid: np.ndarray,
         is_query: np.ndarray,
         emb: np.ndarray,
-    ) -> EvalReport | None:
+        skipped: Sequence[SkippedSample] = (),
+    ) -> EvalReport:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
         hp = self.hparams
         feats = torch.from_numpy(emb).to(self.device)
         q, g = is_query, ~is_query
-        if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
-            warnings.warn(
-                f"{stage} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded",
-                stacklevel=2,
-            )
-            return None
-        res = rank_embeddings(
-            feats[torch.from_numpy(q).to(self.device)],
-            feats[torch.from_numpy(g).to(self.device)],
-            pid[q], pid[g], camid[q], camid[g],
-            metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
-            rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
-            topk=hp.grid_topk if hp.grid_queries > 0 else 0,
-        )  # fmt: skip
+        if not q.any() or not g.any():  # every query (or gallery) image unreadable, or a split cut short
+            return EvalReport({}, no_metric=self._why_no_ranking(stage, int(q.sum()), int(g.sum()), skipped))
+        try:
+            res = rank_embeddings(
+                feats[torch.from_numpy(q).to(self.device)],
+                feats[torch.from_numpy(g).to(self.device)],
+                pid[q], pid[g], camid[q], camid[g],
+                metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
+                rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
+                topk=hp.grid_topk if hp.grid_queries > 0 else 0,
+            )  # fmt: skip
+        except ValueError as e:  # no query has a match: raised on every process by publish_metrics, not here
+            return EvalReport({}, no_metric=f"{stage} split: {e}")
         fitting = self.trainer.state.fn is not None and self.trainer.state.fn.value == "fit"
         name = f"{stage}_epoch{self.current_epoch:03d}" if fitting else stage  # val_epoch003.png, val.png, test.png
         extra: dict[str, Any] = {
@@ -330,6 +332,29 @@ class ReIDTask(TaskModule):
                 ("distance", [hp.distance + (" + re-ranking" if hp.rerank else "")]),
             ],
         )
+
+    def _why_no_ranking(self, stage: str, nq: int, ng: int, skipped: Sequence[SkippedSample]) -> str:
+        """Why ranking had no query or no gallery image: per empty side, its unreadable (skipped) count."""
+        dm = getattr(self.trainer, "datamodule", None)
+        sets = {"query": getattr(dm, "query_set", None), "gallery": getattr(dm, "gallery_set", None)}
+        query_paths = {str(s.path) for s in getattr(sets["query"], "samples", ())}
+        by_side = {
+            "query": [s for s in skipped if str(s.path) in query_paths],
+            "gallery": [s for s in skipped if str(s.path) not in query_paths],
+        }
+        parts = []
+        for side, n in (("query", nq), ("gallery", ng)):
+            if n:
+                continue
+            bad, total = by_side[side], len(sets[side]) if sets[side] is not None else None
+            of_total = f" of {total}" if total is not None else ""
+            text = f"no {side} image embedded: {len(bad)}{of_total} {side} images unreadable (skipped)"
+            if bad:
+                text += f", e.g. {bad[0].path}: {bad[0].reason}"
+            if total is not None and len(bad) < total:
+                text += f"; the other {total - len(bad)} were not reached (trainer.limit_{stage}_batches?)"
+            parts.append(text)
+        return f"{stage} split: {'; '.join(parts)} ({nq} query, {ng} gallery images embedded); ranking needs both"
 
     def _save_grid(self, path: Path, q_index: np.ndarray, g_index: np.ndarray, res: Any) -> Path | None:
         dm = getattr(self.trainer, "datamodule", None)

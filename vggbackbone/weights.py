@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ARCHS, VGGConfig, block_layers
+from .filekind import error_text, load_failure, sniff_file
 from .utils import atomic_path
 
 __all__ = [
@@ -267,7 +268,7 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a ``.pth``/``.pt``/``.bin`` (``weights_only``) or ``.safetensors`` file safely.
+    """Read a ``.pth``/``.pt``/``.bin`` (``weights_only``), ``.safetensors`` or ``.caffemodel`` file safely.
 
     Returns ``(state_dict, metadata)``. Pickled objects other than tensors and plain containers
     are refused with :class:`WeightsError` and never executed.
@@ -275,9 +276,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".caffemodel":  # the original Caffe release: protobuf only, runs no code
+    kind = sniff_file(path)  # an empty file, an LFS pointer, an HTML page...: said so before torch reads it
+    if not kind.torch_readable and kind.kind != "safetensors":
+        raise WeightsError(f"{path}: {kind.what}, not a weights file{f' ({kind.hint})' if kind.hint else ''}")
+    if path.suffix == ".caffemodel" and kind.kind == "binary":  # the Caffe release: protobuf only, runs no code
         return _read_caffemodel(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or kind.kind == "safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -285,7 +289,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
                 raw_meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+            raise WeightsError(f"{path}: not a readable safetensors file ({kind.what}: {e})") from e
         meta: dict[str, Any] = {}
         if raw_meta.get("format") == FORMAT:
             meta = {k: json.loads(v) if k in ("normalization", "arch") else v for k, v in raw_meta.items()}
@@ -293,14 +297,15 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
         return sd, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"{path}: refused to load: the file pickles Python objects, not just tensors, and weights are only "
-            f"read with torch.load(weights_only=True) so a file never runs code. Save model.state_dict() "
-            f"instead. ({_first_line(e)})"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+        reason, phrase = load_failure(kind, e)
+        if reason == "code":
+            raise WeightsError(
+                f"{path}: refused to load: the file pickles Python objects, not just tensors ({phrase}), and weights "
+                "are only read as tensors and plain data, so a file never runs code. Save model.state_dict() instead."
+            ) from None
+        size = path.stat().st_size
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({size} bytes: {phrase})") from None
     return _unwrap(obj, str(path))
 
 
@@ -358,10 +363,10 @@ def load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, T
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{cached}: refused to load torchvision weights {type(w).__name__}.{w.name}: the cached file pickles "
-            f"Python objects, not just tensors ({_first_line(e)})"
-        ) from e
+            f"Python objects, not just tensors ({error_text(e)})"
+        ) from None
     except (RuntimeError, EOFError) as e:
-        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({_first_line(e)})") from e
+        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({error_text(e)})") from None
     return _unwrap(obj, str(cached))[0]
 
 
