@@ -190,7 +190,7 @@ LIGHTNING_INSTANTIATOR = "pytorch_lightning.cli.instantiate_module"
 HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def _short(value: Any, limit: int = 240) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
