@@ -44,6 +44,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset, DistributedSampler
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "SeededDataset",
     "StopSignalConnector",
     "capture_rng",
+    "derived_seed",
     "exit_on_signal",
     "restore_rng",
     "sample_seed",
@@ -97,7 +99,7 @@ def capture_rng() -> dict[str, Any]:
         "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss_next": gauss_next},
     }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device (DDP: one per process)
     return state
 
 
@@ -111,13 +113,18 @@ def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def derived_seed(*words: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (numpy's ``SeedSequence``), e.g. ``(seed, epoch)``."""
+    mixed = np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]).generate_state(2)
+    return (int(mixed[0]) << 31) ^ int(mixed[1])
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The seed of the ``position``-th training sample of process ``rank`` in ``epoch`` (63 bits)."""
-    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, epoch, rank, position]).generate_state(2)
-    return (int(words[0]) << 31) ^ int(words[1])
+    """The seed of the ``position``-th training sample of process ``rank`` in ``epoch``."""
+    return derived_seed(seed, epoch, rank, position)
 
 
 @contextmanager
@@ -129,7 +136,7 @@ def seeded(seed: int) -> Iterator[None]:
     states keeps the model's random numbers independent of how much data was loaded.
     """
     torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed would reseed CUDA's)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     try:
@@ -170,9 +177,13 @@ class SeededDataset(Dataset):
 class ResumableSampler(DistributedSampler):
     """The training sampler: ``(index, seed)`` pairs, in an order fixed by ``(seed, epoch)``, resumable mid-epoch.
 
-    ``sampler`` is the order (a sampler with ``set_epoch``, e.g. the ReID ``PKSampler``); ``None``
-    shuffles as Lightning's ``DistributedSampler`` does (seeded by ``seed + epoch``, this process's
-    shard of ``num_replicas``). Each index comes with :func:`sample_seed` of its position, for
+    ``sampler`` gives the order: a ``DistributedSampler`` (e.g. the ReID ``PKSampler``) its
+    process's share, any other sampler the whole order, which is then dealt out to the
+    ``num_replicas`` processes (padded to equal shares, as ``DistributedSampler`` does); ``None``
+    shuffles as Lightning's ``DistributedSampler`` does (seeded by ``seed + epoch``). The order is
+    drawn under :func:`seeded` ``(derived_seed(seed, epoch))``, so a sampler that draws from the
+    global RNG (``RandomSampler``) is a function of the epoch too, and leaves the model's random
+    numbers alone. Each index comes with :func:`sample_seed` of its position, for
     :class:`SeededDataset`. The first iteration starts ``skip_batches`` batches of ``batch_size``
     into ``epoch`` (a run resumed mid-epoch, :func:`train_position`); later ones start at 0.
 
@@ -197,12 +208,13 @@ class ResumableSampler(DistributedSampler):
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.dataset = dataset
         self.seed, self.epoch = int(seed), int(epoch)
-        self.shuffle, self.drop_last = True, getattr(sampler, "drop_last", False)
+        self.shuffle, self.drop_last = True, False
         if sampler is None:
             sampler = DistributedSampler(
                 dataset, num_replicas=self.num_replicas, rank=self.rank, shuffle=True, seed=self.seed
             )
         self.sampler = sampler
+        self.deal = not isinstance(sampler, DistributedSampler) and self.num_replicas > 1
         self.batch_size = batch_size
         self.resume_at(self.epoch, skip_batches)
 
@@ -217,16 +229,26 @@ class ResumableSampler(DistributedSampler):
             self.sampler.set_epoch(self.epoch)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        n = len(self.sampler)
+        return -(-n // self.num_replicas) if self.deal else n
+
+    def order(self, epoch: int) -> list[int]:
+        """This process's indices of ``epoch``, in order."""
+        self.set_epoch(epoch)
+        with seeded(derived_seed(self.seed, epoch)):
+            order = [int(i) for i in self.sampler]
+        if self.deal and order:
+            total = len(self) * self.num_replicas
+            order = (order * -(-total // len(order)))[:total][self.rank :: self.num_replicas]
+        return order
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         skip_epoch, skip = self._skip
         self._skip = (-1, 0)  # the resume position applies to the first iteration only
-        skip = skip if skip_epoch == epoch else 0
-        for position, index in enumerate(self.sampler):
-            if position >= skip:
-                yield int(index), sample_seed(self.seed, epoch, self.rank, position)
+        order = self.order(epoch)
+        for position in range(skip if skip_epoch == epoch else 0, len(order)):
+            yield order[position], sample_seed(self.seed, epoch, self.rank, position)
 
 
 def train_position(trainer: pl.Trainer | None) -> tuple[int, int]:
@@ -279,6 +301,11 @@ class StopSignalConnector(_SignalConnector):
             launcher = self.trainer.strategy.launcher
             if launcher is not None:  # the processes it started get the same request
                 launcher.kill(signum)
+            if rank_zero_only.rank == 0:  # os.write: print() is not safe inside a signal handler
+                fitting = self.trainer.state.fn == TrainerFn.FITTING
+                then = "saving a checkpoint after the current training batch" if fitting else "stopping"
+                again = "; Ctrl+C again to stop at once, without saving" if signum == signal.SIGINT and fitting else ""
+                os.write(2, f"\n{signal.Signals(signum).name} received: {then}{again}\n".encode())
         elif signum == signal.SIGINT:
             _received["forced"] = True
             raise KeyboardInterrupt  # Ctrl+C twice: stop now, without a checkpoint
@@ -355,7 +382,7 @@ class ExactResume(pl.Callback):
             trainer._signal_connector.received_sigterm = True  # Lightning stops once the epoch has ended
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not self._stopping or isinstance(exception, RunInterrupted) or trainer.state.fn != TrainerFn.FITTING:
+        if not (self._stopping and isinstance(exception, SIGTERMException)) or isinstance(exception, RunInterrupted):
             return
         # stopped by Lightning after the epoch end: the epoch-end last.ckpt, unless it was not written then
         cb = self.last_checkpoint

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,8 +27,10 @@ import pytest
 import torch
 from cli_configs import REPO, fasterrcnn_fpn_model, quick_trainer, shapes_data, write_config
 from PIL import Image
+from torch.utils.data import RandomSampler
 
 from tasks.checkpoint import read_checkpoint
+from tasks.resume import ResumableSampler, SeededDataset, capture_rng, restore_rng
 
 EPOCHS = 3
 TIMEOUT_S = 600
@@ -161,6 +164,61 @@ def check_exact_resume(module: str, make_config, tmp: Path, *, extra: tuple[str,
     text = _run(module, [*fit, "--ckpt_path", "last"], tmp / "resume2.log")
     assert f"resuming from {last}" in text
     _assert_same_run(tmp / "straight" / "runs", root)
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_the_training_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch() -> None:
+    data = list(range(10))
+    a, b = ResumableSampler(data, seed=3, batch_size=2), ResumableSampler(data, seed=3, batch_size=2)
+    torch.manual_seed(123)  # the global RNG plays no part
+    first = list(a)
+    torch.manual_seed(456)
+    assert list(b) == first and sorted(i for i, _ in first) == data
+    a.set_epoch(1)
+    second = list(a)
+    assert second != first and sorted(i for i, _ in second) == data
+    resumed = ResumableSampler(data, seed=3, batch_size=2, epoch=1, skip_batches=2)
+    assert list(resumed) == second[4:]  # the epoch's remaining batches, with their own seeds
+    assert list(resumed) == second  # the next iteration of that epoch starts at its beginning
+
+
+def test_any_sampler_is_dealt_to_the_processes_without_touching_the_global_rng() -> None:
+    data = list(range(7))
+    state = torch.get_rng_state()
+    shares = [ResumableSampler(data, RandomSampler(data), seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    orders = [[i for i, _ in s] for s in shares]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(orders[0]) == len(orders[1]) == 4 and set(orders[0] + orders[1]) == set(data)  # one padded
+    assert orders == [[i for i, _ in s] for s in shares]  # the same again: drawn from (seed, epoch)
+
+
+def test_a_sample_seed_fixes_its_augmentation_and_leaves_the_global_rng_alone() -> None:
+    flips = SeededDataset(_RandomPixels())
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    one = flips[(3, 12345)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    assert torch.equal(flips[(3, 12345)], one) and not torch.equal(flips[(3, 54321)], one)
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    np.random.seed(1)
+    random.seed(2)
+    torch.save({"rng": capture_rng()}, tmp_path / "rng.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+class _RandomPixels(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(4) + index
 
 
 # ---------------------------------------------------------------------------- configs
