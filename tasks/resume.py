@@ -368,8 +368,11 @@ class ExactResume(pl.Callback):
         last = epoch_loop.batch_progress.is_last_batch or epoch_loop.batch_progress.current.ready >= float(
             trainer.num_training_batches
         )
-        if last or epoch_loop._is_training_done or _validation_follows(trainer):
+        # every process decides alike (a time-based validation interval is read on each one)
+        if _agree_any(trainer, last or epoch_loop._is_training_done or _validation_follows(trainer)):
             self._stopping = True  # after the validation and the epoch end (on_train_epoch_end)
+            return
+        if epoch_loop._should_accumulate():  # gradients of this batch wait for the next ones: not in a checkpoint
             return
         path = self._checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
@@ -465,6 +468,15 @@ def _agree(trainer: pl.Trainer, signum: int | None) -> int:
     if agreed:
         _received.setdefault("signum", agreed)  # another process's signal stops this one too
     return agreed
+
+
+def _agree_any(trainer: pl.Trainer, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective when distributed)."""
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        t = torch.tensor([int(flag)], device=trainer.strategy.root_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return bool(flag)
 
 
 def _validation_follows(trainer: pl.Trainer) -> bool:

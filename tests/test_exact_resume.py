@@ -356,3 +356,36 @@ def test_a_signal_stops_evaluation_nonzero_with_nothing_claiming_completion(
     assert not list(tmp_path.rglob("*_metrics.json"))
     assert not (predict_dir / "_COMPLETE").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+@pytest.mark.parametrize(("accumulate", "signal_at", "steps"), [(1, 1, 2), (2, 0, 1)])
+def test_ctrl_c_in_fit_saves_after_the_batch_and_exits_130(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], accumulate: int, signal_at: int, steps: int
+) -> None:
+    """SIGINT at a training batch: ``last.ckpt`` after it (with gradient accumulation: after the next optimiser
+    step, the accumulated gradients are not in a checkpoint), mid-epoch, and exit 130 naming the file."""
+    from tasks.segment import main
+
+    cfg = _segment_config(tmp_path)
+    probe = ["--trainer.callbacks+=signal_probe.SignalAt", "--trainer.callbacks.loop", "train"]
+    probe += ["--trainer.callbacks.batch", str(signal_at), "--trainer.callbacks.signum", str(int(signal.SIGINT))]
+    args = [
+        "fit",
+        "--config",
+        str(cfg),
+        "--data.num_workers",
+        "0",
+        "--trainer.accumulate_grad_batches",
+        str(accumulate),
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, *probe])
+    assert stop.value.code == 130
+    (last,) = tmp_path.glob("runs/**/last.ckpt")
+    ckpt = read_checkpoint(last)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, steps)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2  # of 4 batches
+    err = capfd.readouterr().err  # the signal notice is written to fd 2
+    assert "SIGINT received: saving a checkpoint after the current training batch" in err
+    assert f"fit: stopped by SIGINT after batch 2 of epoch 0, step {steps}; resumable checkpoint: {last}" in err
+    assert "--ckpt_path last" in err and "(exit status 130)" in err
