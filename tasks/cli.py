@@ -24,6 +24,7 @@ from tasks.callbacks import InferenceOptimization, OptionalLearningRateMonitor
 from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, check_finite, check_task, load_task, read_checkpoint
 from tasks.module import TaskModule
 from tasks.progress import LogProgress
+from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
 from vggbackbone.models.export import export_task_onnx
 
 __all__ = ["TaskCLI", "cli_main", "export_main"]
@@ -218,7 +219,11 @@ class TaskCLI(LightningCLI):
             options = self._get(self.config, "progress", default=None)
             kwargs = options.as_dict() if hasattr(options, "as_dict") else dict(options or {})
             callbacks = [*callbacks, LogProgress(**kwargs)]
-        return super()._instantiate_trainer(config, callbacks)
+        # exact resume and clean stops on SIGTERM/SIGINT (tasks.resume): last.ckpt is where a stop saves
+        last = self._get(self.config_init, "last_checkpoint", default=None)
+        trainer = super()._instantiate_trainer(config, [*callbacks, ExactResume(last)])
+        trainer._signal_connector = StopSignalConnector(trainer)
+        return trainer
 
 
 def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
@@ -300,7 +305,9 @@ def cli_main(
             {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
         ],
     }
-    with warnings.catch_warnings():
+    module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module_name = module.name if module is not None and module.name.startswith("tasks.") else f"tasks.{task}"
+    with warnings.catch_warnings(), exit_on_signal(module_name, argv):
         warnings.filterwarnings("ignore", message=".*LightningCLI.*subclass_mode.*")
         return cli_cls(
             model_class,
