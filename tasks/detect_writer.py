@@ -124,7 +124,8 @@ class DetectionWriter(BasePredictionWriter):
         grids = all_gather_objects(self._grid)
         if not is_global_zero():
             return
-        category_ids = getattr(pl_module, "category_ids", None)
+        ids_of = getattr(pl_module, "output_category_ids", None)  # the data file's ids, by name (tasks.classes)
+        category_ids = ids_of() if callable(ids_of) else getattr(pl_module, "category_ids", None)
         if not category_ids:  # a module without them: labels are the category ids
             top = max((int(p["labels"].max(initial=0)) for p in detections.values()), default=0)
             category_ids = list(range(1, top + 1))
