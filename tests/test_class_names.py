@@ -94,6 +94,19 @@ def test_other_names_are_refused_naming_both_sides() -> None:
         )
 
 
+def test_a_checkpoint_written_before_the_record_is_read_from_its_hyper_parameters() -> None:
+    from tasks.classify import ClassificationTask
+
+    task = ClassificationTask(num_classes=3, class_names=["b", "c", "a"], arch=[[1, 4]], fc_channels=8)
+    old = {"hyper_parameters": {"num_classes": 3, "class_names": ["a", "b", "c"]}, "state_dict": {}}
+    task.on_load_checkpoint(old)  # no trainer, no data: the checkpoint's classes become the model's
+    assert task.class_names == ["a", "b", "c"] and task.hparams["class_names"] == ["a", "b", "c"]
+    assert task.class_set().source == "the checkpoint"
+    saved: dict = {"state_dict": {}}
+    task.on_save_checkpoint(saved)
+    assert saved["classes"] == {"kind": "classes", "size": 3, "names": ["a", "b", "c"]}
+
+
 # ---------------------------------------------------------------------------- detection
 DET_SHAPES = {"num_train": 4, "num_val": 6, "min_image_size": 64, "max_image_size": 64, "max_objects": 3,
               "min_object_size": 20, "max_object_size": 40, "seed": 1}  # fmt: skip
@@ -157,6 +170,19 @@ def test_detection_val_file_numbered_otherwise_is_mapped_or_refused(tmp_path: Pa
          "--inference.enabled", "false", "--writer.draw", "false")  # fmt: skip
     predicted = _named(json.loads((tmp_path / "pred" / "detections.json").read_text()), renum)
     assert {(i, n, s) for i, n, s, *_ in predicted} == {(i, n, s) for i, n, s, *_ in truth_det}
+
+    # export (the detector's own ONNX route, in this process): names and category ids in metadata_props
+    import onnx
+
+    from tasks.cli import export_main
+    from tasks.detect import DetectionTask
+
+    onnx_file = tmp_path / "detector.onnx"
+    export_main(DetectionTask, "detect", ["--ckpt", str(ckpt), "--out", str(onnx_file), "--height", "64",
+                                          "--width", "64", "--no-verify"])  # fmt: skip
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(props["classes"])["names"] == ["circle", "square", "triangle"]
+    assert json.loads(props["classes"])["category_ids"] == [1, 2, 3]
 
     # another set of names is refused, naming the file and the difference
     renamed = _renumbered(val, tmp_path / "renamed.json", {1: 1, 2: 2, 3: 3}, {"circle": "disc"})
