@@ -280,9 +280,9 @@ class ClassesMixin:
         return self.__dict__.get("_class_maps", {}).get(name)
 
 
-def stage_dataset_names(stage: str | None) -> tuple[str, ...]:
-    """``fit`` -> ``(train, val)``, ``validate`` -> ``(val,)``..."""
-    return _STAGE_DATASETS.get(str(stage or ""), ())
+def stage_dataset_names(stage: Any) -> tuple[str, ...]:
+    """``fit`` -> ``(train, val)``, ``validate`` -> ``(val,)``... (a string or Lightning's ``TrainerFn``)."""
+    return _STAGE_DATASETS.get(str(getattr(stage, "value", stage) or ""), ())
 
 
 def current_dataset_name(trainer: Any) -> str:
@@ -307,20 +307,30 @@ def _datamodule(module: Any) -> Any:
     return getattr(trainer, "datamodule", None) if trainer is not None else None
 
 
-def meet_data(module: ClassesMixin, stage: str | None, model: ClassSet | None = None) -> None:
+def meet_data(module: ClassesMixin, stage: Any, model: ClassSet | None = None, *, defer: bool = False) -> None:
     """Check every dataset of ``stage`` against the model's classes; keep the mappings (see :meth:`class_map`).
 
     ``model``: the classes to check against (default: :meth:`ClassesMixin.class_set`). Errors
-    (:class:`ClassMismatchError`) name the dataset's and the model's sources.
+    (:class:`ClassMismatchError`) name the dataset's and the model's sources. ``defer`` (``setup``):
+    keep the error for :func:`announce` to raise when the stage starts, unless a checkpoint's
+    classes replace the model's in between (``--ckpt_path``: ``on_load_checkpoint`` comes after
+    ``setup``), so the error names the classes that really count.
     """
     model = module.class_set() if model is None else model
     dm = _datamodule(module)
+    module.__dict__.pop("_class_error", None)
     if model is None or dm is None:
         return
     maps = _maps(module)
     for name in stage_dataset_names(stage):
         data = module.data_class_set(dm, name)
-        maps[name] = None if data is None else check_classes(model, data)
+        try:
+            maps[name] = None if data is None else check_classes(model, data)
+        except ClassMismatchError as e:
+            if not defer:
+                raise
+            maps[name] = None
+            module.__dict__.setdefault("_class_error", e)
 
 
 def adopt_checkpoint_classes(module: ClassesMixin, checkpoint: Mapping[str, Any], source: str | None = None) -> None:
@@ -340,14 +350,17 @@ def adopt_checkpoint_classes(module: ClassesMixin, checkpoint: Mapping[str, Any]
     if classes is None:
         return
     stage = getattr(getattr(trainer, "state", None), "fn", None) if trainer is not None else None
-    stage = getattr(stage, "value", stage)
     meet_data(module, stage, classes)  # raises before anything changes
     module.adopt_class_set(classes)
     module.__dict__["_classes_source"] = classes.source
 
 
 def announce(module: Any) -> None:
-    """Print, on global rank 0 and once per run, the note of every mapping applied to the data."""
+    """When a stage starts: raise the class mismatch :func:`meet_data` deferred, if any; print, on
+    global rank 0 and once per run, the note of every mapping applied to the data."""
+    error = module.__dict__.pop("_class_error", None)
+    if error is not None:
+        raise error
     printed = module.__dict__.setdefault("_class_notes", set())
     trainer = getattr(module, "_trainer", None)
     zero = trainer is None or trainer.is_global_zero

@@ -142,7 +142,7 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     # -- classes: the model's are the truth, the data's are checked against them (tasks.classes) --
     def setup(self, stage: str) -> None:
         """Check the classes of every dataset of ``stage`` against the model's (map by name or refuse)."""
-        meet_data(self, stage)
+        meet_data(self, stage, defer=True)  # raised when the stage starts, unless a checkpoint's classes come
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The checkpoint's classes become the model's, once the data is checked against them."""

@@ -94,6 +94,39 @@ def test_other_names_are_refused_naming_both_sides() -> None:
         )
 
 
+def test_a_mismatch_found_in_setup_is_raised_when_the_stage_starts_unless_a_checkpoint_replaces_the_classes() -> None:
+    from types import SimpleNamespace
+
+    from tasks.classes import ClassesMixin, adopt_checkpoint_classes, announce, meet_data
+
+    class Task(ClassesMixin):
+        names = ("cat", "dog")
+
+        def class_set(self) -> ClassSet:
+            return ClassSet(self.names, self.classes_source("the model"))
+
+        def data_class_set(self, datamodule, name: str) -> ClassSet:
+            return ClassSet(datamodule.names, f"{name} data")
+
+        def adopt_class_set(self, classes: ClassSet) -> None:
+            self.names = classes.names
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(names=("dog", "fox")), is_global_zero=True, ckpt_path=None)
+    task = Task()
+    task._trainer = trainer
+    meet_data(task, "validate", defer=True)  # setup: the model's classes may still be replaced
+    with pytest.raises(ClassMismatchError, match=r"val data has other classes than the model \(1 missing"):
+        announce(task)
+
+    meet_data(task, "validate", defer=True)
+    trainer.state = SimpleNamespace(fn="validate")
+    trainer.ckpt_path = "c.ckpt"
+    adopt_checkpoint_classes(task, {"classes": {"kind": "classes", "size": 2, "names": ["fox", "dog"]}})
+    announce(task)  # the checkpoint's classes fit the data: nothing raised, the mapping is in place
+    assert task.names == ("fox", "dog") and task.class_map("val").index == (1, 0)
+    assert task.class_set().source == "the checkpoint c.ckpt"
+
+
 def test_a_checkpoint_written_before_the_record_is_read_from_its_hyper_parameters() -> None:
     from tasks.classify import ClassificationTask
 
@@ -151,6 +184,16 @@ def test_detection_val_file_numbered_otherwise_is_mapped_or_refused(tmp_path: Pa
     truth = json.loads((run / "val_metrics.json").read_text())
     truth_det = _named(json.loads((run / "val_det.json").read_text()), val)
     assert truth_det  # the model detects something: the names below are checked box by box
+
+    # one fit whose training file numbers the categories otherwise than the validation file (the
+    # model's classes): its boxes are mapped by name, and the run trains exactly as on the original
+    train = tmp_path / "shapes" / "annotations" / "instances_train.json"
+    renum_train = _renumbered(train, tmp_path / "renum_train.json", {1: 3, 2: 1, 3: 2})
+    out = _cli("detect", "fit", "--config", config, "--data.train_ann", str(renum_train), "--data.shapes", "null")
+    assert f"{renum_train} numbers categories differently from the model (model.classes): mapped by name" in out.stdout
+    again = read_checkpoint(csv_versions(tmp_path)[-1] / "checkpoints" / "last.ckpt")["state_dict"]
+    for key, value in read_checkpoint(ckpt)["state_dict"].items():
+        assert torch.equal(value, again[key]), key
 
     # the same boxes, categories numbered circle 3, square 1, triangle 2 (labels in another order too)
     renum = _renumbered(val, tmp_path / "renum.json", {1: 3, 2: 1, 3: 2})
