@@ -8,7 +8,8 @@
   :class:`~tasks.data.records.DetectionSplit`. A set is ``trainval`` (VOC2007 by default),
   ``VOC2012/trainval``, or several joined by ``+`` (``VOC2007/trainval+VOC2012/trainval``, the
   "07+12" recipe). VOC's 1-based inclusive pixel boxes become 0-based continuous
-  ``[xmin - 1, ymin - 1, xmax, ymax]``; ``difficult`` flags are kept (``ignore``).
+  ``[xmin - 1, ymin - 1, xmax, ymax]``; ``difficult`` flags (``1``/``0`` or ``true``/``false``) are kept
+  (``ignore``); :func:`read_image_set` reads a list, refusing an id listed twice.
 """
 
 from __future__ import annotations
