@@ -13,7 +13,10 @@ backbone + fc6/fc7/fc8) on an ImageFolder tree (:mod:`tasks.data.classify`).
   (:func:`tasks.reporting.publish_metrics`); the matrix is also drawn to
   ``<log_dir>/<stage>_confusion.png``;
 * ``predict`` writes a CSV ``path,label1,score1,...,labelK,scoreK`` (softmax scores, best
-  first, rows in input order) to ``model.predict_file``, atomically;
+  first, rows in input order) to ``model.predict_file``, atomically, recorded in
+  ``.<name>.manifest.json`` beside it (:meth:`tasks.outputs.OutputFolder.beside`): a file
+  there that the project did not write is never overwritten, nor one among the input images;
+  a run that could read no image fails;
 * ``export --ckpt C --out model.onnx --height S --width S``: the network (it takes ``[0, 1]``
   images with ``in_channels`` channels) to ONNX.
 """
@@ -40,6 +43,8 @@ from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.outputs import OutputFolder, predict_inputs, require_some
+from tasks.pathnames import display_path, path_hex
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.models import vgg_classifier
@@ -236,6 +241,11 @@ class ClassificationTask(TaskModule):
         publish_metrics(self, stage, compute, prog_bar=("acc1",))
 
     # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._outputs = OutputFolder.beside(self.predict_file, "classify predict")
+        self._outputs.begin(inputs=predict_inputs(self.trainer.datamodule), expected=[self.predict_file.name])
+
     def on_predict_epoch_start(self) -> None:
         self._pred_rows.clear()
 
@@ -249,12 +259,16 @@ class ClassificationTask(TaskModule):
             self._pred_rows.append((i, path, lab, sc))
 
     def on_predict_epoch_end(self) -> None:
-        self._eval_skipped.report("predict")
+        skipped = self._eval_skipped.report("predict")
         rows = sorted(r for part in all_gather_objects(self._pred_rows) for r in part)
         self._pred_rows.clear()
+        dm = self.trainer.datamodule
+        source = getattr(dm, "predict_images", None) or getattr(dm, "root", "?")
+        require_some(len(rows), "classify predict", source, skipped, on_error=self._outputs.close)
         if is_global_zero():
-            out = write_predictions(self.predict_file, rows, self.class_names, self.top_k)
+            out = write_predictions(self.predict_file, rows, self.class_names, self.top_k, outputs=self._outputs)
             print(f"predict: top-{self.top_k} labels and scores of {len(rows)} images written to {out}")
+        self._outputs.finish()
 
 
 def adaptive_avg_pool_matrix(size: int, out: int, like: Tensor) -> Tensor:
@@ -294,16 +308,27 @@ class ExportableClassifier(nn.Module):
 
 
 def write_predictions(
-    path: str | Path, rows: list[tuple[int, str, list[int], list[float]]], class_names: list[str], top_k: int
+    path: str | Path,
+    rows: list[tuple[int, str, list[int], list[float]]],
+    class_names: list[str],
+    top_k: int,
+    outputs: OutputFolder | None = None,
 ) -> Path:
-    """Write ``path,label1,score1,...`` (one row per ``(index, path, labels, scores)``) atomically."""
+    """Write ``path,label1,score1,...,path_hex`` (one row per ``(index, path, labels, scores)``) atomically;
+    with ``outputs`` (:meth:`tasks.outputs.OutputFolder.beside` ``path``) recorded in its manifest.
+
+    UTF-8; a path that is not valid UTF-8 is written ``\\xNN`` for its bad bytes, its exact bytes in
+    hex in ``path_hex`` (empty for the others): :mod:`tasks.pathnames`.
+    """
     path = Path(path)
-    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")] + ["path_hex"]
+    opened = outputs.write(path.name) if outputs is not None else atomic_path(path)
+    with opened as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for _, image, labels, scores in rows:
-            writer.writerow([image, *(v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))])
+            scored = (v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))
+            writer.writerow([display_path(image), *scored, path_hex(image)])
     return path
 
 

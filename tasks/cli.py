@@ -26,6 +26,7 @@ from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, check_finite, check_task, lo
 from tasks.classes import CHECKPOINT_KEY as CLASSES_METADATA_KEY
 from tasks.module import TaskModule
 from tasks.progress import LogProgress
+from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
 from vggbackbone.models.export import export_task_onnx
 
 __all__ = ["TaskCLI", "cli_main", "export_main"]
@@ -136,13 +137,23 @@ class TaskCLI(LightningCLI):
                 model_cfg[key] = WEIGHTS_IN_CHECKPOINT
 
     def _checkpoint_hparams(self, sub: str, ckpt: Mapping[str, Any]) -> None:
-        """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``."""
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
+        """Lightning's ``_parse_ckpt_path`` on an already read checkpoint: its hyper-parameters fill ``model``.
+
+        Only as plain data (dataclasses such as ``OptimConfig`` as mappings): before any parsing,
+        values the parser would resolve to code (a ``class_path``/``init_args``/``_class_path``
+        mapping anywhere, also inside a YAML string; a string under an option whose strings the
+        parser imports or reads as a config file) are refused naming the checkpoint and the key
+        (:func:`tasks.checkpoint.check_plain_hparams`).
+        """
+        from tasks.checkpoint import check_plain_hparams, parser_string_options, plain_data
+
+        path = self.config[sub].get("ckpt_path")
+        check_plain_hparams(ckpt, path, parser_string_options(self._parser(sub), "model"))
+        # dataclasses (optim) as mappings, as a YAML file gives them: an instance would reach instantiation as is
+        hparams = plain_data(dict(ckpt.get("hyper_parameters") or {}))
+        hparams.pop("_instantiator", None)  # Lightning's own (the only one check_plain_hparams lets through): unused
         if not hparams:
             return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except SystemExit:
@@ -210,7 +221,11 @@ class TaskCLI(LightningCLI):
             options = self._get(self.config, "progress", default=None)
             kwargs = options.as_dict() if hasattr(options, "as_dict") else dict(options or {})
             callbacks = [*callbacks, LogProgress(**kwargs)]
-        return super()._instantiate_trainer(config, callbacks)
+        # exact resume and clean stops on SIGTERM/SIGINT (tasks.resume): last.ckpt is where a stop saves
+        last = self._get(self.config_init, "last_checkpoint", default=None)
+        trainer = super()._instantiate_trainer(config, [*callbacks, ExactResume(last)])
+        trainer._signal_connector = StopSignalConnector(trainer)
+        return trainer
 
 
 def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
@@ -297,7 +312,9 @@ def cli_main(
             {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}},
         ],
     }
-    with warnings.catch_warnings():
+    module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module_name = module.name if module is not None and module.name.startswith("tasks.") else f"tasks.{task}"
+    with warnings.catch_warnings(), exit_on_signal(module_name, argv):
         warnings.filterwarnings("ignore", message=".*LightningCLI.*subclass_mode.*")
         return cli_cls(
             model_class,

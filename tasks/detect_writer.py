@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from torch import Tensor
 
 from tasks.data.detection import DetectionBatch
 from tasks.distributed import all_gather_objects, gather_unique, is_global_zero
-from tasks.reporting import COMPLETE_MARKER, write_json
+from tasks.images import SkippedSample
+from tasks.outputs import COMPLETE_MARKER, OutputFolder, predict_inputs, require_some
+from tasks.pathnames import name_fields
 from vggbackbone.metrics import detections_to_coco
-from vggbackbone.utils import atomic_path
 
 __all__ = ["DetectionWriter"]
 
@@ -33,10 +35,14 @@ class DetectionWriter(BasePredictionWriter):
     * ``<output_dir>/images/<name>.jpg``: each image with boxes scoring at least
       ``score_threshold``, labelled ``class score``; ``<output_dir>/grid.jpg``: the first 16.
 
-    Every file is written atomically. A run into a folder that holds an earlier run's output first
-    removes that output (the files above, and ``images/*.jpg``), so a killed run never leaves the
-    earlier ``detections.json`` beside new pictures; ``<output_dir>/_COMPLETE`` (JSON: images,
-    detections) is written last: a folder without it holds an incomplete run.
+    Every file is written atomically and recorded in ``<output_dir>/_MANIFEST.json``
+    (:class:`tasks.outputs.OutputFolder`). A run into a folder that holds an earlier run's output
+    first removes the files that run's manifest lists, and only those, so a killed run never
+    leaves the earlier ``detections.json`` beside new pictures; a file no manifest lists is never
+    removed nor overwritten (the run stops, naming it), and an ``output_dir`` that is, holds or
+    lies inside the input images is refused. ``<output_dir>/_COMPLETE`` (JSON: images,
+    detections) is written last: a folder without it holds an incomplete run. A run in which no
+    image could be read fails, marking nothing complete.
     """
 
     #: written last, once every other file is in place
@@ -53,19 +59,22 @@ class DetectionWriter(BasePredictionWriter):
         self._detections: dict[int, dict[str, np.ndarray]] = {}
         self._images: dict[int, dict[str, Any]] = {}
         self._grid: list[Tensor] = []
+        self._skipped: list[tuple[str, str]] = []
+        self.outputs = OutputFolder(self.output_dir, "detect predict")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "predict":
             return
-        if is_global_zero():  # the marker first: from here on the folder says "incomplete"
-            for name in (self.COMPLETE, "detections.json", "images.json", "grid.jpg"):
-                (self.output_dir / name).unlink(missing_ok=True)
-            for old in (self.output_dir / "images").glob("*.jpg"):
-                old.unlink()
-        trainer.strategy.barrier("detection-writer-clean")
+        self.outputs = OutputFolder(self.output_dir, "detect predict")
+        # the earlier run's files (its manifest's, the marker first) go: from here on the folder says "incomplete"
+        inputs = predict_inputs(trainer.datamodule)
+        self.outputs.begin(inputs=inputs, expected=("detections.json", "images.json", "grid.jpg"))
 
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._detections, self._images, self._grid = {}, {}, []
+        self._detections, self._images, self._grid, self._skipped = {}, {}, [], []
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.outputs.close()  # what was written stays recorded: the next run removes it
 
     def write_on_batch_end(
         self,
@@ -80,6 +89,7 @@ class DetectionWriter(BasePredictionWriter):
         from torchvision.utils import draw_bounding_boxes
 
         classes = getattr(pl_module, "classes", None) or []
+        self._skipped += batch.skipped
         for image, pred in zip(batch.images, prediction):
             iid = pred["image_id"]
             path = Path(pred["path"]) if pred.get("path") else Path(f"{iid}.jpg")
@@ -90,7 +100,7 @@ class DetectionWriter(BasePredictionWriter):
                     "produce NaN/inf; nothing more is written"
                 )
             self._detections[iid] = {k: pred[k] for k in ("boxes", "scores", "labels")}
-            self._images[iid] = {"id": iid, "file_name": str(path), "width": int(w), "height": int(h)}
+            self._images[iid] = {"id": iid, **name_fields(path), "width": int(w), "height": int(h)}  # tasks.pathnames
             if not self.draw:
                 continue
             keep = pred["scores"] >= self.score_threshold
@@ -107,41 +117,48 @@ class DetectionWriter(BasePredictionWriter):
                 colors=[_COLORS[(int(lab) - 1) % len(_COLORS)] for lab in labels],
                 width=self.line_width,
             )
-            self._save_jpeg(drawn, self.output_dir / "images" / f"{pred.get('out_name') or path.stem}.jpg")
+            self._save_jpeg(drawn, f"images/{pred.get('out_name') or path.stem}.jpg")
             if len(self._grid) < 16:
                 self._grid.append(drawn)
 
-    @staticmethod
-    def _save_jpeg(image: Tensor, path: Path) -> None:
+    def _save_jpeg(self, image: Tensor, rel: str) -> None:
         from PIL import Image
 
-        with atomic_path(path) as tmp:
+        with self.outputs.write(rel) as tmp:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="JPEG", quality=92)
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         detections = gather_unique(self._detections)
         images = gather_unique(self._images)
         grids = all_gather_objects(self._grid)
-        if not is_global_zero():
-            return
+        skipped = [SkippedSample(*s) for part in all_gather_objects(self._skipped) for s in part]
+        source = getattr(trainer.datamodule, "predict_images", None) or getattr(trainer.datamodule, "root", "?")
+        require_some(len(images), "detect predict", source, skipped, on_error=self.outputs.close)
+        if is_global_zero():
+            self._write_results(pl_module, detections, images, grids)
+        kept = sum(int((p["scores"] >= self.score_threshold).sum()) for p in detections.values())
+        self.outputs.finish({"images": len(images), "detections": sum(len(p["scores"]) for p in detections.values())})
+        if is_global_zero():
+            print(
+                f"predict: {len(images)} images, {sum(len(p['scores']) for p in detections.values())} detections "
+                f"({kept} with score >= {self.score_threshold}) -> {self.output_dir / 'detections.json'}"
+                + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
+            )
+
+    def _write_results(self, pl_module: Any, detections: dict, images: dict, grids: list[list[Tensor]]) -> None:
+        """``detections.json``, ``images.json`` and ``grid.jpg``, on global rank 0."""
         ids_of = getattr(pl_module, "output_category_ids", None)  # the data file's ids, by name (tasks.classes)
         category_ids = ids_of() if callable(ids_of) else getattr(pl_module, "category_ids", None)
         if not category_ids:  # a module without them: labels are the category ids
             top = max((int(p["labels"].max(initial=0)) for p in detections.values()), default=0)
             category_ids = list(range(1, top + 1))
         results = detections_to_coco(dict(sorted(detections.items())), category_ids)
-        write_json(self.output_dir / "detections.json", results)
-        write_json(self.output_dir / "images.json", [images[i] for i in sorted(images)])
+        for name, obj in (("detections.json", results), ("images.json", [images[i] for i in sorted(images)])):
+            with self.outputs.write(name) as tmp:
+                tmp.write_text(json.dumps(obj, indent=2, default=float))
         drawn = [g for part in grids for g in part][:16]
         if drawn:
-            self._save_jpeg(_grid(drawn), self.output_dir / "grid.jpg")
-        kept = sum(int((p["scores"] >= self.score_threshold).sum()) for p in detections.values())
-        write_json(self.output_dir / self.COMPLETE, {"images": len(images), "detections": len(results)})
-        print(
-            f"predict: {len(images)} images, {len(results)} detections ({kept} with score >= {self.score_threshold}) "
-            f"-> {self.output_dir / 'detections.json'}"
-            + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
-        )
+            self._save_jpeg(_grid(drawn), "grid.jpg")
 
 
 def _grid(images: list[Tensor], cell: int = 256) -> Tensor:

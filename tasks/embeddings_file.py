@@ -3,22 +3,25 @@
 * :func:`record_dtype`, :class:`Shard`, :func:`read_skips`: one fixed-size record per image, so
   a crash mid-write loses at most a partial last record;
 * :func:`merge_shards`: the shards merged chunk by chunk (memory stays flat) into the ``.npz``,
-  written atomically;
+  written atomically (the shards stay: :mod:`tasks.reid_extract` removes them, as recorded);
 * :func:`load_embeddings`: read it back.
 """
 
 from __future__ import annotations
 
-import shutil
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.images import SkippedSample, warn_skipped
+from tasks.outputs import require_some
 from vggbackbone.utils import atomic_path
+
+if TYPE_CHECKING:
+    from tasks.outputs import OutputFolder
 
 __all__ = ["Shard", "load_embeddings", "merge_shards", "read_skips", "record_dtype"]
 
@@ -69,7 +72,7 @@ class Shard:
 
 def read_skips(path: Path) -> dict[int, str]:
     out = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         idx, _, reason = line.partition("\t")
         if idx.isdigit() and reason:
             out[int(idx)] = reason
@@ -86,11 +89,24 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tu
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
-    """Merge the shards in ``parts`` into ``out`` (``.npz``) in input order; remove ``parts``."""
-    shards = [sh for sh in (Shard(p) for p in sorted(parts.glob("a*-r*-d*.rec"))) if sh.count]
+def merge_shards(
+    parts: Path,
+    out: Path,
+    names: Sequence[str],
+    *,
+    files: Sequence[Path] | None = None,
+    outputs: OutputFolder | None = None,
+) -> Path:
+    """Merge the shards in ``parts`` into ``out`` (``.npz``) in input order; the shards stay.
+
+    ``files``: the shard (``.rec``) and skip (``.skip``) files to merge (default: those in
+    ``parts``); ``outputs``: the :class:`~tasks.outputs.OutputFolder` that records ``out``. No
+    embedding at all (every image unreadable) is an error naming the first unreadable ones.
+    """
+    files = sorted(parts.glob("a*-r*-d*.rec")) + sorted(parts.glob("a*-r*.skip")) if files is None else files
+    shards = [sh for sh in (Shard(p) for p in sorted(f for f in files if f.suffix == ".rec")) if sh.count]
     skips: dict[int, str] = {}
-    for p in sorted(parts.glob("a*-r*.skip")):
+    for p in sorted(f for f in files if f.suffix == ".skip"):
         skips.update(read_skips(p))
     dims = {sh.dim for sh in shards}
     if len(dims) > 1:
@@ -129,15 +145,16 @@ def merge_shards(parts: Path, out: Path, names: Sequence[str]) -> Path:
             yield np.array([names[i] for i in sel[a : a + _MERGE_ROWS]], dtype=f"<U{width}")
 
     skipped = np.array(sorted(i for i in skips if not has[i]), dtype=np.int64)
+    require_some(len(kept), "extract", f"{len(names)} image(s)", [SkippedSample(names[i], skips[i]) for i in skipped])
     width = max((len(names[i]) for i in kept), default=1)
-    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    opened = outputs.write(out.name) if outputs is not None else atomic_path(out)
+    with opened as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
         _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
         sw = max((len(names[i]) for i in skipped), default=1)
         _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
         reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
         _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
-    shutil.rmtree(parts, ignore_errors=True)
     if len(skipped):
         warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
     print(f"extract: {len(kept)} embeddings of dimension {dim} -> {out} ({len(skipped)} unreadable image(s) skipped)")

@@ -44,6 +44,10 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from tasks.distributed import is_global_zero
+from tasks.pathnames import display_path
+from tasks.walk import walk_files
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
@@ -82,9 +86,12 @@ def list_images(source: str | Path | Sequence[str | Path]) -> tuple[list[str], l
     ``source`` is one of:
 
     * a folder: searched recursively for :data:`IMAGE_EXTENSIONS`, sorted; names are the paths
-      relative to the folder (``sub/x.jpg``);
+      relative to the folder (``sub/x.jpg``). Linked files and folders are followed, never into
+      a folder listed already (a loop), and dangling links are listed (reading them fails with
+      a reason naming the target): :func:`tasks.walk.walk_files`; skipped links are warned about;
     * a text file with one image path per line: relative paths are relative to the list file's
-      folder, blank lines and ``#`` comments are ignored; names are the lines as written;
+      folder, blank lines and ``#`` comments are ignored; names are the lines as written (bytes
+      that are not UTF-8 read as Python reads such file names, ``surrogateescape``);
     * a single image file (by its suffix): name = the path as given;
     * a sequence of paths: names = the paths as given.
 
@@ -98,18 +105,21 @@ def list_images(source: str | Path | Sequence[str | Path]) -> tuple[list[str], l
         return names, [Path(n) for n in names]
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
+        walk = walk_files(src, IMAGE_EXTENSIONS)  # links followed, never into a loop (tasks.walk)
+        if is_global_zero():
+            walk.warn()
+        rel = sorted(walk.files)  # as sorted(Path): name by name
+        if not rel:
             raise ValueError(f"{src}: no images found in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        return [p.relative_to(src).as_posix() for p in files], files
+        return ["/".join(r) for r in rel], [src.joinpath(*r) for r in rel]
     if src.suffix.lower() in IMAGE_EXTENSIONS:
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no such image")
         return [str(source)], [src]
     if src.is_file():
         try:
-            lines = src.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+            lines = src.read_text(errors="surrogateescape").splitlines()  # names as the file system has them
+        except OSError as e:
             raise ValueError(f"{src}: cannot read the image list ({e})") from e
         names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
         if not names:
@@ -212,6 +222,9 @@ def open_image(
     """
     p = Path(path)
     if not p.is_file():
+        if p.is_symlink() and not p.exists():
+            target = display_path(os.readlink(p))
+            raise BadImageError(p, f"dangling symbolic link to {target} (its target does not exist)")
         raise BadImageError(p, "image file not found")
     if p.stat().st_size == 0:
         raise BadImageError(p, "image file is empty")
@@ -309,7 +322,7 @@ def warn_skipped(skipped: Sequence[SkippedSample], where: str, max_listed: int =
     """One warning that counts the skipped files and names the first few."""
     if not skipped:
         return
-    listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:max_listed])
+    listed = "; ".join(f"{display_path(s.path)} ({s.reason})" for s in skipped[:max_listed])
     more = f" and {len(skipped) - max_listed} more" if len(skipped) > max_listed else ""
     warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=2)
 
@@ -329,7 +342,7 @@ class SkipCounter:
         self.items += [SkippedSample(str(s[0]), str(s[1])) for s in skipped]
 
     def report(self, where: str) -> list[SkippedSample]:
-        from tasks.distributed import all_gather_objects, is_global_zero
+        from tasks.distributed import all_gather_objects
 
         gathered = [s for part in all_gather_objects(self.items) for s in part]
         self.items = []

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
 from tasks.classes import ClassesMixin, adopt_checkpoint_classes, announce, meet_data, record_classes
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
+from tasks.options import check_int
 from tasks.reporting import DEFAULT_METRICS_FILE
+from tasks.resume import ResumableSampler, SeededDataset, global_seed, train_position
 from vggbackbone.weights import resolve_normalization
 
 __all__ = ["TaskDataModule", "TaskModule"]
@@ -104,7 +106,7 @@ class TaskModule(ClassesMixin, pl.LightningModule):
         old = 0 if batch_idx == 0 else self.__dict__.get("_train_readable", 0)
         n = readable_count(batch)
         self.__dict__["_train_readable"] = -1 if n < 0 or old < 0 else old + n
-        if batch_idx == 0:
+        if batch_idx == 0 or "_train_skips" not in self.__dict__:  # (a run resumed mid-epoch starts later)
             self.__dict__["_train_skips"] = []
         self.__dict__["_train_skips"].extend(skipped_of(batch))
 
@@ -350,9 +352,10 @@ class TaskDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
         super().__init__()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        # checked here, by name: DataLoader's own errors do not say which option (tasks.options)
+        self.batch_size = check_int("data.batch_size", batch_size)
+        self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, optional=True) or self.batch_size
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
 
     def build_dataset(self, name: str) -> Dataset | None:
         """The ``name`` dataset (``train``, ``val``, ``test`` or ``predict``) that :meth:`setup` stores.
@@ -411,6 +414,13 @@ class TaskDataModule(pl.LightningDataModule):
         batch_sampler: Any = None,
         batch_size: int | None = None,
     ) -> DataLoader:
+        """A loader of ``dataset``; training ones are exactly resumable (:mod:`tasks.resume`).
+
+        Training: ``sampler`` (``None``: shuffled) wrapped in a :class:`~tasks.resume.ResumableSampler`
+        starting where a resumed fit goes on, every sample loaded under its own seed
+        (:class:`~tasks.resume.SeededDataset`). Evaluation: unpadded shards when distributed.
+        Every loader draws its worker seeds from its own generator, never from the global RNG.
+        """
         if not train and sampler is None and batch_sampler is None and dist.is_available() and dist.is_initialized():
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         kwargs: dict[str, Any] = {
@@ -418,15 +428,15 @@ class TaskDataModule(pl.LightningDataModule):
             "collate_fn": collate_fn,
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
+            "generator": torch.Generator().manual_seed(global_seed()),
         }
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        return DataLoader(
-            dataset,
-            batch_size=bs,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,
-            **kwargs,
-        )
+        if train:
+            epoch, done = train_position(self.trainer)
+            sampler = ResumableSampler(
+                dataset, sampler, seed=global_seed(), batch_size=bs, epoch=epoch, skip_batches=done
+            )
+            dataset = SeededDataset(dataset)
+        return DataLoader(dataset, batch_size=bs, sampler=sampler, drop_last=train, **kwargs)

@@ -14,8 +14,7 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +32,10 @@ from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
 from tasks.deprecation import renamed
 from tasks.distributed import all_gather_objects
-from tasks.images import SkipCounter
+from tasks.images import SkipCounter, SkippedSample
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.outputs import gather_count, require_some
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
 from tasks.reporting import EvalReport, publish_metrics
@@ -71,10 +71,16 @@ class CenterLoss(nn.Module):
     every process keeps the same centres.
     """
 
-    def __init__(self, num_classes: int, dim: int, alpha: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, dim: int, alpha: float = 0.5, init: Literal["zeros", "randn"] = "zeros"
+    ) -> None:
         super().__init__()
         self.alpha = alpha
-        self.register_buffer("centers", torch.zeros(num_classes, dim))
+        if init not in ("zeros", "randn"):
+            raise ValueError(f"center_init must be 'zeros' or 'randn', got {init!r}")
+        # randn: reid-strong-baseline's layers/center_loss.py (nn.Parameter(torch.randn(classes, dim)))
+        centers = torch.randn(num_classes, dim) if init == "randn" else torch.zeros(num_classes, dim)
+        self.register_buffer("centers", centers)
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         centers = self.centers[labels]
@@ -103,6 +109,8 @@ class ReIDTask(TaskModule):
         ce_weight, triplet_weight, center_weight: loss weights (center: 0 = off, 5e-4 in BoT).
         triplet_margin: margin of the batch-hard triplet loss (euclidean, on pre-BN features).
         center_alpha: centre update rate of the center loss.
+        center_init: initial class centres: ``zeros`` or ``randn`` (standard normal, the strong
+            baseline's ``layers/center_loss.py``).
         distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
         rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
         max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
@@ -125,6 +133,7 @@ class ReIDTask(TaskModule):
         triplet_margin: float = 0.3,
         center_weight: float = 0.0,
         center_alpha: float = 0.5,
+        center_init: Literal["zeros", "randn"] = "zeros",
         distance: Literal["cosine", "euclidean"] = "cosine",
         rerank: bool = False,
         rerank_k1: int = 20,
@@ -151,9 +160,10 @@ class ReIDTask(TaskModule):
                 "weights_backbone": weights_backbone, "num_classes": num_classes,
                 "label_smoothing": label_smoothing, "ce_weight": ce_weight, "triplet_weight": triplet_weight,
                 "triplet_margin": triplet_margin, "center_weight": center_weight, "center_alpha": center_alpha,
-                "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1, "rerank_k2": rerank_k2,
-                "rerank_lambda": rerank_lambda, "max_rank": max_rank, "eval_chunk_size": eval_chunk_size,
-                "grid_queries": grid_queries, "grid_topk": grid_topk, "optim": optim,
+                "center_init": center_init, "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1,
+                "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda, "max_rank": max_rank,
+                "eval_chunk_size": eval_chunk_size, "grid_queries": grid_queries, "grid_topk": grid_topk,
+                "optim": optim,
                 **_BUILDER_ARGS.hparams("reid_vgg", model_kwargs),
             }
         )  # fmt: skip
@@ -168,7 +178,7 @@ class ReIDTask(TaskModule):
         self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=dist_fn, reducer=reducers.MeanReducer())
         self.center: CenterLoss | None = None
         if num_classes and center_weight > 0:
-            self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha)
+            self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha, center_init)
         self._eval_parts: list[tuple[Tensor, ...]] = []
         # training and evaluation skips are counted and reported apart
         self._train_skipped = SkipCounter()
@@ -179,7 +189,9 @@ class ReIDTask(TaskModule):
         self.model.reset_classifier(n)
         self.hparams["num_classes"] = n
         if self.hparams.center_weight > 0:
-            self.center = CenterLoss(n, self.model.embedding_dim, self.hparams.center_alpha).to(self.model.mean.device)
+            self.center = CenterLoss(
+                n, self.model.embedding_dim, self.hparams.center_alpha, self.hparams.get("center_init", "zeros")
+            ).to(self.model.mean.device)
 
     def setup(self, stage: str) -> None:
         """``fit``: the classifier gets one row per training identity of the data (when the model has
@@ -301,11 +313,13 @@ class ReIDTask(TaskModule):
     def eval_epoch_end(self, stage: str) -> None:
         parts, self._eval_parts = self._eval_parts, []
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
-        self._eval_skipped.report(f"{stage} evaluation")
+        skipped = self._eval_skipped.report(f"{stage} evaluation")
         arrays = [g for g in all_gather_objects(local) if g is not None]
 
         def compute(log_dir: Path) -> EvalReport | None:
-            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)]) if arrays else None
+            if not arrays:
+                return EvalReport({}, no_metric=f"no image of the {stage} split embedded ({len(skipped)} skipped)")
+            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)], skipped=skipped)
 
         publish_metrics(self, stage, compute, prog_bar=("mAP", "rank1"))
 
@@ -318,26 +332,26 @@ class ReIDTask(TaskModule):
         camid: np.ndarray,
         is_query: np.ndarray,
         emb: np.ndarray,
-    ) -> EvalReport | None:
+        skipped: Sequence[SkippedSample] = (),
+    ) -> EvalReport:
         index, first = np.unique(index, return_index=True)  # one embedding per sample
         pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
         hp = self.hparams
         feats = torch.from_numpy(emb).to(self.device)
         q, g = is_query, ~is_query
-        if not q.any() or not g.any():  # e.g. limit_val_batches / fast_dev_run cut the set short
-            warnings.warn(
-                f"{stage} evaluation skipped: {int(q.sum())} queries, {int(g.sum())} gallery images embedded",
-                stacklevel=2,
-            )
-            return None
-        res = rank_embeddings(
-            feats[torch.from_numpy(q).to(self.device)],
-            feats[torch.from_numpy(g).to(self.device)],
-            pid[q], pid[g], camid[q], camid[g],
-            metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
-            rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
-            topk=hp.grid_topk if hp.grid_queries > 0 else 0,
-        )  # fmt: skip
+        if not q.any() or not g.any():  # every query (or gallery) image unreadable, or a split cut short
+            return EvalReport({}, no_metric=self._why_no_ranking(stage, int(q.sum()), int(g.sum()), skipped))
+        try:
+            res = rank_embeddings(
+                feats[torch.from_numpy(q).to(self.device)],
+                feats[torch.from_numpy(g).to(self.device)],
+                pid[q], pid[g], camid[q], camid[g],
+                metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
+                rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
+                topk=hp.grid_topk if hp.grid_queries > 0 else 0,
+            )  # fmt: skip
+        except ValueError as e:  # no query has a match: raised on every process by publish_metrics, not here
+            return EvalReport({}, no_metric=f"{stage} split: {e}")
         fitting = self.trainer.state.fn is not None and self.trainer.state.fn.value == "fit"
         name = f"{stage}_epoch{self.current_epoch:03d}" if fitting else stage  # val_epoch003.png, val.png, test.png
         extra: dict[str, Any] = {
@@ -362,6 +376,29 @@ class ReIDTask(TaskModule):
             ],
         )
 
+    def _why_no_ranking(self, stage: str, nq: int, ng: int, skipped: Sequence[SkippedSample]) -> str:
+        """Why ranking had no query or no gallery image: per empty side, its unreadable (skipped) count."""
+        dm = getattr(self.trainer, "datamodule", None)
+        sets = {"query": getattr(dm, "query_set", None), "gallery": getattr(dm, "gallery_set", None)}
+        query_paths = {str(s.path) for s in getattr(sets["query"], "samples", ())}
+        by_side = {
+            "query": [s for s in skipped if str(s.path) in query_paths],
+            "gallery": [s for s in skipped if str(s.path) not in query_paths],
+        }
+        parts = []
+        for side, n in (("query", nq), ("gallery", ng)):
+            if n:
+                continue
+            bad, total = by_side[side], len(sets[side]) if sets[side] is not None else None
+            of_total = f" of {total}" if total is not None else ""
+            text = f"no {side} image embedded: {len(bad)}{of_total} {side} images unreadable (skipped)"
+            if bad:
+                text += f", e.g. {bad[0].path}: {bad[0].reason}"
+            if total is not None and len(bad) < total:
+                text += f"; the other {total - len(bad)} were not reached (trainer.limit_{stage}_batches?)"
+            parts.append(text)
+        return f"{stage} split: {'; '.join(parts)} ({nq} query, {ng} gallery images embedded); ranking needs both"
+
     def _save_grid(self, path: Path, q_index: np.ndarray, g_index: np.ndarray, res: Any) -> Path | None:
         dm = getattr(self.trainer, "datamodule", None)
         if res.topk is None or not hasattr(dm, "eval_samples"):
@@ -381,10 +418,20 @@ class ReIDTask(TaskModule):
         return path
 
     # ------------------------------------------------------------------ prediction (extraction)
+    def on_predict_epoch_start(self) -> None:
+        self._predicted = 0
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         images = batch["image"]
         emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
+        self._eval_skipped.add(batch["skipped"])
+        self._predicted = getattr(self, "_predicted", 0) + len(emb)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
+
+    def on_predict_epoch_end(self) -> None:
+        skipped = self._eval_skipped.report("predict")
+        source = getattr(self.trainer.datamodule, "root", "the predict data")
+        require_some(gather_count(getattr(self, "_predicted", 0)), "reid predict", source, skipped)
 
     @property
     def embedding_dim(self) -> int:

@@ -7,6 +7,11 @@ the shards, in input order, into the output file, chunk by chunk (memory stays f
 images), and renames it into place (atomic). An interrupted run keeps its shards: running the same
 command again (same checkpoint, same image list) only embeds the images not done yet.
 
+Every file written (shards, the ``.npz``) is recorded in ``.F.npz.manifest.json`` beside the output
+(:meth:`tasks.outputs.OutputFolder.beside`): a new extraction removes only what an earlier one
+recorded, never overwrites a file no manifest lists, refuses an output among its input images,
+and fails when no image could be read.
+
 Output, a NumPy ``.npz`` (``np.load(path)``, or :func:`load_embeddings`):
 
 * ``embeddings``: ``(N, D)`` float32, row ``i`` the embedding of ``paths[i]`` (as the model's
@@ -24,8 +29,7 @@ lines and ``#`` comments ignored), or one image.
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,15 +45,14 @@ from torchvision.transforms import v2
 
 from tasks.callbacks import InferenceOptimization
 from tasks.checkpoint import load_task, read_checkpoint
+from tasks.distributed import all_gather_objects
 from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, list_images, read_image
 from tasks.module import TaskModule
+from tasks.outputs import OutputFolder, input_paths, require_some
 from vggbackbone.optimize import default_precision
-from vggbackbone.utils import atomic_path
 
 __all__ = ["extract_embeddings", "extract_main", "load_embeddings", "merge_shards"]
-
-MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -95,45 +98,40 @@ class _EmbedModule(TaskModule):
 
 
 class _ExtractData(pl.LightningDataModule):
-    """Images still to embed. ``setup`` runs once the processes exist: rank 0 checks the shards
-    of an earlier run against the manifest (keeps them or clears them), then every rank reads
-    which images are done."""
+    """Images still to embed. ``setup`` runs once the processes exist: rank 0 keeps the shards of
+    an earlier run of the same extraction (``fingerprint``) or removes what an earlier run recorded
+    (:meth:`tasks.outputs.OutputFolder.begin`), then every rank reads which images are done."""
 
-    def __init__(self, names: list[str], files: list[Path], parts: Path, fingerprint: dict[str, Any],
-                 image_size: tuple[int, int], batch_size: int, num_workers: int) -> None:  # fmt: skip
+    def __init__(self, names: list[str], files: list[Path], outputs: OutputFolder, inputs: list[Path],
+                 fingerprint: dict[str, Any], image_size: tuple[int, int], batch_size: int,
+                 num_workers: int) -> None:  # fmt: skip
         super().__init__()
-        self.names, self.files, self.parts, self.fingerprint = names, files, parts, fingerprint
+        self.names, self.files, self.outputs, self.inputs = names, files, outputs, inputs
+        self.fingerprint = fingerprint
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.attempt = 0
         self.resumed = 0
+        self.embedded_before = 0  # images an earlier attempt embedded
+        self.skipped_before: list[tuple[int, str]] = []  # and those it could not read
         self.draft_decode = bool(fingerprint.get("draft_decode", False))
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        assert trainer is not None
-        if trainer.is_global_zero:
-            manifest = self.parts / MANIFEST
-            attempt = 0
-            if manifest.is_file():
-                try:
-                    old = json.loads(manifest.read_text())
-                    if old.get("fingerprint") == self.fingerprint:
-                        attempt = int(old["attempt"]) + 1
-                except (json.JSONDecodeError, KeyError, ValueError):
-                    pass
-            if attempt == 0 and self.parts.exists():
-                shutil.rmtree(self.parts)  # shards of another model or image list
-            self.parts.mkdir(parents=True, exist_ok=True)
-            with atomic_path(manifest) as tmp:
-                tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "attempt": attempt}))
-        trainer.strategy.barrier("reid-extract-manifest")
-        self.attempt = int(json.loads((self.parts / MANIFEST).read_text())["attempt"])
+        out = self.outputs.output
+        self.outputs.begin(inputs=self.inputs, expected=[out.name], resume_key=self.fingerprint)
+        self.attempt = self.outputs.attempt
         done = np.zeros(len(self.names), bool)
-        for rec in self.parts.glob("a*-r*-d*.rec"):
-            done[Shard(rec).indices()] = True
-        for skip in self.parts.glob("a*-r*.skip"):
-            done[list(read_skips(skip))] = True
-        self.resumed = int(done.sum())
+        embedded = np.zeros(len(self.names), bool)
+        skips: dict[int, str] = {}
+        for rel in self.outputs.known_files():
+            path = self.outputs.folder / rel
+            if path.suffix == ".rec" and path.is_file():
+                embedded[Shard(path).indices()] = True
+            elif path.suffix == ".skip" and path.is_file():
+                skips.update(read_skips(path))
+        done[list(skips)] = True
+        done |= embedded
+        self.resumed, self.embedded_before = int(done.sum()), int(embedded.sum())
+        self.skipped_before = sorted(skips.items())
         self.todo = np.flatnonzero(~done)
 
     def _dataset(self, indices: Sequence[int]) -> _Images:
@@ -164,19 +162,25 @@ class _ShardWriter(BasePredictionWriter):
     def __init__(self, data: _ExtractData, out: Path) -> None:
         super().__init__(write_interval="batch")
         self.data, self.out = data, out
+        self.parts = f".{out.name}.parts"  # the shards' folder, relative to the output's
         self.rec_file: Any = None
         self.skip_file: Any = None
         self.merged = False
+        self.embedded = 0  # this process, this attempt
+        self.skipped: list[tuple[int, str]] = []
 
     def _prefix(self, trainer: pl.Trainer) -> str:
-        return f"a{self.data.attempt}-r{trainer.global_rank}"
+        return f"{self.parts}/a{self.data.attempt}-r{trainer.global_rank}"
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:  # type: ignore[override]
         if prediction["skipped"]:
-            if self.skip_file is None:
-                self.skip_file = open(self.data.parts / f"{self._prefix(trainer)}.skip", "a")  # noqa: SIM115 (closed in teardown)
+            self.skipped += prediction["skipped"]
+            if self.skip_file is None:  # closed in _close
+                self.skip_file = self.data.outputs.open_append(
+                    f"{self._prefix(trainer)}.skip", "a", encoding="utf-8", errors="surrogateescape"
+                )
             self.skip_file.write("".join(f"{i}\t{r}\n" for i, r in prediction["skipped"]))
             self.skip_file.flush()
         emb = prediction["embedding"]
@@ -190,15 +194,14 @@ class _ShardWriter(BasePredictionWriter):
                 f"extract: non-finite embedding of {first} ({int(bad.sum())} in this batch); "
                 "the model's weights or this image produce NaN/inf, nothing of this batch was written"
             )
-        if self.rec_file is None:
-            self.rec_file = open(  # noqa: SIM115 (kept open across batches, closed in teardown)
-                self.data.parts / f"{self._prefix(trainer)}-d{emb.shape[1]}.rec", "ab"
-            )
+        if self.rec_file is None:  # kept open across batches, closed in _close
+            self.rec_file = self.data.outputs.open_append(f"{self._prefix(trainer)}-d{emb.shape[1]}.rec")
         rec = np.empty(len(emb), record_dtype(emb.shape[1]))
         rec["index"] = prediction["index"].cpu().numpy()
         rec["embedding"] = emb
         self.rec_file.write(rec.tobytes())
         self.rec_file.flush()
+        self.embedded += len(emb)
 
     def _close(self) -> None:
         for f in (self.rec_file, self.skip_file):
@@ -208,14 +211,36 @@ class _ShardWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()  # the shards stay: running the same extraction again resumes from them
+        self.data.outputs.close()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.merge(trainer.global_rank)
+
+    def merge(self, rank: int) -> None:
+        """Every process: check something was embedded; rank 0 merges the shards into the output,
+        then removes them (the files recorded, then their folder); the manifest is completed."""
         self._close()
-        trainer.strategy.barrier("reid-extract-shards")
-        if trainer.is_global_zero:
-            merge_shards(self.data.parts, self.out, self.data.names)
-            self.merged = True
-        trainer.strategy.barrier("reid-extract-merged")
+        outputs, names = self.data.outputs, self.data.names
+        embedded = sum(all_gather_objects(self.embedded)) + self.data.embedded_before
+        skip_lists = [self.data.skipped_before, *all_gather_objects(self.skipped)]
+        skipped = [SkippedSample(names[i], r) for part in skip_lists for i, r in part]
+        require_some(embedded, "extract", f"{len(names)} image(s)", skipped, on_error=outputs.close)
+        shards = [f for f in outputs.recorded() if f.startswith(f"{self.parts}/")]  # a collective
+        error: BaseException | None = None
+        if rank == 0:
+            try:
+                merge_shards(outputs.folder / self.parts, self.out, names,
+                             files=[outputs.folder / f for f in shards], outputs=outputs)  # fmt: skip
+                for f in shards:
+                    outputs.discard(f)
+            except Exception as e:  # every process raises it, none waits forever
+                error = e
+        shared = all_gather_objects(error)[0]
+        if shared is not None:
+            outputs.close()
+            raise shared if rank == 0 else RuntimeError(f"extract: global rank 0 failed: {shared}")
+        outputs.finish(remove_dirs=[self.parts])
+        self.merged = True
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -306,7 +331,7 @@ def extract_embeddings(
     if precision == "auto":  # resolved here, so shards of a resumed run never mix precisions
         precision = default_precision(trainer.strategy.root_device) if optimize else "fp32"
     fingerprint |= {
-        "images_sha1": hashlib.sha1("\n".join(str(f) for f in files).encode()).hexdigest(),
+        "images_sha1": hashlib.sha1(b"\n".join(os.fsencode(f) for f in files)).hexdigest(),  # names as bytes
         "num_images": len(files),
         "image_size": list(size),
         "precision": precision if optimize else "fp32 (not optimised)",
@@ -315,8 +340,9 @@ def extract_embeddings(
         fingerprint["draft_decode"] = True
     if optimize and precision == "int8":  # another calibration gives other embeddings: no mixing on resume
         fingerprint["calibration_images"] = calibration_images
-    parts = out.parent / f".{out.name}.parts"
-    data = _ExtractData(names, files, parts, fingerprint, size, batch_size, num_workers)  # type: ignore[arg-type]
+    outputs = OutputFolder.beside(out, "reid extract")
+    inputs = input_paths(images) if isinstance(images, (str, Path)) else files
+    data = _ExtractData(names, files, outputs, inputs, fingerprint, size, batch_size, num_workers)  # type: ignore[arg-type]
     writer = _ShardWriter(data, out)
     optimization = InferenceOptimization(enabled=optimize, precision=precision, calibration_images=calibration_images)  # type: ignore[arg-type]
     trainer.callbacks += [optimization, writer]  # type: ignore[arg-type]
@@ -326,8 +352,8 @@ def extract_embeddings(
         trainer.predict(module, datamodule=data, return_predictions=False)
     if trainer.is_global_zero and data.resumed:
         print(f"extract: resumed, {data.resumed} of {len(names)} images were done by an earlier run")
-    if trainer.is_global_zero and not writer.merged:  # nothing was left to embed (resumed run)
-        merge_shards(parts, out, names)
+    if not writer.merged:  # nothing was left to embed (resumed run): no predict loop ran
+        writer.merge(trainer.global_rank)
     return out
 
 

@@ -20,9 +20,10 @@ import pytorch_lightning as pl
 
 from tasks.checkpoint import check_finite
 from tasks.distributed import all_gather_objects, is_global_zero
+from tasks.outputs import COMPLETE_MARKER  # its old home: re-exported
 from vggbackbone.utils import atomic_path
 
-__all__ = ["DEFAULT_METRICS_FILE", "EvalReport", "print_metrics", "publish_metrics", "write_json"]
+__all__ = ["COMPLETE_MARKER", "DEFAULT_METRICS_FILE", "EvalReport", "print_metrics", "publish_metrics", "write_json"]
 
 #: default of ``TaskModule.metrics_file``: evaluation metrics file, relative to the log folder
 DEFAULT_METRICS_FILE = "{stage}_metrics.json"
@@ -66,6 +67,8 @@ class EvalReport:
         title: title of the printed table.
         table: extra printed columns (per-class numbers...), see :func:`print_metrics`.
         shown: the metrics printed in the table (default: all).
+        no_metric: why there is no metric (``metrics`` empty): the message of the error
+            :func:`publish_metrics` raises on every process (naming the split and what was missing).
     """
 
     metrics: dict[str, float]
@@ -73,6 +76,7 @@ class EvalReport:
     title: str = ""
     table: Sequence[tuple[str, Sequence[Any]]] | None = None
     shown: Sequence[str] | None = None
+    no_metric: str = ""
 
 
 def _json_safe(obj: Any) -> Any:
@@ -104,7 +108,10 @@ def publish_metrics(
     and writes ``<log_dir>/<stage>_metrics.json`` (``module.metrics_file``) atomically:
     ``stage``, ``epoch``, ``global_step``, the metrics and ``extra``, NaN written as ``null``.
     Nothing happens during Lightning's sanity check. A model with non-finite weights gets no
-    metrics: a ``FloatingPointError`` names its NaN/inf tensors (on every process). Returns the metrics.
+    metrics: a ``FloatingPointError`` names its NaN/inf tensors (on every process). An evaluation
+    that produced no metric (``compute`` returned ``None``, or only NaN besides ``loss``) is a
+    ``RuntimeError`` on every process, with the report's :attr:`EvalReport.no_metric` reason:
+    never a run that ends well with nothing measured. Returns the metrics.
     """
     trainer = module.trainer
     if trainer.sanity_checking:
@@ -113,7 +120,18 @@ def publish_metrics(
     # trainer.log_dir is a collective (a broadcast) under DDP: every rank must read it
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     report = compute(log_dir) if is_global_zero() else None
-    metrics: dict[str, float] = all_gather_objects(report.metrics if report is not None else None)[0] or {}
+    shared = all_gather_objects((report.metrics, report.no_metric) if report is not None else None)[0]
+    metrics, no_metric = shared if shared is not None else ({}, "")
+    metrics = dict(metrics or {})
+    measured = [k for k, v in metrics.items() if k != "loss" and math.isfinite(float(v))]
+    if not measured:
+        why = no_metric or (
+            f"every metric is NaN ({', '.join(metrics)})" if metrics else "the evaluation computed nothing"
+        )
+        raise RuntimeError(
+            f"{stage} evaluation of {type(module).__name__} produced no metric: {why}; "
+            "no metrics file written, stopping"
+        )
     shown_on_bar = set(prog_bar)
     for name, value in metrics.items():
         if not math.isnan(float(value)):
@@ -134,11 +152,6 @@ def publish_metrics(
         }
         write_json(log_dir / filename.format(stage=stage), _json_safe(out))
     return metrics
-
-
-#: the file a predict run writes last into its output folder (detection and segmentation): a folder
-#: without it holds an incomplete run
-COMPLETE_MARKER = "_COMPLETE"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -13,8 +13,11 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 * inference: whole image, or sliding windows for images larger than the network should see;
 * ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
   ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``, then
-  ``predict_dir/_COMPLETE`` last (JSON: images, skipped; an earlier run's marker is removed at
-  the start), as detection's writer: a folder without it holds an incomplete run.
+  ``predict_dir/_COMPLETE`` last (JSON: images, skipped), as detection's writer: a folder
+  without it holds an incomplete run. Every file is recorded in ``predict_dir/_MANIFEST.json``
+  (:class:`tasks.outputs.OutputFolder`): a run first removes what the earlier run's manifest
+  lists, and only that; it never overwrites a file no manifest lists, never writes into (or
+  around) its input images, and fails when no image could be read.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.reporting import COMPLETE_MARKER, EvalReport, publish_metrics, write_json
+from tasks.outputs import COMPLETE_MARKER, OutputFolder, predict_inputs, require_some
+from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import fcn_vgg, unet_vgg
 from vggbackbone.utils import atomic_path
@@ -368,48 +372,72 @@ class SegmentationTask(TaskModule):
     def on_predict_start(self) -> None:
         super().on_predict_start()
         self._predicted = 0
-        if is_global_zero():  # the marker first: from here on the folder says "incomplete"
-            (self.predict_dir / PREDICT_COMPLETE).unlink(missing_ok=True)
-        self.trainer.strategy.barrier("segment-predict-clean")
+        # the earlier run's files (its manifest's, the marker first) go: from here on the folder says "incomplete"
+        self._outputs = OutputFolder(self.predict_dir, "segment predict")
+        self._outputs.begin(inputs=predict_inputs(self.trainer.datamodule))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         self._eval_skipped.add(batch.get("skipped", []))
         written = []
         for image, sid in self._skip_small(batch, ("image", "id")):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
-            written.append(
-                str(write_prediction(self.predict_dir, sid, image.cpu(), pred, self.num_classes, self.overlay_alpha))
+            path = write_prediction(
+                self.predict_dir,
+                sid,
+                image.cpu(),
+                pred,
+                self.num_classes,
+                self.overlay_alpha,
+                outputs=getattr(self, "_outputs", None),
             )
+            written.append(str(path))
         self._predicted += len(written)
         return written
 
     def on_predict_epoch_end(self) -> None:
         skipped = self._eval_skipped.report("predict")
-        # a collective: every process has written all its masks when it returns, so the marker comes last
         images = sum(all_gather_objects(self._predicted))
-        write_json(self.predict_dir / PREDICT_COMPLETE, {"images": images, "skipped": len(skipped)})
+        outputs = getattr(self, "_outputs", None)  # None: the predict hooks called by hand, without a run
+        if not images:
+            dm = self.trainer.datamodule
+            source = getattr(dm, "predict_images", None) or getattr(dm, "root", "?")
+            require_some(images, "segment predict", source, skipped, on_error=outputs.close if outputs else None)
+        # a collective: every process has written all its masks when it returns, so the marker comes last
+        if outputs is not None:
+            outputs.finish({"images": images, "skipped": len(skipped)})
         if is_global_zero():
             print(f"predict: {images} masks and overlays written to {self.predict_dir}")
 
 
 def write_prediction(
-    out_dir: Path, sample_id: str, image: Tensor, pred: Tensor, num_classes: int, alpha: float = 0.5
+    out_dir: Path,
+    sample_id: str,
+    image: Tensor,
+    pred: Tensor,
+    num_classes: int,
+    alpha: float = 0.5,
+    outputs: OutputFolder | None = None,
 ) -> Path:
     """Write ``<id>.png`` (palette PNG of class indices) and ``<id>_overlay.png``; return the mask path.
 
     ``image``: uint8 ``(3, H, W)``; ``pred``: uint8 ``(H, W)`` class indices. Files are written
-    atomically.
+    atomically; with ``outputs`` (the run's :class:`~tasks.outputs.OutputFolder` of ``out_dir``)
+    recorded in its manifest, never over a file it did not write.
     """
+
+    def opened(name: str) -> Any:
+        return outputs.write(name) if outputs is not None else atomic_path(Path(out_dir) / name)
+
     palette = voc_palette()
     mask_path = Path(out_dir) / f"{sample_id}.png"
     png = Image.fromarray(pred.numpy(), mode="P")
     png.putpalette(palette)
-    with atomic_path(mask_path) as tmp:
+    with opened(f"{sample_id}.png") as tmp:
         png.save(tmp, format="PNG")
     classes = torch.arange(1, num_classes)  # background stays unpainted
     colors = [tuple(palette[3 * k : 3 * k + 3]) for k in classes.tolist()]
     overlay = draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=alpha, colors=colors)
-    with atomic_path(Path(out_dir) / f"{sample_id}_overlay.png") as tmp:
+    with opened(f"{sample_id}_overlay.png") as tmp:
         Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     return mask_path
 

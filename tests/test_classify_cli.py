@@ -102,7 +102,7 @@ def test_ddp_two_processes_equal_one_process_predict_csv_and_export(tmp_path: Pa
     _run("predict", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.devices", "1",
          "--inference.precision", "fp32")  # fmt: skip
     rows = list(csv.reader((tmp_path / "pred.csv").open()))
-    assert rows[0] == ["path"] + [f"{c}{j}" for j in range(1, 6) for c in ("label", "score")]
+    assert rows[0] == ["path"] + [f"{c}{j}" for j in range(1, 6) for c in ("label", "score")] + ["path_hex"]
     rows = rows[1:]
     assert len(rows) == 9 and all(Path(r[0]).is_file() for r in rows)
     truth = [Path(r[0]).parent.name for r in rows]

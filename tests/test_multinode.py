@@ -299,7 +299,8 @@ def test_reid_two_nodes_torchrun_fit_validate_extract_equal_one_process(tmp_path
     ext0, ext1 = tmp_path / "extract" / "node0", tmp_path / "extract" / "node1"
     torchrun("extract", "tasks.reid", [*extract, "--out", str(out2), *NODE_FLAGS, *DDP], [ext0, ext1], logs)
     assert _files(ext0) == _files(ext1) == []  # everything went to the (shared) output folder
-    assert _files(out2.parent) == [Path(out2.name)]  # shards merged and removed, one file
+    # shards merged and removed: one file, and the manifest recording it
+    assert _files(out2.parent) == sorted([Path(out2.name), Path(f".{out2.name}.manifest.json")])
     one_process("extract-single", "tasks.reid", [*extract, "--out", str(out1)], tmp_path / "extract" / "single", logs)
     two_nodes, single_process = load_embeddings(out2), load_embeddings(out1)
     assert sorted(two_nodes) == sorted(single_process)

@@ -1,4 +1,5 @@
-"""Detection ``predict`` into a folder of an earlier run: the earlier output goes first, ``_COMPLETE`` comes last."""
+"""Detection ``predict`` into a folder of an earlier run: the earlier output (as its manifest lists it) goes first,
+``_COMPLETE`` comes last."""
 
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ def _cli(cfg: Path):
 
 def test_a_killed_predict_leaves_no_earlier_results_and_no_complete_marker(tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    (out / "images").mkdir(parents=True)
-    for name in ("detections.json", "images.json", "_COMPLETE"):
-        (out / name).write_text("[]")  # an earlier run's output
-    (out / "images" / "earlier.jpg").write_bytes(b"jpeg")
+    cli = _cli(_config(tmp_path))
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # an earlier run's output, in its manifest
+    assert len(list((out / "images").glob("*.jpg"))) == 5 and (out / "_COMPLETE").is_file()
     cli = _cli(_config(tmp_path))
     cli.trainer.callbacks.append(_Killed())
     with pytest.raises(RuntimeError, match="killed"):
         cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     new = sorted(p.name for p in (out / "images").glob("*.jpg"))
-    assert new and "earlier.jpg" not in new  # the pictures of the batch done before the kill
-    assert sorted(p.name for p in out.rglob("*")) == sorted(["images", *new])  # no results, no _COMPLETE
+    assert 0 < len(new) < 5  # the pictures of the batch done before the kill; the earlier ones removed
+    # no results, no _COMPLETE: the manifest (incomplete) and the journal recording the new pictures
+    assert sorted(p.name for p in out.rglob("*")) == sorted(["images", *new, "_MANIFEST.json", "_MANIFEST.json.a0.r0"])
+    assert json.loads((out / "_MANIFEST.json").read_text())["complete"] is False
 
     cli = _cli(_config(tmp_path))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)

@@ -90,7 +90,7 @@ def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsy
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, precision="fp32",
                            trainer={**TRAINER, "callbacks": [_Crash()]})  # fmt: skip
-    assert not out.exists() and (tmp_path / ".r.npz.parts" / "manifest.json").is_file()
+    assert not out.exists() and (tmp_path / ".r.npz.manifest.json").is_file()
     with pytest.warns(UserWarning, match="skipped 1"):
         extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, **EXACT)
     assert "4 of 8 images were done by an earlier run" in capsys.readouterr().out

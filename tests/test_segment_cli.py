@@ -90,8 +90,9 @@ def _cli(cfg: Path):
 def test_predict_writes_complete_last_and_a_rerun_first_removes_the_earlier_one(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     out = tmp_path / "predict"
-    out.mkdir()
-    (out / "_COMPLETE").write_text('{"images": 99, "skipped": 0}')  # an earlier run's marker
+    cli = _cli(cfg)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # an earlier run, its marker in its manifest
+    assert (out / "_COMPLETE").is_file()
     cli = _cli(cfg)
     cli.trainer.callbacks.append(_Killed())
     with pytest.raises(RuntimeError, match="killed"):
@@ -104,5 +105,5 @@ def test_predict_writes_complete_last_and_a_rerun_first_removes_the_earlier_one(
     ids = (tmp_path / "shapes/VOCdevkit/VOC2007/ImageSets/Segmentation/val.txt").read_text().split()
     assert json.loads((out / "_COMPLETE").read_text()) == {"images": len(ids), "skipped": 0}
     written = [out / f"{sid}{suffix}.png" for sid in ids for suffix in ("", "_overlay")]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in written), "_COMPLETE"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in written), "_COMPLETE", "_MANIFEST.json"])
     assert (out / "_COMPLETE").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in written)  # written last

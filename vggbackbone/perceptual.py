@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .vgg import ArchSpec, VGGBackbone
-from .weights import WeightsError
+from .weights import WeightsError, load_state_dict_file
 
 __all__ = ["GATYS_STYLE_LAYERS", "LPIPS", "LPIPS_LAYERS", "PerceptualLoss", "StyleLoss", "gram_matrix"]
 
@@ -329,7 +329,7 @@ class LPIPS(nn.Module):
         path = Path(lin_weights) if lin_weights is not None else _lpips_weights_file()
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS linear weights not found: {path}")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_state_dict_file(path)[0]  # safely; a file that is not one says what it is
         expected = {f"lin{i}.model.1.weight": (1, c, 1, 1) for i, c in enumerate(channels)}
         got = {k: tuple(v.shape) for k, v in sd.items()}
         if got != expected:

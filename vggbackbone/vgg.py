@@ -228,7 +228,9 @@ class VGGBackbone(nn.Module):
         weights: ``None``; a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or a
             ``torchvision.models.VGG16_Weights`` member, downloaded through torchvision's
             cache); or a path to a ``.pth``/``.safetensors`` state dict saved from
-            torchvision's or timm's VGG of the same arch, or by :meth:`save_weights`.
+            torchvision's or timm's VGG of the same arch, or by :meth:`save_weights`; or the
+            original Caffe release, a ``.caffemodel`` (``VGG_ILSVRC_16_layers``/``19``, read with
+            protobuf by :mod:`vggbackbone.caffe`; Caffe normalisation implied).
         in_channels: input channels (weights with 3 input channels need ``in_channels=3``).
         batch_norm: only for custom block specs (named archs carry it in the name).
         norm_layer: BatchNorm constructor for ``_bn`` archs, e.g.

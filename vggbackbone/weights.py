@@ -5,11 +5,13 @@ Sources understood, all mapped key by key onto this package's names:
 * torchvision ``VGG`` state dicts (``features.<i>.*``, ``classifier.0/3/6.*``), also through a
   torchvision weights name (``"IMAGENET1K_V1"``), which goes through torchvision's download cache;
 * timm ``vgg*`` state dicts (``features.<i>.*``, ``pre_logits.fc1/fc2.*``, ``head.fc.*``);
-* files written by :meth:`VGGBackbone.save_weights` (``features.conv1.conv1_1.*``, with metadata).
+* files written by :meth:`VGGBackbone.save_weights` (``features.conv1.conv1_1.*``, with metadata);
+* the original Caffe release (``VGG_ILSVRC_16_layers.caffemodel`` ...), read with protobuf by
+  :mod:`vggbackbone.caffe` into torchvision's layout; Caffe's normalisation comes with it.
 
 ``classifier.0`` (4096 x 25088) becomes the 7x7 conv fc6 and ``classifier.3`` the 1x1 conv fc7,
 as FCN convolutionalises them; the 1000-way fc8 is ignored. Files are read with
-``torch.load(weights_only=True)`` or safetensors: a weights file never runs code.
+``torch.load(weights_only=True)``, safetensors or protobuf: a weights file never runs code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ARCHS, VGGConfig, block_layers
+from .filekind import error_text, load_failure, sniff_file
 from .utils import atomic_path
 
 __all__ = [
@@ -265,7 +268,7 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a ``.pth``/``.pt``/``.bin`` (``weights_only``) or ``.safetensors`` file safely.
+    """Read a ``.pth``/``.pt``/``.bin`` (``weights_only``), ``.safetensors`` or ``.caffemodel`` file safely.
 
     Returns ``(state_dict, metadata)``. Pickled objects other than tensors and plain containers
     are refused with :class:`WeightsError` and never executed.
@@ -273,7 +276,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    kind = sniff_file(path)  # an empty file, an LFS pointer, an HTML page...: said so before torch reads it
+    if not kind.torch_readable and kind.kind != "safetensors":
+        raise WeightsError(f"{path}: {kind.what}, not a weights file{f' ({kind.hint})' if kind.hint else ''}")
+    if path.suffix == ".caffemodel" and kind.kind == "binary":  # the Caffe release: protobuf only, runs no code
+        return _read_caffemodel(path)
+    if path.suffix == ".safetensors" or kind.kind == "safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -281,7 +289,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
                 raw_meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+            raise WeightsError(f"{path}: not a readable safetensors file ({kind.what}: {e})") from e
         meta: dict[str, Any] = {}
         if raw_meta.get("format") == FORMAT:
             meta = {k: json.loads(v) if k in ("normalization", "arch") else v for k, v in raw_meta.items()}
@@ -289,15 +297,28 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
         return sd, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"{path}: refused to load: the file pickles Python objects, not just tensors, and weights are only "
-            f"read with torch.load(weights_only=True) so a file never runs code. Save model.state_dict() "
-            f"instead. ({_first_line(e)})"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+        reason, phrase = load_failure(kind, e)
+        if reason == "code":
+            raise WeightsError(
+                f"{path}: refused to load: the file pickles Python objects, not just tensors ({phrase}), and weights "
+                "are only read as tensors and plain data, so a file never runs code. Save model.state_dict() instead."
+            ) from None
+        size = path.stat().st_size
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({size} bytes: {phrase})") from None
     return _unwrap(obj, str(path))
+
+
+def _read_caffemodel(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A VGG ``.caffemodel`` (:func:`vggbackbone.caffe.read_caffemodel`) as a torchvision-layout
+    state dict, its metadata declaring Caffe's input normalisation (BGR 0-255 minus the mean)."""
+    from .caffe import CaffeModelError, read_caffemodel
+
+    try:
+        sd, info = read_caffemodel(path)
+    except CaffeModelError as e:
+        raise WeightsError(str(e)) from e
+    return sd, {**info, "normalization": CAFFE.to_dict()}
 
 
 def resolve_torchvision_weights(name: Any, cfg: VGGConfig) -> Any:
@@ -342,10 +363,10 @@ def load_torchvision_state_dict(w: Any, *, progress: bool = True) -> dict[str, T
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{cached}: refused to load torchvision weights {type(w).__name__}.{w.name}: the cached file pickles "
-            f"Python objects, not just tensors ({_first_line(e)})"
-        ) from e
+            f"Python objects, not just tensors ({error_text(e)})"
+        ) from None
     except (RuntimeError, EOFError) as e:
-        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({_first_line(e)})") from e
+        raise WeightsError(f"{cached}: not a readable PyTorch weights file ({error_text(e)})") from None
     return _unwrap(obj, str(cached))[0]
 
 
@@ -360,7 +381,7 @@ def is_weights_file(weights: Any) -> bool:
         Path(s).exists()
         or os.sep in s
         or "/" in s
-        or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+        or Path(s).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".caffemodel")
     )
 
 
@@ -492,9 +513,15 @@ def load_backbone_weights(
     own_sd = {k: sd[k] for k in own if k in sd}
     model.load_state_dict(own_sd, strict=False)
 
-    if normalization is None:
+    caffemodel = meta.get("source") == "caffemodel"
+    if normalization is None and not caffemodel:
         return norm if norm is not None else resolve_normalization(None, model.in_channels)
-    requested = resolve_normalization(normalization, model.in_channels)
+    requested = norm if normalization is None else resolve_normalization(normalization, model.in_channels)
+    if caffemodel and requested.name != "caffe":
+        raise WeightsError(
+            f"{desc}: a .caffemodel takes BGR 0-255 input minus the mean pixel (normalization 'caffe', implied); "
+            f"got normalization {requested.name!r}: leave it unset, or give Caffe statistics (space: bgr255)"
+        )
     if requested.name == "caffe" and meta["source"] != "native":
         # Weights trained on BGR input: flip conv1_1's input channels so the model takes RGB.
         # This package's own files are already stored RGB-first (flipped when first loaded).

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from ._build import GeneratedFolderError
 from .digits import DigitsConfig, generate_digits
 from .market import MarketConfig, generate_market
 from .shapes import ShapesConfig, generate_shapes
@@ -40,13 +41,20 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="generator", required=True)
     for name, (cfg_cls, _, help_text) in GENERATORS.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--out", required=True, help="output folder (replaced)")
+        p.add_argument(
+            "--out",
+            required=True,
+            help="output folder: missing, empty, or a dataset generated earlier (replaced; anything else is refused)",
+        )
         _add_fields(p, cfg_cls)
     args = vars(parser.parse_args(argv))
     name, out = args.pop("generator"), args.pop("out")
     cfg_cls, generate, _ = GENERATORS[name]
     cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    path = generate(out, cfg)
+    try:
+        path = generate(out, cfg)
+    except GeneratedFolderError as e:  # the folder holds someone else's files: say so, no traceback
+        raise SystemExit(f"python -m tasks.data {name}: {e}") from None
     print(f"wrote {name} dataset to {path}")
 
 

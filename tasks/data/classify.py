@@ -4,8 +4,10 @@ Layout (torchvision's ``ImageFolder``)::
 
     <root>/<split>/<class>/<image>.png|jpg|...    (split: train, val, test; any depth below <class>)
 
-Class folders are found and listed by torchvision's own ``find_classes`` / ``make_dataset``
-(:mod:`torchvision.datasets.folder`); the class indices are the sorted folder names of the
+Class folders are found and listed as torchvision's ``find_classes`` / ``make_dataset`` do (same
+samples, same order), by :func:`tasks.walk.walk_files`, which also follows linked folders but
+never into a loop (torchvision's ``os.walk(followlinks=True)`` does) nor into a folder listed
+already, and reports the links it skipped; the class indices are the sorted folder names of the
 training split (or ``data.classes``), the same in every split. Images are decoded by
 :func:`tasks.images.read_image` (``L`` for ``in_channels: 1``, ``RGB`` for 3): a missing, empty
 or corrupt image becomes a :class:`~tasks.images.SkippedSample`, dropped by the collate and
@@ -17,6 +19,7 @@ batches ``{"image": (N, C, S, S), "label": (N,), "index": (N,), "path": [...], "
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,12 +27,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
 from tasks.data.digits import DigitsConfig, ensure_digits
+from tasks.distributed import is_global_zero
 from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, list_images, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_probability, check_range, check_size, require_exists, require_folder
+from tasks.walk import class_folders, walk_files
 
 __all__ = [
     "ClassificationDataModule",
@@ -96,14 +101,26 @@ class ImageFolderDataset(_Images):
             raise FileNotFoundError(
                 f"{self.root}: split folder not found (ImageFolder layout: <root>/<split>/<class>/)"
             )
-        found, _ = find_classes(self.root)
+        # torchvision's make_dataset walks with os.walk(followlinks=True), which loops for ever on a
+        # link back into an ancestor: tasks.walk lists the same files in the same order, never twice
+        walk = walk_files(self.root, IMAGE_EXTENSIONS)
+        if is_global_zero():
+            walk.warn()
+        found = sorted({d[0] for d in walk.dirs})
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(f"{self.root}: class folder(s) {unknown} are not among the classes {list(classes)}")
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        present = {c: i for c, i in self.class_to_idx.items() if c in found}
-        self.samples = make_dataset(self.root, present, extensions=IMAGE_EXTENSIONS, allow_empty=allow_empty)
+        # torchvision's order: class by class, then by folder path, then by file name
+        listed = sorted((f for f in walk.files if len(f) > 1), key=lambda f: (f[0], os.sep.join(f[:-1]), f[-1]))
+        self.samples = [(os.path.join(self.root, *f), self.class_to_idx[f[0]]) for f in listed]
+        empty = sorted(set(found) - {f[0] for f in listed})
+        if empty and not allow_empty:  # torchvision's make_dataset error
+            raise FileNotFoundError(
+                f"{self.root}: found no valid file for the classes {', '.join(empty)}. "
+                f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}"
+            )
         if not self.samples:
             raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.mode = _mode(in_channels)
@@ -233,6 +250,11 @@ class ClassificationDataModule(TaskDataModule):
         self.root = Path(root)
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         _mode(in_channels)
+        check_size("data.image_size", image_size)
+        check_size("data.resize_size", resize_size, optional=True)
+        check_range("data.scale_range", scale_range, maximum=1.0, positive=True)
+        check_size("data.jitter_range", jitter_range, 2)
+        check_probability("data.hflip", hflip)
         self.in_channels = in_channels
         self.image_size = image_size
         self.resize_size = resize_size or round(image_size * 256 / 224)
@@ -255,10 +277,12 @@ class ClassificationDataModule(TaskDataModule):
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
                 self.class_source = f"the class folders of {self.root / split}"
-                return find_classes(self.root / split)[0]
+                return class_folders(self.root / split)
+        require_folder("data.root", self.root)
         raise FileNotFoundError(
-            f"{self.root}: none of the split folders {self.train_split}, {self.val_split}, {self.test_split} "
-            "exists, so the class names cannot be read; set data.classes or create the data first"
+            f"data.root {self.root}: none of the split folders {self.train_split}, {self.val_split}, "
+            f"{self.test_split} (data.train_split, data.val_split, data.test_split) exists, so the class names "
+            "cannot be read; set data.classes or create the data first"
         )
 
     @property
@@ -274,8 +298,9 @@ class ClassificationDataModule(TaskDataModule):
         if self.digits is not None:
             ensure_digits(self.root, self.digits)
 
-    def dataset(self, split: str, train: bool = False) -> ImageFolderDataset:
-        """The ``split`` folder with training or evaluation transforms."""
+    def dataset(self, split: str, train: bool = False, option: str = "data.val_split") -> ImageFolderDataset:
+        """The ``split`` folder with training or evaluation transforms (``option`` names it in errors)."""
+        require_folder(option, self.root / split, within=("data.root", self.root))
         if train:
             tf = train_transforms(
                 self.image_size, self.train_crop, self.resize_size, self.scale_range, self.jitter_range, self.hflip
@@ -287,7 +312,11 @@ class ClassificationDataModule(TaskDataModule):
     def build_dataset(self, name: str) -> Dataset:
         """``train``/``val``/``test``: their split folders; ``predict``: ``predict_images``, else ``test_split``."""
         if name == "train":
-            return self.dataset(self.train_split, train=True)
+            return self.dataset(self.train_split, train=True, option="data.train_split")
         if name == "predict" and self.predict_images:
+            require_exists("data.predict_images", self.predict_images, "folder, image list or image")
             return ImageFiles(self.predict_images, self.in_channels, eval_transforms(self.image_size, self.resize_size))
-        return self.dataset({"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name])
+        option = "data.val_split" if name == "val" else "data.test_split"
+        return self.dataset(
+            {"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name], option=option
+        )

@@ -30,6 +30,7 @@ from tasks.data.voc import VOC_CLASSES, read_voc
 from tasks.deprecation import old_names, renamed
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_probability, check_size, require_exists, require_file, require_folder
 
 __all__ = [
     "VOC_CLASSES",
@@ -289,11 +290,11 @@ class DetectionDataModule(TaskDataModule):
         self.predict_images = predict_images
         self._classes = list(classes) if classes is not None else None
         self.train_difficult = train_difficult
-        self.hflip, self.photometric = hflip, photometric
+        self.hflip = check_probability("data.hflip", hflip)
+        self.photometric = check_probability("data.photometric", photometric)
         if augment not in ("frcnn", "ssd"):
             raise ValueError(f"data.augment must be 'frcnn' or 'ssd', got {augment!r}")
-        if fixed_size is not None and fixed_size < 1:
-            raise ValueError(f"data.fixed_size must be a positive size in pixels, got {fixed_size}")
+        check_size("data.fixed_size", fixed_size, optional=True)
         self.augment, self.fixed_size = augment, fixed_size
         self.shapes = shapes
         self._splits: dict[str, DetectionSplit] = {}
@@ -352,15 +353,21 @@ class DetectionDataModule(TaskDataModule):
     def _read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
         if stage not in self._splits:
             if self.layout == "coco":
-                image_dir = self.image_dirs[stage]
-                images = Path(image_dir) if image_dir else find_coco_images(self.root, self.splits[stage])
-                split = read_coco(self._ann_file(stage), images)
+                image_dir, ann = self.image_dirs[stage], self.anns[stage]
+                if not (image_dir and ann):  # read from data.root
+                    require_folder("data.root", self.root)
+                if image_dir:
+                    images = require_folder(f"data.{stage}_images", image_dir)
+                else:
+                    images = find_coco_images(self.root, self.splits[stage])
+                ann_file = require_file(f"data.{stage}_ann" if ann else f"data.{stage}_split", self._ann_file(stage))
+                split = read_coco(ann_file, images)
                 if self._classes is not None and split.classes != self._classes:
                     raise ValueError(
                         f"{split.source}: categories {split.classes} differ from data.classes {self._classes}"
                     )
             else:
-                split = read_voc(self.root, self.splits[stage], self.classes)
+                split = read_voc(require_folder("data.root", self.root), self.splits[stage], self.classes)
             self._splits[stage] = split
         return self._splits[stage]
 
@@ -382,6 +389,7 @@ class DetectionDataModule(TaskDataModule):
             )
         if name == "predict":
             if self.predict_images is not None:
+                require_exists("data.predict_images", self.predict_images, "folder, image list or image")
                 return ImageFolderDataset(self.predict_images)
             val = self._read_split("val")  # its images and ids only: annotations are not needed
             return ImageFolderDataset([r.path for r in val.records], ids=[r.image_id for r in val.records])

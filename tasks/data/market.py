@@ -370,4 +370,4 @@ def generate_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, pro
 
 def ensure_market(root: str | Path, cfg: MarketConfig = MarketConfig(), *, progress: bool = True) -> Path:
     """Generate the dataset unless ``root`` already holds one made with the same ``cfg``."""
-    return ensure_dataset(root, cfg, SPEC_FILE, generate_market, progress=progress)
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_market, progress=progress, option="data.synthetic")

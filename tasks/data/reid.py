@@ -37,6 +37,7 @@ from tasks.data.market import MarketConfig, ensure_market
 from tasks.deprecation import renamed
 from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_int, check_number, check_probability, check_size, require_file, require_folder
 
 __all__ = [
     "PKSampler",
@@ -124,7 +125,7 @@ def read_pid_csv(path: str | Path) -> list[ReIDSample]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
     samples = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="surrogateescape") as f:  # paths as the file system has them
         reader = csv.DictReader(f)
         missing = {"path", "pid", "camid"} - set(reader.fieldnames or ())
         if missing:
@@ -201,9 +202,13 @@ class PKSampler(DistributedSampler):
     its output and deals it out index by index, breaking the P x K structure. This subclasses
     ``DistributedSampler`` so Lightning leaves it alone, and calls ``set_epoch`` on it.
 
-    Per epoch (torchreid's ``RandomIdentitySampler``): each identity's images are shuffled,
-    padded by re-sampling to a multiple of K and cut into groups of K; batches take P random
-    identities that still have a group. Batches are dealt round-robin to the ``num_replicas``
+    Per epoch, each identity's images are shuffled and cut into groups of K, padded by
+    re-sampling its own images (``padding``): ``"multiple"`` (the default) pads every identity
+    to a multiple of K, so every image is seen each epoch; ``"below_k"`` pads only identities with
+    fewer than K images (up to K) and drops the others' last incomplete group, as the strong
+    baseline's ``RandomIdentitySampler`` (reid-strong-baseline ``data/samplers/triplet_sampler.py``,
+    also open-reid's and torchreid's): on Market-1501 at K=4 its epochs are ~15-20 % shorter.
+    Batches take P random identities that still have a group. Batches are dealt round-robin to the ``num_replicas``
     processes (the plan is seeded by ``seed + epoch``, so every rank builds the same one), each
     rank gets the same number. Yields indices; the loader cuts them into batches of ``P * K``.
     """
@@ -217,7 +222,11 @@ class PKSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
+        padding: Literal["multiple", "below_k"] = "multiple",
     ) -> None:
+        if padding not in ("multiple", "below_k"):
+            raise ValueError(f"PK sampler padding must be 'multiple' or 'below_k', got {padding!r}")
+        self.padding = padding
         # DistributedSampler.__init__ needs a dataset and an initialised process group; set its
         # attributes ourselves so this also works in a single process.
         if num_replicas is None:
@@ -226,6 +235,7 @@ class PKSampler(DistributedSampler):
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        p, k = check_int("data.p", p), check_int("data.k", k)
         self.labels = np.asarray(labels)
         self.p, self.k = p, k
         self.num_replicas, self.rank = num_replicas, rank
@@ -234,7 +244,8 @@ class PKSampler(DistributedSampler):
         self.by_pid: dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
         if len(self.by_pid) < p:
             raise ValueError(
-                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}"
+                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}: "
+                f"lower data.p to at most {len(self.by_pid)}"
             )
         # batches per rank and epoch: from epoch 0's plan (later plans can differ by a batch or two)
         self.num_batches = max(1, len(self._plan(0)) // num_replicas)
@@ -244,7 +255,11 @@ class PKSampler(DistributedSampler):
         pools: dict[int, list[np.ndarray]] = {}
         for pid, idx in self.by_pid.items():
             idx = rng.permutation(idx)
-            if len(idx) % self.k:
+            if self.padding == "below_k":  # the strong baseline: pad to K only, drop the remainder
+                if len(idx) < self.k:
+                    idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx), replace=True)])
+                idx = idx[: len(idx) - len(idx) % self.k]
+            elif len(idx) % self.k:
                 idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx) % self.k, replace=True)])
             pools[pid] = list(idx.reshape(-1, self.k))
         batches = []
@@ -306,6 +321,12 @@ class ReIDDataModule(TaskDataModule):
         random_erasing: probability of random erasing (Zhong et al. 2020).
         erasing_value: the RGB value in ``[0, 1]`` erased areas get (the mean pixel, ImageNet's
             by default, so they become 0 after normalisation).
+        erasing_scale: ``[min, max]`` fraction of the crop an erased rectangle covers
+            (torchvision's ``RandomErasing`` default ``[0.02, 0.33]``; the strong baseline's
+            ``sl, sh`` are ``[0.02, 0.4]``).
+        pk_padding: how the PK sampler fills identities (:class:`PKSampler`): ``multiple`` (every
+            identity padded to a multiple of K) or ``below_k`` (only identities with fewer than K
+            images, the strong baseline's epoch).
         color_jitter: brightness/contrast/saturation jitter strength (0: off).
         format, flip: old names of ``layout`` and ``hflip`` (accepted, warned once).
     """
@@ -329,13 +350,23 @@ class ReIDDataModule(TaskDataModule):
         pad: int = 10,
         random_erasing: float = 0.5,
         erasing_value: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        erasing_scale: tuple[float, float] = (0.02, 0.33),
+        pk_padding: Literal["multiple", "below_k"] = "multiple",
         color_jitter: float = 0.0,
         format: Literal["market", "csv"] | None = None,
         flip: float | None = None,
     ) -> None:
+        p, k = check_int("data.p", p), check_int("data.k", k)  # before p * k is the batch size
         super().__init__(batch_size=p * k, eval_batch_size=eval_batch_size, num_workers=num_workers)
         layout = renamed("data", "format", "layout", format, layout, "market")
         hflip = renamed("data", "flip", "hflip", flip, hflip, 0.5)
+        check_size("data.image_size", image_size, 2)
+        check_probability("data.hflip", hflip)
+        check_int("data.pad", pad, minimum=0)
+        check_probability("data.random_erasing", random_erasing)
+        check_number("data.color_jitter", color_jitter)
+        if len(erasing_value) != 3 or not all(0.0 <= float(v) <= 1.0 for v in erasing_value):
+            raise ValueError(f"data.erasing_value must be 3 numbers (RGB) in [0, 1], got {erasing_value!r}")
         self.save_hyperparameters(ignore=["format", "flip"])
         self.hparams.update(layout=layout, hflip=hflip)
         self.root = Path(root)
@@ -344,6 +375,9 @@ class ReIDDataModule(TaskDataModule):
         self.synthetic = synthetic
         self.image_size = tuple(image_size)
         self.p, self.k = p, k
+        if pk_padding not in ("multiple", "below_k"):
+            raise ValueError(f"data.pk_padding must be 'multiple' or 'below_k', got {pk_padding!r}")
+        self.pk_padding = pk_padding
         self.train_transform = v2.Compose(
             [
                 v2.Resize(self.image_size, antialias=True),
@@ -351,7 +385,11 @@ class ReIDDataModule(TaskDataModule):
                 *([v2.Pad(pad), v2.RandomCrop(self.image_size)] if pad > 0 else []),
                 *([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
                 v2.ToDtype(torch.float32, scale=True),
-                *([v2.RandomErasing(random_erasing, value=list(erasing_value))] if random_erasing > 0 else []),
+                *(
+                    [v2.RandomErasing(random_erasing, scale=tuple(erasing_scale), value=list(erasing_value))]
+                    if random_erasing > 0
+                    else []
+                ),
             ]
         )
         self.eval_transform = v2.Compose(
@@ -372,9 +410,12 @@ class ReIDDataModule(TaskDataModule):
         if self.layout == "csv":
             if not self.csvs[split]:
                 raise ValueError(f"layout: csv needs {split}_csv")
-            samples = read_pid_csv(self.csvs[split])
+            samples = read_pid_csv(require_file(f"data.{split}_csv", self.csvs[split]))
             return [s for s in samples if s.pid != 0] if split == "train" else samples
-        return read_market_split(self.root / MARKET_SPLITS[split], keep_distractors=split == "gallery")
+        folder = require_folder(
+            "data.root", self.root / MARKET_SPLITS[split], within=("data.root", self.root)
+        )  # Market-1501: bounding_box_train, query, bounding_box_test
+        return read_market_split(folder, keep_distractors=split == "gallery")
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -419,4 +460,5 @@ class ReIDDataModule(TaskDataModule):
     def train_sampler(self) -> PKSampler:
         """PK batches, with the same seed on every rank (Lightning's own distributed samplers read it the same way)."""
         assert self.train_set is not None
-        return PKSampler(self.train_set.labels, self.p, self.k, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return PKSampler(self.train_set.labels, self.p, self.k, seed=seed, padding=self.pk_padding)

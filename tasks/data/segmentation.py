@@ -38,6 +38,7 @@ from tasks.data.voc import VOC_SEGMENTATION_CLASSES, read_image_set
 from tasks.deprecation import old_names
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
+from tasks.options import check_probability, check_range, check_size, require_exists, require_file, require_folder
 
 __all__ = [
     "IGNORE_INDEX",
@@ -340,8 +341,11 @@ class SegmentationDataModule(TaskDataModule):
         self.voc_year = voc_year
         self.coco_ann_file, self.coco_image_dir = coco_ann_file, coco_image_dir
         self.shapes = shapes
+        check_size("data.crop_size", crop_size, optional=True)
+        check_size("data.scale_size", scale_size, optional=True)
+        check_range("data.scale_range", scale_range, positive=True)
         self.crop_size, self.scale_size, self.scale_range = crop_size, scale_size, scale_range
-        self.hflip = _flip_probability(hflip)
+        self.hflip = check_probability("data.hflip", _flip_probability(hflip))
         #: who says what the mask values mean, for messages (checked against a model's: tasks.classes)
         self.class_source = "data.classes"
         self.classes = list(classes) if classes else self._default_classes()
@@ -378,13 +382,14 @@ class SegmentationDataModule(TaskDataModule):
 
     def dataset(self, split: str, transforms: Callable[[dict], dict] | None = None) -> Dataset:
         """The ``split`` of the configured layout."""
+        require_folder("data.root", self.root)
         if self.layout == "voc":
             return VOCSegmentation(self.root, split, self.num_classes, self.voc_year, transforms)
         if self.layout == "sbd":
             return sbd_layout_split(self.root, split, self.num_classes, self.voc_year, transforms)
         return COCOSegmentation(
-            self.root / self.coco_ann_file.format(split=split),
-            self.root / self.coco_image_dir.format(split=split),
+            require_file("data.coco_ann_file", self.root / self.coco_ann_file.format(split=split)),
+            require_folder("data.coco_image_dir", self.root / self.coco_image_dir.format(split=split)),
             self.classes,
             transforms,
         )
@@ -394,6 +399,9 @@ class SegmentationDataModule(TaskDataModule):
         if name == "train":
             tf = train_transforms(self.crop_size, self.scale_size, self.scale_range, self.hflip)
             return self.dataset(self.train_split, tf)
+        if name == "predict" and self.predict_images:
+            require_exists("data.predict_images", self.predict_images, "folder, image list or image")
+            return ImageList(self.predict_images)
         if name == "predict":
-            return ImageList(self.predict_images) if self.predict_images else self.dataset(self.val_split)
+            return self.dataset(self.val_split)
         return self.dataset(self.test_split if name == "test" else self.val_split)

@@ -261,4 +261,4 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
 
 def ensure_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, progress: bool = True) -> Path:
     """Generate the dataset unless ``root`` already holds one made with the same ``cfg``."""
-    return ensure_dataset(root, cfg, SPEC_FILE, generate_shapes, progress=progress)
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_shapes, progress=progress, option="data.shapes")

@@ -41,6 +41,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..utils import make_divisible
 from ..vgg import ArchSpec, VGGBackbone, get_config
 from ..weights import InputNormalization, WeightsError, load_vgg_state_dict
+from .rcnn_training import TORCHVISION_BETA, use_reference_training
 
 __all__ = [
     "RoIPoolSingleLevel",
@@ -233,6 +234,9 @@ def fasterrcnn_vgg(
     min_size: int | Sequence[int] = 600,
     max_size: int = 1000,
     normalization: Any = None,
+    allowed_border: float | None = None,
+    rpn_loss_beta: float = TORCHVISION_BETA,
+    box_loss_beta: float = TORCHVISION_BETA,
     progress: bool = True,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -274,6 +278,11 @@ def fasterrcnn_vgg(
             the ``GeneralizedRCNNTransform``'s ``image_mean``/``image_std``; for Caffe (BGR,
             0-255) weights the channel flip is folded into conv1_1 when they are loaded, so the
             model still takes RGB (see :func:`~vggbackbone.weights.load_backbone_weights`).
+        allowed_border: RPN training only: ``None`` (torchvision) matches and samples every
+            anchor; a number of pixels (py-faster-rcnn: 0) ignores the anchors that cross the
+            image border by more (:class:`~vggbackbone.models.rcnn_training.BorderRPN`).
+        rpn_loss_beta, box_loss_beta: smooth-L1 beta of the RPN's and the box head's box loss
+            (torchvision: 1/9 both; py-faster-rcnn: 1/9 and 1, its sigma 3 and 1).
         **kwargs: any other ``FasterRCNN`` argument (``box_nms_thresh``, ``rpn_pre_nms_top_n_test``...,
             and the transform's ``size_divisible``/``fixed_size``); an unknown one raises
             ``ValueError`` naming it (``FasterRCNN`` would pass it on to its transform, which
@@ -362,5 +371,8 @@ def fasterrcnn_vgg(
     )
     if not fpn and roi_pool == "pool":  # FasterRCNN only accepts a MultiScaleRoIAlign: swap it after
         model.roi_heads.box_roi_pool = RoIPoolSingleLevel("0", output_size=7, stride=stride)
+    use_reference_training(
+        model, allowed_border=allowed_border, rpn_loss_beta=rpn_loss_beta, box_loss_beta=box_loss_beta
+    )
     set_detector_normalization(model, normalization)
     return model

@@ -30,7 +30,9 @@ where the reference's see the padded frame.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -40,7 +42,17 @@ from torch import Tensor, nn
 from ..vgg import ArchSpec, VGGBackbone, get_config
 from ..weights import InputNormalization, NormalizeInput
 
-__all__ = ["FCN", "FCN_TAPS", "BilinearUpsample", "bilinear_kernel", "fcn_vgg"]
+__all__ = [
+    "FCN",
+    "FCN_TAPS",
+    "BilinearUpsample",
+    "bilinear_kernel",
+    "fcn_vgg",
+    "skip_activation_rms",
+    "skip_probe",
+]
+
+logger = logging.getLogger(__name__)
 
 FCNVariant = Literal["32s", "16s", "8s"]
 
@@ -128,6 +140,7 @@ class FCN(nn.Module):
         pool3_scale: float = 1e-4,
         score_dropout: float = 0.5,
         learn_upsampling: bool = True,
+        skip_factors: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         needed = _variant_taps(variant)
@@ -147,6 +160,10 @@ class FCN(nn.Module):
         self.input_norm = NormalizeInput(backbone.normalization)
         self.pool4_scale = pool4_scale
         self.pool3_scale = pool3_scale
+        # (pool4, pool3) multipliers of the skip scales, measured at build time (fcn_vgg's
+        # skip_rms_reference); a buffer so a checkpoint keeps them; None (not in the state dict): off
+        factors = None if skip_factors is None else torch.tensor([float(f) for f in skip_factors])
+        self.register_buffer("skip_factors", factors)
         channels = dict(zip(backbone.return_layers, backbone.feature_info.channels()))
 
         self.drop7 = nn.Dropout(score_dropout) if score_dropout > 0 else nn.Identity()
@@ -178,15 +195,85 @@ class FCN(nn.Module):
         """``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes, H, W)``."""
         feats = self.backbone(self.input_norm(x))
         score = self.score_fr(self.drop7(feats[self._key("fc7")]))  # stride 32
+        factors = self.skip_factors
         if self.variant != "32s":
             pool4 = feats[self._key("pool4")]
-            skip = self.score_pool4(pool4 * self.pool4_scale)
+            scale4 = self.pool4_scale if factors is None else self.pool4_scale * factors[0]
+            skip = self.score_pool4(pool4 * scale4)
             score = self.upscore2(score, (skip.shape[-2], skip.shape[-1])) + skip  # stride 16
         if self.variant == "8s":
             pool3 = feats[self._key("pool3")]
-            skip = self.score_pool3(pool3 * self.pool3_scale)
+            scale3 = self.pool3_scale if factors is None else self.pool3_scale * factors[1]
+            skip = self.score_pool3(pool3 * scale3)
             score = self.upscore_pool4(score, (skip.shape[-2], skip.shape[-1])) + skip  # stride 8
         return self.upscore(score, (x.shape[-2], x.shape[-1]))
+
+
+def skip_probe(batch: int = 4, size: int = 224) -> Tensor:
+    """The fixed images the skip activations are measured on: ``(batch, 3, size, size)`` in ``[0, 1]``.
+
+    Smooth random colour fields (an 8x8 uniform grid per image, seed 0, bilinearly upsampled):
+    the same on every machine, closer to photographs' low frequencies than white noise. Both
+    sides of a ratio (:func:`skip_activation_rms`) must be measured on the same probe.
+    """
+    g = torch.Generator().manual_seed(0)
+    grid = torch.rand(batch, 3, 8, 8, generator=g, dtype=torch.float64)
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False).float()
+
+
+@torch.no_grad()
+def skip_activation_rms(
+    backbone: VGGBackbone | Any, probe: Tensor | None = None, **backbone_kwargs: Any
+) -> dict[str, float]:
+    """Root mean square of ``pool3`` and ``pool4`` on :func:`skip_probe`, each backbone with its own
+    input normalisation: ``{"pool3": ..., "pool4": ...}``.
+
+    ``backbone``: a :class:`VGGBackbone` returning ``pool3`` and ``pool4``, or weights to build
+    one from (a ``.caffemodel``, a file, ``"IMAGENET1K_V1"``; ``backbone_kwargs`` such as ``arch``
+    (default ``"vgg16"``) and ``width_mult`` go to it, built with FCN's Caffe ``ceil_mode``).
+    """
+    if not isinstance(backbone, VGGBackbone):
+        kwargs = {"arch": "vgg16", "ceil_mode": True, **backbone_kwargs}
+        backbone = VGGBackbone(kwargs.pop("arch"), ["pool3", "pool4"], weights=backbone, **kwargs)
+    taps = [t for t in ("pool3", "pool4") if t in backbone.return_layers]
+    if not taps:
+        raise ValueError(f"skip_activation_rms needs a backbone returning pool3 or pool4, got {backbone.return_layers}")
+    x = skip_probe() if probe is None else probe
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        feats = backbone(backbone.normalization(x))
+    finally:
+        backbone.train(was_training)
+    return {t: float(feats[backbone.return_layers[t]].double().pow(2).mean().sqrt()) for t in taps}
+
+
+def _skip_factors(backbone: VGGBackbone, reference: Any, width_mult: float, arch: ArchSpec) -> tuple[float, float]:
+    """``(pool4, pool3)`` factors ``RMS_reference / RMS_ours`` (see ``fcn_vgg(skip_rms_reference=...)``)."""
+    if isinstance(reference, Mapping):
+        unknown = sorted(set(reference) - {"pool3", "pool4"})
+        if unknown or len(reference) != 2:
+            raise ValueError(
+                f"skip_rms_reference: a mapping needs exactly pool3 and pool4 RMS values, got {dict(reference)}"
+            )
+        ref = {k: float(v) for k, v in reference.items()}
+        described = "the given RMS values"
+    else:
+        ref = skip_activation_rms(reference, arch=arch, width_mult=width_mult)
+        described = str(reference)
+    ours = skip_activation_rms(backbone)  # the taps this variant has (16s: pool4 only)
+    bad = [k for k in ours if not (math.isfinite(ref[k]) and ref[k] > 0 and ours[k] > 0)]
+    if bad:
+        raise ValueError(
+            f"skip_rms_reference: RMS of {bad} not positive and finite: reference {ref}, this model {ours}"
+        )
+    f4, f3 = (ref[k] / ours[k] if k in ours else 1.0 for k in ("pool4", "pool3"))
+    logger.info(
+        "fcn_vgg: skip activation RMS on the probe: this model %s, reference (%s) %s: pool4_scale x %.4g, "
+        "pool3_scale x %.4g",
+        ours, described, ref, f4, f3,
+    )  # fmt: skip
+    return f4, f3
 
 
 def fcn_vgg(
@@ -207,6 +294,7 @@ def fcn_vgg(
     pool4_scale: float = 0.01,
     pool3_scale: float = 1e-4,
     learn_upsampling: bool = True,
+    skip_rms_reference: str | dict[str, float] | None = None,
 ) -> FCN:
     """FCN-``variant`` on VGG ``arch`` (any paper config, ``_bn`` variant or 5-block custom spec).
 
@@ -223,6 +311,16 @@ def fcn_vgg(
         pool4_scale, pool3_scale: skip scaling of FCN-8s "at once" (reference values 0.01 and
             1e-4); ``1.0`` disables it.
         learn_upsampling: learn the x2 upsamplings (the final one is always fixed bilinear).
+        skip_rms_reference: ``None`` (default): the skips are scaled by ``pool4_scale`` and
+            ``pool3_scale`` as given. Otherwise the weights those scales were tuned for (the
+            reference's Caffe VGG16: a ``.caffemodel`` path) or their ``{"pool3": rms, "pool4":
+            rms}`` measured before with :func:`skip_activation_rms`: at build time the RMS of this
+            model's pool3/pool4 on :func:`skip_probe` is measured and each scale multiplied by
+            ``RMS_reference / RMS_this``, so the skip branches see inputs of the reference's
+            magnitude (with zero-initialised score layers, the same step sizes at the start). The
+            factors are a buffer (``skip_factors``) that checkpoints keep; built without
+            ``weights_backbone`` (a checkpoint about to be loaded) they are 1 until its state
+            dict sets them.
 
     Returns:
         :class:`FCN`, mapping ``(N, in_channels, H, W)`` images in ``[0, 1]`` to logits
@@ -249,6 +347,17 @@ def fcn_vgg(
         fc_padding="same",
         normalization=normalization,
     )
+    factors = None
+    if skip_rms_reference is not None:
+        if variant == "32s":
+            raise ValueError("skip_rms_reference rescales the pool3/pool4 skips: FCN-32s has none")
+        if weights_backbone is None:
+            logger.info(
+                "fcn_vgg: skip_rms_reference without weights_backbone: skip factors 1 until a state dict sets them"
+            )
+            factors = (1.0, 1.0)
+        else:
+            factors = _skip_factors(backbone, skip_rms_reference, width_mult, arch)
     return FCN(
         backbone,
         num_classes,
@@ -256,4 +365,5 @@ def fcn_vgg(
         pool4_scale=pool4_scale,
         pool3_scale=pool3_scale,
         learn_upsampling=learn_upsampling,
+        skip_factors=factors,
     )

@@ -391,6 +391,7 @@ def ssd_vgg(
     frozen_stages: int | None = None,
     norm_layer: Callable[[int], nn.Module] | None = None,
     box_scales: Literal["coco", "voc"] | Sequence[float] = "coco",
+    clip_default_boxes: bool = True,
     extra_norm: bool = False,
     normalization: Any = None,
     progress: bool = True,
@@ -424,6 +425,10 @@ def ssd_vgg(
         box_scales: ``"coco"`` (torchvision's / Caffe's COCO settings: 0.07..1.05 at 300,
             0.04..1.06 at 512), ``"voc"`` (Caffe's VOC settings: 0.1..1.05 at 300, 0.07..1.05 at
             512), or one scale per source plus one. See :data:`SSD_BOX_SCALES`.
+        clip_default_boxes: ``True`` (torchvision's ``DefaultBoxGenerator`` default, its
+            ``ssd300_vgg16``): default-box widths and heights above 1 (the image side) are cut
+            to 1. ``False``: left as the scales make them, as the SSD authors' prior box layer
+            (``clip: false`` in ``ssd_pascal.py``, ``src/caffe/layers/prior_box_layer.cpp``).
         extra_norm: ``True`` puts a ``BatchNorm2d`` between every convolution SSD adds to VGG
             (fc6, fc7, conv8_1 .. conv11_2/conv12_2) and its ReLU, as ScratchDet (Zhu et al.,
             ICCV 2019) does to train SSD from scratch. Default ``False``: the paper's SSD, and the
@@ -513,7 +518,10 @@ def ssd_vgg(
     if len(scales) != n_sources + 1:
         raise ValueError(f"SSD{size} has {n_sources} sources: box_scales needs {n_sources + 1} values, got {scales}")
     anchor_gen = DefaultBoxGenerator(
-        [list(r) for r in SSD_ASPECT_RATIOS[size]], scales=scales, steps=list(SSD_STEPS[size])
+        [list(r) for r in SSD_ASPECT_RATIOS[size]],
+        scales=scales,
+        steps=list(SSD_STEPS[size]),
+        clip=clip_default_boxes,
     )
 
     model_norm = body.normalization
