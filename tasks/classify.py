@@ -24,6 +24,7 @@ backbone + fc6/fc7/fc8) on an ImageFolder tree (:mod:`tasks.data.classify`).
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import backbone_weights
+from tasks.classes import ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.classify import ClassificationDataModule
 from tasks.distributed import all_gather_objects, is_global_zero
@@ -125,6 +127,32 @@ class ClassificationTask(TaskModule):
         self._train_skipped = SkipCounter()
         self._eval_skipped = SkipCounter()
 
+    # ------------------------------------------------------------------ classes (tasks.classes)
+    def class_set(self) -> ClassSet:
+        """The model's class names in index order (when it has them)."""
+        names = tuple(self.class_names) if self.hparams.get("class_names") else None
+        return ClassSet(names, self.classes_source("the model (model.class_names)"), size=self.num_classes)
+
+    def class_set_from_hparams(self, hparams: Mapping[str, Any], source: str) -> ClassSet | None:
+        names = hparams.get("class_names")
+        if not names and not hparams.get("num_classes"):
+            return None
+        return ClassSet(tuple(names) if names else None, source, size=len(names) if names else hparams["num_classes"])
+
+    def data_class_set(self, datamodule: Any, name: str) -> ClassSet | None:
+        names = getattr(datamodule, "class_names", None)
+        return ClassSet(tuple(names), getattr(datamodule, "class_source", "data.classes")) if names else None
+
+    def adopt_class_set(self, classes: ClassSet) -> None:
+        if classes.names is not None:
+            self.class_names = list(classes.names)
+            update_hparams(self, class_names=list(classes.names))
+
+    def _model_labels(self, labels: Tensor) -> Tensor:
+        """The data's labels as the model's class indices (by name, :mod:`tasks.classes`)."""
+        cmap = self.class_map()
+        return labels if cmap is None else cmap.apply(labels)
+
     def forward(self, images: Tensor) -> Tensor:
         """``(N, in_channels, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes)``."""
         return self.model(images)
@@ -139,7 +167,7 @@ class ClassificationTask(TaskModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._train_skipped.add(batch["skipped"])
-        labels = batch["label"]
+        labels = self._model_labels(batch["label"])
         if not len(labels):  # every image of the batch was unreadable
             return self.zero_loss()
         logits = self.model(batch["image"])
@@ -160,7 +188,7 @@ class ClassificationTask(TaskModule):
 
     def eval_step(self, batch: dict[str, Any]) -> None:
         self._eval_skipped.add(batch["skipped"])
-        labels = batch["label"]
+        labels = self._model_labels(batch["label"])
         if not len(labels):
             return
         if int(labels.min()) < 0:

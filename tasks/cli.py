@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import warnings
@@ -22,6 +23,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from tasks.callbacks import InferenceOptimization, OptionalLearningRateMonitor
 from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, check_finite, check_task, load_task, read_checkpoint
+from tasks.classes import CHECKPOINT_KEY as CLASSES_METADATA_KEY
 from tasks.module import TaskModule
 from tasks.progress import LogProgress
 from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
@@ -231,7 +233,9 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
 
     Loads a checkpoint of ``fit``, takes :meth:`TaskModule.export_model` and writes ONNX with
     dynamic batch and image size through :func:`vggbackbone.models.export.export_task_onnx`,
-    checked against onnxruntime on two input sizes (``--no-verify`` skips that).
+    checked against onnxruntime on two input sizes (``--no-verify`` skips that). The model's
+    classes (:meth:`tasks.classes.ClassSet.record` as JSON: names, detection's category ids,
+    segmentation's ignore index) are in the file's ``metadata_props`` under ``classes``.
     """
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{task} export", description=export_main.__doc__)
     parser.add_argument("--ckpt", required=True, help=f"checkpoint written by `python -m tasks.{task} fit`")
@@ -253,6 +257,9 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
     kwargs: dict[str, Any] = {"verify": not args.no_verify}
     if args.opset is not None:
         kwargs["opset"] = args.opset
+    classes = module.class_set()  # what the outputs mean travels with the file (tasks.classes)
+    if classes is not None and classes.kind != "identities":  # ReID exports embeddings, not its classifier
+        kwargs["metadata"] = {CLASSES_METADATA_KEY: json.dumps(classes.record())}
     out = export_task_onnx(model, args.out, example, **kwargs)
     print(f"export: {ckpt} -> {out}")
     return out

@@ -31,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, backbone_weights
+from tasks.classes import ClassMap, ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionSplit
 from tasks.deprecation import old_names
@@ -224,8 +225,57 @@ class DetectionTask(TaskModule):
         """Detectors take a list of images: one ``(3, H, W)`` image is the example."""
         return torch.rand(3, height, width)
 
+    # -- classes (tasks.classes): the model's are the truth, every split is checked against them --
+    def class_set(self) -> ClassSet:
+        """The model's class names in label order and the COCO category id of each."""
+        source = self.classes_source("the model (model.classes)")
+        return ClassSet(tuple(self.classes), source, category_ids=tuple(self.category_ids))
+
+    def class_set_from_hparams(self, hparams: Mapping[str, Any], source: str) -> ClassSet | None:
+        classes = hparams.get("classes")
+        if not classes:
+            return None
+        return ClassSet(tuple(classes), source, category_ids=tuple(hparams.get("category_ids") or ()) or None)
+
+    def data_class_set(self, datamodule: Any, name: str) -> ClassSet | None:
+        """A split's classes (its COCO file's category ids too); ``predict`` on an image folder: ``data.classes``."""
+        split = _data_split(datamodule, name)
+        if split is not None:
+            ids = tuple(split.category_ids) if split.layout == "coco" else None
+            return ClassSet(tuple(split.classes), split.source, category_ids=ids)
+        explicit = getattr(datamodule, "_classes", None) if name == "predict" else None
+        return ClassSet(tuple(explicit), "data.classes") if explicit else None
+
+    def adopt_class_set(self, classes: ClassSet) -> None:
+        if classes.names is None:
+            return
+        self.classes = list(classes.names)
+        ids = classes.category_ids
+        self.category_ids = list(ids) if ids is not None else list(range(1, len(self.classes) + 1))
+        update_hparams(self, classes=list(self.classes), category_ids=list(self.category_ids))
+
+    def output_category_ids(self) -> list[int]:
+        """The category id of each label in what ``predict`` writes: the data file's (by name) when
+        predicting on a COCO split, else the model's."""
+        cmap = self.class_map("predict")
+        return list(cmap.category_ids) if cmap is not None and cmap.category_ids else list(self.category_ids)
+
+    def _model_split(self, split: DetectionSplit, name: str) -> DetectionSplit:
+        """``split`` with the model's labels (:meth:`class_map` of ``name`` applied), relabelled once."""
+        cmap = self.class_map(name)
+        if cmap is None:
+            return split
+        done = self.__dict__.setdefault("_model_splits", {}).get(name)
+        if done is None or done[0] is not split or done[1] is not cmap:
+            ids = cmap.category_ids or self.category_ids
+            done = (split, cmap, split.relabelled(cmap.index, self.classes, ids))
+            self.__dict__["_model_splits"][name] = done
+        return done[2]
+
     def setup(self, stage: str) -> None:
-        """The data's training resize (``data.fixed_size``) must be the model's own fixed size (SSD's ``size``)."""
+        """Classes checked (:meth:`TaskModule.setup`); the data's training resize (``data.fixed_size``) must be
+        the model's own fixed size (SSD's ``size``)."""
+        super().setup(stage)
         fixed = getattr(getattr(self.trainer, "datamodule", None), "fixed_size", None) if self._trainer else None
         if stage == "fit" and fixed is not None:
             model_size = getattr(getattr(self.model, "transform", None), "fixed_size", None)
@@ -242,7 +292,14 @@ class DetectionTask(TaskModule):
         self._train_skipped.add(batch.skipped)
         if not batch.images:  # every sample unreadable
             return self.zero_loss()
-        targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in batch.targets]
+        cmap = self.class_map("train")  # the data's labels as the model's, by name (tasks.classes)
+        targets = [
+            {
+                "boxes": t["boxes"].as_subclass(Tensor),
+                "labels": t["labels"] if cmap is None else cmap.apply(t["labels"], 1),
+            }
+            for t in batch.targets
+        ]
         losses = self.model(batch.images, targets)
         loss = sum(losses.values())
         n = len(batch)  # a non-finite loss stops the run in TaskModule.on_before_backward, naming these terms
@@ -284,6 +341,7 @@ class DetectionTask(TaskModule):
                 f"{stage} data must be a tasks.data.detection.DetectionDataset (its .split is the ground truth), "
                 f"got {type(dataset).__name__}"
             )
+        split = self._model_split(split, stage)  # ground truth in the model's labels, the file's category ids
         fn = self.trainer.state.fn
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
 
@@ -292,7 +350,10 @@ class DetectionTask(TaskModule):
             if self.detections_file:
                 results = detections_to_coco(dict(sorted(predictions.items())), split.category_ids)
                 write_json(log_dir / self.detections_file.format(stage=stage), results)
-            return EvalReport(metrics, title=f"{stage} ({len(predictions)} images)", table=table)
+            per_class = {col: dict(zip(table[0][1], values)) for col, values in table[1:]}  # by class name
+            return EvalReport(
+                metrics, extra={"per_class": per_class}, title=f"{stage} ({len(predictions)} images)", table=table
+            )
 
         publish_metrics(self, stage, compute, prog_bar=("AP", "AP50"), verbose=fn != "fit" or last_epoch)
 
@@ -314,6 +375,19 @@ class DetectionTask(TaskModule):
 
     def on_predict_epoch_end(self) -> None:
         self._eval_skipped.report("predict")
+
+
+def _labels(labels: Tensor, cmap: ClassMap | None) -> Tensor:
+    """Training labels of the data (1..K) as the model's (by name, :class:`~tasks.classes.ClassMap`)."""
+    return labels if cmap is None else cmap.apply(labels, offset=1)
+
+
+def _data_split(datamodule: Any, name: str) -> DetectionSplit | None:
+    """The split the datamodule's ``name`` dataset is read from (``None``: an image folder, no annotations)."""
+    split_of = getattr(datamodule, "split_of", None)
+    if callable(split_of):
+        return split_of(name)
+    return getattr(getattr(datamodule, f"{name}_set", None), "split", None)
 
 
 # ---------------------------------------------------------------------------- CLI

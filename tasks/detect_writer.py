@@ -147,7 +147,8 @@ class DetectionWriter(BasePredictionWriter):
 
     def _write_results(self, pl_module: Any, detections: dict, images: dict, grids: list[list[Tensor]]) -> None:
         """``detections.json``, ``images.json`` and ``grid.jpg``, on global rank 0."""
-        category_ids = getattr(pl_module, "category_ids", None)
+        ids_of = getattr(pl_module, "output_category_ids", None)  # the data file's ids, by name (tasks.classes)
+        category_ids = ids_of() if callable(ids_of) else getattr(pl_module, "category_ids", None)
         if not category_ids:  # a module without them: labels are the category ids
             top = max((int(p["labels"].max(initial=0)) for p in detections.values()), default=0)
             category_ids = list(range(1, top + 1))

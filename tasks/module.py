@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
+from tasks.classes import ClassesMixin, adopt_checkpoint_classes, announce, meet_data, record_classes
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
 from tasks.options import check_int
 from tasks.reporting import DEFAULT_METRICS_FILE
@@ -27,7 +28,7 @@ from vggbackbone.weights import resolve_normalization
 __all__ = ["TaskDataModule", "TaskModule"]
 
 
-class TaskModule(pl.LightningModule):
+class TaskModule(ClassesMixin, pl.LightningModule):
     """Base ``LightningModule``: subclasses set ``self.optim`` and build ``self.model``.
 
     What every task shares:
@@ -48,7 +49,11 @@ class TaskModule(pl.LightningModule):
       with them (:meth:`on_predict_start`); a training epoch or an evaluation in which every
       image was unreadable is an error, not a metric of nothing; an unwritable checkpoint
       folder is an error before the first step (:meth:`on_fit_start`); a checkpoint whose
-      tensors do not fit the model is an error naming the file and the tensors (:meth:`load_state_dict`).
+      tensors do not fit the model is an error naming the file and the tensors (:meth:`load_state_dict`);
+    * class names travel with the model (:mod:`tasks.classes`): a checkpoint records them, and
+      data whose classes differ from the model's (a checkpoint's, when ``--ckpt_path`` brings
+      one) is mapped by name, saying so, or refused naming the difference (:meth:`setup`,
+      :meth:`on_load_checkpoint`).
     """
 
     optim: OptimConfig
@@ -136,8 +141,18 @@ class TaskModule(pl.LightningModule):
             t = self.trainer.strategy.reduce(t, reduce_op="sum")
         return int(t.item())
 
+    # -- classes: the model's are the truth, the data's are checked against them (tasks.classes) --
+    def setup(self, stage: str) -> None:
+        """Check the classes of every dataset of ``stage`` against the model's (map by name or refuse)."""
+        meet_data(self, stage, defer=True)  # raised when the stage starts, unless a checkpoint's classes come
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's classes become the model's, once the data is checked against them."""
+        adopt_checkpoint_classes(self, checkpoint)
+
     def on_fit_start(self) -> None:
         """Check, before the first step, that every checkpoint folder can be written (rank 0 tries, all agree)."""
+        announce(self)
         error = None
         if self.trainer.is_global_zero:
             for cb in self.trainer.checkpoint_callbacks:
@@ -156,6 +171,7 @@ class TaskModule(pl.LightningModule):
             raise PermissionError(f"{error}: fix its permissions or set checkpoint.dirpath / trainer.default_root_dir")
 
     def on_predict_start(self) -> None:
+        announce(self)
         check_finite(self.state_dict(), f"{type(self).__name__} weights")
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -176,6 +192,7 @@ class TaskModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite(checkpoint.get("state_dict", {}), f"checkpoint at step {self.global_step}")
         checkpoint[TASK_KEY] = task_name(type(self))
+        record_classes(self, checkpoint)
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if isinstance(hparams, dict) and self._rebuilds_without_weights():
             for key in self.pretrained_hparams:
@@ -244,10 +261,12 @@ class TaskModule(pl.LightningModule):
         self.eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
+        announce(self)
         self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("val")
 
     def on_test_epoch_start(self) -> None:
+        announce(self)
         self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
         self.eval_epoch_start("test")
 

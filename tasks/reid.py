@@ -14,7 +14,7 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import backbone_weights
+from tasks.classes import ClassSet
 from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
 from tasks.deprecation import renamed
@@ -193,8 +194,13 @@ class ReIDTask(TaskModule):
             ).to(self.model.mean.device)
 
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
+        """``fit``: the classifier gets one row per training identity of the data (when the model has
+        none yet); then the identities are checked (:meth:`TaskModule.setup`)."""
+        if stage == "fit":
+            self._fit_identities()
+        super().setup(stage)
+
+    def _fit_identities(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         n = getattr(dm, "num_classes", None)
         if n is None:
@@ -207,6 +213,10 @@ class ReIDTask(TaskModule):
             self._set_num_classes(int(n))
         elif self.model.num_classes != n:
             raise ValueError(f"model.num_classes={self.model.num_classes} but the training set has {n} identities")
+        names = getattr(dm, "train_identities", None)
+        if self.__dict__.get("_identities") is None and names:  # the rows get their meaning from this data
+            self.__dict__["_identities"] = tuple(names)
+            self.__dict__["_classes_source"] = getattr(dm, "identity_source", "the training identities")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a checkpoint knows its classifier size even when this module was built without one
@@ -214,6 +224,37 @@ class ReIDTask(TaskModule):
         n = 0 if w is None else int(w.shape[0])
         if n != self.model.num_classes:
             self._set_num_classes(n)
+        super().on_load_checkpoint(checkpoint)  # fit: the data's training identities must be the checkpoint's
+
+    # ------------------------------------------------------------------ identities (tasks.classes)
+    def class_set(self) -> ClassSet | None:
+        """The training identities the classifier's rows stand for (only ``fit`` uses the classifier).
+
+        Evaluation, ``predict`` and ``extract`` compare embeddings of people the model never saw
+        (the Market-1501 protocol keeps training and test identities apart): nothing to check there.
+        """
+        if self.model.num_classes == 0:
+            return None
+        names = self.__dict__.get("_identities")
+        source = self.classes_source("the model (model.num_classes)")
+        return ClassSet(names, source, size=self.model.num_classes, kind="identities")
+
+    def class_set_from_hparams(self, hparams: Mapping[str, Any], source: str) -> ClassSet | None:
+        n = self.model.num_classes or hparams.get("num_classes")  # the size of the checkpoint's classifier
+        return ClassSet(None, source, size=int(n), kind="identities") if n else None
+
+    def data_class_set(self, datamodule: Any, name: str) -> ClassSet | None:
+        names = getattr(datamodule, "train_identities", None) if name == "train" else None
+        if not names:
+            return None
+        return ClassSet(
+            tuple(names), getattr(datamodule, "identity_source", "the training identities"), kind="identities"
+        )
+
+    def adopt_class_set(self, classes: ClassSet) -> None:
+        if classes.size != self.model.num_classes:
+            self._set_num_classes(classes.size)
+        self.__dict__["_identities"] = classes.names
 
     # ------------------------------------------------------------------ training
     def forward(self, images: Tensor) -> Any:
@@ -224,6 +265,8 @@ class ReIDTask(TaskModule):
         images, pids = batch["image"], batch["pid"]
         if images.numel() == 0:  # every image of the batch was unreadable
             return self.zero_loss()
+        cmap = self.class_map("train")  # the data's identity labels as the classifier's rows, by name
+        pids = pids if cmap is None else cmap.apply(pids)
         logits, feats = self.model(images)
         ce = F.cross_entropy(logits, pids, label_smoothing=self.hparams.label_smoothing)
         tri = self.triplet(feats, pids, self.miner(feats, pids))

@@ -23,7 +23,7 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import backbone_weights
+from tasks.classes import ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
 from tasks.data.voc import voc_palette
@@ -233,6 +234,37 @@ class SegmentationTask(TaskModule):
             return LovaszLoss("multiclass", ignore_index=IGNORE_INDEX)
         raise ValueError(f"unknown loss {name!r}; choose ce, ce+dice or ce+lovasz")
 
+    # ------------------------------------------------------------------ classes (tasks.classes)
+    def class_set(self) -> ClassSet:
+        """The model's classes: names (background first) when it has them, and the ignore index."""
+        names = tuple(self.class_names) if self.hparams.get("class_names") else None
+        source = self.classes_source("the model (model.class_names)")
+        return ClassSet(names, source, size=self.num_classes, ignore_index=IGNORE_INDEX)
+
+    def class_set_from_hparams(self, hparams: Mapping[str, Any], source: str) -> ClassSet | None:
+        names = hparams.get("class_names")
+        if not names and not hparams.get("num_classes"):
+            return None
+        size = len(names) if names else int(hparams["num_classes"])
+        return ClassSet(tuple(names) if names else None, source, size=size, ignore_index=IGNORE_INDEX)
+
+    def data_class_set(self, datamodule: Any, name: str) -> ClassSet | None:
+        names = getattr(datamodule, "class_names", None)
+        if not names:
+            return None
+        source = getattr(datamodule, "class_source", "data.classes")
+        return ClassSet(tuple(names), source, ignore_index=getattr(datamodule, "ignore_index", IGNORE_INDEX))
+
+    def adopt_class_set(self, classes: ClassSet) -> None:
+        if classes.names is not None:
+            self.class_names = list(classes.names)
+            update_hparams(self, class_names=list(classes.names))
+
+    def _model_masks(self, masks: Tensor) -> Tensor:
+        """Mask values of the data's classes as the model's (by name, :mod:`tasks.classes`); 255 stays."""
+        cmap = self.class_map()
+        return masks if cmap is None else cmap.apply(masks, ignore_index=IGNORE_INDEX)
+
     # ------------------------------------------------------------------ model
     def forward(self, images: Tensor) -> Tensor:
         """uint8 or [0, 1] float ``(N, 3, H, W)`` -> logits ``(N, K, H, W)``."""
@@ -295,7 +327,7 @@ class SegmentationTask(TaskModule):
         if not batch["id"]:  # every image of the batch was unreadable
             return self.zero_loss()
         logits = self(batch["image"])
-        loss = self.loss(logits, batch["mask"])
+        loss = self.loss(logits, self._model_masks(batch["mask"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
@@ -307,6 +339,7 @@ class SegmentationTask(TaskModule):
         if batch["image"] and "mask" not in batch:
             raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
         for image, mask in self._skip_small(batch, ("image", "mask")):
+            mask = self._model_masks(mask)
             logits = self.predict_logits(image)
             self.confmat.update(logits.argmax(1), mask[None])
             self._eval_loss.append(self.ce(logits, mask[None]).detach())

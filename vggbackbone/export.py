@@ -149,6 +149,7 @@ def export_onnx(
     size_multiple: int = 32,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (put in eval mode) to ONNX at ``path``, atomically; return ``path``.
 
@@ -170,6 +171,8 @@ def export_onnx(
         size_multiple: see ``verify_inputs``; 32 suits a stride-32 network.
         rtol, atol: each output must satisfy ``max|onnx - torch| <= atol + rtol * max|torch|``
             (see :func:`verify_onnx`).
+        metadata: more ONNX ``metadata_props`` (e.g. the class names of a task model), beside
+            the normalisation, taps and strides written for every model.
 
     The whole model is stored in the one file (no external data), which limits it to 2 GiB:
     every VGG, fc6/fc7 included, fits.
@@ -204,7 +207,7 @@ def export_onnx(
                 opset_version=opset,
                 verbose=False,
             )
-        program.model.metadata_props.update(_metadata(model))
+        program.model.metadata_props.update({**_metadata(model), **dict(metadata or {})})
         with atomic_path(path) as tmp:
             program.save(tmp, external_data=False)
             if verify:

@@ -264,15 +264,19 @@ class ClassificationDataModule(TaskDataModule):
         self.hflip = float(hflip)
         self.predict_images = predict_images
         self.digits = digits
+        #: who says what the labels mean, for messages (checked against a model's: tasks.classes)
+        self.class_source = "data.classes"
         self.classes = list(classes) if classes else self._default_classes()
         if len(self.classes) < 2:
             raise ValueError(f"classification needs at least 2 classes, got {self.classes}")
 
     def _default_classes(self) -> list[str]:
         if self.digits is not None:
+            self.class_source = "the digits' classes (data.digits)"
             return list(DIGITS_CLASSES)
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
+                self.class_source = f"the class folders of {self.root / split}"
                 return class_folders(self.root / split)
         require_folder("data.root", self.root)
         raise FileNotFoundError(

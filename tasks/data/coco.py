@@ -4,8 +4,9 @@
 * :func:`read_coco_categories`: the ``categories`` of an instances JSON, sorted by id (the one
   reader of COCO class names, for detection and segmentation);
 * :func:`load_coco_json`: an instances JSON read and checked (the one reader of COCO files, for
-  detection and segmentation): duplicate image or annotation ids, a missing ``file_name``,
-  sizes or boxes that are not numbers are refused with an error naming the file and the ids;
+  detection and segmentation): duplicate image, annotation or category ids, two categories of
+  one name, a missing ``file_name``, sizes or boxes that are not numbers, a ``category_id``
+  that is not an integer (a JSON ``true``) are refused with an error naming the file and the ids;
 * :func:`read_coco`: an instances JSON read with pycocotools into a
   :class:`~tasks.data.records.DetectionSplit`. Category ids (COCO's go 1..90 with holes) map to
   contiguous labels 1..K; 0 is background. ``iscrowd`` boxes are not trained on and are ignored
@@ -28,7 +29,7 @@ import numpy as np
 
 from tasks.data.records import DetectionRecord, DetectionSplit, clean_boxes, warn_boxes
 
-__all__ = ["find_coco_images", "load_coco_json", "read_coco", "read_coco_categories"]
+__all__ = ["check_categories", "find_coco_images", "load_coco_json", "read_coco", "read_coco_categories"]
 
 
 def read_coco_categories(ann_file: str | Path) -> list[dict[str, Any]]:
@@ -47,10 +48,37 @@ def read_coco_categories(ann_file: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"{ann_file}: cannot read the categories ({e})") from e
     if not cats:
         raise ValueError(f"{ann_file}: no categories listed")
-    bad = [c for c in cats if not isinstance(c, dict) or not _is_number(c.get("id")) or "name" not in c]
+    check_categories(ann_file, cats)
+    return sorted(cats, key=lambda c: c["id"])
+
+
+def check_categories(ann_file: str | Path, cats: Any) -> None:
+    """Refuse ``categories`` that do not say which class a label is: entries without an integer
+    ``id`` or a string ``name``, two categories with one id (pycocotools would keep the last, and
+    labels would no longer match the class list), or two with one name (class names map labels
+    between a checkpoint and the data, :mod:`tasks.classes`). Errors name ``ann_file``."""
+    if not isinstance(cats, list):
+        raise ValueError(f"{ann_file}: 'categories' must be a list, got {type(cats).__name__}")
+    bad = [
+        c for c in cats
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) or not c["name"]
+    ]  # fmt: skip
     if bad:
         raise ValueError(f"{ann_file}: categories need an integer 'id' and a 'name', got {bad[:3]}")
-    return sorted(cats, key=lambda c: c["id"])
+    dup = _duplicates([c["id"] for c in cats])
+    if dup:
+        names = [f"{c['id']}: {c['name']!r}" for c in cats if c["id"] in set(dup)]
+        raise ValueError(
+            f"{ann_file}: category id(s) {_listed(dup)} listed more than once ({', '.join(names[:10])}): "
+            "each category needs its own id"
+        )
+    dup = _duplicates([c["name"] for c in cats])
+    if dup:
+        ids = [f"{c['name']!r}: {c['id']}" for c in cats if c["name"] in set(dup)]
+        raise ValueError(
+            f"{ann_file}: category name(s) {_listed(dup)} listed more than once ({', '.join(ids[:10])}): "
+            "a class name must say which category it is (merge them into one category)"
+        )
 
 
 def find_coco_images(root: Path, set_name: str) -> Path:
@@ -65,6 +93,11 @@ def find_coco_images(root: Path, set_name: str) -> Path:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (a JSON ``true`` is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _duplicates(values: list[Any]) -> list[Any]:
@@ -98,6 +131,7 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
         raise ValueError(f"{ann_file}: no images listed (a COCO file needs 'images', 'annotations', 'categories')")
     if not data.get("categories"):
         raise ValueError(f"{ann_file}: no categories listed")
+    check_categories(ann_file, data["categories"])
     data.setdefault("annotations", [])
     images, anns = data["images"], data["annotations"]
     if not isinstance(images, list) or not isinstance(anns, list):
@@ -126,6 +160,10 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
         for key in ("image_id", "category_id"):
             if key not in ann:
                 raise ValueError(f"{where} has no '{key}'")
+        if not _is_int(ann["category_id"]):  # a JSON true would be read as category 1
+            raise ValueError(f"{where}: 'category_id' must be an integer, got {ann['category_id']!r}")
+        if isinstance(ann["image_id"], bool) or not isinstance(ann["image_id"], (int, str)):
+            raise ValueError(f"{where}: 'image_id' must be an image's id, got {ann['image_id']!r}")
         box = ann.get("bbox")
         if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
             raise ValueError(

@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tasks.data.coco import find_coco_images, read_coco, read_coco_categories
-from tasks.data.records import DetectionRecord, DetectionSplit
+from tasks.data.records import DetectionRecord, DetectionSplit, check_has_boxes
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from tasks.data.voc import VOC_CLASSES, read_voc
@@ -337,7 +337,20 @@ class DetectionDataModule(TaskDataModule):
         return Path(explicit) if explicit else self.root / "annotations" / f"instances_{self.splits[stage]}.json"
 
     def split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
-        """Read (once) the records of ``stage``."""
+        """Read (once) the records of ``stage``; a split without a box to train on or evaluate is an error
+        naming its file (:func:`~tasks.data.records.check_has_boxes`)."""
+        split = self._read_split(stage)
+        check_has_boxes(split, stage)
+        return split
+
+    def split_of(self, name: str) -> DetectionSplit | None:
+        """The split the ``name`` dataset is read from: ``predict`` reads the validation images
+        (``None`` with ``predict_images``: an image folder, no annotations needed)."""
+        if name == "predict":
+            return None if self.predict_images is not None else self._read_split("val")
+        return self.split(name)  # type: ignore[arg-type]
+
+    def _read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
         if stage not in self._splits:
             if self.layout == "coco":
                 image_dir, ann = self.image_dirs[stage], self.anns[stage]
@@ -378,7 +391,7 @@ class DetectionDataModule(TaskDataModule):
             if self.predict_images is not None:
                 require_exists("data.predict_images", self.predict_images, "folder, image list or image")
                 return ImageFolderDataset(self.predict_images)
-            val = self.split("val")
+            val = self._read_split("val")  # its images and ids only: annotations are not needed
             return ImageFolderDataset([r.path for r in val.records], ids=[r.image_id for r in val.records])
         return DetectionDataset(self.split(name), train=False)
 

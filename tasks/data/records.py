@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["DetectionRecord", "DetectionSplit", "clean_boxes", "warn_boxes"]
+__all__ = ["DetectionRecord", "DetectionSplit", "check_has_boxes", "clean_boxes", "warn_boxes"]
 
 
 @dataclass
@@ -77,6 +77,13 @@ class DetectionSplit:
         cats = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.classes)]
         return {"images": images, "annotations": anns, "categories": cats}
 
+    def relabelled(self, index: Sequence[int], classes: Sequence[str], category_ids: Sequence[int]) -> DetectionSplit:
+        """The same boxes with label ``k`` (1-based) turned into ``index[k - 1] + 1``, and ``classes``/``category_ids``
+        in that new label order (a :class:`tasks.classes.ClassMap` applied: the model's labels, by name)."""
+        table = np.concatenate([[0], np.asarray(index, np.int64) + 1])
+        records = [replace(r, labels=table[r.labels] if r.labels.size else r.labels) for r in self.records]
+        return replace(self, records=records, classes=list(classes), category_ids=[int(i) for i in category_ids])
+
     @property
     def format(self) -> str:
         """The old name of :attr:`layout`."""
@@ -91,6 +98,24 @@ def clean_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray,
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     keep = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1) & np.isfinite(boxes).all(1)
     return clipped, keep
+
+
+def check_has_boxes(split: DetectionSplit, stage: str) -> None:
+    """Refuse a split to train on or evaluate (``stage``) that has no box: an empty ``annotations``
+    list would train on nothing and publish AP -1; all boxes dropped (degenerate or outside
+    their image) would train on background only. The error names the file and the drop count."""
+    if any(len(r.boxes) for r in split.records):
+        return
+    use = "train on" if stage == "train" else "evaluate"
+    if split.dropped_boxes:
+        raise ValueError(
+            f"{split.source}: the {stage} split has no usable box: all {split.dropped_boxes} were dropped as "
+            f"degenerate or outside their image (listed in the warning above); nothing to {use}"
+        )
+    raise ValueError(
+        f"{split.source}: the {stage} split has no annotations ({len(split.records)} image(s), no box): nothing to "
+        f"{use}{' (COCO AP would be -1)' if stage != 'train' else ''}; predict needs no annotations"
+    )
 
 
 def warn_boxes(source: str, dropped: list[str], clipped: int) -> None:

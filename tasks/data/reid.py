@@ -424,6 +424,10 @@ class ReIDDataModule(TaskDataModule):
             relabel = {pid: i for i, pid in enumerate(pids)}
             self.train_set = ReIDDataset(train, self.train_transform, [relabel[s.pid] for s in train])
             self._num_classes = len(pids)
+            #: the identities (person ids) training labels 0..N-1 stand for: the classifier's classes (tasks.classes)
+            self.train_identities = [str(pid) for pid in pids]
+            where = self.csvs["train"] if self.layout == "csv" else self.root / MARKET_SPLITS["train"]
+            self.identity_source = f"the training identities of {where}"
         if stage in (None, "fit", "validate", "test", "predict") and self.query_set is None:
             self.query_set = ReIDDataset(self.read_split("query"), self.eval_transform)
             self.gallery_set = ReIDDataset(self.read_split("gallery"), self.eval_transform)

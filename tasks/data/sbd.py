@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from tasks.data.masks import BadMaskError, check_mask, read_mask
+from tasks.data.voc import read_image_set
 from tasks.images import BadImageError, SkippedSample, read_image
 
 __all__ = ["SBD_DIR", "SBDSegmentation", "VOCListSegmentation", "read_id_list", "read_sbd_label"]
@@ -36,14 +37,11 @@ SBD_DIR = "benchmark_RELEASE/dataset"
 
 
 def read_id_list(path: str | Path) -> list[str]:
-    """Image ids of a list file, one per line (first column; blank lines skipped)."""
+    """Image ids of a list file, one per line (first column; blank lines skipped; each id once)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image id list not found")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"{path}: the image id list is empty")
-    return ids
+    return read_image_set(path)  # an empty list or an id listed twice: an error naming the file and lines
 
 
 def read_sbd_label(path: str | Path, num_classes: int, image_size: tuple[int, int] | None = None) -> torch.Tensor:

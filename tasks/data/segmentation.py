@@ -34,7 +34,7 @@ from tasks.data.masks import IGNORE_INDEX, BadMaskError, check_mask, read_mask
 from tasks.data.sbd import sbd_layout_split
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
-from tasks.data.voc import VOC_SEGMENTATION_CLASSES
+from tasks.data.voc import VOC_SEGMENTATION_CLASSES, read_image_set
 from tasks.deprecation import old_names
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
@@ -109,9 +109,7 @@ class VOCSegmentation(_SegmentationDataset):
         list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not list_file.is_file():
             raise FileNotFoundError(f"{list_file}: VOC split list not found (is {root} a VOC folder?)")
-        self.ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-        if not self.ids:
-            raise ValueError(f"{list_file}: the split list is empty")
+        self.ids = read_image_set(list_file)  # an empty list or an id listed twice: an error naming the lines
         self.num_classes = num_classes
         self.transforms = transforms
 
@@ -348,6 +346,8 @@ class SegmentationDataModule(TaskDataModule):
         check_range("data.scale_range", scale_range, positive=True)
         self.crop_size, self.scale_size, self.scale_range = crop_size, scale_size, scale_range
         self.hflip = check_probability("data.hflip", _flip_probability(hflip))
+        #: who says what the mask values mean, for messages (checked against a model's: tasks.classes)
+        self.class_source = "data.classes"
         self.classes = list(classes) if classes else self._default_classes()
         if len(self.classes) < 2:
             raise ValueError(f"classes needs background and at least one class, got {self.classes}")
@@ -356,12 +356,15 @@ class SegmentationDataModule(TaskDataModule):
 
     def _default_classes(self) -> list[str]:
         if self.shapes is not None:
+            self.class_source = "the shapes dataset's classes (data.shapes)"
             return ["background", *SHAPES_CLASSES]
         if self.layout in ("voc", "sbd"):
+            self.class_source = "VOC's 21 classes (data.classes unset)"
             return list(VOC_SEGMENTATION_CLASSES)
         ann = self.root / self.coco_ann_file.format(split=self.train_split)
         if not ann.is_file():
             raise FileNotFoundError(f"{ann}: needed to read the class names; set data.classes or create the data first")
+        self.class_source = f"background + the categories of {ann}"
         return ["background", *(c["name"] for c in read_coco_categories(ann))]
 
     @property

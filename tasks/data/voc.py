@@ -8,12 +8,14 @@
   :class:`~tasks.data.records.DetectionSplit`. A set is ``trainval`` (VOC2007 by default),
   ``VOC2012/trainval``, or several joined by ``+`` (``VOC2007/trainval+VOC2012/trainval``, the
   "07+12" recipe). VOC's 1-based inclusive pixel boxes become 0-based continuous
-  ``[xmin - 1, ymin - 1, xmax, ymax]``; ``difficult`` flags are kept (``ignore``).
+  ``[xmin - 1, ymin - 1, xmax, ymax]``; ``difficult`` flags (``1``/``0`` or ``true``/``false``) are kept
+  (``ignore``); :func:`read_image_set` reads a list, refusing an id listed twice.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -22,7 +24,7 @@ import numpy as np
 
 from tasks.data.records import DetectionRecord, DetectionSplit, clean_boxes, warn_boxes
 
-__all__ = ["VOC_CLASSES", "VOC_SEGMENTATION_CLASSES", "read_voc", "voc_palette"]
+__all__ = ["VOC_CLASSES", "VOC_SEGMENTATION_CLASSES", "read_image_set", "read_voc", "voc_palette"]
 
 #: PASCAL VOC's 20 object classes, in the devkit's order (detection labels 1..20; 0 is background).
 VOC_CLASSES: tuple[str, ...] = (
@@ -81,6 +83,49 @@ def _voc_number(node: ET.Element, tag: str, xml: Path, what: str) -> float:
     return value
 
 
+def _voc_flag(node: ET.Element, tag: str, xml: Path, what: str) -> bool:
+    """A VOC flag (``<difficult>``): ``1``/``0`` as the devkit writes it, or ``true``/``false`` as
+    some tools do; absent is ``0``; anything else is an error naming the XML file."""
+    found = node.find(tag)
+    if found is None:
+        return False
+    text = (found.text or "").strip().lower()
+    if text in ("1", "true"):
+        return True
+    if text in ("0", "false"):
+        return False
+    raise ValueError(f"{xml}: {what} <{tag}> must be 1/0 (or true/false), got {found.text!r}")
+
+
+def read_image_set(listing: str | Path) -> list[str]:
+    """The image ids of a VOC image-set list (first column of each line; blank lines skipped).
+
+    Refused, naming the file (and the lines): a missing or empty list, and an id listed twice,
+    which would count its image twice (and, with VOC's numeric ids, change every image id).
+    Not de-duplicated silently: a repeated line is a mistake in the list, which the user fixes.
+    """
+    listing = Path(listing)
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing}: VOC image set list not found")
+    ids, first, again = [], {}, []
+    for n, line in enumerate(listing.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        sid = line.split()[0]
+        if sid in first:
+            again.append(f"{sid!r} on lines {first[sid]} and {n}")
+        first.setdefault(sid, n)
+        ids.append(sid)
+    if not ids:
+        raise ValueError(f"{listing}: image set list is empty")
+    if again:
+        raise ValueError(
+            f"{listing}: {len(again)} image id(s) listed twice: {'; '.join(again[:5])}"
+            f"{' ...' if len(again) > 5 else ''}: list each image once"
+        )
+    return ids
+
+
 def read_voc(
     root: str | Path,
     sets: str,
@@ -101,10 +146,10 @@ def read_voc(
         listing = year_dir / "ImageSets" / "Main" / f"{split}.txt"
         if not listing.is_file():
             raise FileNotFoundError(f"{listing}: VOC image set list not found")
-        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-        if not ids:
-            raise ValueError(f"{listing}: image set list is empty")
-        items += [(year_dir, i) for i in ids]
+        items += [(year_dir, i) for i in read_image_set(listing)]
+    again = [f"{year_dir.name}/{i}" for (year_dir, i), n in Counter(items).items() if n > 1]
+    if again:  # the same list twice in ``sets`` (a duplicate inside one list is refused by read_image_set)
+        raise ValueError(f"{root} ({sets}): image(s) {again[:5]} listed by more than one of the joined sets")
     numeric = all(i.isdigit() for _, i in items) and len({int(i) for _, i in items}) == len(items)
     records: list[DetectionRecord] = []
     dropped: list[str] = []
@@ -137,8 +182,7 @@ def read_voc(
             x0, y0, x1, y1 = (_voc_number(bb, t, xml, what) for t in ("xmin", "ymin", "xmax", "ymax"))
             boxes.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive -> 0-based continuous
             labels.append(label_of[name])
-            d = obj.find("difficult")
-            difficult.append(d is not None and d.text is not None and d.text.strip() == "1")
+            difficult.append(_voc_flag(obj, "difficult", xml, f"image {file_id}: object {k} ({name})"))
         arr = np.array(boxes, np.float32).reshape(-1, 4)
         cboxes, keep = clean_boxes(arr, w, h)
         clipped_count += int(((cboxes != arr).any(1) & keep).sum())

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -159,6 +159,7 @@ def export_detector_onnx(
     verify_images: Sequence[Tensor] | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export a torchvision detector (``fasterrcnn_vgg``, ``ssd_vgg``...) to ONNX at ``path``, atomically.
 
@@ -170,6 +171,7 @@ def export_detector_onnx(
             of the same label with box and score within ``atol + rtol * max|output|``, in any
             order: :func:`verify_detector_onnx`) before renaming it into place.
         verify_images: images to check on; default ``example_image`` and one of another size.
+        metadata: ONNX ``metadata_props`` to store (e.g. the class names of a task model).
 
     The file holds the whole model (no external data): fine for every VGG detector (< 2 GiB).
     """
@@ -198,6 +200,12 @@ def export_detector_onnx(
                 output_names=list(DETECTION_OUTPUTS),
                 dynamic_axes={"image": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in DETECTION_OUTPUTS}},
             )
+            if metadata:  # the TorchScript exporter takes none: added to the written file
+                import onnx
+
+                proto = onnx.load(str(tmp))
+                onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+                onnx.save(proto, str(tmp))
             if verify:
                 images = [example_image, _other_image(example_image)] if verify_images is None else list(verify_images)
                 verify_detector_onnx(tmp, wrapper, images, rtol=rtol, atol=atol, name=path)
