@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a fresh clone, no install needed
     sys.path.insert(0, str(ROOT))
 
-from vggbackbone.optimize import cpu_features  # noqa: E402
+from vggbackbone.deploy import cpu_features  # noqa: E402
 from vggbackbone.utils import atomic_path, atomic_write  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -112,7 +112,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
-        # the one feature list (vggbackbone.optimize.CPU_FEATURES) that also decides the precisions
+        # the one feature list (vggbackbone.deploy.CPU_FEATURES) that also decides the precisions
         " / ".join(features): " / ".join("yes" if v else "no" for v in features.values()),
         "oneDNN bf16 / fp16 kernels": " / ".join(
             "yes" if f() else "no"

@@ -7,7 +7,7 @@
 For each task: the demo config ``configs/<task>/demo.yaml`` (trained with ``python -m
 tasks.<task> fit`` unless ``--ckpt-<task>`` is given), then ``validate`` twice on the same
 checkpoint, in this process: once with the fp32 model, once with the model whose VGG backbone
-is quantised to int8 (BatchNorm folded, then :func:`vggbackbone.optimize.quantize_int8`: torchao
+is quantised to int8 (BatchNorm folded, then :func:`vggbackbone.deploy.quantize_int8`: torchao
 PT2E with the x86 inductor quantizer, what ``optimize_for_inference(precision="int8")`` runs).
 The metric (ReID rank-1 and mAP, segmentation mIoU, detection AP50) of both, and their
 difference (issue 15's target: within 0.01); for ReID also the cosine similarity of each
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, environment_markdown, markdown_table, parse_args, update_section  # noqa: E402
-from vggbackbone.optimize import fold_batchnorm, quantize_int8  # noqa: E402
+from vggbackbone.deploy import InputCaptured, InputRecorder, fold_batchnorm, quantize_int8  # noqa: E402
 
 SCRIPT = "benchmarks/int8_accuracy.py"
 SECTION = "int8 accuracy on the demos"
@@ -65,12 +65,10 @@ def calibration_batches(task: str, dm: Any, module: Any, num_images: int) -> lis
         images = [ds[i]["image"] for i in _spread(len(ds), num_images)]
         return [torch.stack(images[a : a + 16]) for a in range(0, len(images), 16)]
     if task == "segment":
-        from tasks.callbacks import _Captured, _InputRecorder
-
         ds = dm.dataset(dm.train_split)  # no training transforms: whole images, as evaluated
-        recorder = _InputRecorder()
+        recorder = InputRecorder()
         for i in _spread(len(ds), num_images):
-            with contextlib.suppress(_Captured):  # the net's input in predict_logits (normalised, rescaled)
+            with contextlib.suppress(InputCaptured):  # the net's input in predict_logits (normalised, rescaled)
                 module.predict_logits(torch.as_tensor(ds[i]["image"]), recorder)
         return recorder.inputs
     if task == "detect":

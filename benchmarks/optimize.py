@@ -23,7 +23,7 @@ so their speedup is still a measured side-by-side ratio. ``--full-slow`` measure
 size anyway (can take many minutes).
 
 Where oneDNN has no int8 kernels at all ``optimize_for_inference(precision="int8")`` falls back
-to fp32; the int8 row is then built with :func:`vggbackbone.optimize.quantize_int8` directly (the
+to fp32; the int8 row is then built with :func:`vggbackbone.deploy.quantize_int8` directly (the
 same quantised, compiled graph) and marked ``(no int8 kernels)``, so the table shows what it gives.
 ``--only REGEX`` keeps the contenders whose name matches (the torchvision baselines always run).
 Each run writes its own sections, named after the shape and the CPU (model + features), so
@@ -62,7 +62,7 @@ from benchmarks.common import (
     update_section,
 )
 from vggbackbone import VGGBackbone, optimize_for_inference
-from vggbackbone.optimize import cpu_features, fast_reduced_precision, int8_supported, quantize_int8
+from vggbackbone.deploy import cpu_features, fast_reduced_precision, int8_supported, quantize_int8
 
 SCRIPT = "benchmarks/optimize.py"
 

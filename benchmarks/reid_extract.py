@@ -29,7 +29,7 @@ target size, and the forward of the optimised fp32 model (per image, at the batc
 ``vs bare forward`` compares each row with the bare forward of the very model it runs (the
 issue's target: extraction >= 0.9x). Repeats run interleaved (contender order rotates each
 round), medians. Extracted embeddings are checked against the bare forward first (fp32: 1e-4;
-reduced precision: :data:`vggbackbone.optimize.RELATIVE_TOLERANCE`).
+reduced precision: :data:`vggbackbone.deploy.RELATIVE_TOLERANCE`).
 
 Memory. ``--memory-counts`` runs extraction (0 workers, so everything is in one process) in a
 fresh subprocess per image count, on an image list that repeats the crops, with large
@@ -70,8 +70,8 @@ from tasks.data.market import MarketConfig, generate_market  # noqa: E402
 from tasks.images import list_images, read_image  # noqa: E402
 from tasks.reid_extract import extract_embeddings, load_embeddings  # noqa: E402
 from vggbackbone import optimize_for_inference  # noqa: E402
+from vggbackbone.deploy import RELATIVE_TOLERANCE, default_precision  # noqa: E402
 from vggbackbone.models import reid_vgg  # noqa: E402
-from vggbackbone.optimize import RELATIVE_TOLERANCE, default_precision  # noqa: E402
 
 SCRIPT = "benchmarks/reid_extract.py"
 SECTION = "ReID extraction: throughput and memory"

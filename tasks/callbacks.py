@@ -12,32 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tasks.images import SkippedSample
+from vggbackbone.deploy import InputCaptured, InputRecorder
 
 __all__ = ["MAX_CALIBRATION_IMAGES", "InferenceOptimization", "OptionalLearningRateMonitor", "calibration_inputs"]
 
 #: Most images ``inference.calibration_images`` may take (issue 15: calibration on at most 64 images).
 MAX_CALIBRATION_IMAGES = 64
-
-
-class _Captured(Exception):
-    """Raised by :class:`_InputRecorder` once it holds a model input: the predict step stops there."""
-
-
-class _InputRecorder(nn.Module):
-    """Stands in for the model during calibration: records the argument of its first call and stops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[Any] = []
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) != 1 or kwargs:
-            raise TypeError(
-                "int8 calibration replays the model's inputs as model(batch), but the task called it with "
-                f"{len(args)} positional and {sorted(kwargs)} keyword arguments"
-            )
-        self.inputs.append(args[0])
-        raise _Captured
 
 
 def _is_skipped(item: Any) -> bool:
@@ -77,7 +57,7 @@ def calibration_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, num_i
             raise ValueError("int8 calibration: the predict dataset has no (countable) images")
         picks = np.unique(np.linspace(0, size - 1, min(num_images, size)).round().astype(int))
         dataset = Subset(dataset, picks.tolist())
-    recorder = _InputRecorder()
+    recorder = InputRecorder()
     pl_module.__dict__["_fast_model"] = recorder  # what TaskModule.inference_model returns
     try:
         for i in range(len(dataset)):  # type: ignore[arg-type]
@@ -88,7 +68,7 @@ def calibration_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, num_i
             batch = trainer.strategy.batch_to_device(batch)
             try:
                 pl_module.predict_step(batch, i)
-            except _Captured:
+            except InputCaptured:
                 continue
             raise RuntimeError(
                 f"int8 calibration: {type(pl_module).__name__}.predict_step did not call "
@@ -151,7 +131,7 @@ class InferenceOptimization(pl.Callback):
         model = getattr(pl_module, "model", None)
         if not self.enabled or not isinstance(model, nn.Module):
             return
-        from vggbackbone.optimize import int8_supported, optimize_for_inference
+        from vggbackbone.deploy import int8_supported, optimize_for_inference
 
         calibration = None
         if self.precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback

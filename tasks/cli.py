@@ -27,7 +27,7 @@ from tasks.classes import CHECKPOINT_KEY as CLASSES_METADATA_KEY
 from tasks.module import TaskModule
 from tasks.progress import LogProgress
 from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
-from vggbackbone.models.export import export_task_onnx
+from vggbackbone.deploy import export_task_onnx
 
 __all__ = ["TaskCLI", "cli_main", "export_main"]
 

@@ -50,7 +50,7 @@ from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_ski
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, list_images, read_image
 from tasks.module import TaskModule
 from tasks.outputs import OutputFolder, input_paths, require_some
-from vggbackbone.optimize import default_precision
+from vggbackbone.deploy import default_precision
 
 __all__ = ["extract_embeddings", "extract_main", "load_embeddings", "merge_shards"]
 

@@ -99,3 +99,62 @@ def test_no_import_cycle(package: str) -> None:
     graph = {m: {d for d in deps if not _is_package_parent_edge(m, d)} for m, deps in graph.items()}
     cycle = find_cycle(graph)
     assert cycle is None, f"{package}: import cycle " + " -> ".join(cycle)
+
+
+#: What the plain PyTorch library never imports (docs/design.md: "never Lightning").
+LIBRARY_NEVER_IMPORTS = ("tasks", "pytorch_lightning", "lightning", "lightning_fabric", "jsonargparse")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name a file imports, at any depth of its code (function-level imports and
+    ``importlib.import_module("literal")`` calls included); relative imports are left out (they
+    stay inside the package)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, (ast.Attribute, ast.Name))
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return names
+
+
+def forbidden_imports(package_dir: Path, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """``{file relative to package_dir's parent: forbidden names it imports}`` for every ``.py``
+    file under ``package_dir``."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        bad = sorted(n for n in imported_names(path) if n.split(".")[0] in forbidden)
+        if bad:
+            found[str(path.relative_to(package_dir.parent))] = bad
+    return found
+
+
+def test_forbidden_imports_finds_planted_imports_at_any_depth(tmp_path: Path) -> None:
+    pkg = tmp_path / "lib"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import torch\nfrom . import sub\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "late.py").write_text(
+        "def f():\n    if True:\n        from pytorch_lightning.callbacks import Callback\n    return Callback\n"
+    )
+    (pkg / "sub" / "dynamic.py").write_text("import importlib\nm = importlib.import_module('tasks.detect')\n")
+    (pkg / "clean.py").write_text("from torch import nn\nimport lightningx\n")  # a prefix only: allowed
+    assert forbidden_imports(pkg, LIBRARY_NEVER_IMPORTS) == {
+        "lib/sub/dynamic.py": ["tasks.detect"],
+        "lib/sub/late.py": ["pytorch_lightning.callbacks"],
+    }
+
+
+def test_library_never_imports_tasks_lightning_or_jsonargparse() -> None:
+    assert len(list((ROOT / "vggbackbone").rglob("*.py"))) > 10
+    assert forbidden_imports(ROOT / "vggbackbone", LIBRARY_NEVER_IMPORTS) == {}

@@ -16,6 +16,8 @@ from torch import nn
 
 from vggbackbone import VGGBackbone, optimize_for_inference
 from vggbackbone import optimize as opt
+from vggbackbone.deploy import hardware, inference, quantization_targets
+from vggbackbone.deploy import precision as precision_choice
 from vggbackbone.models import fcn_vgg, reid_vgg
 from vggbackbone.optimize import INT8_TOLERANCE, QuantizedModule, quantize_int8
 
@@ -96,7 +98,7 @@ def test_int8_needs_calibration_and_a_cpu() -> None:
 
 def test_fallback_without_int8_kernels_warns_and_runs_fp32(monkeypatch) -> None:
     # no VNNI/AMX and no AVX2 (e.g. an old x86 or a non-x86 CPU): oneDNN has no int8 convolutions
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     model = VGGBackbone("vgg11", ["conv2"], width_mult=0.0625).eval()
@@ -111,14 +113,14 @@ def test_fallback_without_int8_kernels_warns_and_runs_fp32(monkeypatch) -> None:
 def test_avx2_without_vnni_runs_int8_and_says_so(monkeypatch, caplog) -> None:
     # measured on an AVX2-only EPYC: oneDNN's AVX2 int8 kernels beat fp32 (docs/benchmarks.md),
     # so int8 runs there, logged as running without dot-product instructions
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"avx2", "fma"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(opt.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
     ok, why = opt.int8_supported()
     assert ok and "run on AVX2 multiply-adds" in why and opt.int8_dot_product() == []
     real_quantize = opt.quantize_int8
-    monkeypatch.setattr(opt, "quantize_int8", lambda *a, **k: real_quantize(*a, **{**k, "compile": False}))
+    monkeypatch.setattr(inference, "quantize_int8", lambda *a, **k: real_quantize(*a, **{**k, "compile": False}))
     model = VGGBackbone("vgg11", ["conv2"], width_mult=0.0625).eval()
     with caplog.at_level("INFO", logger="vggbackbone.optimize"):
         fast = optimize_for_inference(model, precision="int8", calibration=batches(1, (1, 3, 16, 16)))
@@ -129,7 +131,7 @@ def test_avx2_without_vnni_runs_int8_and_says_so(monkeypatch, caplog) -> None:
 def test_int8_compiled_end_to_end(monkeypatch) -> None:
     # The one compiled int8 test: the real oneDNN kernels through inductor + freezing. The
     # VNNI probe is forced so it also runs on AVX2-only CI machines (the kernels run there, slower).
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
     model = VGGBackbone("vgg11", ["conv2"], width_mult=0.125).eval()
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
@@ -143,12 +145,12 @@ def test_int8_compiled_end_to_end(monkeypatch) -> None:
 
 def test_auto_picks_the_fastest_probe_and_logs_it(monkeypatch, caplog) -> None:
     model = VGGBackbone("vgg11", ["conv2"], width_mult=0.0625)
-    monkeypatch.setattr(opt, "_probe_cache", {})
-    monkeypatch.setattr(opt, "_logged_choices", set())
+    monkeypatch.setattr(precision_choice, "_probe_cache", {})
+    monkeypatch.setattr(precision_choice, "_logged_choices", set())
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     fake = {"fp32": 3e-3, "bf16": 1e-3, "int8": 2e-3}
     calls: list[str] = []
-    monkeypatch.setattr(opt, "_probe_seconds", lambda p, budget: calls.append(p) or fake[p])
+    monkeypatch.setattr(precision_choice, "_probe_seconds", lambda p, budget: calls.append(p) or fake[p])
     with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
         assert optimize_for_inference(model).precision == "bf16"
         assert optimize_for_inference(model).precision == "bf16"  # cached: probed and logged once
@@ -156,38 +158,39 @@ def test_auto_picks_the_fastest_probe_and_logs_it(monkeypatch, caplog) -> None:
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg == "precision='auto' picked bf16 on this CPU (probe conv: fp32 3.00 ms, bf16 1.00 ms)"
     fake["bf16"] = 9e-3  # now fp32 wins
-    monkeypatch.setattr(opt, "_probe_cache", {})
+    monkeypatch.setattr(precision_choice, "_probe_cache", {})
     assert optimize_for_inference(model).precision == "fp32"
 
 
 def test_auto_tries_int8_only_with_calibration_and_int8_kernels(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(opt, "_probe_cache", {})
-    monkeypatch.setattr(opt, "_logged_choices", set())
+    monkeypatch.setattr(precision_choice, "_probe_cache", {})
+    monkeypatch.setattr(precision_choice, "_logged_choices", set())
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    monkeypatch.setattr(opt, "_probe_seconds", lambda p, budget: {"fp32": 3e-3, "int8": 1e-3}[p])
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
+    monkeypatch.setattr(precision_choice, "_probe_seconds", lambda p, budget: {"fp32": 3e-3, "int8": 1e-3}[p])
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
-        assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "fp32"
+        assert precision_choice.auto_precision(torch.device("cpu"), calibrated=True) == "fp32"
     assert "int8 not tried: this CPU has none of AMX-INT8" in caplog.text
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(opt.platform, "machine", lambda: "x86_64")
-    assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "int8"  # AVX2 kernels, measured faster
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx_vnni"}))
-    assert opt._auto_precision(torch.device("cpu"), calibrated=True) == "int8"
-    assert opt._auto_precision(torch.device("cpu"), calibrated=False) == "fp32"
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    # AVX2 kernels, measured faster
+    assert precision_choice.auto_precision(torch.device("cpu"), calibrated=True) == "int8"
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"avx_vnni"}))
+    assert precision_choice.auto_precision(torch.device("cpu"), calibrated=True) == "int8"
+    assert precision_choice.auto_precision(torch.device("cpu"), calibrated=False) == "fp32"
 
 
 def test_probe_runs_every_precision_kernel_fast_enough() -> None:
     # The real probe (no mocks): each precision's kernel runs and gives a finite positive time.
-    opt._probe_cache.clear()
+    precision_choice._probe_cache.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         times = opt.measure_precisions(("fp32", "int8"))
     assert set(times) == {"fp32", "int8"} and all(0 < t < 5 for t in times.values())
-    out = opt._probe_call("int8")()
-    assert out.shape == opt._PROBE_SHAPE and out.dtype == torch.uint8
+    out = precision_choice._probe_call("int8")()
+    assert out.shape == precision_choice._PROBE_SHAPE and out.dtype == torch.uint8
 
 
 def test_quantized_module_keeps_state_once() -> None:
@@ -202,8 +205,8 @@ def test_detector_backbone_is_what_gets_quantised() -> None:
 
     torch.manual_seed(0)
     fpn = fasterrcnn_vgg("vgg11", num_classes=3, fpn=True, width_mult=0.125)
-    assert opt._vgg_backbones(fpn) == ["backbone.body"]  # the FPN itself stays fp32
-    assert opt._vgg_backbones(unet_vgg("vgg11", num_classes=3, width_mult=0.125)) == ["backbone"]
+    assert quantization_targets(fpn) == ["backbone.body"]  # the FPN itself stays fp32
+    assert quantization_targets(unet_vgg("vgg11", num_classes=3, width_mult=0.125)) == ["backbone"]
     det = fasterrcnn_vgg("vgg11", num_classes=3, width_mult=0.125, min_size=64, max_size=96).eval()
     images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
     with torch.no_grad():

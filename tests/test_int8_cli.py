@@ -22,6 +22,7 @@ from test_task_inference import _plain_model, _record_arg, reid_run  # noqa: F40
 
 from tasks.callbacks import InferenceOptimization
 from vggbackbone import optimize as opt
+from vggbackbone.deploy import hardware, inference
 from vggbackbone.optimize import INT8_TOLERANCE
 
 pytest.importorskip("torchao")
@@ -30,7 +31,7 @@ FALLBACK = r"precision='int8' falls back to fp32: this CPU has none of AMX-INT8,
 
 
 def _no_int8_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"sse4_2"}))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
 
@@ -43,7 +44,7 @@ def no_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def vnni(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """VNNI reported; quantisation uncompiled; returns the calibration batch counts seen."""
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
     seen: list[int] = []
     real = opt.quantize_int8
 
@@ -52,7 +53,7 @@ def vnni(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         seen.append(len(batches))
         return real(model, batches, targets, compile=False)
 
-    monkeypatch.setattr(opt, "quantize_int8", uncompiled)
+    monkeypatch.setattr(inference, "quantize_int8", uncompiled)
     return seen
 
 
@@ -124,10 +125,13 @@ def test_extract_int8_fallback_and_forced(reid_run: dict[str, Path], monkeypatch
     monkeypatch.undo()
     seen: list[int] = []
     real = opt.quantize_int8
-    monkeypatch.setattr(opt, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
-    monkeypatch.setattr(
-        opt, "quantize_int8", lambda m, cal, t=None, *, compile=True: seen.append(1) or real(m, cal, t, compile=False)
-    )
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset({"avx512_vnni"}))
+
+    def uncompiled(m, cal, t=None, *, compile=True):
+        seen.append(1)
+        return real(m, cal, t, compile=False)
+
+    monkeypatch.setattr(inference, "quantize_int8", uncompiled)
     forced = extract("forced")
     assert forced["models"] == ["InferenceModule:int8"] and seen == [1]
     cos = _cosines(forced["emb"], want)

@@ -12,6 +12,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from vggbackbone import InferenceModule, VGGBackbone, fold_batchnorm, optimize_for_inference
 from vggbackbone import optimize as opt
+from vggbackbone.deploy import precision as precision_choice
+from vggbackbone.deploy.inference import _compile_options
 from vggbackbone.optimize import RELATIVE_TOLERANCE, default_precision
 
 
@@ -83,10 +85,10 @@ def test_precision_within_documented_tolerance(precision: str) -> None:
 
 def test_warns_only_for_a_precision_without_fast_kernels(monkeypatch) -> None:
     model = small_vgg_bn()
-    monkeypatch.setattr(opt, "fast_reduced_precision", lambda device: [])
+    monkeypatch.setattr(precision_choice, "fast_reduced_precision", lambda device: [])
     with pytest.warns(UserWarning, match="no fast kernels"):
         optimize_for_inference(model, precision="bf16")
-    monkeypatch.setattr(opt, "fast_reduced_precision", lambda device: ["bf16"])
+    monkeypatch.setattr(precision_choice, "fast_reduced_precision", lambda device: ["bf16"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert optimize_for_inference(model, precision="bf16").precision == "bf16"
@@ -217,7 +219,7 @@ def test_feature_rule_follows_cpu_features(monkeypatch, amx: bool, avx512_bf16: 
 
 def test_auto_precision_runs_the_measured_choice() -> None:
     # No mocks: the real probe picks a precision on this CPU, and the model really runs in it.
-    opt._probe_cache.clear()
+    precision_choice._probe_cache.clear()
     times = opt.measure_precisions(("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",))
     fastest = min(times, key=times.__getitem__)
     model = small_vgg_bn()
@@ -235,8 +237,8 @@ def test_auto_precision_runs_the_measured_choice() -> None:
 def test_compile_options_per_device() -> None:
     # Real calls (the old CUDA test mocked torch.cuda.is_bf16_supported and called only the rule
     # reading it). reduce-overhead means CUDA graphs on CUDA; on a CPU that option is dropped.
-    cuda = opt._compile_options("reduce-overhead", torch.device("cuda"))
-    cpu = opt._compile_options("reduce-overhead", torch.device("cpu"))
+    cuda = _compile_options("reduce-overhead", torch.device("cuda"))
+    cpu = _compile_options("reduce-overhead", torch.device("cpu"))
     assert cuda["triton.cudagraphs"] is True and cuda["freezing"] is True
     assert "triton.cudagraphs" not in cpu and cpu["freezing"] is True
 
@@ -263,7 +265,7 @@ def test_compile_with_freezing_matches_eager() -> None:
     fast = optimize_for_inference(model, precision="fp32", compile=True)
     out = fast(x)["conv2"]
     assert rel_err(out, ref) < RELATIVE_TOLERANCE["fp32"]
-    assert opt._compile_options(True, torch.device("cpu")) == {"freezing": True}
+    assert _compile_options(True, torch.device("cpu")) == {"freezing": True}
 
 
 def test_torchvision_faster_rcnn_on_vgg_backbone() -> None:

@@ -6,7 +6,7 @@
 ([256, 512, 512], [4, 8, 16])
 """
 
-from .optimize import InferenceModule, fold_batchnorm, optimize_for_inference
+from .deploy import InferenceModule, fold_batchnorm, optimize_for_inference
 from .perceptual import LPIPS, PerceptualLoss, StyleLoss
 from .vgg import ARCHS, TAPS, VGGBackbone, VGGConfig, get_config
 from .weights import CAFFE, IMAGENET, InputNormalization, WeightsError

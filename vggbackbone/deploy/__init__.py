@@ -1,0 +1,72 @@
+"""Everything after training: from a trained model to a fast or exported one.
+
+One module per concern:
+
+============================  ==================================================================
+``deploy.hardware``           what the device runs fast: CPU features (AMX, AVX512-BF16, VNNI),
+                              int8 kernels, fast reduced precisions
+``deploy.precision``          ``precision=`` checked and resolved (``"auto"`` times a probe conv)
+``deploy.batchnorm``          BatchNorm folded into the preceding conv/linear
+``deploy.calibration``        the inputs int8 calibrates on (``InputRecorder``, submodule inputs)
+``deploy.int8``               static int8 of the VGG backbones (torchao PT2E, x86 inductor)
+``deploy.inference``          ``optimize_for_inference`` and its ``InferenceModule``
+``deploy.onnx_export``        ONNX export of one-batch-in models (backbones, segmentation, ReID),
+                              verified with onnxruntime; ``ExportVerificationError``
+``deploy.detector_export``    ONNX export of torchvision's detectors, detections checked as a set
+``deploy.task_export``        ``export_task_onnx``: any task model to the right exporter
+``deploy.backbone_cli``       ``python -m vggbackbone.export``
+============================  ==================================================================
+
+Nothing here imports torchvision, onnx or onnxruntime before it is used, so ``import
+vggbackbone`` stays light. The old homes :mod:`vggbackbone.optimize`,
+:mod:`vggbackbone.export` and :mod:`vggbackbone.models.export` re-export these names.
+"""
+
+from .batchnorm import fold_batchnorm
+from .calibration import InputCaptured, InputRecorder, record_submodule_inputs
+from .detector_export import DetectorForExport, export_detector_onnx, verify_detector_onnx
+from .hardware import (
+    CPU_FEATURES,
+    INT8_FEATURES,
+    cpu_features,
+    default_precision,
+    fast_reduced_precision,
+    int8_dot_product,
+    int8_supported,
+)
+from .inference import RELATIVE_TOLERANCE, InferenceModule, optimize_for_inference
+from .int8 import INT8_TOLERANCE, QuantizedModule, quantization_targets, quantize_int8
+from .onnx_export import DEFAULT_OPSET, ExportVerificationError, export_onnx, output_names_of, verify_onnx
+from .precision import measure_precisions
+from .task_export import export_task_onnx
+
+__all__ = [
+    "CPU_FEATURES",
+    "DEFAULT_OPSET",
+    "INT8_FEATURES",
+    "INT8_TOLERANCE",
+    "RELATIVE_TOLERANCE",
+    "DetectorForExport",
+    "ExportVerificationError",
+    "InferenceModule",
+    "InputCaptured",
+    "InputRecorder",
+    "QuantizedModule",
+    "cpu_features",
+    "default_precision",
+    "export_detector_onnx",
+    "export_onnx",
+    "export_task_onnx",
+    "fast_reduced_precision",
+    "fold_batchnorm",
+    "int8_dot_product",
+    "int8_supported",
+    "measure_precisions",
+    "optimize_for_inference",
+    "output_names_of",
+    "quantization_targets",
+    "quantize_int8",
+    "record_submodule_inputs",
+    "verify_detector_onnx",
+    "verify_onnx",
+]
