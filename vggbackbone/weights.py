@@ -186,7 +186,7 @@ def classifier_problem(state_dict: Mapping[str, Tensor], description: str) -> st
     if any(k not in state_dict for k in CLASSIFIER_KEYS):
         return f"{description} has no classifier fc6/fc7"
     if not all(all_finite(state_dict[k]) for k in CLASSIFIER_KEYS):
-        return f"{description} has a non-finite classifier fc6/fc7 (e.g. torchvision's IMAGENET1K_FEATURES)"
+        return f"{description} has a classifier fc6/fc7 that is not finite (e.g. torchvision's IMAGENET1K_FEATURES)"
     return None
 
 
