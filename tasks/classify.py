@@ -49,6 +49,7 @@ from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.models import ExportableClassifier, TaskModels
 from vggbackbone.models.classifier import adaptive_avg_pool_matrix
+from vggbackbone.models.core import check_num_classes
 from vggbackbone.utils import atomic_path
 
 __all__ = [
@@ -117,8 +118,7 @@ class ClassificationTask(TaskModule):
                 "optim": optim, "family": family, **_BUILDER_ARGS.hparams(family, model_kwargs),
             }
         )  # fmt: skip
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_num_classes(num_classes, 2, "model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.optim = optim

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "ReadWeights",
     "WeightsError",
     "all_finite",
+    "check_state_dict",
     "classifier_problem",
     "is_weights_file",
     "load_backbone_weights",
@@ -275,7 +276,8 @@ def load_backbone_weights(
     _check_source(model, read)
     own = model.state_dict()
     sd = reshape_head(read.state_dict, _fc6_in_channels(read.state_dict, model.config))
-    _check_tensors(model, own, sd, read.unexpected, read.description)
+    target = f"VGGBackbone({model.arch})"
+    check_state_dict(own, sd, read.description, target, unexpected=read.unexpected, not_built=_full_keys(model))
     model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
     return _loaded_normalization(model, read, normalization)
 
@@ -305,16 +307,24 @@ def _fc6_in_channels(sd: Mapping[str, Tensor], cfg: VGGConfig) -> int:
     return next(found, 0) or cfg.blocks[-1].channels
 
 
-def _check_tensors(
-    model: nn.Module, own: Mapping[str, Tensor], sd: Mapping[str, Tensor], unexpected: list[str], desc: str
+def check_state_dict(
+    own: Mapping[str, Tensor],
+    sd: Mapping[str, Tensor],
+    desc: str,
+    target: str,
+    *,
+    unexpected: Sequence[str] = (),
+    not_built: Collection[str] = (),
 ) -> None:
-    """Every key of the model in ``sd``, nothing unknown, every shape right, every value finite."""
-    full = _full_keys(model)
-    unexpected = unexpected + [k for k in sd if k not in own and k not in full]
+    """A strict load of ``sd`` (from ``desc``) into ``own`` (``target``'s state dict), checked first:
+    every key present (``num_batches_tracked`` may be absent), none unknown (``not_built``: keys of
+    layers the model left out, allowed), shapes equal, values finite; else a :class:`WeightsError`
+    naming the keys."""
+    unexpected = [*unexpected, *(k for k in sd if k not in own and k not in not_built)]
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     if unexpected or missing:
         raise WeightsError(
-            f"{desc} does not match VGGBackbone({model.arch})\n"
+            f"{desc} does not match {target}\n"
             f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
             f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
@@ -324,9 +334,7 @@ def _check_tensors(
         if k in sd and sd[k].shape != v.shape
     ]
     if shapes:
-        raise WeightsError(
-            f"{desc} has tensors of the wrong shape for VGGBackbone({model.arch}):\n  " + "\n  ".join(shapes[:8])
-        )
+        raise WeightsError(f"{desc} has tensors of the wrong shape for {target}:\n  " + "\n  ".join(shapes[:8]))
     nonfinite = [k for k in own if k in sd and not all_finite(sd[k])]
     if nonfinite:
         hint = (

@@ -39,6 +39,7 @@ __all__ = [
     "load_torchvision_state_dict",
     "resolve_torchvision_weights",
     "save_backbone_weights",
+    "write_state_dict_file",
 ]
 
 FORMAT = "vggbackbone"
@@ -94,7 +95,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
             raise WeightsError(f"{path}: not a readable safetensors file ({kind.what}: {e})") from e
         meta: dict[str, Any] = {}
         if raw_meta.get("format") == FORMAT:
-            meta = {k: json.loads(v) if k in ("normalization", "arch") else v for k, v in raw_meta.items()}
+            meta = {k: json.loads(v) if k in _JSON_META else v for k, v in raw_meta.items()}
         sd, _ = _unwrap(sd, str(path))
         return sd, meta
     try:
@@ -187,31 +188,34 @@ def is_weights_file(weights: Any) -> bool:
     )
 
 
-def save_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write ``model``'s weights with ``format``/``arch``/``normalization`` metadata, atomically."""
+#: metadata keys a safetensors file holds as JSON (the others are plain strings)
+_JSON_META = ("normalization", "arch")
+
+
+def write_state_dict_file(
+    path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> Path:
+    """Write ``state_dict`` with this package's ``meta`` (``format`` first), atomically: as
+    safetensors (``.safetensors``: metadata strings, JSON for ``normalization``/``arch``) or with
+    ``torch.save`` (``{**meta, "state_dict": ...}``). :func:`load_state_dict_file` reads both."""
     path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    norm = model.normalization.to_dict()
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            meta = {
-                "format": FORMAT,
-                "format_version": str(FORMAT_VERSION),
-                "arch": json.dumps(model.arch),
-                "normalization": json.dumps(norm),
-            }
-            save_file(sd, str(tmp), metadata=meta)
+            save_file(sd, str(tmp), metadata={k: json.dumps(v) if k in _JSON_META else str(v) for k, v in meta.items()})
         else:
-            torch.save(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "arch": model.arch,
-                    "normalization": norm,
-                    "state_dict": sd,
-                },
-                tmp,
-            )
+            torch.save({**meta, "state_dict": sd}, tmp)
     return path
+
+
+def save_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s weights with ``format``/``arch``/``normalization`` metadata, atomically."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch,
+        "normalization": model.normalization.to_dict(),
+    }
+    return write_state_dict_file(path, model.state_dict(), meta)

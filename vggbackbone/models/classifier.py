@@ -24,6 +24,8 @@ This is what torchvision and timm do, and it is what lets a 224x224 classifier f
 32x32 images, but fc6 has 49x more weights than such an input can tell apart. The input must
 still be at least 32x32 (five stride-2 pools; ``2**num_blocks`` for shorter custom specs):
 upscale smaller images (e.g. 8x8 digits) first; the backbone refuses smaller ones by name.
+
+:class:`ExportableClassifier` is the linear head's network for ONNX with dynamic height and width.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Re-identification", CVPRW 2019) on a VGG trunk::
 Training returns ``ReIDOutput(logits, features)``: the identity loss reads the logits, the
 metric (triplet) loss the pre-BN features. Evaluation returns the embedding ``e`` (L2
 normalised when ``normalize=True``), the vector compared with cosine/euclidean distances.
+:class:`CenterLoss` is the strong baseline's optional third loss, on the same features.
 """
 
 from __future__ import annotations

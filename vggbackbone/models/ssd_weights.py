@@ -9,19 +9,17 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors (never run 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD
 
 from ..normalization import InputNormalization
-from ..utils import atomic_path
-from ..weights_files import FORMAT, WeightsError, load_state_dict_file
+from ..weights import check_state_dict
+from ..weights_files import FORMAT, WeightsError, load_state_dict_file, write_state_dict_file
 
 __all__ = ["TORCHVISION_SSD_NORMALIZATION", "load_ssd_weights", "save_ssd_weights"]
 
@@ -101,23 +99,7 @@ def load_ssd_weights(model: SSD, weights: str | os.PathLike[str]) -> InputNormal
         source = "vggbackbone ssd_vgg"
         if "normalization" in meta:
             norm = InputNormalization.from_dict(meta["normalization"])
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise WeightsError(
-            f"{weights} ({source} layout) does not match this ssd_vgg\n"
-            f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own[k].shape
-    ]
-    if shapes:
-        raise WeightsError(f"{weights} has tensors of the wrong shape for this ssd_vgg:\n  " + "\n  ".join(shapes[:8]))
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if nonfinite:
-        raise WeightsError(f"{weights} has non-finite values in {nonfinite[:4]}")
+    check_state_dict(model.state_dict(), sd, f"{weights} ({source} layout)", "this ssd_vgg")
     model.load_state_dict(sd, strict=False)  # strict in effect: only num_batches_tracked may be absent
     return norm
 
@@ -127,17 +109,9 @@ def save_ssd_weights(model: SSD, path: str | os.PathLike[str]) -> Path:
 
     Loads back with ``ssd_vgg(..., weights=path)``, normalisation included.
     """
-    path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     t = model.transform
     declared = getattr(model, "normalization", None)
     name = declared.name if isinstance(declared, InputNormalization) else "custom"
     norm = InputNormalization(tuple(t.image_mean), tuple(t.image_std), name)  # what the model really applies
-    with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, str(tmp), metadata={"format": FORMAT, "normalization": json.dumps(norm.to_dict())})
-        else:
-            torch.save({"format": FORMAT, "model": "ssd_vgg", "normalization": norm.to_dict(), "state_dict": sd}, tmp)
-    return path
+    meta = {"format": FORMAT, "model": "ssd_vgg", "normalization": norm.to_dict()}
+    return write_state_dict_file(path, model.state_dict(), meta)
