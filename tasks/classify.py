@@ -47,13 +47,25 @@ from tasks.outputs import OutputFolder, predict_inputs, require_some
 from tasks.pathnames import display_path, path_hex
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
-from vggbackbone.models import vgg_classifier
+from vggbackbone.models import ExportableClassifier, TaskModels
+from vggbackbone.models.classifier import adaptive_avg_pool_matrix
+from vggbackbone.models.core import check_num_classes
 from vggbackbone.utils import atomic_path
 
-__all__ = ["ClassificationTask", "ExportableClassifier", "TestAfterFit", "main", "plot_confusion", "write_predictions"]
+__all__ = [
+    "ClassificationTask",
+    "ExportableClassifier",
+    "TestAfterFit",
+    "adaptive_avg_pool_matrix",
+    "main",
+    "plot_confusion",
+    "write_predictions",
+]
 
+#: The classifier's options: the registry's ``classify`` models (``model.family``: ``vgg``,
+#: :func:`~vggbackbone.models.vgg_classifier`) and the backbone options it forwards.
 _BUILDER_ARGS = BuilderArgs(
-    {"vgg": vgg_classifier},
+    TaskModels("classify"),
     supplied=frozenset({"num_classes", "weights"}),
     excluded=frozenset({"progress", "normalization"}),
     extra={"batch_norm": VGGBackbone, "frozen_stages": VGGBackbone, "norm_eval": VGGBackbone, "ceil_mode": VGGBackbone},
@@ -75,6 +87,7 @@ class ClassificationTask(TaskModule):
         predict_file: the CSV ``predict`` writes.
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`; ``scheduler: plateau``
             for the paper's "divide by 10 when validation accuracy stops improving").
+        family: the registered classification model (``vgg``: the whole VGG network).
         **model_kwargs: :func:`~vggbackbone.models.vgg_classifier`'s options with its defaults
             (``arch`` incl. block specs, ``in_channels`` (linked from ``data.in_channels``),
             ``width_mult``, ``fc_channels``, ``dropout``, ``head``) and the backbone's
@@ -93,19 +106,19 @@ class ClassificationTask(TaskModule):
         top_k: int = 5,
         predict_file: str = "runs/classify/predictions.csv",
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
+        family: str = "vgg",
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        options = _BUILDER_ARGS.resolve("model", "vgg", model_kwargs)
+        options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
         self.save_options(
             {
                 "num_classes": num_classes, "class_names": class_names, "weights": weights,
                 "label_smoothing": label_smoothing, "top_k": top_k, "predict_file": predict_file,
-                "optim": optim, **_BUILDER_ARGS.hparams("vgg", model_kwargs),
+                "optim": optim, "family": family, **_BUILDER_ARGS.hparams(family, model_kwargs),
             }
         )  # fmt: skip
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_num_classes(num_classes, 2, "model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.optim = optim
@@ -114,7 +127,9 @@ class ClassificationTask(TaskModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.in_channels = int(options.get("in_channels", 3))
-        self.model = vgg_classifier(num_classes=num_classes, weights=backbone_weights(weights), **options)
+        self.model = _BUILDER_ARGS.builders[family](
+            num_classes=num_classes, weights=backbone_weights(weights), **options
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_k = min(5, num_classes)
         self.top_k = min(top_k, num_classes)
@@ -269,42 +284,6 @@ class ClassificationTask(TaskModule):
             out = write_predictions(self.predict_file, rows, self.class_names, self.top_k, outputs=self._outputs)
             print(f"predict: top-{self.top_k} labels and scores of {len(rows)} images written to {out}")
         self._outputs.finish()
-
-
-def adaptive_avg_pool_matrix(size: int, out: int, like: Tensor) -> Tensor:
-    """``(out, size)`` matrix ``P`` with ``P @ v`` = ``adaptive_avg_pool1d(v, out)``: bin ``i``
-    averages ``[floor(i * size / out), ceil((i + 1) * size / out))``, as PyTorch's kernel does."""
-    i = torch.arange(out, device=like.device)
-    start = (i * size) // out
-    end = ((i + 1) * size + out - 1) // out
-    idx = torch.arange(size, device=like.device)
-    mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None])).to(like.dtype)
-    return mask / mask.sum(1, keepdim=True)
-
-
-class ExportableClassifier(nn.Module):
-    """A linear-head :class:`~vggbackbone.models.VGGClassifier` (eval) whose 7x7 adaptive average
-    pool is two matrix products, so an ONNX graph with dynamic height/width stays exact.
-
-    Written by hand because the ONNX exporter lowers ``adaptive_avg_pool2d`` to a fixed-kernel
-    pooling for the traced size only: exported with dynamic axes, the graph silently gives other
-    numbers at other sizes (the export's onnxruntime check caught it). Same parameters, same
-    logits up to float rounding.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        m = self.model
-        f = m.forward_features(x)
-        ph = adaptive_avg_pool_matrix(f.shape[-2], 7, f)
-        pw = adaptive_avg_pool_matrix(f.shape[-1], 7, f)
-        f = torch.einsum("oh,nchw,pw->ncop", ph, f, pw).flatten(1)
-        f = m.drop6(F.relu(m.fc6(f)))
-        f = m.drop7(F.relu(m.fc7(f)))
-        return m.fc8(f)
 
 
 def write_predictions(

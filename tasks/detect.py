@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tasks.builders import BuilderArgs, builder_signature
-from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, backbone_weights
+from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassMap, ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionSplit
@@ -41,9 +40,8 @@ from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics, write_json
-from vggbackbone import get_config
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
-from vggbackbone.models import fasterrcnn_vgg, fcos_vgg, retinanet_vgg, ssd_vgg
+from vggbackbone.models import ModelEntry, TaskModels
 
 __all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
@@ -93,51 +91,32 @@ def _to_numpy(detections: dict[str, Tensor]) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Detector:
-    """A detector family of :class:`DetectionTask` (``model.family`` in YAML).
+    """A detector family of :class:`DetectionTask` (``model.family`` in YAML), as the registry
+    (:mod:`vggbackbone.models.registry`, task ``detect``) holds it.
 
     Args:
         builder: ``builder(arch, num_classes (with background), weights_backbone, **options)``
-            returning a torchvision detector (list of ``(3, H, W)`` images in ``[0, 1]`` in).
-        backbone_path: where the pretrained VGG sits in the detector, given the options
+            returning a torchvision detector (list of ``(3, H, W)`` images in ``[0, 1]`` in); its
+            ``pretrained`` flag gives the structure a pretrained detector has (frozen stages,
+            frozen BatchNorm), also when a checkpoint rebuilds it without loading the weights.
+        backbone_path: where the pretrained VGG sits in the task, given the options
             (``backbone_lr_mult`` aims there).
-        pretrained_structure: the options a pretrained detector derives from its weights
-            (frozen stages, frozen BatchNorm). The builder derives them itself from
-            ``weights_backbone``; a model rebuilt from a checkpoint loads no weights, so the task
-            passes these (where the YAML left them unset) to build the same structure.
     """
 
     builder: Callable[..., nn.Module]
     backbone_path: Callable[[Mapping[str, Any]], str]
-    pretrained_structure: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
 
 
-def _pretrained_structure(frozen_stages: int) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
-    """A builder's rule for ``weights_backbone is not None``: ``frozen_stages`` VGG blocks frozen,
-    FrozenBatchNorm2d for ``_bn`` archs (Faster R-CNN, RetinaNet, FCOS: 2 of 5, torchvision's
-    ``trainable_backbone_layers=3``; SSD: 1, torchvision's ``ssd300_vgg16``)."""
-
-    def structure(options: Mapping[str, Any]) -> dict[str, Any]:
-        bn = get_config(options["arch"]).batch_norm
-        return {"frozen_stages": frozen_stages, **({"norm_layer": FrozenBatchNorm2d} if bn else {})}
-
-    return structure
+def _detector(entry: ModelEntry) -> Detector:
+    return Detector(entry.builder, lambda options: f"model.{entry.backbone_path(options)}")
 
 
-#: Detector families by ``model.family``: adding one is a builder and an entry here.
-DETECTORS: dict[str, Detector] = {
-    "fasterrcnn": Detector(
-        fasterrcnn_vgg,
-        backbone_path=lambda o: "model.backbone.body" if o.get("fpn") else "model.backbone",  # the FPN is new
-        pretrained_structure=_pretrained_structure(2),
-    ),
-    # SSD's fc6/fc7 and extra layers are new (model.backbone holds them around .body, the VGG)
-    "ssd": Detector(ssd_vgg, lambda o: "model.backbone.body", _pretrained_structure(1)),
-    "retinanet": Detector(retinanet_vgg, lambda o: "model.backbone.body", _pretrained_structure(2)),
-    "fcos": Detector(fcos_vgg, lambda o: "model.backbone.body", _pretrained_structure(2)),
-}
+#: Detector families by ``model.family``: a view of the registry's ``detect`` models (adding one is a
+#: builder and a :func:`~vggbackbone.models.register_model` call).
+DETECTORS: Mapping[str, Detector] = TaskModels("detect", _detector)
 
 _BUILDER_ARGS = BuilderArgs(
-    {name: d.builder for name, d in DETECTORS.items()},
+    TaskModels("detect"),
     supplied=frozenset({"num_classes", "weights_backbone"}),
     # ssd_vgg's ``weights`` (a whole SSD file) is not offered: a task starts from backbone weights
     excluded=frozenset({"norm_layer", "progress", "weights"}),
@@ -154,7 +133,9 @@ class DetectionTask(TaskModule):
         category_ids: COCO category id of each label (linked from ``data.category_ids``).
         family: detector family, a key of :data:`DETECTORS` (``fasterrcnn``).
         weights_backbone: backbone weights (path or torchvision name); pretrained, the detector
-            freezes conv1-2 and its BatchNorm unless told otherwise.
+            freezes conv1-2 and its BatchNorm unless told otherwise (``pretrained``, among the
+            builder's options: default ``null``, i.e. when ``weights_backbone`` is set; the
+            checkpoint stores what it was, so a rebuilt model has the same structure).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to the VGG (``model.backbone`` or, with the FPN, ``model.backbone.body``).
         metrics_file: where validate/test write their metrics as JSON, relative to the
@@ -205,9 +186,9 @@ class DetectionTask(TaskModule):
             options["arch"] = [tuple(b) for b in options["arch"]]
         if isinstance(options.get("min_size"), list):
             options["min_size"] = tuple(options["min_size"])
-        if weights_backbone == WEIGHTS_IN_CHECKPOINT:  # the pretrained structure, no weights loaded
-            given = {k: v for k, v in options.items() if v is not None}
-            options.update({k: v for k, v in detector.pretrained_structure(options).items() if k not in given})
+        if options.get("pretrained") is None:  # in_checkpoint too: the checkpoint's weights were pretrained
+            options["pretrained"] = weights_backbone is not None
+            update_hparams(self, pretrained=options["pretrained"])
         extra = model_kwargs.get("detector") or {}
         self.model = detector.builder(
             num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra

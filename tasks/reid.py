@@ -41,13 +41,14 @@ from tasks.reid_extract import extract_main
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.metrics import rank_embeddings
-from vggbackbone.models import reid_vgg
+from vggbackbone.models import CenterLoss, TaskModels
 
 __all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "extract_embeddings", "main"]
 
-#: The ReID net's options: ``reid_vgg``'s own, and the ``VGGBackbone`` ones it forwards.
+#: The ReID net's options (the registry's ``reid`` models, ``model.family``: ``reid_vgg``'s own), and
+#: the ``VGGBackbone`` ones it forwards.
 _BUILDER_ARGS = BuilderArgs(
-    {"reid_vgg": reid_vgg},
+    TaskModels("reid"),
     supplied=frozenset({"num_classes", "weights_backbone"}),
     extra=dict.fromkeys(("width_mult", "frozen_stages", "norm_eval"), VGGBackbone.__init__),
 )
@@ -60,42 +61,6 @@ EVAL_OPTIONS = (
     "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
     "grid_queries", "grid_topk",
 )  # fmt: skip
-
-
-class CenterLoss(nn.Module):
-    """Center loss (Wen et al. 2016): ``mean_i ||f_i - c_{y_i}||^2 / 2``.
-
-    pytorch-metric-learning has no center loss. The centres follow the paper's own update rule
-    (``c_j -= alpha * sum_{y_i=j}(c_j - f_i) / (1 + n_j)``) instead of the main optimiser, whose
-    Adam steps of ~lr would barely move them; under DDP the per-class sums are all-reduced so
-    every process keeps the same centres.
-    """
-
-    def __init__(
-        self, num_classes: int, dim: int, alpha: float = 0.5, init: Literal["zeros", "randn"] = "zeros"
-    ) -> None:
-        super().__init__()
-        self.alpha = alpha
-        if init not in ("zeros", "randn"):
-            raise ValueError(f"center_init must be 'zeros' or 'randn', got {init!r}")
-        # randn: reid-strong-baseline's layers/center_loss.py (nn.Parameter(torch.randn(classes, dim)))
-        centers = torch.randn(num_classes, dim) if init == "randn" else torch.zeros(num_classes, dim)
-        self.register_buffer("centers", centers)
-
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        centers = self.centers[labels]
-        loss = 0.5 * (features - centers).pow(2).sum(1).mean()
-        if self.training:
-            with torch.no_grad():
-                diff = torch.zeros_like(self.centers).index_add_(0, labels, centers - features.detach().float())
-                count = torch.zeros(len(self.centers), device=features.device).index_add_(
-                    0, labels, torch.ones_like(labels, dtype=torch.float)
-                )
-                if dist.is_available() and dist.is_initialized():
-                    dist.all_reduce(diff)
-                    dist.all_reduce(count)
-                self.centers -= self.alpha * diff / (1.0 + count[:, None])
-        return loss
 
 
 @builder_signature(_BUILDER_ARGS, renamed_options=("batch_norm_eval",))
@@ -117,6 +82,7 @@ class ReIDTask(TaskModule):
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`).
+        family: the registered ReID model (``reid_vgg``, :func:`~vggbackbone.models.list_models` ``("reid")``).
         **model_kwargs: the net's options with the builder's defaults: ``arch``, ``output_stride``,
             ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
             :func:`~vggbackbone.models.reid_vgg`, and the backbone's ``width_mult``,
@@ -146,6 +112,7 @@ class ReIDTask(TaskModule):
         optim: OptimConfig = OptimConfig(  # noqa: B008 (jsonargparse reads the default)
             name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01
         ),
+        family: str = "reid_vgg",
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -154,7 +121,7 @@ class ReIDTask(TaskModule):
             model_kwargs["norm_eval"] = renamed(
                 "model", "batch_norm_eval", "norm_eval", old, model_kwargs.get("norm_eval", False), False
             )
-        options = _BUILDER_ARGS.resolve("model", "reid_vgg", model_kwargs)
+        options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
         self.save_options(
             {
                 "weights_backbone": weights_backbone, "num_classes": num_classes,
@@ -163,12 +130,12 @@ class ReIDTask(TaskModule):
                 "center_init": center_init, "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1,
                 "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda, "max_rank": max_rank,
                 "eval_chunk_size": eval_chunk_size, "grid_queries": grid_queries, "grid_topk": grid_topk,
-                "optim": optim,
-                **_BUILDER_ARGS.hparams("reid_vgg", model_kwargs),
+                "optim": optim, "family": family,
+                **_BUILDER_ARGS.hparams(family, model_kwargs),
             }
         )  # fmt: skip
         self.optim = optim
-        self.model = reid_vgg(
+        self.model = _BUILDER_ARGS.builders[family](
             num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
         )
         dist_fn = distances.LpDistance(normalize_embeddings=False)  # the baseline's plain euclidean

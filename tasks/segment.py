@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +40,7 @@ from tasks.classes import ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
 from tasks.data.voc import voc_palette
-from tasks.deprecation import old_names, warn_once
+from tasks.deprecation import old_names, renamed, warn_once
 from tasks.distributed import all_gather_objects, is_global_zero
 from tasks.images import SkipCounter
 from tasks.module import TaskModule
@@ -49,7 +48,7 @@ from tasks.optim import OptimConfig
 from tasks.outputs import COMPLETE_MARKER, OutputFolder, predict_inputs, require_some
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone.metrics.segmentation import segmentation_scores
-from vggbackbone.models import fcn_vgg, unet_vgg
+from vggbackbone.models import TaskModels, model_entry, sliding_window_logits
 from vggbackbone.utils import atomic_path
 
 __all__ = [
@@ -68,14 +67,10 @@ __getattr__ = old_names(
 #: ``predict_dir/_COMPLETE``: written last, once every mask of a predict run is in place
 PREDICT_COMPLETE = COMPLETE_MARKER
 
-#: Segmentation models by ``model.head``: adding one is a builder ``(arch, num_classes,
-#: weights_backbone, **options)`` and an entry here; its options become ``model.<option>`` keys.
-SEGMENTATION_HEADS: dict[str, Callable[..., nn.Module]] = {
-    "fcn32s": partial(fcn_vgg, variant="32s"),
-    "fcn16s": partial(fcn_vgg, variant="16s"),
-    "fcn8s": partial(fcn_vgg, variant="8s"),
-    "unet": unet_vgg,
-}
+#: Segmentation models by ``model.family`` (formerly ``model.head``): a view of the registry's
+#: ``segment`` models. Adding one is a builder ``(arch, num_classes, weights_backbone, **options)``
+#: and a :func:`~vggbackbone.models.register_model` call; its options become ``model.<option>`` keys.
+SEGMENTATION_HEADS: Mapping[str, Callable[..., nn.Module]] = TaskModels("segment")
 
 _BUILDER_ARGS = BuilderArgs(
     SEGMENTATION_HEADS,
@@ -83,46 +78,14 @@ _BUILDER_ARGS = BuilderArgs(
     excluded=frozenset({"norm_layer", "variant"}),
 )
 
-Head = Literal["fcn32s", "fcn16s", "fcn8s", "unet"]
+#: ``model.family`` when neither it nor its old name ``model.head`` is given.
+DEFAULT_FAMILY = "fcn8s"
 
 
-def build_segmentation_model(head: Head, arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The :data:`SEGMENTATION_HEADS` builder ``head`` called with ``arch``, ``num_classes`` and its options."""
-    if head not in SEGMENTATION_HEADS:
-        raise ValueError(f"unknown segmentation head {head!r}; choose {', '.join(SEGMENTATION_HEADS)}")
-    return SEGMENTATION_HEADS[head](arch, num_classes, **kwargs)
-
-
-def sliding_window_logits(
-    model: nn.Module, image: Tensor, window: int, overlap: float = 1 / 3, batch_size: int = 4
-) -> Tensor:
-    """Logits ``(1, K, H, W)`` of ``image`` ``(1, C, H, W)`` from overlapping ``window`` crops, averaged.
-
-    Windows are placed every ``window * (1 - overlap)`` pixels and the last one is shifted to end
-    at the border, so none is padded (a side shorter than ``window`` is taken whole). Written
-    here because neither torchvision nor smp has one (MONAI's is not a dependency).
-    """
-    _, _, h, w = image.shape
-    wh, ww = min(window, h), min(window, w)
-    stride = max(1, int(window * (1 - overlap)))
-
-    def starts(size: int, win: int) -> list[int]:
-        n = max(1, math.ceil((size - win) / stride) + 1)
-        return sorted({min(i * stride, size - win) for i in range(n)})
-
-    boxes = [(y, x) for y in starts(h, wh) for x in starts(w, ww)]
-    logits: Tensor | None = None
-    count = torch.zeros(1, 1, h, w, device=image.device, dtype=image.dtype)
-    for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i : i + batch_size]
-        out = model(torch.cat([image[..., y : y + wh, x : x + ww] for y, x in chunk]))
-        if logits is None:
-            logits = image.new_zeros(1, out.shape[1], h, w, dtype=out.dtype)
-        for k, (y, x) in enumerate(chunk):
-            logits[..., y : y + wh, x : x + ww] += out[k]
-            count[..., y : y + wh, x : x + ww] += 1
-    assert logits is not None
-    return logits / count
+def build_segmentation_model(head: str, arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """The registered segmentation model ``head`` (a ``model.family``) with ``arch``, ``num_classes``
+    and its options; an unknown name is an error naming the registered ones."""
+    return model_entry(head, "segment").builder(arch, num_classes, **kwargs)
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -137,8 +100,9 @@ class SegmentationTask(TaskModule):
     Args:
         num_classes: classes including background (linked from ``data.num_classes``).
         class_names: names for the per-class table (linked from ``data.class_names``).
-        head: a key of :data:`SEGMENTATION_HEADS`: ``fcn32s``, ``fcn16s``, ``fcn8s`` (FCN-8s
-            trained at once, with the reference skip scaling) or ``unet`` (smp's U-Net decoder).
+        family: a registered segmentation model (:data:`SEGMENTATION_HEADS`): ``fcn32s``,
+            ``fcn16s``, ``fcn8s`` (FCN-8s trained at once, with the reference skip scaling) or
+            ``unet`` (smp's U-Net decoder).
         weights_backbone: backbone weights (path or torchvision weights name).
         loss: ``ce``, ``ce+dice`` or ``ce+lovasz`` (smp's losses, multiclass, ignoring 255).
         aux_loss_weight: weight of the Dice/Lovasz term.
@@ -151,12 +115,13 @@ class SegmentationTask(TaskModule):
         overlay_alpha: mask opacity in the overlays.
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to ``model.backbone`` (where the default ``backbone_prefix`` points).
+        head: old name of ``family`` (accepted, warned once).
         head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``).
-        **model_kwargs: the head builder's options with its defaults (``arch``, ``width_mult``,
+        **model_kwargs: the family builder's options with its defaults (``arch``, ``width_mult``,
             ``frozen_stages``, ``norm_eval``, ``pool4_scale``, ``decoder_channels``... of
             :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`), among
             them ``normalization`` (default: what the weights carry): the model normalises the
-            ``[0, 1]`` images this task gives it. An unknown option, or one of another head, is
+            ``[0, 1]`` images this task gives it. An unknown option, or one of another family, is
             an error naming it.
     """
 
@@ -164,7 +129,7 @@ class SegmentationTask(TaskModule):
         self,
         num_classes: int = 21,
         class_names: list[str] | None = None,
-        head: Head = "fcn8s",
+        family: str = DEFAULT_FAMILY,
         weights_backbone: str | None = None,
         loss: Literal["ce", "ce+dice", "ce+lovasz"] = "ce",
         aux_loss_weight: float = 1.0,
@@ -175,10 +140,13 @@ class SegmentationTask(TaskModule):
         predict_dir: str = "runs/segment/predict",
         overlay_alpha: float = 0.5,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
+        head: str | None = None,
         head_kwargs: dict[str, Any] | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        # the old name; an old checkpoint's head beside the same family from a config is no conflict
+        family = renamed("model", "head", "family", head, DEFAULT_FAMILY if head == family else family, DEFAULT_FAMILY)
         if head_kwargs:
             clash = sorted(set(head_kwargs) & set(model_kwargs))
             if clash:
@@ -189,14 +157,14 @@ class SegmentationTask(TaskModule):
                 f"model.head_kwargs is deprecated: write {', '.join(sorted(head_kwargs))} directly under model",
             )
             model_kwargs = {**model_kwargs, **head_kwargs}
-        options = _BUILDER_ARGS.resolve("model", head, model_kwargs)
+        options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
         self.save_options(
             {
-                "num_classes": num_classes, "class_names": class_names, "head": head,
+                "num_classes": num_classes, "class_names": class_names, "family": family,
                 "weights_backbone": weights_backbone, "loss": loss, "aux_loss_weight": aux_loss_weight,
                 "inference": inference, "window": window, "window_overlap": window_overlap,
                 "inference_scale": inference_scale, "predict_dir": predict_dir, "overlay_alpha": overlay_alpha,
-                "optim": optim, **_BUILDER_ARGS.hparams(head, model_kwargs),
+                "optim": optim, **_BUILDER_ARGS.hparams(family, model_kwargs),
             }
         )  # fmt: skip
         self.optim = optim
@@ -204,7 +172,7 @@ class SegmentationTask(TaskModule):
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        self.model = SEGMENTATION_HEADS[head](
+        self.model = SEGMENTATION_HEADS[family](
             num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
         )
         self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)

@@ -144,7 +144,7 @@ def test_the_legit_checkpoint_still_loads_everywhere(seg_run) -> None:
     cfg, last = seg_run
     main(["validate", "--config", str(cfg), "--ckpt_path", str(last), "--trainer.limit_val_batches", "1"])
     module = load_task(SegmentationTask, last)
-    assert module.hparams["head"] == "unet"
+    assert module.hparams["family"] == "unet"
 
 
 def test_a_checkpoints_dataclasses_reach_the_parser_as_mappings(seg_run, tmp_path: Path) -> None:

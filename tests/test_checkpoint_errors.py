@@ -115,7 +115,7 @@ def test_ckpt_path_of_another_arch_names_the_file_and_the_tensors(ckpts, tmp_pat
     )
     args = ["validate", "--config", str(_segment_config(tmp_path)), "--model.arch", "vgg16"]
     with pytest.raises(
-        RuntimeError, match=r"seg_vgg11\.ckpt: its weights do not fit SegmentationTask \(head unet, arch vgg16\): "
+        RuntimeError, match=r"seg_vgg11\.ckpt: its weights do not fit SegmentationTask \(family unet, arch vgg16\): "
     ):
         main([*args, "--ckpt_path", str(vgg11)])
     for kind in BAD:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "make_divisible"]
+__all__ = ["atomic_path", "atomic_write", "make_divisible", "scale_width"]
 
 
 #: errno values that mean "no room to write": a full file system, or the user's quota used up
@@ -123,3 +123,13 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if new_value < 0.9 * value:
         new_value += divisor
     return new_value
+
+
+def scale_width(channels: int, width_mult: float, divisor: int = 8) -> int:
+    """``channels`` times ``width_mult``, rounded to a multiple of ``divisor`` (:func:`make_divisible`).
+
+    The one width rule of every model here (VGG blocks, fc6/fc7, FPNs, SSD's extra layers, box
+    heads): ``width_mult == 1`` keeps ``channels`` exactly; FCOS's head asks for multiples of 32
+    (its ``GroupNorm(32, C)``).
+    """
+    return channels if width_mult == 1.0 else make_divisible(channels * width_mult, divisor)

@@ -40,17 +40,16 @@ explicit key map (:mod:`vggbackbone.weights`).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._features import FeatureInfo
+from ._layers import FCPadding, _is_tracing, build_features
 from .config import (
     ARCHS,
     PAPER_COLUMN,
@@ -58,12 +57,10 @@ from .config import (
     ArchSpec,
     BlockSpec,
     VGGConfig,
-    block_layers,
     get_config,
     layer_taps,
     tap_location,
 )
-from .utils import make_divisible
 from .weights import load_backbone_weights, resolve_normalization, save_backbone_weights
 
 __all__ = [
@@ -76,141 +73,6 @@ __all__ = [
     "VGGConfig",
     "get_config",
 ]
-
-
-class _Stage(nn.Sequential):
-    """A ``Sequential`` stage of ``features`` that can also return some of its layers' outputs.
-
-    ``taps`` maps a child name (``conv3_1``, ``relu``...) to its output key; empty for the
-    usual block taps, whose stage then runs as a plain ``Sequential``.
-    """
-
-    __annotations__ = {"taps": dict[str, str]}  # a real type for TorchScript (may be empty)
-
-    def __init__(self, layers: OrderedDict[str, nn.Module], taps: Mapping[str, str] | None = None) -> None:
-        super().__init__(layers)
-        self.taps = dict(taps or {})
-        # A returned layer output must not be changed by a later in-place op: the ReLU that ends a
-        # conv [-> bn] group with a returned pre-activation (conv3_1, bn3_1) runs out of place.
-        # Counted from the conv, not only from the layer just before the ReLU, so the tap stays
-        # intact when a BatchNorm is later folded into its conv and replaced by nn.Identity.
-        # Every other ReLU stays in place (the default taps cost nothing extra).
-        returned_before = False
-        for name, layer in self._modules.items():
-            if isinstance(layer, nn.ReLU):
-                if returned_before:
-                    layer.inplace = False
-                returned_before = False
-            elif name in self.taps:
-                returned_before = True
-
-    def forward_taps(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
-        """``forward`` that also stores the outputs of the tapped children in ``out``."""
-        for name, layer in self.named_children():
-            x = layer(x)
-            if name in self.taps:
-                out[self.taps[name]] = x
-        return x
-
-
-class _Pool(nn.MaxPool2d):
-    """``nn.MaxPool2d`` with :class:`_Stage`'s interface (every stage has ``forward_taps``, so the
-    backbone's loop compiles under TorchScript without ``isinstance`` on module types)."""
-
-    def forward_taps(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
-        return self.forward(x)
-
-
-def _make_block(
-    cfg: VGGConfig,
-    idx: int,
-    in_ch: int,
-    channels: int,
-    *,
-    dilation: int,
-    norm_layer: Callable[[int], nn.Module] | None,
-    taps: Mapping[str, str],
-    last: str | None = None,
-) -> _Stage:
-    """Block ``idx`` (1-based): conv{idx}_{j} [-> bn{idx}_{j}] -> relu{idx}_{j} ... [-> lrn{idx}].
-
-    ``taps``: the block's layers to return (name -> key); ``last``: stop after that layer.
-    """
-    kernels = {f"conv{idx}_{j}": k for j, k in enumerate(cfg.blocks[idx - 1].kernels, start=1)}
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for name in block_layers(cfg, idx):
-        if name in kernels:
-            k = kernels[name]
-            d = dilation if k > 1 else 1
-            layers[name] = nn.Conv2d(in_ch, channels, k, padding=d * (k // 2), dilation=d)
-            in_ch = channels
-        elif name.startswith("bn"):
-            assert norm_layer is not None  # block_layers lists bn only for batch-norm configs
-            layers[name] = norm_layer(channels)
-        elif name.startswith("relu"):
-            layers[name] = nn.ReLU(inplace=True)
-        else:
-            # A-LRN: Krizhevsky's LRN (n=5, alpha=1e-4, beta=0.75, k=2) after the first layer.
-            # PyTorch divides alpha by n, as Caffe does.
-            layers[name] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
-        if name == last:
-            break
-    return _Stage(layers, taps)
-
-
-FCPadding = Literal["valid", "same"]
-
-
-class _FC(_Stage):
-    """fc6/fc7 as a convolution: [drop ->] conv -> relu (the tap is the ReLU output).
-
-    ``padding="valid"``: no padding (a 7x7 fc6 on a 7x7 map is the Linear layer); ``"same"``:
-    ``dilation * (kernel // 2)``, so the output keeps the input's size.
-    """
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: int,
-        dilation: int,
-        dropout: float | None,
-        padding: FCPadding,
-        taps: Mapping[str, str] | None = None,
-    ) -> None:
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if dropout is not None:
-            layers["drop"] = nn.Dropout(dropout)
-        pad = dilation * (kernel // 2) if padding == "same" else 0
-        layers["conv"] = _FCConv(in_ch, out_ch, kernel, padding=pad, dilation=dilation)
-        layers["relu"] = nn.ReLU(inplace=True)
-        super().__init__(layers, taps)
-
-
-class _FCConv(nn.Conv2d):
-    """fc6/fc7's convolution; where it covers its whole input (one output cell), a matrix product.
-
-    An unpadded 7x7 fc6 on a 7x7 pool5 map (224 px input) and fc7 on its 1x1 output are the
-    classifier's Linear layers. Computed as ``F.linear`` there, they give torchvision's
-    ``classifier`` outputs bit for bit (a convolution sums the same products in another order,
-    ~1e-6 apart). Traced or compiled graphs keep the convolution (no shape-dependent branch).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript needs this exact form)
-            if (
-                not _is_tracing(x)
-                and self.padding == (0, 0)
-                and x.dim() == 4
-                and tuple(x.shape[-2:]) == tuple(self.kernel_size)
-            ):
-                return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
-        return self._conv_forward(x, self.weight, self.bias)
-
-
-def _is_tracing(x: Tensor) -> bool:
-    """True under torch.jit.trace, torch.compile/export or torch.fx tracing (shapes are symbolic)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
 
 
 class VGGBackbone(nn.Module):
@@ -299,124 +161,44 @@ class VGGBackbone(nn.Module):
         self.config = cfg
         self.width_mult = width_mult
         self.in_channels = in_channels
-
-        if return_layers is None:
-            return_layers = [f"conv{i}" for i in range(1, len(cfg.blocks) + 1)]
-        if isinstance(return_layers, str):
-            return_layers = [return_layers]
-        rl = dict(return_layers) if isinstance(return_layers, Mapping) else {t: t for t in return_layers}
-        taps = self.available_taps(cfg, every_layer=True)
-        unknown = [t for t in rl if t not in taps]
-        if unknown or not rl:
-            raise ValueError(
-                f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: "
-                f"{list(self.available_taps(cfg))} and every layer by its Caffe name: {list(taps)}"
-            )
-        if len(set(rl.values())) != len(rl):
-            raise ValueError(f"return_layers maps two taps to the same output key: {rl}")
-
-        n_blocks = len(cfg.blocks)
-        allowed = [2**k for k in range(min(3, n_blocks), n_blocks + 1)]
-        if output_stride is None:
-            output_stride = 2**n_blocks  # no dilation (32 for the paper's five blocks)
-        if output_stride not in allowed:
-            raise ValueError(f"output_stride must be one of {allowed}, got {output_stride}")
-        n_strided = int(math.log2(output_stride))  # pools 1..n_strided keep stride 2
-
-        if frozen_stages < 0 or frozen_stages > n_blocks + 2:
-            raise ValueError(f"frozen_stages must be in 0..{n_blocks + 2}, got {frozen_stages}")
+        self.return_layers = _return_layers(cfg, return_layers)
+        self.output_stride = _output_stride(cfg, output_stride)
+        if frozen_stages < 0 or frozen_stages > len(cfg.blocks) + 2:
+            raise ValueError(f"frozen_stages must be in 0..{len(cfg.blocks) + 2}, got {frozen_stages}")
         if fc_padding not in ("valid", "same"):
             raise ValueError(f"fc_padding must be 'valid' or 'same', got {fc_padding!r}")
         self.fc_padding = fc_padding
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.output_stride = output_stride
-
         norm: Callable[[int], nn.Module] | None = None
         if cfg.batch_norm:
             norm = norm_layer if norm_layer is not None else nn.BatchNorm2d
         elif norm_layer is not None:
             raise ValueError(f"{cfg.name} has no BatchNorm; pick a _bn arch to use norm_layer")
 
-        ordered = sorted(rl, key=taps.index)  # network order
-        self.return_layers = {t: str(rl[t]) for t in ordered}
-        where = {t: tap_location(t) for t in ordered}
-        last_stage, last_layer = where[ordered[-1]]  # nothing after this is built
-        build = TAPS[: TAPS.index(last_stage) + 1]
-
-        def inner(stage: str) -> dict[str, str]:
-            """The stage's layers to return: layer name -> output key."""
-            return {layer: self.return_layers[t] for t, (st, layer) in where.items() if st == stage and layer}
-
-        stages: OrderedDict[str, nn.Module] = OrderedDict()
-        info: dict[str, dict[str, Any]] = {}
-        in_ch, stride, dilation = in_channels, 1, 1
-        min_size = 1
-        min_reason = ""
+        where = {t: tap_location(t) for t in self.return_layers}
         # With weights, every parameter and buffer comes from the file (the load is strict), so
         # build on the meta device: no random init of ~130M parameters that would be overwritten.
         device = torch.get_default_device()  # where the loaded weights go (honours `with torch.device(...)`)
-        device_ctx = torch.device("meta") if weights is not None else contextlib.nullcontext()
-        with device_ctx:
-            for i, spec in enumerate(cfg.blocks, start=1):
-                if f"conv{i}" not in build:
-                    break
-                ch = make_divisible(spec.channels * width_mult) if width_mult != 1.0 else spec.channels
-                stages[f"conv{i}"] = _make_block(
-                    cfg,
-                    i,
-                    in_ch,
-                    ch,
-                    dilation=dilation,
-                    norm_layer=norm,
-                    taps=inner(f"conv{i}"),
-                    last=last_layer if last_stage == f"conv{i}" else None,
-                )
-                info[f"conv{i}"] = {"num_chs": ch, "reduction": stride}
-                info.update({t: info[f"conv{i}"] for t in stages[f"conv{i}"].taps})
-                in_ch = ch
-                if f"pool{i}" not in build:
-                    break
-                if i <= n_strided:
-                    stages[f"pool{i}"] = _Pool(2, 2, ceil_mode=ceil_mode)
-                    stride *= 2
-                    min_size = stride if not ceil_mode else 1
-                    min_reason = f"the stride of pool{i}"
-                else:  # DeepLab: keep resolution, dilate what follows
-                    stages[f"pool{i}"] = _Pool(3, 1, padding=1)
-                    dilation *= 2
-                info[f"pool{i}"] = {"num_chs": ch, "reduction": stride}
-            fc_ch = fc_channels or (make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096)
-            if "fc6" in build:
-                stages["fc6"] = _FC(in_ch, fc_ch, 7, dilation, None, fc_padding, inner("fc6"))
-                info["fc6"] = info["relu6"] = {"num_chs": fc_ch, "reduction": stride}
-                if fc_padding == "valid":  # the pool5 map must hold one dilated 7x7 window
-                    cells = 6 * dilation + 1
-                    min_size = max(min_size, stride * cells if not ceil_mode else stride * (cells - 1) + 1)
-                    min_reason = (
-                        f"the smallest input whose pool{len(cfg.blocks)} map holds fc6's unpadded {cells}x{cells} "
-                        "window (fc_padding='valid'; fc_padding='same' pads it)"
-                    )
-            if "fc7" in build:
-                stages["fc7"] = _FC(
-                    fc_ch, fc_ch, 1, 1, fc_dropout if fc_dropout > 0 else None, fc_padding, inner("fc7")
-                )
-                info["fc7"] = info["relu7"] = {"num_chs": fc_ch, "reduction": stride}
-            self.features = nn.ModuleDict(stages)
-        self.min_input_size = min_size
-        self._min_input_reason = min_reason
-
+        with torch.device("meta") if weights is not None else contextlib.nullcontext():
+            built = build_features(
+                cfg, where, self.return_layers, in_channels=in_channels, norm_layer=norm,
+                output_stride=self.output_stride, ceil_mode=ceil_mode, width_mult=width_mult,
+                fc_channels=fc_channels, fc_dropout=fc_dropout, fc_padding=fc_padding,
+            )  # fmt: skip
+            self.features = nn.ModuleDict(built.stages)
+        self.min_input_size = built.min_size
+        self._min_input_reason = built.min_reason
         # stage outputs to return (the block taps); layers inside a stage are returned by the stage
         self._stage_taps: dict[str, str] = {t: k for t, k in self.return_layers.items() if where[t][1] is None}
         self._inner_stages: list[str] = sorted({st for st, layer in where.values() if layer})
         self.feature_info = FeatureInfo(
             [
-                dict(info[t], module=".".join(filter(None, ("features", *where[t]))), key=self.return_layers[t])
-                for t in ordered
+                dict(built.info[t], module=".".join(filter(None, ("features", *where[t]))), key=key)
+                for t, key in self.return_layers.items()
             ]
         )
-        self.out_channels: int = info[ordered[-1]]["num_chs"]
-
+        self.out_channels: int = built.info[next(reversed(self.return_layers))]["num_chs"]
         self.normalization = resolve_normalization(normalization, in_channels)
         if weights is None:
             self._init_weights()
@@ -525,3 +307,33 @@ class VGGBackbone(nn.Module):
             f"arch={self.arch}, return_layers={self.return_layers}, output_stride={self.output_stride}, "
             f"fc_padding={self.fc_padding}"
         )
+
+
+def _return_layers(cfg: VGGConfig, return_layers: Mapping[str, str] | Sequence[str] | str | None) -> dict[str, str]:
+    """``return_layers`` as ``{tap: output key}`` in network order, checked (default ``conv1..convN``)."""
+    if return_layers is None:
+        return_layers = [f"conv{i}" for i in range(1, len(cfg.blocks) + 1)]
+    if isinstance(return_layers, str):
+        return_layers = [return_layers]
+    rl = dict(return_layers) if isinstance(return_layers, Mapping) else {t: t for t in return_layers}
+    taps = VGGBackbone.available_taps(cfg, every_layer=True)
+    unknown = [t for t in rl if t not in taps]
+    if unknown or not rl:
+        raise ValueError(
+            f"{cfg.name}: unknown tap(s) {unknown or '(none requested)'}; available taps: "
+            f"{list(VGGBackbone.available_taps(cfg))} and every layer by its Caffe name: {list(taps)}"
+        )
+    if len(set(rl.values())) != len(rl):
+        raise ValueError(f"return_layers maps two taps to the same output key: {rl}")
+    return {t: str(rl[t]) for t in sorted(rl, key=taps.index)}
+
+
+def _output_stride(cfg: VGGConfig, output_stride: int | None) -> int:
+    """``output_stride`` checked: 8 (or more) up to ``2**num_blocks``, the default (no dilation)."""
+    n_blocks = len(cfg.blocks)
+    allowed = [2**k for k in range(min(3, n_blocks), n_blocks + 1)]
+    if output_stride is None:
+        output_stride = 2**n_blocks  # no dilation (32 for the paper's five blocks)
+    if output_stride not in allowed:
+        raise ValueError(f"output_stride must be one of {allowed}, got {output_stride}")
+    return output_stride

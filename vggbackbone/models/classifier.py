@@ -24,6 +24,8 @@ This is what torchvision and timm do, and it is what lets a 224x224 classifier f
 32x32 images, but fc6 has 49x more weights than such an input can tell apart. The input must
 still be at least 32x32 (five stride-2 pools; ``2**num_blocks`` for shorter custom specs):
 upscale smaller images (e.g. 8x8 digits) first; the backbone refuses smaller ones by name.
+
+:class:`ExportableClassifier` is the linear head's network for ONNX with dynamic height and width.
 """
 
 from __future__ import annotations
@@ -36,25 +38,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils import make_divisible
+from ..utils import scale_width
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import (
-    WeightsError,
-    all_finite,
-    is_weights_file,
-    load_state_dict_file,
-    load_torchvision_state_dict,
-    resolve_torchvision_weights,
-    to_canonical,
-)
+from ..weights import WeightsError, all_finite, to_canonical
+from .core import NormalizingModel, build_trunk, check_num_classes
 
-__all__ = ["VGGClassifier", "vgg_classifier"]
+__all__ = [
+    "ExportableClassifier",
+    "VGGClassifier",
+    "adaptive_avg_pool_matrix",
+    "load_classifier_head",
+    "vgg_classifier",
+]
 
 #: Where each library keeps fc8 (the class scores).
 _FC8_KEYS = {"torchvision": "classifier.6", "timm": "head.fc"}
 
 
-class VGGClassifier(nn.Module):
+class VGGClassifier(NormalizingModel):
     """A VGG backbone (through its last pool) with the fc6/fc7/fc8 classifier.
 
     Args:
@@ -80,7 +81,8 @@ class VGGClassifier(nn.Module):
         head: Literal["linear", "conv"] = "linear",
         _empty_head: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone.normalization)
+        check_num_classes(num_classes, 1, "VGGClassifier")
         if head not in ("linear", "conv"):
             raise ValueError(f"head must be 'linear' (torchvision) or 'conv' (timm, dense), got {head!r}")
         if not 0.0 <= dropout < 1.0:
@@ -93,9 +95,6 @@ class VGGClassifier(nn.Module):
         self.backbone = backbone
         self.tap = backbone.return_layers[last]
         self.head = head
-        norm = backbone.normalization
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
         in_features = backbone.out_channels * 7 * 7
         # With weights coming (vgg_classifier), build fc6-fc8 on the meta device: no random
         # init of ~120M parameters about to be overwritten (load_classifier_head materialises them).
@@ -111,22 +110,15 @@ class VGGClassifier(nn.Module):
             for fc in (self.fc6, self.fc7, self.fc8):
                 _init_linear(fc)
 
-    @property
-    def normalization(self) -> Any:
-        """The :class:`~vggbackbone.weights.InputNormalization` applied to ``[0, 1]`` input."""
-        return self.backbone.normalization
-
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh fc8 with ``num_classes`` outputs (torchvision's init), on the model's device."""
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes, 1, "VGGClassifier.reset_classifier")
         self.fc8 = nn.Linear(self.fc_channels, num_classes, device=self.fc7.weight.device)
         _init_linear(self.fc8)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` in ``[0, 1]`` -> the backbone's last pool ``(N, C5, H/32, W/32)``."""
-        return self.backbone((x - self.mean) / self.std)[self.tap]
+        return self.backbone(self.normalize_input(x))[self.tap]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Last-pool features -> logits ``(N, num_classes)``, or fc7's ``(N, fc_channels)``."""
@@ -160,14 +152,6 @@ def _init_linear(fc: nn.Linear) -> None:
     # torchvision's VGG initialisation of its classifier
     nn.init.normal_(fc.weight, 0, 0.01)
     nn.init.zeros_(fc.bias)
-
-
-def _read_state_dict(weights: Any, arch: ArchSpec, batch_norm: bool | None, progress: bool) -> tuple[dict, str]:
-    """The raw state dict of ``weights`` (a file or a torchvision weights name) and a description."""
-    if is_weights_file(weights):
-        return load_state_dict_file(weights)[0], str(weights)
-    w = resolve_torchvision_weights(weights, get_config(arch, batch_norm))
-    return load_torchvision_state_dict(w, progress=progress), f"torchvision {type(w).__name__}.{w.name}"
 
 
 def load_classifier_head(model: VGGClassifier, state_dict: dict[str, Tensor], desc: str = "weights") -> list[str]:
@@ -270,25 +254,62 @@ def vgg_classifier(
     for bad in ("return_layers", "output_stride", "fc_dropout"):
         if bad in backbone_kwargs:
             raise ValueError(f"vgg_classifier does not take {bad!r}: the classifier needs the plain last pool")
-    batch_norm = backbone_kwargs.get("batch_norm")
-    cfg = get_config(arch, batch_norm)
+    cfg = get_config(arch, backbone_kwargs.get("batch_norm"))
     last_pool = [t for t in VGGBackbone.available_taps(cfg) if t.startswith("pool")][-1]
-    backbone = VGGBackbone(
+    backbone, read = build_trunk(
         arch,
-        return_layers=[last_pool],
-        weights=weights,
+        [last_pool],
+        weights,
         in_channels=in_channels,
         width_mult=width_mult,
         normalization=normalization,
         progress=progress,
         **backbone_kwargs,
     )
-    if fc_channels is None:
-        fc_channels = make_divisible(4096 * width_mult) if width_mult != 1.0 else 4096
     model = VGGClassifier(
-        backbone, num_classes, fc_channels=fc_channels, dropout=dropout, head=head, _empty_head=weights is not None
+        backbone,
+        num_classes,
+        fc_channels=fc_channels or scale_width(4096, width_mult),
+        dropout=dropout,
+        head=head,
+        _empty_head=read is not None,
     )
-    if weights is not None:
-        sd, desc = _read_state_dict(weights, arch, batch_norm, progress)
-        load_classifier_head(model, sd, desc)
+    if read is not None:  # fc6-fc8 from the same file: its own key names (fc8 is not a backbone key)
+        load_classifier_head(model, read.raw, read.description)
     return model
+
+
+def adaptive_avg_pool_matrix(size: int, out: int, like: Tensor) -> Tensor:
+    """``(out, size)`` matrix ``P`` with ``P @ v`` = ``adaptive_avg_pool1d(v, out)``: bin ``i``
+    averages ``[floor(i * size / out), ceil((i + 1) * size / out))``, as PyTorch's kernel does."""
+    i = torch.arange(out, device=like.device)
+    start = (i * size) // out
+    end = ((i + 1) * size + out - 1) // out
+    idx = torch.arange(size, device=like.device)
+    mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None])).to(like.dtype)
+    return mask / mask.sum(1, keepdim=True)
+
+
+class ExportableClassifier(nn.Module):
+    """A linear-head :class:`VGGClassifier` (eval) whose 7x7 adaptive average pool is two matrix
+    products, so an ONNX graph with dynamic height/width stays exact.
+
+    Written by hand because the ONNX exporter lowers ``adaptive_avg_pool2d`` to a fixed-kernel
+    pooling for the traced size only: exported with dynamic axes, the graph silently gives other
+    numbers at other sizes (the export's onnxruntime check caught it). Same parameters, same
+    logits up to float rounding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        f = m.forward_features(x)
+        ph = adaptive_avg_pool_matrix(f.shape[-2], 7, f)
+        pw = adaptive_avg_pool_matrix(f.shape[-1], 7, f)
+        f = torch.einsum("oh,nchw,pw->ncop", ph, f, pw).flatten(1)
+        f = m.drop6(F.relu(m.fc6(f)))
+        f = m.drop7(F.relu(m.fc7(f)))
+        return m.fc8(f)

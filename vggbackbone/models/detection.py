@@ -27,7 +27,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, RoIPool
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..utils import make_divisible
+from ..utils import scale_width
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import InputNormalization, WeightsError, load_vgg_state_dict
+from ..weights import CLASSIFIER_KEYS, InputNormalization, ReadWeights, WeightsError, classifier_problem
+from .core import Structure, build_trunk, check_num_classes, is_pretrained, pretrained_structure, require_blocks
 from .rcnn_training import TORCHVISION_BETA, use_reference_training
 
 __all__ = [
@@ -100,17 +100,11 @@ class VGGBoxHead(nn.Sequential):
         ``IMAGENET1K_FEATURES`` (NaN classifier) or a file saved from a backbone cut at pool5.
         Raises :class:`~vggbackbone.WeightsError` when they exist but have the wrong shape.
         """
-        keys = [f"features.{fc}.conv.{p}" for fc in ("fc6", "fc7") for p in ("weight", "bias")]
-        missing = [k for k in keys if k not in state_dict]
-        if missing:
-            msg = f"{source}: no classifier fc6/fc7 weights ({missing}); the box head starts from random init"
-            warnings.warn(msg, stacklevel=3)
+        problem = classifier_problem(state_dict, source)
+        if problem:
+            warnings.warn(f"{problem}; the box head starts from random init", stacklevel=3)
             return False
-        tensors = {k: state_dict[k] for k in keys}
-        if not all(torch.isfinite(t).all() for t in tensors.values()):
-            msg = f"{source}: classifier fc6/fc7 weights are not finite; the box head starts from random init"
-            warnings.warn(msg, stacklevel=3)
-            return False
+        tensors = {k: state_dict[k] for k in CLASSIFIER_KEYS}
         new = {
             "fc6.weight": tensors["features.fc6.conv.weight"].reshape(tensors["features.fc6.conv.weight"].shape[0], -1),
             "fc6.bias": tensors["features.fc6.conv.bias"],
@@ -237,6 +231,7 @@ def fasterrcnn_vgg(
     allowed_border: float | None = None,
     rpn_loss_beta: float = TORCHVISION_BETA,
     box_loss_beta: float = TORCHVISION_BETA,
+    pretrained: bool | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -254,9 +249,9 @@ def fasterrcnn_vgg(
             head widths (rounded to multiples of 8), for small CPU/edge models; ``1.0`` is the
             real VGG.
         frozen_stages: VGG blocks 1..k frozen. Default as torchvision's detectors: 2 (the
-            paper's frozen conv1-conv2) with pretrained weights, 0 when training from scratch.
+            paper's frozen conv1-conv2) when ``pretrained``, 0 when training from scratch.
         norm_layer: BatchNorm for ``_bn`` archs. Default as torchvision: ``FrozenBatchNorm2d``
-            with pretrained weights, ``BatchNorm2d`` from scratch.
+            when ``pretrained``, ``BatchNorm2d`` from scratch.
         fpn_taps: backbone taps fed to the FPN (network order).
         fpn_channels: FPN width (default 256 x ``width_mult``).
         anchor_sizes: classic: sizes on conv5 (default (128, 256, 512)); FPN: one size per level
@@ -283,6 +278,9 @@ def fasterrcnn_vgg(
             image border by more (:class:`~vggbackbone.models.rcnn_training.BorderRPN`).
         rpn_loss_beta, box_loss_beta: smooth-L1 beta of the RPN's and the box head's box loss
             (torchvision: 1/9 both; py-faster-rcnn: 1/9 and 1, its sigma 3 and 1).
+        pretrained: build the pretrained structure (``frozen_stages``, ``norm_layer`` defaults);
+            ``None``: when ``weights_backbone`` is given. A model rebuilt from a checkpoint (no
+            weights to load) passes ``True`` (:func:`~vggbackbone.models.core.pretrained_structure`).
         **kwargs: any other ``FasterRCNN`` argument (``box_nms_thresh``, ``rpn_pre_nms_top_n_test``...,
             and the transform's ``size_divisible``/``fixed_size``); an unknown one raises
             ``ValueError`` naming it (``FasterRCNN`` would pass it on to its transform, which
@@ -296,83 +294,102 @@ def fasterrcnn_vgg(
         list of ``(3, H, W)`` RGB tensors in ``[0, 1]``.
     """
     check_detector_kwargs(FasterRCNN, kwargs, own=_FASTERRCNN_OWN, transform=TRANSFORM_KWARGS, builder="fasterrcnn_vgg")
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too: at least 2, got {num_classes}")
-    pretrained = weights_backbone is not None
-    if frozen_stages is None:
-        frozen_stages = 2 if pretrained else 0
+    check_num_classes(num_classes, 2, "fasterrcnn_vgg", background=True)
     cfg = get_config(arch)
-    if len(cfg.blocks) != 5:
-        raise ValueError(
-            f"fasterrcnn_vgg needs a 5-block VGG (conv5 at stride 16), got {len(cfg.blocks)} blocks: {arch!r}"
-        )
-    if cfg.batch_norm and norm_layer is None:
-        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    sizes = tuple(anchor_sizes) if anchor_sizes is not None else (FPN_ANCHOR_SIZES if fpn else CLASSIC_ANCHOR_SIZES)
-    ratios = tuple(float(r) for r in aspect_ratios)
-    common: dict[str, Any] = dict(
-        weights=weights_backbone,
-        frozen_stages=frozen_stages,
-        width_mult=width_mult,
-        normalization=normalization,
-        progress=progress,
+    require_blocks(cfg, 5, "fasterrcnn_vgg", "conv5 at stride 16")
+    if roi_pool not in ("align", "pool"):
+        raise ValueError(f"roi_pool must be 'align' or 'pool', got {roi_pool!r}")
+    pretrained = is_pretrained(pretrained, weights_backbone)
+    structure = pretrained_structure(
+        cfg, pretrained, frozen_stages, norm_layer, frozen_when_pretrained=2, builder="fasterrcnn_vgg"
     )
-    if norm_layer is not None:
-        common["norm_layer"] = norm_layer
-
-    def scaled(width: int) -> int:
-        return width if width_mult == 1.0 else make_divisible(width * width_mult)
-
+    trunk = dict(width_mult=width_mult, normalization=normalization, progress=progress)
+    ratios = tuple(float(r) for r in aspect_ratios)
     if fpn:
-        fpn_channels = fpn_channels or scaled(256)
-        taps = list(fpn_taps)
-        body = VGGBackbone(arch, return_layers={t: str(i) for i, t in enumerate(taps)}, **common)
-        backbone: nn.Module = VGGFPNBackbone(body, out_channels=fpn_channels)
-        num_levels = len(taps) + 1
-        if len(sizes) != num_levels:
-            raise ValueError(
-                f"FPN on {taps} + pool has {num_levels} levels; anchor_sizes needs one size per level, got {sizes}"
-            )
-        anchor_gen = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * num_levels)
-        level_names = [str(i) for i in range(len(taps))]  # the pooled level only feeds the RPN
-        pooler: nn.Module = MultiScaleRoIAlign(featmap_names=level_names, output_size=7, sampling_ratio=2)
-        rep = representation_size or scaled(1024)
+        fpn_channels = fpn_channels or scale_width(256, width_mult)
+        parts = _fpn_parts(arch, weights_backbone, structure, trunk, fpn_taps, fpn_channels, anchor_sizes, ratios)
+        rep = representation_size or scale_width(1024, width_mult)
         box_head: nn.Module = TwoMLPHead(fpn_channels * 7 * 7, rep)
-        normalization = body.normalization
     else:
-        bb = VGGBackbone(arch, return_layers={"conv5": "0"}, **common)
-        backbone = bb
-        anchor_gen = AnchorGenerator((sizes,), (ratios,))
-        stride = bb.feature_info.reduction(0)
-        if roi_pool not in ("align", "pool"):
-            raise ValueError(f"roi_pool must be 'align' or 'pool', got {roi_pool!r}")
-        pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
-        rep = representation_size or scaled(4096)
-        head = VGGBoxHead(bb.out_channels, rep, 0.5 if box_head_dropout is None else box_head_dropout)
-        if pretrained:
-            sd, _, _, _, desc = load_vgg_state_dict(weights_backbone, bb.config, progress=progress)
-            head.load_classifier(sd, desc)
-        box_head = head
-        normalization = bb.normalization
+        parts = _classic_parts(arch, weights_backbone, structure, trunk, anchor_sizes, ratios)
+        rep = representation_size or scale_width(4096, width_mult)
+        box_head = VGGBoxHead(parts.body.out_channels, rep, 0.5 if box_head_dropout is None else box_head_dropout)
+        if parts.read is not None:
+            box_head.load_classifier(parts.read.state_dict, parts.read.description)
         kwargs.setdefault("box_batch_size_per_image", 128)
         kwargs.setdefault("rpn_post_nms_top_n_test", 300)
-
-    min_sizes = (min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
     model = FasterRCNN(
-        backbone,
+        parts.backbone,
         num_classes=None,  # given through box_predictor: FasterRCNN's own assumes a 1024-wide head
-        min_size=min_sizes,
+        min_size=(min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size),
         max_size=max_size,
-        rpn_anchor_generator=anchor_gen,
-        box_roi_pool=pooler,
+        rpn_anchor_generator=parts.anchors,
+        box_roi_pool=parts.pooler,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(rep, num_classes),
         **kwargs,
     )
     if not fpn and roi_pool == "pool":  # FasterRCNN only accepts a MultiScaleRoIAlign: swap it after
-        model.roi_heads.box_roi_pool = RoIPoolSingleLevel("0", output_size=7, stride=stride)
+        model.roi_heads.box_roi_pool = RoIPoolSingleLevel(
+            "0", output_size=7, stride=parts.body.feature_info.reduction(0)
+        )
     use_reference_training(
         model, allowed_border=allowed_border, rpn_loss_beta=rpn_loss_beta, box_loss_beta=box_loss_beta
     )
-    set_detector_normalization(model, normalization)
+    set_detector_normalization(model, parts.body.normalization)
     return model
+
+
+class _Parts(NamedTuple):
+    """The pieces of a Faster R-CNN that differ between the classic and the FPN form."""
+
+    body: VGGBackbone
+    read: ReadWeights | None
+    backbone: nn.Module
+    anchors: AnchorGenerator
+    pooler: nn.Module
+
+
+def _fpn_parts(
+    arch: ArchSpec,
+    weights: Any,
+    structure: Structure,
+    trunk: dict[str, Any],
+    fpn_taps: Sequence[str],
+    channels: int,
+    anchor_sizes: Sequence[int] | None,
+    ratios: tuple[float, ...],
+) -> _Parts:
+    """FPN form: ``fpn_taps`` (+ a pooled level) through torchvision's FPN, one anchor size per level."""
+    taps = list(fpn_taps)
+    sizes = tuple(anchor_sizes) if anchor_sizes is not None else FPN_ANCHOR_SIZES
+    num_levels = len(taps) + 1
+    if len(sizes) != num_levels:
+        raise ValueError(
+            f"FPN on {taps} + pool has {num_levels} levels; anchor_sizes needs one size per level, got {sizes}"
+        )
+    return_layers = {t: str(i) for i, t in enumerate(taps)}
+    body, read = build_trunk(arch, return_layers, weights, **structure.backbone_kwargs(), **trunk)
+    level_names = [str(i) for i in range(len(taps))]  # the pooled level only feeds the RPN
+    return _Parts(
+        body,
+        read,
+        VGGFPNBackbone(body, out_channels=channels),
+        AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * num_levels),
+        MultiScaleRoIAlign(featmap_names=level_names, output_size=7, sampling_ratio=2),
+    )
+
+
+def _classic_parts(
+    arch: ArchSpec,
+    weights: Any,
+    structure: Structure,
+    trunk: dict[str, Any],
+    anchor_sizes: Sequence[int] | None,
+    ratios: tuple[float, ...],
+) -> _Parts:
+    """Classic form: conv5 alone, the paper's 9 anchors, 7x7 RoI pooling."""
+    sizes = tuple(anchor_sizes) if anchor_sizes is not None else CLASSIC_ANCHOR_SIZES
+    body, read = build_trunk(arch, {"conv5": "0"}, weights, **structure.backbone_kwargs(), **trunk)
+    pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    return _Parts(body, read, body, AnchorGenerator((sizes,), (ratios,)), pooler)

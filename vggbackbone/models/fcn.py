@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import InputNormalization, NormalizeInput
+from .core import NormalizingModel, build_trunk, check_num_classes, require_blocks
 
 __all__ = [
     "FCN",
@@ -121,7 +121,7 @@ class BilinearUpsample(nn.Module):
         return y[..., f : f + size[0], f : f + size[1]]
 
 
-class FCN(nn.Module):
+class FCN(NormalizingModel):
     """FCN head on a :class:`VGGBackbone` returning ``pool3`` (8s), ``pool4`` (16s, 8s) and ``fc7``,
     built with ``fc_padding="same"`` (see the module docstring for why not the reference's valid fc6).
 
@@ -142,7 +142,7 @@ class FCN(nn.Module):
         learn_upsampling: bool = True,
         skip_factors: tuple[float, float] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone.normalization)
         needed = _variant_taps(variant)
         missing = [t for t in needed if t not in backbone.return_layers]
         if missing:
@@ -152,12 +152,9 @@ class FCN(nn.Module):
                 "FCN aligns its skips with stride-aligned fc6/fc7 maps: build the backbone with fc_padding='same' "
                 f"(got {backbone.fc_padding!r}; see the module docstring)"
             )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone = backbone
         self.variant = variant
-        self.num_classes = num_classes
-        self.input_norm = NormalizeInput(backbone.normalization)
+        self.num_classes = check_num_classes(num_classes, 1, "FCN")
         self.pool4_scale = pool4_scale
         self.pool3_scale = pool3_scale
         # (pool4, pool3) multipliers of the skip scales, measured at build time (fcn_vgg's
@@ -183,17 +180,12 @@ class FCN(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def normalization(self) -> InputNormalization:
-        """The :class:`~vggbackbone.weights.InputNormalization` this model applies to its ``[0, 1]`` input."""
-        return self.input_norm.normalization
-
     def _key(self, tap: str) -> str:
         return self.backbone.return_layers[tap]
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes, H, W)``."""
-        feats = self.backbone(self.input_norm(x))
+        feats = self.backbone(self.normalize_input(x))
         score = self.score_fr(self.drop7(feats[self._key("fc7")]))  # stride 32
         factors = self.skip_factors
         if self.variant != "32s":
@@ -328,10 +320,8 @@ def fcn_vgg(
         ``normalization`` if given, else what the weights carry, else ImageNet's).
     """
     taps = _variant_taps(variant)
-    cfg = get_config(arch, batch_norm)
-    if len(cfg.blocks) != 5:
-        raise ValueError(f"FCN needs a 5-block VGG (pool3/pool4/fc7 at strides 8/16/32), got {cfg.name}")
-    backbone = VGGBackbone(
+    require_blocks(get_config(arch, batch_norm), 5, "fcn_vgg", "pool3/pool4/fc7 at strides 8/16/32")
+    backbone, _ = build_trunk(
         arch,
         taps,
         weights_backbone,

@@ -11,6 +11,7 @@ Re-identification", CVPRW 2019) on a VGG trunk::
 Training returns ``ReIDOutput(logits, features)``: the identity loss reads the logits, the
 metric (triplet) loss the pre-BN features. Evaluation returns the embedding ``e`` (L2
 normalised when ``normalize=True``), the vector compared with cosine/euclidean distances.
+:class:`CenterLoss` is the strong baseline's optional third loss, on the same features.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone
-from ..weights import InputNormalization
+from .core import NormalizingModel, build_trunk, check_num_classes
 
-__all__ = ["GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
+__all__ = ["CenterLoss", "GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
 
 
 class ReIDOutput(NamedTuple):
@@ -73,7 +75,7 @@ class _GlobalPool(nn.Module):
         return self.kind
 
 
-class ReIDNet(nn.Module):
+class ReIDNet(NormalizingModel):
     """Backbone -> pooling -> optional reduction -> BNNeck -> classifier.
 
     Args:
@@ -104,15 +106,11 @@ class ReIDNet(nn.Module):
         bnneck: bool = True,
         normalize: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone.normalization)
         if pooling not in ("avg", "max", "gem"):
             raise ValueError(f"pooling must be 'avg', 'max' or 'gem', got {pooling!r}")
         self.backbone = backbone
         self.tap = next(reversed(backbone.return_layers.values()))
-        norm = backbone.normalization
-        self._normalization = norm
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(norm.std).view(1, -1, 1, 1), persistent=False)
         self.pool: nn.Module = GeM(gem_p) if pooling == "gem" else _GlobalPool(pooling)
         channels = backbone.out_channels
         if embedding_dim is not None:
@@ -130,16 +128,9 @@ class ReIDNet(nn.Module):
         self.num_classes = 0
         self.reset_classifier(num_classes)
 
-    @property
-    def normalization(self) -> InputNormalization:
-        """The :class:`~vggbackbone.weights.InputNormalization` applied to the ``[0, 1]`` input."""
-        return self._normalization
-
     def reset_classifier(self, num_classes: int) -> None:
         """(Re)build the identity classifier for ``num_classes`` identities (0 removes it)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes, 0, "ReIDNet")
         if num_classes == 0:
             self.classifier = nn.Identity()
             return
@@ -149,8 +140,7 @@ class ReIDNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(N, 3, H, W)`` in ``[0, 1]`` -> pre-BNNeck feature ``(N, D)``."""
-        x = (x - self.mean) / self.std
-        fmap = self.backbone(x)[self.tap]
+        fmap = self.backbone(self.normalize_input(x))[self.tap]
         return self.reduction(self.pool(fmap))
 
     def forward(self, x: Tensor) -> ReIDOutput | Tensor:
@@ -207,13 +197,8 @@ def reid_vgg(
             f"got {output_stride}"
         )
     bb_stride = 2**n_blocks if output_stride == natural else output_stride
-    backbone = VGGBackbone(
-        arch,
-        return_layers=[last_conv],
-        weights=weights_backbone,
-        output_stride=bb_stride,
-        normalization=normalization,
-        **backbone_kwargs,
+    backbone, _ = build_trunk(
+        arch, [last_conv], weights_backbone, output_stride=bb_stride, normalization=normalization, **backbone_kwargs
     )
     return ReIDNet(
         backbone,
@@ -224,3 +209,39 @@ def reid_vgg(
         bnneck=bnneck,
         normalize=normalize,
     )
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al. 2016): ``mean_i ||f_i - c_{y_i}||^2 / 2``.
+
+    pytorch-metric-learning has no center loss. The centres follow the paper's own update rule
+    (``c_j -= alpha * sum_{y_i=j}(c_j - f_i) / (1 + n_j)``) instead of the main optimiser, whose
+    Adam steps of ~lr would barely move them; under DDP the per-class sums are all-reduced so
+    every process keeps the same centres.
+    """
+
+    def __init__(
+        self, num_classes: int, dim: int, alpha: float = 0.5, init: Literal["zeros", "randn"] = "zeros"
+    ) -> None:
+        super().__init__()
+        self.alpha = alpha
+        if init not in ("zeros", "randn"):
+            raise ValueError(f"center_init must be 'zeros' or 'randn', got {init!r}")
+        # randn: reid-strong-baseline's layers/center_loss.py (nn.Parameter(torch.randn(classes, dim)))
+        centers = torch.randn(num_classes, dim) if init == "randn" else torch.zeros(num_classes, dim)
+        self.register_buffer("centers", centers)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        centers = self.centers[labels]
+        loss = 0.5 * (features - centers).pow(2).sum(1).mean()
+        if self.training:
+            with torch.no_grad():
+                diff = torch.zeros_like(self.centers).index_add_(0, labels, centers - features.detach().float())
+                count = torch.zeros(len(self.centers), device=features.device).index_add_(
+                    0, labels, torch.ones_like(labels, dtype=torch.float)
+                )
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(diff)
+                    dist.all_reduce(count)
+                self.centers -= self.alpha * diff / (1.0 + count[:, None])
+        return loss

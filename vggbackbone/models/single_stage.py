@@ -36,10 +36,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..utils import make_divisible
+from ..utils import scale_width
 from ..vgg import ArchSpec, VGGBackbone, get_config
+from .core import build_trunk, check_num_classes, is_pretrained, pretrained_structure, require_blocks
 from .detection import TRANSFORM_KWARGS, VGGFPNBackbone, check_detector_kwargs, set_detector_normalization
 
 __all__ = [
@@ -82,29 +82,32 @@ def _fpn_body(
     frozen_stages: int | None,
     norm_layer: Callable[[int], nn.Module] | None,
     normalization: Any,
+    pretrained: bool | None,
     progress: bool,
 ) -> VGGBackbone:
+    """The VGG returning conv4, conv5, pool5 (P3-P5's sources), pretrained as torchvision's
+    ``trainable_backbone_layers=3`` of 5: 2 blocks frozen."""
     cfg = get_config(arch)
-    if len(cfg.blocks) != 5:
-        raise ValueError(f"{builder} needs a 5-block VGG (pool5 at stride 32), got {len(cfg.blocks)}: {arch!r}")
-    pretrained = weights_backbone is not None
-    if frozen_stages is None:  # torchvision's trainable_backbone_layers=3 of 5
-        frozen_stages = 2 if pretrained else 0
-    if not 0 <= frozen_stages <= 5:
-        raise ValueError(f"frozen_stages must be in 0..5, got {frozen_stages}")
-    if cfg.batch_norm and norm_layer is None:
-        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    extra: dict[str, Any] = {} if norm_layer is None else {"norm_layer": norm_layer}
-    return VGGBackbone(
+    require_blocks(cfg, 5, builder, "pool5 at stride 32")
+    structure = pretrained_structure(
+        cfg,
+        is_pretrained(pretrained, weights_backbone),
+        frozen_stages,
+        norm_layer,
+        frozen_when_pretrained=2,
+        builder=builder,
+        max_frozen=5,
+    )
+    body, _ = build_trunk(
         arch,
-        return_layers={t: str(i) for i, t in enumerate(FPN_TAPS)},
-        weights=weights_backbone,
+        {t: str(i) for i, t in enumerate(FPN_TAPS)},
+        weights_backbone,
         width_mult=width_mult,
-        frozen_stages=frozen_stages,
         normalization=normalization,
         progress=progress,
-        **extra,
+        **structure.backbone_kwargs(),
     )
+    return body
 
 
 def retinanet_vgg(
@@ -121,6 +124,7 @@ def retinanet_vgg(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     normalization: Any = None,
+    pretrained: bool | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> RetinaNet:
@@ -134,7 +138,7 @@ def retinanet_vgg(
         weights_backbone: VGG weights as :class:`~vggbackbone.VGGBackbone` takes them.
         width_mult: multiplies the VGG and FPN widths (rounded to multiples of 8).
         frozen_stages: VGG blocks 1..k frozen. Default as torchvision
-            (``trainable_backbone_layers=3``): 2 with pretrained weights, 0 from scratch.
+            (``trainable_backbone_layers=3``): 2 when ``pretrained``, 0 from scratch.
         norm_layer: BatchNorm for ``_bn`` archs (default ``FrozenBatchNorm2d`` pretrained,
             ``BatchNorm2d`` from scratch).
         fpn_channels: FPN and head width (default 256 x ``width_mult``).
@@ -142,6 +146,9 @@ def retinanet_vgg(
             ``s, int(s * 2^(1/3)), int(s * 2^(2/3))`` times ``aspect_ratios``, as torchvision.
         min_size, max_size: resize inside the model (torchvision's 800 / 1333).
         normalization: input statistics (default: from the backbone weights, else ImageNet).
+        pretrained: build the pretrained structure (the ``frozen_stages``, ``norm_layer``
+            defaults); ``None``: when ``weights_backbone`` is given (a checkpoint rebuilt
+            without its weights passes ``True``).
         **kwargs: ``RetinaNet`` arguments (``score_thresh=0.05``, ``nms_thresh=0.5``,
             ``detections_per_img=300``, ``fg_iou_thresh=0.5``, ``bg_iou_thresh=0.4``,
             ``topk_candidates=1000``, ``head``, ``proposal_matcher``) and the transform's
@@ -151,16 +158,23 @@ def retinanet_vgg(
         torchvision ``RetinaNet``; ``model.backbone.body`` is the ``VGGBackbone``,
         ``model.normalization`` the input statistics.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too (torchvision's convention): >= 2, got {num_classes}")
+    check_num_classes(num_classes, 2, "retinanet_vgg", background=True)
     check_detector_kwargs(RetinaNet, kwargs, own=_OWN, transform=_TRANSFORM_KWARGS, builder="retinanet_vgg")
     sizes = tuple(int(s) for s in anchor_sizes)
     if len(sizes) != 5:
         raise ValueError(f"anchor_sizes needs one base size per level P3..P7 (5), got {sizes}")
     body = _fpn_body(
-        "retinanet_vgg", arch, weights_backbone, width_mult, frozen_stages, norm_layer, normalization, progress
+        "retinanet_vgg",
+        arch,
+        weights_backbone,
+        width_mult,
+        frozen_stages,
+        norm_layer,
+        normalization,
+        pretrained,
+        progress,
     )
-    channels = fpn_channels or (256 if width_mult == 1.0 else make_divisible(256 * width_mult))
+    channels = fpn_channels or scale_width(256, width_mult)
     backbone = vgg_fpn_p3p7(body, channels)
     anchor_gen = AnchorGenerator(
         tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in sizes),
@@ -186,6 +200,7 @@ def fcos_vgg(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     normalization: Any = None,
+    pretrained: bool | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> FCOS:
@@ -193,7 +208,7 @@ def fcos_vgg(
 
     Args:
         arch, num_classes, weights_backbone, width_mult, frozen_stages, norm_layer,
-            min_size, max_size, normalization: as :func:`retinanet_vgg`.
+            min_size, max_size, normalization, pretrained: as :func:`retinanet_vgg`.
         fpn_channels: FPN and head width, a multiple of 32 (torchvision's FCOS head uses
             ``GroupNorm(32, C)``); default 256 x ``width_mult`` rounded to a multiple of 32.
         anchor_sizes: one anchor point per location and level P3..P7, of these sizes (default
@@ -206,18 +221,19 @@ def fcos_vgg(
         torchvision ``FCOS``; ``model.backbone.body`` is the ``VGGBackbone``,
         ``model.normalization`` the input statistics.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too (torchvision's convention): >= 2, got {num_classes}")
+    check_num_classes(num_classes, 2, "fcos_vgg", background=True)
     check_detector_kwargs(FCOS, kwargs, own=_OWN, transform=_TRANSFORM_KWARGS, builder="fcos_vgg")
     sizes = tuple(int(s) for s in anchor_sizes)
     if len(sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per level P3..P7 (5), got {sizes}")
-    channels = fpn_channels or (256 if width_mult == 1.0 else make_divisible(256 * width_mult, 32))
+    channels = fpn_channels or scale_width(256, width_mult, 32)
     if channels % 32:
         raise ValueError(
             f"fcos_vgg: fpn_channels must be a multiple of 32 (the head's GroupNorm(32, C)), got {channels}"
         )
-    body = _fpn_body("fcos_vgg", arch, weights_backbone, width_mult, frozen_stages, norm_layer, normalization, progress)
+    body = _fpn_body(
+        "fcos_vgg", arch, weights_backbone, width_mult, frozen_stages, norm_layer, normalization, pretrained, progress
+    )
     backbone = vgg_fpn_p3p7(body, channels)
     anchor_gen = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
     model = FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_gen, **kwargs)

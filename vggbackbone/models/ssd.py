@@ -36,14 +36,11 @@ Default boxes: torchvision's ``DefaultBoxGenerator`` with the scales of the Caff
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -51,19 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..utils import atomic_path, make_divisible
+from ..normalization import InputNormalization, resolve_normalization
+from ..utils import scale_width
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import (
-    FORMAT,
-    InputNormalization,
-    WeightsError,
-    load_state_dict_file,
-    load_vgg_state_dict,
-    resolve_normalization,
-)
+from ..weights import CLASSIFIER_KEYS, ReadWeights, WeightsError, classifier_problem, reshape_head
+from .core import build_trunk, check_num_classes, is_pretrained, pretrained_structure, require_blocks
 from .detection import check_detector_kwargs, set_detector_normalization
+from .ssd_weights import TORCHVISION_SSD_NORMALIZATION, load_ssd_weights, save_ssd_weights
 
 __all__ = [
     "SSD_ASPECT_RATIOS",
@@ -114,10 +106,6 @@ _EXTRAS: dict[int, tuple[tuple[str, int, int, int, int, int], ...]] = {
         ("conv12", 128, 256, 4, 1, 1),
     ),
 }
-#: The input statistics of torchvision's ssd300_vgg16 (Caffe VGG16: 0-255 RGB minus the mean).
-TORCHVISION_SSD_NORMALIZATION = InputNormalization(
-    (0.48235, 0.45882, 0.40784), (1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0), "torchvision_ssd"
-)
 #: ``SSD``/``GeneralizedRCNNTransform`` keyword arguments the builder passes on (anything else is refused).
 _SSD_OWN = ("backbone", "anchor_generator", "size", "num_classes", "image_mean", "image_std")
 
@@ -193,14 +181,11 @@ class SSDVGGBackbone(nn.Module):
         )
         _xavier_init(self.fc)
 
-        def scaled(c: int) -> int:
-            return c if width_mult == 1.0 else make_divisible(c * width_mult)
-
         extra: OrderedDict[str, nn.Module] = OrderedDict()
         in_ch = fc_channels
         out_channels = [c4, fc_channels]
         for name, mid, out, k, s, p in _EXTRAS[size]:
-            mid, out = scaled(mid), scaled(out)
+            mid, out = scale_width(mid, width_mult), scale_width(out, width_mult)
             i = name[4:]
             extra[name] = nn.Sequential(
                 OrderedDict(
@@ -252,132 +237,7 @@ class SSDVGGBackbone(nn.Module):
         own7.bias.copy_(fc7_bias[::step])
 
 
-# ---------------------------------------------------------------------------- weights files
-_TV_PREFIX = re.compile(r"^backbone\.(features|extra)\.(\d+(?:\.\d+)*)$")
-
-
-def _param_prefixes(module: nn.Module) -> list[str]:
-    """Names of the sub-modules holding parameters/buffers, in registration (forward) order."""
-    return [n for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
-
-
-def _torchvision_key_map(sd: Mapping[str, Tensor], model: SSD) -> dict[str, str]:
-    """torchvision ``ssd300_vgg16`` keys -> this model's keys.
-
-    torchvision's backbone is ``features`` (VGG ``features[:pool4]``, flat indices) then
-    ``extra.0`` (pool4, conv5_x, then pool5/fc6/fc7 as ``extra.0.7``) and ``extra.1..4``
-    (conv8..conv11): its parameter layers, in network order, are this model's ``body`` convs,
-    ``fc.fc6``, ``fc.fc7`` and ``extra.convK.convK_{1,2}`` in the same order; the L2Norm scale
-    ``scale_weight`` is ``l2norm.weight``; the head keys are the same (torchvision's ``SSDHead``).
-    """
-    prefixes: list[str] = []
-    for k in sd:
-        if k.startswith(("backbone.features.", "backbone.extra.")):
-            p = k.rsplit(".", 1)[0]
-            if not _TV_PREFIX.match(p):
-                raise WeightsError(f"unexpected key {k!r} in a torchvision SSD state dict")
-            if p not in prefixes:
-                prefixes.append(p)
-
-    def order(p: str) -> tuple[int, tuple[int, ...]]:  # network order, whatever order the file has
-        m = _TV_PREFIX.match(p)
-        assert m is not None
-        return (0 if m.group(1) == "features" else 1, tuple(int(i) for i in m.group(2).split(".")))
-
-    prefixes.sort(key=order)
-    bb = model.backbone
-    ours = [f"backbone.{n}" for n in _param_prefixes(bb) if n != "l2norm"]
-    if len(prefixes) != len(ours):
-        raise WeightsError(
-            f"the torchvision SSD state dict has {len(prefixes)} backbone layers with weights, this "
-            f"ssd_vgg({bb.body.arch}, size={bb.size}) has {len(ours)}: build ssd_vgg('vgg16', size=300) for it"
-        )
-    key_map = {"backbone.scale_weight": "backbone.l2norm.weight"}
-    for theirs, mine in zip(prefixes, ours, strict=True):
-        for k in sd:
-            if k.rsplit(".", 1)[0] == theirs:
-                key_map[k] = f"{mine}.{k.rsplit('.', 1)[1]}"
-    for k in sd:
-        if k.startswith("head."):
-            key_map[k] = k
-    return key_map
-
-
-def load_ssd_weights(model: SSD, weights: str | os.PathLike[str]) -> InputNormalization | None:
-    """Load a whole-SSD state dict file into ``model`` (built by :func:`ssd_vgg`), strictly.
-
-    Understands torchvision's ``ssd300_vgg16`` state dicts (through an explicit key map, see
-    :func:`_torchvision_key_map`) and files of this package (``model.state_dict()`` or
-    :func:`save_ssd_weights`). Read with ``torch.load(weights_only=True)`` or safetensors.
-    Returns the input normalisation the file declares (torchvision's SSD statistics for a
-    torchvision file), or ``None`` when it declares none. Raises
-    :class:`~vggbackbone.WeightsError` naming missing, unexpected or mis-shaped keys.
-    """
-    sd, meta = load_state_dict_file(weights)
-    norm: InputNormalization | None = None
-    if "backbone.scale_weight" in sd:  # torchvision's SSDFeatureExtractorVGG
-        key_map = _torchvision_key_map(sd, model)
-        sd = {key_map[k]: v for k, v in sd.items()}
-        norm = TORCHVISION_SSD_NORMALIZATION
-        source = "torchvision ssd300_vgg16"
-    else:
-        source = "vggbackbone ssd_vgg"
-        if "normalization" in meta:
-            norm = InputNormalization.from_dict(meta["normalization"])
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise WeightsError(
-            f"{weights} ({source} layout) does not match this ssd_vgg\n"
-            f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own[k].shape
-    ]
-    if shapes:
-        raise WeightsError(f"{weights} has tensors of the wrong shape for this ssd_vgg:\n  " + "\n  ".join(shapes[:8]))
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if nonfinite:
-        raise WeightsError(f"{weights} has non-finite values in {nonfinite[:4]}")
-    model.load_state_dict(sd, strict=False)  # strict in effect: only num_batches_tracked may be absent
-    return norm
-
-
-def save_ssd_weights(model: SSD, path: str | os.PathLike[str]) -> Path:
-    """Write ``model``'s state dict with its input normalisation (``.pth``/``.safetensors``), atomically.
-
-    Loads back with ``ssd_vgg(..., weights=path)``, normalisation included.
-    """
-    path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    t = model.transform
-    declared = getattr(model, "normalization", None)
-    name = declared.name if isinstance(declared, InputNormalization) else "custom"
-    norm = InputNormalization(tuple(t.image_mean), tuple(t.image_std), name)  # what the model really applies
-    with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, str(tmp), metadata={"format": FORMAT, "normalization": json.dumps(norm.to_dict())})
-        else:
-            torch.save({"format": FORMAT, "model": "ssd_vgg", "normalization": norm.to_dict(), "state_dict": sd}, tmp)
-    return path
-
-
 # ---------------------------------------------------------------------------- builder
-def _classifier_state(weights_backbone: Any, arch: ArchSpec, progress: bool) -> tuple[bool, str]:
-    """Whether the backbone weights carry a finite fc6/fc7 classifier, and the file's description."""
-    sd, _, _, _, desc = load_vgg_state_dict(weights_backbone, get_config(arch), progress=progress)
-    fc = [k for k in sd if k.startswith(("features.fc6.", "features.fc7."))]
-    if not fc:
-        return False, f"{desc} has no classifier fc6/fc7"
-    if not all(torch.isfinite(sd[k]).all() for k in fc):
-        return False, f"{desc} has a non-finite classifier fc6/fc7 (e.g. torchvision's IMAGENET1K_FEATURES)"
-    return True, desc
-
-
 def ssd_vgg(
     arch: ArchSpec = "vgg16",
     size: Literal[300, 512] = 300,
@@ -394,6 +254,7 @@ def ssd_vgg(
     clip_default_boxes: bool = True,
     extra_norm: bool = False,
     normalization: Any = None,
+    pretrained: bool | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> SSD:
@@ -419,7 +280,7 @@ def ssd_vgg(
             are no backbone weights at all); ``"classifier"``: the classifier or a
             :class:`~vggbackbone.WeightsError`; ``"random"``: xavier init.
         frozen_stages: VGG blocks 1..k frozen. Default as torchvision's ``ssd300_vgg16``
-            (``trainable_backbone_layers=4``): 1 with pretrained weights, 0 from scratch.
+            (``trainable_backbone_layers=4``): 1 when ``pretrained``, 0 from scratch.
         norm_layer: BatchNorm for ``_bn`` archs (default ``FrozenBatchNorm2d`` pretrained,
             ``BatchNorm2d`` from scratch).
         box_scales: ``"coco"`` (torchvision's / Caffe's COCO settings: 0.07..1.05 at 300,
@@ -435,6 +296,9 @@ def ssd_vgg(
             only form torchvision's ``ssd300_vgg16`` files load into.
         normalization: input statistics. Default: from ``weights`` (torchvision's SSD statistics
             for a torchvision file), else from ``weights_backbone``, else ImageNet.
+        pretrained: build the pretrained structure (the ``frozen_stages``, ``norm_layer``
+            defaults); ``None``: when ``weights`` or ``weights_backbone`` is given (a checkpoint
+            rebuilt without its weights passes ``True``).
         **kwargs: ``SSD`` arguments (``score_thresh=0.01``, ``nms_thresh=0.45``,
             ``detections_per_img=200``, ``iou_thresh=0.5``, ``topk_candidates=400``,
             ``positive_fraction=0.25``, ``head``); any other name is refused.
@@ -444,8 +308,7 @@ def ssd_vgg(
         the ``VGGBackbone``; ``model.normalization`` the input statistics. Images go in as a
         list of ``(3, H, W)`` tensors in ``[0, 1]``.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too: at least 2, got {num_classes}")
+    check_num_classes(num_classes, 2, "ssd_vgg", background=True)
     if size not in _EXTRAS:
         raise ValueError(f"size must be 300 or 512, got {size!r}")
     if weights is not None and weights_backbone is not None:
@@ -454,92 +317,98 @@ def ssd_vgg(
         raise ValueError(f"fc_init must be 'auto', 'classifier' or 'random', got {fc_init!r}")
     check_detector_kwargs(SSD, kwargs, own=_SSD_OWN, transform=("_skip_resize",), builder="ssd_vgg")
     cfg = get_config(arch)
-    if len(cfg.blocks) != 5:
-        raise ValueError(
-            f"ssd_vgg needs a 5-block VGG (conv4 at stride 8, conv5 at 16), got {len(cfg.blocks)}: {arch!r}"
-        )
-    pretrained = weights is not None or weights_backbone is not None
-    if frozen_stages is None:
-        frozen_stages = 1 if pretrained else 0
-    if not 0 <= frozen_stages <= 5:
-        raise ValueError(f"frozen_stages must be in 0..5 for SSD (its fc6/fc7 are SSD's own), got {frozen_stages}")
-    if cfg.batch_norm and norm_layer is None:
-        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-
-    def scaled(c: int) -> int:
-        return c if width_mult == 1.0 else make_divisible(c * width_mult)
-
-    fc_ch = fc_channels or scaled(1024)
-    common: dict[str, Any] = dict(width_mult=width_mult, ceil_mode=True, progress=progress)
-    if norm_layer is not None:
-        common["norm_layer"] = norm_layer
-    body = VGGBackbone(
+    require_blocks(cfg, 5, "ssd_vgg", "conv4 at stride 8, conv5 at 16")
+    structure = pretrained_structure(
+        cfg,
+        is_pretrained(pretrained, weights, weights_backbone),
+        frozen_stages,
+        norm_layer,
+        frozen_when_pretrained=1,
+        builder="ssd_vgg",
+        max_frozen=5,  # SSD's fc6/fc7 are its own
+    )
+    body, read = build_trunk(
         arch,
-        return_layers={"conv4": "conv4", "conv5": "conv5"},
-        weights=weights_backbone,
-        frozen_stages=frozen_stages,
+        {"conv4": "conv4", "conv5": "conv5"},
+        weights_backbone,
+        width_mult=width_mult,
+        ceil_mode=True,
         normalization=normalization if weights is None else None,
-        **common,
+        progress=progress,
+        **structure.backbone_kwargs(),
     )
     backbone = SSDVGGBackbone(
-        body, size=size, fc_channels=fc_ch, width_mult=width_mult, extra_norm=nn.BatchNorm2d if extra_norm else None
+        body,
+        size=size,
+        fc_channels=fc_channels or scale_width(1024, width_mult),
+        width_mult=width_mult,
+        extra_norm=nn.BatchNorm2d if extra_norm else None,
     )
+    if weights is None:
+        _init_fc(backbone, read, fc_init)
+    anchor_gen = _default_boxes(size, box_scales, len(backbone.out_channels), clip_default_boxes)
+    kwargs.setdefault("head", SSDHead(backbone.out_channels, anchor_gen.num_anchors_per_location(), num_classes))
+    model = SSD(backbone, anchor_gen, (size, size), num_classes, **kwargs)
+    model_norm = body.normalization
+    if normalization is not None:
+        model_norm = resolve_normalization(normalization, body.in_channels)
+    if weights is not None:
+        model_norm = _load_whole_ssd(model, weights, model_norm, normalization)
+    # body too: with a whole-SSD file the statistics are the file's, not what the body resolved
+    set_detector_normalization(model, model_norm, body=body)
+    return model
 
-    if fc_init != "random" and weights is None:
-        if weights_backbone is None:
-            if fc_init == "classifier":
-                raise WeightsError("fc_init='classifier' needs weights_backbone with the VGG classifier")
-            logger.info("ssd_vgg: no weights: fc6/fc7 start from random (xavier) init")
-        else:
-            usable, why = _classifier_state(weights_backbone, arch, progress)
-            if usable:
-                # build the full backbone to fc7 from the same weights: its strict loader checks the file
-                full = VGGBackbone(arch, return_layers=["fc7"], weights=weights_backbone, **common)
-                convs = {
-                    fc: next(m for n, m in full.named_modules() if isinstance(m, nn.Conv2d) and fc in n)
-                    for fc in ("fc6", "fc7")
-                }
-                backbone.load_classifier(
-                    convs["fc6"].weight, convs["fc6"].bias, convs["fc7"].weight, convs["fc7"].bias, why
-                )
-                del full
-                logger.info("ssd_vgg: fc6/fc7 subsampled from the classifier of %s", why)
-            elif fc_init == "classifier":
-                raise WeightsError(f"fc_init='classifier': {why}")
-            else:
-                warnings.warn(f"ssd_vgg: {why}; fc6/fc7 start from random (xavier) init", stacklevel=2)
+
+def _init_fc(backbone: SSDVGGBackbone, read: ReadWeights | None, fc_init: str) -> None:
+    """fc6/fc7 subsampled from the classifier of the backbone weights (``fc_init`` ``auto`` or
+    ``classifier``), or left at their xavier init, saying so."""
+    if fc_init == "random":
+        return
+    if read is None:
+        if fc_init == "classifier":
+            raise WeightsError("fc_init='classifier' needs weights_backbone with the VGG classifier")
+        logger.info("ssd_vgg: no weights: fc6/fc7 start from random (xavier) init")
+        return
+    problem = classifier_problem(read.state_dict, read.description)
+    if problem is None:
+        # the Linear classifier as the VGG's 7x7 / 1x1 convolutions (checked against conv5's width)
+        sd = reshape_head({k: read.state_dict[k] for k in CLASSIFIER_KEYS}, backbone.body.out_channels)
+        fc6, fc6_bias, fc7, fc7_bias = (sd[k] for k in CLASSIFIER_KEYS)
+        backbone.load_classifier(fc6, fc6_bias, fc7, fc7_bias, read.description)
+        logger.info("ssd_vgg: fc6/fc7 subsampled from the classifier of %s", read.description)
+    elif fc_init == "classifier":
+        raise WeightsError(f"fc_init='classifier': {problem}")
+    else:
+        warnings.warn(f"ssd_vgg: {problem}; fc6/fc7 start from random (xavier) init", stacklevel=3)
+
+
+def _default_boxes(size: int, box_scales: str | Sequence[float], n_sources: int, clip: bool) -> DefaultBoxGenerator:
+    """torchvision's ``DefaultBoxGenerator`` with the Caffe release's ratios and steps and the scales
+    ``box_scales`` names (``coco``, ``voc``) or gives (one per source plus one)."""
     if isinstance(box_scales, str):
         if (box_scales, size) not in SSD_BOX_SCALES:
             raise ValueError(f"box_scales must be 'coco', 'voc' or a sequence of floats, got {box_scales!r}")
         scales = list(SSD_BOX_SCALES[(box_scales, size)])
     else:
         scales = [float(s) for s in box_scales]
-    n_sources = len(backbone.out_channels)
     if len(scales) != n_sources + 1:
         raise ValueError(f"SSD{size} has {n_sources} sources: box_scales needs {n_sources + 1} values, got {scales}")
-    anchor_gen = DefaultBoxGenerator(
-        [list(r) for r in SSD_ASPECT_RATIOS[size]],
-        scales=scales,
-        steps=list(SSD_STEPS[size]),
-        clip=clip_default_boxes,
+    return DefaultBoxGenerator(
+        [list(r) for r in SSD_ASPECT_RATIOS[size]], scales=scales, steps=list(SSD_STEPS[size]), clip=clip
     )
 
-    model_norm = body.normalization
-    if normalization is not None:
-        model_norm = resolve_normalization(normalization, body.in_channels)
-    kwargs.setdefault("head", SSDHead(backbone.out_channels, anchor_gen.num_anchors_per_location(), num_classes))
-    model = SSD(backbone, anchor_gen, (size, size), num_classes, **kwargs)
-    if weights is not None:
-        file_norm = load_ssd_weights(model, weights)
-        if normalization is None:
-            if file_norm is None:
-                warnings.warn(
-                    f"ssd_vgg: {weights} declares no input normalisation (a plain state dict): using "
-                    f"{model_norm.name} statistics; pass normalization= or save with save_ssd_weights",
-                    stacklevel=2,
-                )
-            else:
-                model_norm = file_norm
-    # body too: with a whole-SSD file the statistics are the file's, not what the body resolved
-    set_detector_normalization(model, model_norm, body=body)
-    return model
+
+def _load_whole_ssd(model: SSD, weights: Any, model_norm: InputNormalization, given: Any) -> InputNormalization:
+    """Load a whole-SSD file (:func:`load_ssd_weights`); the normalisation it declares wins unless
+    one was ``given``; a file that declares none is warned about."""
+    file_norm = load_ssd_weights(model, weights)
+    if given is not None:
+        return model_norm
+    if file_norm is None:
+        warnings.warn(
+            f"ssd_vgg: {weights} declares no input normalisation (a plain state dict): using "
+            f"{model_norm.name} statistics; pass normalization= or save with save_ssd_weights",
+            stacklevel=3,
+        )
+        return model_norm
+    return file_norm

@@ -17,14 +17,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone, get_config
-from ..weights import InputNormalization, NormalizeInput
+from .core import NormalizingModel, build_trunk, check_num_classes
 
 __all__ = ["UNetVGG", "unet_vgg"]
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
-class UNetVGG(nn.Module):
+class UNetVGG(NormalizingModel):
     """VGG encoder + smp ``UnetDecoder`` + ``SegmentationHead``.
 
     ``backbone`` must return ``conv1 .. conv{n}`` and ``pool{n}`` for its ``n`` blocks, in that
@@ -45,7 +45,7 @@ class UNetVGG(nn.Module):
         decoder_interpolation: str = "nearest",
         center_block: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone.normalization)
         from segmentation_models_pytorch.base import SegmentationHead, initialization
         from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 
@@ -53,8 +53,7 @@ class UNetVGG(nn.Module):
         expected = [f"conv{i}" for i in range(1, n + 1)] + [f"pool{n}"]
         if list(backbone.return_layers) != expected:
             raise ValueError(f"U-Net needs backbone taps {expected}, got {list(backbone.return_layers)}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_num_classes(num_classes, 1, "UNetVGG")
         decoder_channels = tuple(decoder_channels or DEFAULT_DECODER_CHANNELS[-n:])
         if len(decoder_channels) != n:
             raise ValueError(
@@ -62,7 +61,6 @@ class UNetVGG(nn.Module):
             )
         self.backbone = backbone
         self.num_classes = num_classes
-        self.input_norm = NormalizeInput(backbone.normalization)
         encoder_channels = [backbone.in_channels, *backbone.feature_info.channels()]
         self.decoder = UnetDecoder(
             encoder_channels=encoder_channels,
@@ -77,14 +75,9 @@ class UNetVGG(nn.Module):
         initialization.initialize_decoder(self.decoder)
         initialization.initialize_head(self.segmentation_head)
 
-    @property
-    def normalization(self) -> InputNormalization:
-        """The :class:`~vggbackbone.weights.InputNormalization` this model applies to its ``[0, 1]`` input."""
-        return self.input_norm.normalization
-
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes, H, W)``."""
-        x = self.input_norm(x)
+        x = self.normalize_input(x)
         feats = list(self.backbone(x).values())  # conv1 .. conv_n, pool_n
         return self.segmentation_head(self.decoder([x, *feats]))
 
@@ -126,7 +119,7 @@ def unet_vgg(
     """
     n = len(get_config(arch, batch_norm).blocks)
     taps = [f"conv{i}" for i in range(1, n + 1)] + [f"pool{n}"]
-    backbone = VGGBackbone(
+    backbone, _ = build_trunk(
         arch,
         taps,
         weights_backbone,
