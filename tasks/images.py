@@ -8,8 +8,9 @@ skipping unreadable samples with a count.
 * :class:`ImageListDataset`: the one dataset of "images without annotations" (listed by
   :func:`list_images`, read by :func:`read_image`, unreadable ones returned as
   :class:`SkippedSample`); each task formats its items for its own collate;
-* :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`,
-  :class:`SkipCounter` (skipped images gathered from every process and reported once);
+* :func:`read_image`; :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped` and
+  :class:`SkipCounter` (skipped images gathered from every process and reported once) live in
+  :mod:`tasks.skips` and are importable from here;
 * :func:`open_image`: the one way a file is opened (images and masks): the pixel limit
   :data:`MAX_IMAGE_PIXELS` checked on the header before anything is decoded, then the EXIF
   orientation applied, so every reader sees the image as it is displayed.
@@ -36,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from tasks.distributed import is_global_zero
 from tasks.pathnames import display_path
+from tasks.skips import SkipCounter, SkippedSample, drop_skipped, warn_skipped
 from tasks.walk import walk_files
 
 __all__ = [
@@ -299,56 +301,6 @@ def read_image(path: str | Path, mode: str = "RGB", draft: tuple[int, int] | Non
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(np.require(arr.transpose(2, 0, 1), requirements=["C", "W"]))  # a writable copy if needed
-
-
-class SkippedSample(NamedTuple):
-    """Returned by a dataset instead of a sample it could not read (a collate drops it).
-
-    A ``NamedTuple`` so it survives Lightning's batch transfer (frozen dataclasses do not).
-    """
-
-    path: str
-    reason: str
-
-
-def drop_skipped(samples: Sequence[Any]) -> tuple[list[Any], list[SkippedSample]]:
-    """Split a list of dataset items into readable samples and :class:`SkippedSample` markers."""
-    kept = [s for s in samples if not isinstance(s, SkippedSample)]
-    skipped = [s for s in samples if isinstance(s, SkippedSample)]
-    return kept, skipped
-
-
-def warn_skipped(skipped: Sequence[SkippedSample], where: str, max_listed: int = 5) -> None:
-    """One warning that counts the skipped files and names the first few."""
-    if not skipped:
-        return
-    listed = "; ".join(f"{display_path(s.path)} ({s.reason})" for s in skipped[:max_listed])
-    more = f" and {len(skipped) - max_listed} more" if len(skipped) > max_listed else ""
-    warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=2)
-
-
-class SkipCounter:
-    """Skipped samples seen by this process, reported once for all processes.
-
-    ``add`` the ``(path, reason)`` pairs a batch carries; ``report(where)`` is a collective (every
-    rank calls it): it gathers every rank's list, warns once on global rank 0 with the count and
-    the first few files (:func:`warn_skipped`), clears, and returns the gathered list.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[SkippedSample] = []
-
-    def add(self, skipped: Sequence[Sequence[str]]) -> None:
-        self.items += [SkippedSample(str(s[0]), str(s[1])) for s in skipped]
-
-    def report(self, where: str) -> list[SkippedSample]:
-        from tasks.distributed import all_gather_objects
-
-        gathered = [s for part in all_gather_objects(self.items) for s in part]
-        self.items = []
-        if is_global_zero():
-            warn_skipped(gathered, where)
-        return gathered
 
 
 class ImageListDataset(Dataset):

@@ -8,15 +8,16 @@ cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluat
 ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
 ``<log_dir>/retrieval/<stage>[_epochNNN].png``.
 
-``extract`` turns a folder or list of images into an embeddings file, see
-:mod:`tasks.reid_extract`.
+``predict`` writes the embeddings of the query and gallery images under ``writer.output_dir``
+(:class:`~tasks.reid_writer.ReIDWriter`); ``extract`` turns any folder or list of images into an
+embeddings file of the same format, streamed and resumable, see :mod:`tasks.reid_extract`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,20 +31,19 @@ from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet
 from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
-from tasks.deprecation import renamed
 from tasks.distributed import all_gather_objects
-from tasks.images import SkipCounter, SkippedSample
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.outputs import gather_count, require_some
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
+from tasks.reid_writer import ReIDWriter
 from tasks.reporting import EvalReport, publish_metrics
+from tasks.skips import SkippedSample
 from vggbackbone import VGGBackbone
 from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import reid_vgg
 
-__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "extract_embeddings", "main"]
+__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "ReIDWriter", "extract_embeddings", "main"]
 
 #: The ReID net's options: ``reid_vgg``'s own, and the ``VGGBackbone`` ones it forwards.
 _BUILDER_ARGS = BuilderArgs(
@@ -98,7 +98,7 @@ class CenterLoss(nn.Module):
         return loss
 
 
-@builder_signature(_BUILDER_ARGS, renamed_options=("batch_norm_eval",))
+@builder_signature(_BUILDER_ARGS)
 class ReIDTask(TaskModule):
     """A :class:`~vggbackbone.models.ReIDNet` trained for re-identification.
 
@@ -121,7 +121,13 @@ class ReIDTask(TaskModule):
             ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
             :func:`~vggbackbone.models.reid_vgg`, and the backbone's ``width_mult``,
             ``frozen_stages``, ``norm_eval`` (old name ``batch_norm_eval``, warned once).
+
+    ``predict`` embeds the query and gallery images of the data into ``writer.output_dir``
+    (:class:`~tasks.reid_writer.ReIDWriter`, the format of ``extract``).
     """
+
+    renamed_options: ClassVar[Mapping[str, str]] = {"batch_norm_eval": "norm_eval"}
+    writer_class = ReIDWriter
 
     def __init__(
         self,
@@ -149,24 +155,7 @@ class ReIDTask(TaskModule):
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        old = model_kwargs.pop("batch_norm_eval", None)
-        if old is not None:
-            model_kwargs["norm_eval"] = renamed(
-                "model", "batch_norm_eval", "norm_eval", old, model_kwargs.get("norm_eval", False), False
-            )
         options = _BUILDER_ARGS.resolve("model", "reid_vgg", model_kwargs)
-        self.save_options(
-            {
-                "weights_backbone": weights_backbone, "num_classes": num_classes,
-                "label_smoothing": label_smoothing, "ce_weight": ce_weight, "triplet_weight": triplet_weight,
-                "triplet_margin": triplet_margin, "center_weight": center_weight, "center_alpha": center_alpha,
-                "center_init": center_init, "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1,
-                "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda, "max_rank": max_rank,
-                "eval_chunk_size": eval_chunk_size, "grid_queries": grid_queries, "grid_topk": grid_topk,
-                "optim": optim,
-                **_BUILDER_ARGS.hparams("reid_vgg", model_kwargs),
-            }
-        )  # fmt: skip
         self.optim = optim
         self.model = reid_vgg(
             num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
@@ -180,9 +169,6 @@ class ReIDTask(TaskModule):
         if num_classes and center_weight > 0:
             self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha, center_init)
         self._eval_parts: list[tuple[Tensor, ...]] = []
-        # training and evaluation skips are counted and reported apart
-        self._train_skipped = SkipCounter()
-        self._eval_skipped = SkipCounter()
 
     # ------------------------------------------------------------------ classes known late
     def _set_num_classes(self, n: int) -> None:
@@ -261,7 +247,6 @@ class ReIDTask(TaskModule):
         return self.model(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._train_skipped.add(batch["skipped"])
         images, pids = batch["image"], batch["pid"]
         if images.numel() == 0:  # every image of the batch was unreadable
             return self.zero_loss()
@@ -282,9 +267,6 @@ class ReIDTask(TaskModule):
         self.log_dict(logs, batch_size=len(pids))
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._train_skipped.report(f"training epoch {self.current_epoch}")
-
     # ------------------------------------------------------------------ evaluation
     def _sync_buffers(self) -> None:
         """Give every process rank 0's BatchNorm statistics before evaluating.
@@ -302,7 +284,6 @@ class ReIDTask(TaskModule):
         self._sync_buffers()
 
     def eval_step(self, batch: dict[str, Any]) -> None:
-        self._eval_skipped.add(batch["skipped"])
         if batch["image"].numel() == 0:
             return
         emb = self.model(batch["image"])
@@ -313,7 +294,7 @@ class ReIDTask(TaskModule):
     def eval_epoch_end(self, stage: str) -> None:
         parts, self._eval_parts = self._eval_parts, []
         local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
-        skipped = self._eval_skipped.report(f"{stage} evaluation")
+        skipped = self.eval_skipped
         arrays = [g for g in all_gather_objects(local) if g is not None]
 
         def compute(log_dir: Path) -> EvalReport | None:
@@ -417,21 +398,12 @@ class ReIDTask(TaskModule):
                 exp.add_image("retrieval", arr, self.global_step, dataformats="HWC")
         return path
 
-    # ------------------------------------------------------------------ prediction (extraction)
-    def on_predict_epoch_start(self) -> None:
-        self._predicted = 0
-
+    # ------------------------------------------------------------------ prediction (predict, extract)
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"index", "embedding", "skipped"}`` of a batch (:class:`ReIDWriter`, ``extract``'s writer)."""
         images = batch["image"]
         emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
-        self._eval_skipped.add(batch["skipped"])
-        self._predicted = getattr(self, "_predicted", 0) + len(emb)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
-
-    def on_predict_epoch_end(self) -> None:
-        skipped = self._eval_skipped.report("predict")
-        source = getattr(self.trainer.datamodule, "root", "the predict data")
-        require_some(gather_count(getattr(self, "_predicted", 0)), "reid predict", source, skipped)
 
     @property
     def embedding_dim(self) -> int:

@@ -213,6 +213,11 @@ class _ShardWriter(BasePredictionWriter):
         self._close()  # the shards stay: running the same extraction again resumes from them
         self.data.outputs.close()
 
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = getattr(pl_module, "predict_skipped", None)  # the task counted the skips too: they are
+        if callable(report):  # reported here, by name, once merged (merge_shards), not as indices by the task
+            report(warn=False)
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.merge(trainer.global_rank)
 
