@@ -12,7 +12,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.options import check_int
-from tasks.resume import ResumableSampler, SeededDataset, global_seed, train_position
+from tasks.seeding import ResumableSampler, SeededDataset, global_seed, train_position
 
 __all__ = ["TaskDataModule"]
 
@@ -99,11 +99,11 @@ class TaskDataModule(pl.LightningDataModule):
         batch_sampler: Any = None,
         batch_size: int | None = None,
     ) -> DataLoader:
-        """A loader of ``dataset``; training ones are exactly resumable (:mod:`tasks.resume`).
+        """A loader of ``dataset``; training ones are exactly resumable (:mod:`tasks.seeding`).
 
-        Training: ``sampler`` (``None``: shuffled) wrapped in a :class:`~tasks.resume.ResumableSampler`
+        Training: ``sampler`` (``None``: shuffled) wrapped in a :class:`~tasks.seeding.ResumableSampler`
         starting where a resumed fit goes on, every sample loaded under its own seed
-        (:class:`~tasks.resume.SeededDataset`). Evaluation: unpadded shards when distributed.
+        (:class:`~tasks.seeding.SeededDataset`). Evaluation: unpadded shards when distributed.
         Every loader draws its worker seeds from its own generator, never from the global RNG.
         """
         if not train and sampler is None and batch_sampler is None and dist.is_available() and dist.is_initialized():
