@@ -3,7 +3,7 @@
 ``python -m tasks.detect fit|validate|test|predict --config configs/detect/<name>.yaml``
 
 * :class:`~tasks.data.detection.DetectionDataModule`: COCO JSON or PASCAL VOC, or the synthetic
-  shapes dataset generated on first use (``data.shapes``).
+  shapes dataset generated on first use (``data.synthetic``).
 * :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``: ``ssd``, ``retinanet``,
   ``fcos`` or the default
   ``fasterrcnn``: :func:`vggbackbone.models.fasterrcnn_vgg`) + SGD/AdamW, warm-up and

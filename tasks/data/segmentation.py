@@ -9,7 +9,7 @@
 * :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
   ``tv_tensors.Mask`` together (random scale, crop padded with 255 in the mask, flip).
 * :class:`SegmentationDataModule`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
-  generates the synthetic shapes data when asked (``shapes:``) and it is missing.
+  generates the synthetic shapes data when asked (``synthetic:``) and it is missing.
 
 Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
 A missing or corrupt image is skipped with one counted warning per batch; a mask that does not
