@@ -24,7 +24,7 @@ from vggbackbone.utils import atomic_path
 if TYPE_CHECKING:
     from tasks.outputs import OutputFolder
 
-__all__ = ["Shard", "load_embeddings", "merge_shards", "read_skips", "record_dtype", "write_npz"]
+__all__ = ["Shard", "check_finite", "load_embeddings", "merge_shards", "read_skips", "record_dtype", "write_npz"]
 
 _MERGE_ROWS = 65536  # paths per merge chunk
 _MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any embedding size
@@ -69,6 +69,17 @@ class Shard:
             return np.zeros((0, self.dim), np.float32)
         first = int(rows.min())
         return self.read(first, int(rows.max()) + 1)["embedding"][rows - first]
+
+
+def check_finite(emb: np.ndarray, names: Sequence[str], what: str) -> None:
+    """Refuse a batch of embeddings ``(N, D)`` holding NaN/inf, naming the first image (``names[i]`` of row ``i``):
+    never written, as a NaN embedding would poison every distance computed from it."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise FloatingPointError(
+            f"{what}: non-finite embedding of {names[int(np.flatnonzero(bad)[0])]} ({int(bad.sum())} in this "
+            "batch); the model's weights or this image produce NaN/inf, nothing of this batch was written"
+        )
 
 
 def read_skips(path: Path) -> dict[int, str]:

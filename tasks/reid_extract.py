@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 from tasks.callbacks import InferenceOptimization
 from tasks.checkpoint import load_task, read_checkpoint
 from tasks.distributed import all_gather_objects
-from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
+from tasks.embeddings_file import Shard, check_finite, load_embeddings, merge_shards, read_skips, record_dtype
 from tasks.images import ImageListDataset, SkippedSample, list_images
 from tasks.module import TaskModule
 from tasks.outputs import OutputFolder, input_paths, require_some
@@ -179,13 +179,7 @@ class _ShardWriter(BasePredictionWriter):
         if emb is None or emb.numel() == 0:
             return
         emb = emb.detach().float().cpu().numpy()
-        bad = ~np.isfinite(emb).all(axis=1)
-        if bad.any():  # never written: a NaN embedding would poison every distance computed from it
-            first = self.data.names[int(prediction["index"][int(np.flatnonzero(bad)[0])])]
-            raise FloatingPointError(
-                f"extract: non-finite embedding of {first} ({int(bad.sum())} in this batch); "
-                "the model's weights or this image produce NaN/inf, nothing of this batch was written"
-            )
+        check_finite(emb, [self.data.names[int(i)] for i in prediction["index"]], "extract")
         if self.rec_file is None:  # kept open across batches, closed in _close
             self.rec_file = self.data.outputs.open_append(f"{self._prefix(trainer)}-d{emb.shape[1]}.rec")
         rec = np.empty(len(emb), record_dtype(emb.shape[1]))

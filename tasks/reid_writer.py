@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from tasks.distributed import all_gather_objects
-from tasks.embeddings_file import write_npz
+from tasks.embeddings_file import check_finite, write_npz
 from tasks.skips import SkippedSample
 from tasks.writer import PredictionWriter
 
@@ -36,18 +36,23 @@ class ReIDWriter(PredictionWriter):
 
     def reset(self) -> None:
         self.rows: dict[int, np.ndarray] = {}
+        self._samples: list[Any] | None = None
+
+    def _paths(self, pl_module: Any, indices: list[int]) -> list[str]:
+        """The image paths of data indices (``eval_samples()`` of the data module: query, then gallery)."""
+        if self._samples is None:
+            datamodule = pl_module.trainer.datamodule
+            self._samples = datamodule.eval_samples() if hasattr(datamodule, "eval_samples") else []
+        return [str(self._samples[i].path) if self._samples else str(i) for i in indices]
 
     def write_batch(self, pl_module: Any, prediction: Any, batch: Any) -> None:
         emb = prediction["embedding"]
         if emb is None or not len(emb):
             return
         emb = emb.detach().float().cpu().numpy()
-        if not np.isfinite(emb).all():  # never written: a NaN embedding would poison every distance from it
-            raise FloatingPointError(
-                "reid predict: non-finite embeddings; the model's weights or these images produce NaN/inf, "
-                "nothing more is written"
-            )
-        for i, e in zip(prediction["index"].tolist(), emb):
+        index = prediction["index"].tolist()
+        check_finite(emb, self._paths(pl_module, index), "reid predict")
+        for i, e in zip(index, emb):
             self.rows[int(i)] = e
 
     def gather(self) -> int:
@@ -59,9 +64,7 @@ class ReIDWriter(PredictionWriter):
         return len(self.rows)
 
     def write_results(self, pl_module: Any) -> None:
-        datamodule = pl_module.trainer.datamodule
-        samples = datamodule.eval_samples() if hasattr(datamodule, "eval_samples") else None
-        paths = [str(samples[i].path) if samples is not None else str(i) for i in self.rows]
+        paths = self._paths(pl_module, list(self.rows))
         width = max((len(p) for p in paths), default=1)
         emb = np.stack(list(self.rows.values())).astype("<f4")
         with self.outputs.write(self.filename) as tmp:
