@@ -383,11 +383,12 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     def _end_eval(self, stage: str) -> None:
         """Every process: report the skipped images (:attr:`eval_skipped`), refuse an evaluation that
         read none, then :meth:`eval_epoch_end`."""
+        local = list(self.eval_skips.items)  # this process's, for the message of an evaluation that read nothing
         self.eval_skipped = self.eval_skips.report(f"{stage} evaluation")
-        self._check_eval_readable(stage)
+        self._check_eval_readable(stage, local)
         self.eval_epoch_end(stage)
 
-    def _check_eval_readable(self, stage: str) -> None:
+    def _check_eval_readable(self, stage: str, local: list[SkippedSample]) -> None:
         """An evaluation that read no image at all is an error, not a metric of nothing (AP -1)."""
         if self._trainer is None or self.trainer.sanity_checking:  # the sanity check sees a few batches only
             return
@@ -398,7 +399,7 @@ class TaskModule(ClassesMixin, pl.LightningModule):
         if self._total(counted) == 0:
             raise RuntimeError(
                 f"{stage} evaluation: every image of the {stage} split was unreadable "
-                f"({skips_text(self.eval_skipped, 'on any process')}): no metric to report, stopping"
+                f"({skips_text(local)}): no metric to report, stopping"
             )
 
     # -- export --
