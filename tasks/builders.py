@@ -143,16 +143,19 @@ def builder_signature(args: BuilderArgs, renamed_options: Iterable[str] = ()) ->
     """Class decorator: ``cls.__init__`` (whose last parameter is ``**model_kwargs``) gets a
     signature with the builders' options after its own, so LightningCLI offers ``model.<option>``.
 
-    ``renamed_options``: old option names still accepted (typed ``Any``, default ``None``).
+    ``renamed_options``: old option names still accepted (typed ``Any``, default ``None``), with
+    those the class declares (``renamed_options``, ``moved_options``, ``old_options`` of
+    :class:`tasks.module.TaskModule`).
     """
 
     def wrap(cls: type[Any]) -> type[Any]:
         own = [p for p in _params(cls.__init__).values() if p.kind != p.VAR_KEYWORD]
         names = {p.name for p in own}
         extra = [p for n, p in args.parameters().items() if n not in names]
+        declared = [*getattr(cls, "renamed_options", {}), *getattr(cls, "moved_options", {})]
         old = [
             inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
-            for n in renamed_options
+            for n in dict.fromkeys([*renamed_options, *declared, *getattr(cls, "old_options", ())])
             if n not in names
         ]
         positional = [p for p in own if p.kind != p.KEYWORD_ONLY]

@@ -363,6 +363,10 @@ def load_task(task_class: type, path: str | Path, **kwargs: Any) -> Any:
     # _instantiator=None: the task is built by its own __init__ from the plain hyper-parameters, never
     # through the instantiator a checkpoint may name (Lightning's runs them through jsonargparse)
     kwargs = {"map_location": "cpu", "weights_only": True} | kwargs | {"_instantiator": None}
+    hparams = ckpt.get("hyper_parameters") or {}
+    for old in getattr(task_class, "moved_options", {}):  # an older checkpoint's predict_dir...: a run setting
+        if old in hparams and old not in kwargs:  # of its day (writer.* now), not part of the model
+            kwargs[old] = None
     try:
         return task_class.load_from_checkpoint(path, **kwargs)
     except (RuntimeError, TypeError, KeyError, ValueError) as e:

@@ -13,20 +13,18 @@ backbone + fc6/fc7/fc8) on an ImageFolder tree (:mod:`tasks.data.classify`).
   (:func:`tasks.reporting.publish_metrics`); the matrix is also drawn to
   ``<log_dir>/<stage>_confusion.png``;
 * ``predict`` writes a CSV ``path,label1,score1,...,labelK,scoreK`` (softmax scores, best
-  first, rows in input order) to ``model.predict_file``, atomically, recorded in
-  ``.<name>.manifest.json`` beside it (:meth:`tasks.outputs.OutputFolder.beside`): a file
-  there that the project did not write is never overwritten, nor one among the input images;
-  a run that could read no image fails;
+  first, rows in input order) under ``writer.output_dir``, then ``_COMPLETE`` last
+  (:class:`~tasks.classify_writer.ClassificationWriter`, the protocol of every task's writer:
+  :mod:`tasks.writer`); ``model.predict_file``, the old home of the CSV, still works (warned once);
 * ``export --ckpt C --out model.onnx --height S --width S``: the network (it takes ``[0, 1]``
   images with ``in_channels`` channels) to ONNX.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -37,14 +35,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet, update_hparams
+from tasks.classify_writer import ClassificationWriter, Row, predictions_file, write_predictions
 from tasks.cli import cli_main
 from tasks.data.classify import ClassificationDataModule
-from tasks.distributed import all_gather_objects, is_global_zero
-from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.outputs import OutputFolder, predict_inputs, require_some
-from tasks.pathnames import display_path, path_hex
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.models import ExportableClassifier, TaskModels
@@ -54,6 +49,7 @@ from vggbackbone.utils import atomic_path
 
 __all__ = [
     "ClassificationTask",
+    "ClassificationWriter",
     "ExportableClassifier",
     "TestAfterFit",
     "adaptive_avg_pool_matrix",
@@ -83,8 +79,8 @@ class ClassificationTask(TaskModule):
             torchvision/timm/backbone state-dict file); fc8 is fresh when ``num_classes`` differs
             (:func:`~vggbackbone.models.vgg_classifier`).
         label_smoothing: of the cross-entropy.
-        top_k: labels and scores per image in the ``predict`` CSV (clipped to ``num_classes``).
-        predict_file: the CSV ``predict`` writes.
+        top_k: labels and scores per image in the ``predict`` CSV (clipped to ``num_classes``; the
+            CSV is ``writer.output_dir``/``writer.filename``, or the old option ``predict_file``).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`; ``scheduler: plateau``
             for the paper's "divide by 10 when validation accuracy stops improving").
         family: the registered classification model (``vgg``: the whole VGG network).
@@ -96,6 +92,9 @@ class ClassificationTask(TaskModule):
 
     backbone_path = "model.backbone"
     pretrained_hparams = ("weights",)
+    builder_option = "family"
+    writer_class = ClassificationWriter
+    moved_options: ClassVar[Mapping[str, Callable[[Any], dict[str, Any]]]] = {"predict_file": predictions_file}
 
     def __init__(
         self,
@@ -104,20 +103,12 @@ class ClassificationTask(TaskModule):
         weights: str | None = None,
         label_smoothing: float = 0.0,
         top_k: int = 5,
-        predict_file: str = "runs/classify/predictions.csv",
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
         family: str = "vgg",
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
-        self.save_options(
-            {
-                "num_classes": num_classes, "class_names": class_names, "weights": weights,
-                "label_smoothing": label_smoothing, "top_k": top_k, "predict_file": predict_file,
-                "optim": optim, "family": family, **_BUILDER_ARGS.hparams(family, model_kwargs),
-            }
-        )  # fmt: skip
         check_num_classes(num_classes, 2, "model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -133,14 +124,9 @@ class ClassificationTask(TaskModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_k = min(5, num_classes)
         self.top_k = min(top_k, num_classes)
-        self.predict_file = Path(predict_file)
         self.confmat = MulticlassConfusionMatrix(num_classes)
         self.acc_topk = MulticlassAccuracy(num_classes, top_k=self.eval_k, average="micro")
         self._eval_loss: list[Tensor] = []
-        self._pred_rows: list[tuple[int, str, list[int], list[float]]] = []
-        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
-        self._train_skipped = SkipCounter()
-        self._eval_skipped = SkipCounter()
 
     # ------------------------------------------------------------------ classes (tasks.classes)
     def class_set(self) -> ClassSet:
@@ -181,7 +167,6 @@ class ClassificationTask(TaskModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._train_skipped.add(batch["skipped"])
         labels = self._model_labels(batch["label"])
         if not len(labels):  # every image of the batch was unreadable
             return self.zero_loss()
@@ -192,9 +177,6 @@ class ClassificationTask(TaskModule):
         self.log("train/acc1", acc, batch_size=len(labels))
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._train_skipped.report(f"training epoch {self.current_epoch}")
-
     # ------------------------------------------------------------------ evaluation
     def eval_epoch_start(self, stage: str) -> None:
         self.confmat.reset()
@@ -202,7 +184,6 @@ class ClassificationTask(TaskModule):
         self._eval_loss.clear()
 
     def eval_step(self, batch: dict[str, Any]) -> None:
-        self._eval_skipped.add(batch["skipped"])
         labels = self._model_labels(batch["label"])
         if not len(labels):
             return
@@ -214,7 +195,7 @@ class ClassificationTask(TaskModule):
         self._eval_loss.append(F.cross_entropy(logits, labels, reduction="sum").detach())
 
     def eval_epoch_end(self, stage: str) -> None:
-        skipped = self._eval_skipped.report(f"{stage} evaluation")
+        skipped = self.eval_skipped
         conf = self.confmat.compute().cpu()  # summed over every process (collectives)
         acc_k = float(self.acc_topk.compute())
         self.confmat.reset()
@@ -256,59 +237,15 @@ class ClassificationTask(TaskModule):
         publish_metrics(self, stage, compute, prog_bar=("acc1",))
 
     # ------------------------------------------------------------------ predict
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._outputs = OutputFolder.beside(self.predict_file, "classify predict")
-        self._outputs.begin(inputs=predict_inputs(self.trainer.datamodule), expected=[self.predict_file.name])
-
-    def on_predict_epoch_start(self) -> None:
-        self._pred_rows.clear()
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_skipped.add(batch["skipped"])
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Row]:
+        """``(index, path, top_k labels, their scores)`` per image (:class:`ClassificationWriter` writes them)."""
         if not len(batch["index"]):
-            return
+            return []
         probs = self.inference_model(batch["image"]).float().softmax(1)
         scores, labels = probs.topk(self.top_k, dim=1)
-        for i, path, lab, sc in zip(batch["index"].tolist(), batch["path"], labels.tolist(), scores.tolist()):
-            self._pred_rows.append((i, path, lab, sc))
-
-    def on_predict_epoch_end(self) -> None:
-        skipped = self._eval_skipped.report("predict")
-        rows = sorted(r for part in all_gather_objects(self._pred_rows) for r in part)
-        self._pred_rows.clear()
-        dm = self.trainer.datamodule
-        source = getattr(dm, "predict_images", None) or getattr(dm, "root", "?")
-        require_some(len(rows), "classify predict", source, skipped, on_error=self._outputs.close)
-        if is_global_zero():
-            out = write_predictions(self.predict_file, rows, self.class_names, self.top_k, outputs=self._outputs)
-            print(f"predict: top-{self.top_k} labels and scores of {len(rows)} images written to {out}")
-        self._outputs.finish()
+        return list(zip(batch["index"].tolist(), batch["path"], labels.tolist(), scores.tolist()))
 
 
-def write_predictions(
-    path: str | Path,
-    rows: list[tuple[int, str, list[int], list[float]]],
-    class_names: list[str],
-    top_k: int,
-    outputs: OutputFolder | None = None,
-) -> Path:
-    """Write ``path,label1,score1,...,path_hex`` (one row per ``(index, path, labels, scores)``) atomically;
-    with ``outputs`` (:meth:`tasks.outputs.OutputFolder.beside` ``path``) recorded in its manifest.
-
-    UTF-8; a path that is not valid UTF-8 is written ``\\xNN`` for its bad bytes, its exact bytes in
-    hex in ``path_hex`` (empty for the others): :mod:`tasks.pathnames`.
-    """
-    path = Path(path)
-    header = ["path"] + [f"{c}{j}" for j in range(1, top_k + 1) for c in ("label", "score")] + ["path_hex"]
-    opened = outputs.write(path.name) if outputs is not None else atomic_path(path)
-    with opened as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for _, image, labels, scores in rows:
-            scored = (v for lab, s in zip(labels, scores) for v in (class_names[lab], f"{s:.6f}"))
-            writer.writerow([display_path(image), *scored, path_hex(image)])
-    return path
 
 
 def plot_confusion(conf: Tensor, class_names: list[str], path: str | Path, title: str = "") -> Path:

@@ -24,7 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from tasks.callbacks import InferenceOptimization, OptionalLearningRateMonitor
 from tasks.checkpoint import WEIGHTS_IN_CHECKPOINT, check_finite, check_task, load_task, read_checkpoint
 from tasks.classes import CHECKPOINT_KEY as CLASSES_METADATA_KEY
-from tasks.module import TaskModule
+from tasks.module import TaskModule, moved_option
 from tasks.progress import LogProgress
 from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
 from vggbackbone.deploy import export_task_onnx
@@ -152,6 +152,8 @@ class TaskCLI(LightningCLI):
         # dataclasses (optim) as mappings, as a YAML file gives them: an instance would reach instantiation as is
         hparams = plain_data(dict(ckpt.get("hyper_parameters") or {}))
         hparams.pop("_instantiator", None)  # Lightning's own (the only one check_plain_hparams lets through): unused
+        for old in getattr(self.model_class, "moved_options", {}):  # an older checkpoint's predict_dir...: not
+            hparams.pop(old, None)  # model options any more, and only ever a run setting (writer.* now)
         if not hparams:
             return
         try:
@@ -192,6 +194,7 @@ class TaskCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        self._move_writer_options(cfg)
         trainer = cfg.get("trainer")
         if trainer is None:
             return
@@ -212,6 +215,25 @@ class TaskCLI(LightningCLI):
             folder = Path(init["save_dir"]) / (init.get("name") or "")
             if folder.resolve() == resumed.parent.parent.parent.resolve():
                 init["version"] = int(match.group(1))
+
+    def _move_writer_options(self, cfg: Any) -> None:
+        """Old model options that now belong to the writer (``model.predict_dir`` -> ``writer.output_dir``):
+        moved there, warned once; given with a different ``writer`` value as well, an error naming both."""
+        model, writer = cfg.get("model"), cfg.get("writer")
+        moved = getattr(self.model_class, "moved_options", {})
+        if model is None or writer is None or not moved:
+            return
+        parser = self._parser(self.subcommand) if self.subcommand else self.parser
+        for old, convert in moved.items():
+            value = model.get(old)
+            if value is None:
+                continue
+            for key, new in moved_option(old, convert(value)).items():
+                given = writer.get(key)
+                if given != parser.get_default(f"writer.{key}") and given != new:
+                    raise ValueError(f"model.{old} is the old name of writer.{key}: give only writer.{key}")
+                writer[key] = new
+            model[old] = None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         """Lightning's, plus :class:`LogProgress` when stdout is not a terminal (and a bar is wanted)."""
@@ -280,7 +302,8 @@ def cli_main(
     """Entry point of ``python -m tasks.<task> fit|validate|test|predict --config ...``.
 
     ``callbacks`` maps YAML keys to callback classes that are always on (configured as
-    ``<key>.<arg>``, e.g. a prediction writer). ``export`` (:func:`export_main`) is always
+    ``<key>.<arg>``); the task's :attr:`~tasks.module.TaskModule.writer_class` is always there as
+    ``writer``. ``export`` (:func:`export_main`) is always
     there; ``extra_commands`` maps further subcommands (``extract``...) to functions that take
     the remaining argv. Logs and
     checkpoints go to ``runs/<task>/`` unless the YAML says otherwise
@@ -292,11 +315,12 @@ def cli_main(
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
 
+    writer = getattr(model_class, "writer_class", None)  # what predict writes: writer.* in every task
     attrs = {
         "task_name": task,
         "task_monitor": monitor,
         "task_links": tuple(links),
-        "task_callbacks": dict(callbacks or {}),
+        "task_callbacks": ({"writer": writer} if writer is not None else {}) | dict(callbacks or {}),
     }
     cli_cls = type(f"{task.capitalize()}CLI", (TaskCLI,), attrs)
     root = f"runs/{task}"

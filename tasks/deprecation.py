@@ -44,8 +44,14 @@ def warn_once(owner: str, key: str, message: str) -> None:
         warnings.warn(message, RenamedOptionWarning, stacklevel=3)
 
 
-def old_names(module: str, names: Mapping[str, Callable[[], Any]]) -> Callable[[str], Any]:
-    """A module ``__getattr__``: ``names[old]()`` returns what the old name now is (warned once)."""
+def old_names(
+    module: str, names: Mapping[str, Callable[[], Any]], new_names: Mapping[str, str] | None = None
+) -> Callable[[str], Any]:
+    """A module ``__getattr__``: ``names[old]()`` returns what the old name now is (warned once).
+
+    ``new_names``: how the warning names the new home of an old name that is not a class or a
+    function (a constant), e.g. ``{"VOC_CLASSES": "tasks.data.voc.VOC_SEGMENTATION_CLASSES"}``.
+    """
 
     def __getattr__(name: str) -> Any:
         if name not in names:
@@ -53,7 +59,7 @@ def old_names(module: str, names: Mapping[str, Callable[[], Any]]) -> Callable[[
         obj = names[name]()
         if (module, name) not in _warned:
             _warned.add((module, name))
-            new = getattr(obj, "__qualname__", repr(obj))
+            new = (new_names or {}).get(name) or getattr(obj, "__qualname__", repr(obj))
             warnings.warn(f"{module}.{name} is renamed {new}; import that instead", RenamedOptionWarning, 2)
         return obj
 

@@ -3,7 +3,7 @@
 ``python -m tasks.detect fit|validate|test|predict --config configs/detect/<name>.yaml``
 
 * :class:`~tasks.data.detection.DetectionDataModule`: COCO JSON or PASCAL VOC, or the synthetic
-  shapes dataset generated on first use (``data.shapes``).
+  shapes dataset generated on first use (``data.synthetic``).
 * :class:`DetectionTask`: a detector family from :data:`DETECTORS` (``model.family``: ``ssd``, ``retinanet``,
   ``fcos`` or the default
   ``fasterrcnn``: :func:`vggbackbone.models.fasterrcnn_vgg`) + SGD/AdamW, warm-up and
@@ -36,7 +36,6 @@ from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionS
 from tasks.deprecation import old_names
 from tasks.detect_writer import DetectionWriter
 from tasks.distributed import gather_unique
-from tasks.images import SkipCounter
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics, write_json
@@ -149,6 +148,9 @@ class DetectionTask(TaskModule):
             ``box_score_thresh``...). An unknown option is an error naming it.
     """
 
+    builder_option = "family"
+    writer_class = DetectionWriter
+
     def __init__(
         self,
         classes: list[str] | None = None,
@@ -164,13 +166,6 @@ class DetectionTask(TaskModule):
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
-        self.save_options(
-            {
-                "classes": classes, "category_ids": category_ids, "family": family,
-                "weights_backbone": weights_backbone, "optim": optim, "metrics_file": metrics_file,
-                "detections_file": detections_file, **_BUILDER_ARGS.hparams(family, model_kwargs),
-            }
-        )  # fmt: skip
         if not classes:
             raise ValueError("model.classes is empty: link it from the data (the CLI does) or list the class names")
         self.classes = list(classes)
@@ -194,9 +189,6 @@ class DetectionTask(TaskModule):
             num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra
         )
         self._predictions: dict[int, dict[str, np.ndarray]] = {}
-        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
-        self._train_skipped = SkipCounter()
-        self._eval_skipped = SkipCounter()
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """``images``: list of ``(3, H, W)`` floats in ``[0, 1]`` -> boxes/labels/scores per image."""
@@ -270,7 +262,6 @@ class DetectionTask(TaskModule):
 
     # -- training --
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
-        self._train_skipped.add(batch.skipped)
         if not batch.images:  # every sample unreadable
             return self.zero_loss()
         cmap = self.class_map("train")  # the data's labels as the model's, by name (tasks.classes)
@@ -288,15 +279,11 @@ class DetectionTask(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._train_skipped.report(f"training epoch {self.current_epoch}")
-
     # -- evaluation --
     def eval_epoch_start(self, stage: str) -> None:
         self._predictions = {}
 
     def eval_step(self, batch: DetectionBatch) -> None:
-        self._eval_skipped.add(batch.skipped)
         if not batch.images:
             return
         # one image at a time: a batch is padded to its largest image (GeneralizedRCNNTransform), and
@@ -311,7 +298,6 @@ class DetectionTask(TaskModule):
         # a padded sampler's repeats count once), evaluate once on rank 0, share the numbers.
         predictions = gather_unique(self._predictions)
         self._predictions = {}
-        self._eval_skipped.report(f"{stage} evaluation")
         if self.trainer.sanity_checking:
             return
         loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -340,7 +326,6 @@ class DetectionTask(TaskModule):
 
     # -- prediction --
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
-        self._eval_skipped.add(batch.skipped)
         if not batch.images:
             return []
         outputs = self.inference_model(batch.images)
@@ -353,9 +338,6 @@ class DetectionTask(TaskModule):
             }
             for t, o in zip(batch.targets, outputs)
         ]
-
-    def on_predict_epoch_end(self) -> None:
-        self._eval_skipped.report("predict")
 
 
 def _labels(labels: Tensor, cmap: ClassMap | None) -> Tensor:

@@ -4,13 +4,14 @@
   a crash mid-write loses at most a partial last record;
 * :func:`merge_shards`: the shards merged chunk by chunk (memory stays flat) into the ``.npz``,
   written atomically (the shards stay: :mod:`tasks.reid_extract` removes them, as recorded);
+* :func:`write_npz`: the file itself (also what ``python -m tasks.reid predict`` writes);
 * :func:`load_embeddings`: read it back.
 """
 
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from vggbackbone.utils import atomic_path
 if TYPE_CHECKING:
     from tasks.outputs import OutputFolder
 
-__all__ = ["Shard", "load_embeddings", "merge_shards", "read_skips", "record_dtype"]
+__all__ = ["Shard", "check_finite", "load_embeddings", "merge_shards", "read_skips", "record_dtype", "write_npz"]
 
 _MERGE_ROWS = 65536  # paths per merge chunk
 _MERGE_BYTES = 32 << 20  # embeddings per merge chunk: memory stays flat for any embedding size
@@ -70,6 +71,17 @@ class Shard:
         return self.read(first, int(rows.max()) + 1)["embedding"][rows - first]
 
 
+def check_finite(emb: np.ndarray, names: Sequence[str], what: str) -> None:
+    """Refuse a batch of embeddings ``(N, D)`` holding NaN/inf, naming the first image (``names[i]`` of row ``i``):
+    never written, as a NaN embedding would poison every distance computed from it."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise FloatingPointError(
+            f"{what}: non-finite embedding of {names[int(np.flatnonzero(bad)[0])]} ({int(bad.sum())} in this "
+            "batch); the model's weights or this image produce NaN/inf, nothing of this batch was written"
+        )
+
+
 def read_skips(path: Path) -> dict[int, str]:
     out = {}
     for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
@@ -87,6 +99,31 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tu
         )
         for chunk in chunks:
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def write_npz(
+    path: Path,
+    shape: tuple[int, int],
+    embeddings: Iterable[np.ndarray],
+    width: int,
+    paths: Iterable[np.ndarray],
+    skipped: Sequence[SkippedSample],
+) -> None:
+    """Write the embeddings file (the format in :mod:`tasks.reid_extract`'s doc) at ``path``, streamed.
+
+    ``shape``: ``(N, D)``; ``embeddings``: chunks of rows in order; ``paths``: chunks of the
+    ``N`` paths as ``<U{width}`` arrays; ``skipped``: the images not embedded. Used by
+    ``extract`` (:func:`merge_shards`) and by ``python -m tasks.reid predict``
+    (:class:`tasks.reid_writer.ReIDWriter`), so both write the same file.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), shape, embeddings)
+        _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (shape[0],), paths)
+        sw = max((len(s.path) for s in skipped), default=1)
+        skipped_paths = np.array([s.path for s in skipped], dtype=f"<U{sw}")
+        _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), [skipped_paths])
+        reasons = np.array([s.reason for s in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
+        _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
 
 
 def merge_shards(
@@ -148,13 +185,11 @@ def merge_shards(
     require_some(len(kept), "extract", f"{len(names)} image(s)", [SkippedSample(names[i], skips[i]) for i in skipped])
     width = max((len(names[i]) for i in kept), default=1)
     opened = outputs.write(out.name) if outputs is not None else atomic_path(out)
-    with opened as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_npy_member(zf, "embeddings.npy", np.dtype("<f4"), (len(kept), dim), embedding_chunks())
-        _write_npy_member(zf, "paths.npy", np.dtype(f"<U{width}"), (len(kept),), path_chunks(kept, width))
-        sw = max((len(names[i]) for i in skipped), default=1)
-        _write_npy_member(zf, "skipped_paths.npy", np.dtype(f"<U{sw}"), (len(skipped),), path_chunks(skipped, sw))
-        reasons = np.array([skips[i] for i in skipped], dtype=str) if len(skipped) else np.zeros(0, "<U1")
-        _write_npy_member(zf, "skipped_reasons.npy", reasons.dtype, (len(skipped),), [reasons])
+    with opened as tmp:
+        write_npz(
+            tmp, (len(kept), dim), embedding_chunks(), width, path_chunks(kept, width),
+            [SkippedSample(names[i], skips[i]) for i in skipped],
+        )  # fmt: skip
     if len(skipped):
         warn_skipped([SkippedSample(names[i], skips[i]) for i in skipped], f"extract {out}")
     print(f"extract: {len(kept)} embeddings of dimension {dim} -> {out} ({len(skipped)} unreadable image(s) skipped)")

@@ -8,8 +8,9 @@ skipping unreadable samples with a count.
 * :class:`ImageListDataset`: the one dataset of "images without annotations" (listed by
   :func:`list_images`, read by :func:`read_image`, unreadable ones returned as
   :class:`SkippedSample`); each task formats its items for its own collate;
-* :func:`read_image`, :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped`,
-  :class:`SkipCounter` (skipped images gathered from every process and reported once);
+* :func:`read_image`; :class:`SkippedSample`, :func:`drop_skipped`, :func:`warn_skipped` and
+  :class:`SkipCounter` (skipped images gathered from every process and reported once) live in
+  :mod:`tasks.skips` and are importable from here;
 * :func:`open_image`: the one way a file is opened (images and masks): the pixel limit
   :data:`MAX_IMAGE_PIXELS` checked on the header before anything is decoded, then the EXIF
   orientation applied, so every reader sees the image as it is displayed.
@@ -33,10 +34,10 @@ import os
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from tasks.distributed import is_global_zero
 from tasks.pathnames import display_path
+from tasks.skips import SkipCounter, SkippedSample, drop_skipped, warn_skipped
 from tasks.walk import walk_files
 
 __all__ = [
@@ -301,92 +303,77 @@ def read_image(path: str | Path, mode: str = "RGB", draft: tuple[int, int] | Non
     return torch.from_numpy(np.require(arr.transpose(2, 0, 1), requirements=["C", "W"]))  # a writable copy if needed
 
 
-class SkippedSample(NamedTuple):
-    """Returned by a dataset instead of a sample it could not read (a collate drops it).
-
-    A ``NamedTuple`` so it survives Lightning's batch transfer (frozen dataclasses do not).
-    """
-
-    path: str
-    reason: str
-
-
-def drop_skipped(samples: Sequence[Any]) -> tuple[list[Any], list[SkippedSample]]:
-    """Split a list of dataset items into readable samples and :class:`SkippedSample` markers."""
-    kept = [s for s in samples if not isinstance(s, SkippedSample)]
-    skipped = [s for s in samples if isinstance(s, SkippedSample)]
-    return kept, skipped
-
-
-def warn_skipped(skipped: Sequence[SkippedSample], where: str, max_listed: int = 5) -> None:
-    """One warning that counts the skipped files and names the first few."""
-    if not skipped:
-        return
-    listed = "; ".join(f"{display_path(s.path)} ({s.reason})" for s in skipped[:max_listed])
-    more = f" and {len(skipped) - max_listed} more" if len(skipped) > max_listed else ""
-    warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=2)
-
-
-class SkipCounter:
-    """Skipped samples seen by this process, reported once for all processes.
-
-    ``add`` the ``(path, reason)`` pairs a batch carries; ``report(where)`` is a collective (every
-    rank calls it): it gathers every rank's list, warns once on global rank 0 with the count and
-    the first few files (:func:`warn_skipped`), clears, and returns the gathered list.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[SkippedSample] = []
-
-    def add(self, skipped: Sequence[Sequence[str]]) -> None:
-        self.items += [SkippedSample(str(s[0]), str(s[1])) for s in skipped]
-
-    def report(self, where: str) -> list[SkippedSample]:
-        from tasks.distributed import all_gather_objects
-
-        gathered = [s for part in all_gather_objects(self.items) for s in part]
-        self.items = []
-        if is_global_zero():
-            warn_skipped(gathered, where)
-        return gathered
-
-
 class ImageListDataset(Dataset):
-    """Images to run on, from whatever :func:`list_images` takes (a folder searched recursively,
-    one image, a text file of paths, or a list of paths).
+    """The one dataset of listed images: whatever :func:`list_images` takes (a folder searched
+    recursively, one image, a text file of paths, or a sequence of paths), read by :func:`read_image`.
 
-    Items are ``{"image": uint8 (C, H, W), "index": i, "id": ids[i], "name": out_name, "path": str}``
-    (``ids`` default to the positions; ``name`` is :func:`output_names`' distinct stem, which names
-    the outputs), or a :class:`SkippedSample` for an unreadable file. ``transform`` applies to the
-    image. ``indices`` restricts the dataset to those positions of the list (``index`` keeps the
-    position in the full list).
+    Items are ``{"image": (C, H, W), "index": i, "id": ids[i], "name": out_name, "path": str,
+    "label": labels[i]}``, or a :class:`SkippedSample` for an unreadable file; ``item`` (when
+    given) shapes both for a task's collate function.
+
+    Args:
+        source: the images.
+        ids: an id per image (default: the positions in the list); ``"names"``: the output names.
+        transform: applied to the uint8 image (``transforms.v2``: a plain tensor is an image).
+        indices: restricts the dataset to those positions of the list (``index`` keeps the
+            position in the full list).
+        labels: a class index per image (a classification split; default ``-1``: unlabelled).
+        mode: the Pillow mode images are read in (``RGB``; ``L`` for grayscale).
+        draft: ``(height, width)``: JPEGs decoded at the smallest DCT scale still at least this
+            size (:func:`draft_decode`).
+        item: ``item(index, sample)`` -> what the dataset returns (``sample``: the dict above or
+            a :class:`SkippedSample`), e.g. a detector's ``(image, target)``.
+
+    ``name`` is :func:`output_names`' distinct stem, which names a task's outputs. The old
+    datasets of the tasks (``tasks.data.classify.ImageFolderDataset`` and ``ImageFiles``,
+    ``tasks.data.detection.ImageFolderDataset``, ``tasks.data.segmentation.ImageList``) are this
+    one, configured (their old names still work).
     """
 
     def __init__(
         self,
         source: str | Path | Sequence[str | Path],
-        ids: Sequence[Any] | None = None,
+        ids: Sequence[Any] | str | None = None,
         transform: Any = None,
         indices: Sequence[int] | None = None,
+        *,
+        labels: Sequence[int] | None = None,
+        mode: str = "RGB",
+        draft: tuple[int, int] | None = None,
+        item: Callable[[int, dict[str, Any] | SkippedSample], Any] | None = None,
     ) -> None:
         names, self.paths = list_images(source)
-        self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
-        if len(self.ids) != len(self.paths):
-            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
         self.names = output_names(names)
-        self.transform = transform
+        if isinstance(ids, str):
+            if ids != "names":
+                raise ValueError(f"ids must be a sequence or 'names', got {ids!r}")
+            ids = self.names
+        self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
+        self.labels = [int(v) for v in labels] if labels is not None else [-1] * len(self.paths)
+        if len(self.ids) != len(self.paths) or len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids and {len(self.labels)} labels for {len(self.paths)} images")
+        self.transform, self.mode, self.draft, self.item = transform, mode, draft, item
         self.indices = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """``(path, label)`` of every image, as torchvision's ``ImageFolder.samples``."""
+        return [(str(p), label) for p, label in zip(self.paths, self.labels)]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
+    def __getitem__(self, i: int) -> Any:
         index = self.indices[i]
         path = self.paths[index]
+        sample: dict[str, Any] | SkippedSample
         try:
-            image = read_image(path)
+            image = read_image(path, self.mode, draft=self.draft)
         except BadImageError as e:
-            return SkippedSample(e.path, e.reason)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "index": index, "id": self.ids[index], "name": self.names[index], "path": str(path)}
+            sample = SkippedSample(e.path, e.reason)
+        else:
+            if self.transform is not None:
+                image = self.transform(image)
+            sample = {"image": image, "index": index, "id": self.ids[index], "name": self.names[index],
+                      "path": str(path), "label": self.labels[index]}  # fmt: skip
+        return self.item(index, sample) if self.item is not None else sample

@@ -1,8 +1,10 @@
-"""The Lightning bases every task builds on: :class:`TaskModule` and :class:`TaskDataModule`."""
+"""The Lightning base every task builds on: :class:`TaskModule` (and :class:`TaskDataModule`, from
+:mod:`tasks.datamodule`)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import tempfile
@@ -12,20 +14,21 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, state_dict_mismatch, task_name
 from tasks.classes import ClassesMixin, adopt_checkpoint_classes, announce, meet_data, record_classes
+from tasks.datamodule import TaskDataModule
+from tasks.deprecation import renamed, warn_once
+from tasks.hparams import capturing_init
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
-from tasks.options import check_int
+from tasks.outputs import require_some
 from tasks.reporting import DEFAULT_METRICS_FILE
-from tasks.resume import ResumableSampler, SeededDataset, global_seed, train_position
+from tasks.skips import SkipCounter, SkippedSample, skips_text
+from tasks.writer import predict_source
 from vggbackbone.weights import resolve_normalization
 
-__all__ = ["TaskDataModule", "TaskModule"]
+__all__ = ["TaskDataModule", "TaskModule", "moved_option"]
 
 
 class TaskModule(ClassesMixin, pl.LightningModule):
@@ -36,6 +39,13 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     * ``configure_optimizers``: :func:`build_optimizer` over the task, ``backbone_lr_mult``
       applied to the module at :attr:`backbone_path` (see :meth:`optim_config`);
     * :meth:`zero_loss`: the training loss of a batch with nothing readable in it;
+    * options: the arguments of the task's ``__init__`` (builder options included, defaults
+      filled in) are its hyper-parameters, captured from its signature (:mod:`tasks.hparams`);
+      old option names are accepted and warned about once (:meth:`normalize_options`);
+    * unreadable images: the hooks count every batch's readable and skipped images, training in
+      :attr:`train_skips`, evaluation and ``predict`` in :attr:`eval_skips`, and report them once
+      per epoch and stage (:class:`tasks.skips.SkipCounter`); a task only adds the images it
+      skips itself (an image smaller than its network);
     * checkpoints store the :attr:`pretrained_hparams` (``weights_backbone``) as
       :data:`WEIGHTS_IN_CHECKPOINT` (when they were set, and unless the weights brought an input
       normalisation other than the default, e.g. Caffe's): the state dict holds the trained
@@ -63,11 +73,79 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     pretrained_hparams: tuple[str, ...] = ("weights_backbone",)
     #: evaluation metrics file, relative to the trainer's log folder (``None``: not written)
     metrics_file: str | None = DEFAULT_METRICS_FILE
+    #: old option name -> new one (``batch_norm_eval`` -> ``norm_eval``): accepted, warned once, stored as the new
+    renamed_options: ClassVar[Mapping[str, str]] = {}
+    #: old options that now belong to the writer (``predict_dir``), each with the ``writer.*`` options its
+    #: value becomes: accepted, warned once, never stored (:meth:`normalize_options`, ``tasks.cli``)
+    moved_options: ClassVar[Mapping[str, Callable[[Any], dict[str, Any]]]] = {}
+    #: other old options that :meth:`normalize_options` expands (``head_kwargs``): accepted, never stored
+    old_options: ClassVar[tuple[str, ...]] = ()
+    #: the option naming the builder of ``builder_args`` (``family``); ``None``: its only builder
+    builder_option: ClassVar[str | None] = None
+    #: what ``predict`` writes (``writer.*`` in the YAML): a :class:`tasks.writer.PredictionWriter` subclass
+    writer_class: ClassVar[type[pl.Callback] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every task's ``__init__`` records its options (:func:`tasks.hparams.capturing_init`)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = capturing_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: skipped and readable images of training, and of evaluation and ``predict``, counted apart
+        #: (validation runs inside a training epoch) from every batch, by the hooks below
+        self.train_skips = SkipCounter()
+        self.eval_skips = SkipCounter()
+        #: what the last evaluation or ``predict`` skipped, on every process (set when it ends)
+        self.eval_skipped: list[SkippedSample] = []
+        self._predict_reported = False
+        self._step_terms: dict[str, Any] = {}
+
+    def normalize_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The ``__init__`` arguments with the old option names replaced (each warned about once).
+
+        Runs before ``__init__``: :attr:`renamed_options` become their new names;
+        :attr:`moved_options` are kept aside for :meth:`configure_callbacks` (the CLI moves them
+        to ``writer.*`` itself); a subclass expands its :attr:`old_options` here.
+        """
+        params = inspect.signature(type(self).__init__).parameters
+        for old, new in self.renamed_options.items():
+            value = kwargs.pop(old, None)
+            if value is not None:
+                default = params[new].default if new in params else None
+                current = kwargs.get(new, default)
+                # the same value under both names (an old checkpoint's `head` beside a config's `family`) is no clash
+                kwargs[new] = renamed("model", old, new, value, default if current == value else current, default)
+        self._writer_options: dict[str, Any] = {}
+        for old, convert in self.moved_options.items():
+            value = kwargs.pop(old, None)
+            if value is not None:
+                self._writer_options.update(moved_option(old, convert(value)))
+        return kwargs
+
+    @classmethod
+    def checkpointed_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """What a checkpoint stores of the captured ``__init__`` options: all but the old names, with
+        the chosen builder's own default for the options whose default depends on the builder."""
+        old = {*cls.renamed_options, *cls.moved_options, *cls.old_options}
+        out = {k: v for k, v in options.items() if k not in old}
+        args = getattr(cls, "builder_args", None)
+        if args is not None:
+            name = out.get(cls.builder_option) if cls.builder_option else next(iter(args.builders))
+            out.update(args.hparams(name, out))
+        return out
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The :attr:`writer_class` writer of an old-style output option given in Python (``predict_dir``)."""
+        options = getattr(self, "_writer_options", None)
+        return [self.writer_class(**options)] if options and self.writer_class is not None else []
 
     def save_options(self, hparams: Mapping[str, Any]) -> None:
         """``save_hyperparameters`` of exactly ``hparams`` (every option, builder options included).
 
-        Tasks whose ``__init__`` signature carries their builder's options
+        Called with the options captured from ``__init__`` (:mod:`tasks.hparams`). Tasks whose
+        ``__init__`` signature carries their builder's options
         (:func:`tasks.builders.builder_signature`) take them as ``**model_kwargs``; Lightning's
         ``save_hyperparameters`` reads the signature's names from the frame and would not find them.
         """
@@ -98,17 +176,15 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """``LightningModule.log``; training values are also kept for :meth:`on_before_backward`'s message."""
         if self._trainer is not None and self.trainer.training:
-            self.__dict__.setdefault("_step_terms", {})[name] = value.detach() if isinstance(value, Tensor) else value
+            self._step_terms[name] = value.detach() if isinstance(value, Tensor) else value
         super().log(name, value, *args, **kwargs)
 
+    def on_train_epoch_start(self) -> None:
+        self.train_skips.reset()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.__dict__["_step_terms"] = {}
-        old = 0 if batch_idx == 0 else self.__dict__.get("_train_readable", 0)
-        n = readable_count(batch)
-        self.__dict__["_train_readable"] = -1 if n < 0 or old < 0 else old + n
-        if batch_idx == 0 or "_train_skips" not in self.__dict__:  # (a run resumed mid-epoch starts later)
-            self.__dict__["_train_skips"] = []
-        self.__dict__["_train_skips"].extend(skipped_of(batch))
+        self._step_terms = {}
+        self.train_skips.count(batch)
 
     def on_before_backward(self, loss: Tensor) -> None:
         """Stop on a NaN/inf loss, naming the step and the loss terms logged by ``training_step``."""
@@ -116,7 +192,7 @@ class TaskModule(ClassesMixin, pl.LightningModule):
             return
         terms = ", ".join(
             f"{k}={float(v):.6g}" if isinstance(v, Tensor) and v.numel() == 1 else f"{k}={v}"
-            for k, v in self.__dict__.get("_step_terms", {}).items()
+            for k, v in self._step_terms.items()
         )
         raise FloatingPointError(
             f"non-finite training loss {float(loss.detach().float().mean())} at step {self.global_step} "
@@ -127,12 +203,15 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 != self.trainer.num_training_batches:  # check once, at the end of the epoch
             return
-        readable = self._total(self.__dict__.get("_train_readable", 0))
-        if readable == 0:
+        if self._total(self.train_skips.readable) == 0:
             raise RuntimeError(
                 f"training epoch {self.current_epoch}: every image of the training split was unreadable "
-                f"({_skips_text(self.__dict__.get('_train_skips', []))}); nothing was learnt, stopping"
+                f"({skips_text(self.train_skips.items)}); nothing was learnt, stopping"
             )
+
+    def on_train_epoch_end(self) -> None:
+        """One warning naming the images the epoch skipped, on every process (a collective)."""
+        self.train_skips.report(f"training epoch {self.current_epoch}")
 
     def _total(self, count: int) -> int:
         """``count`` summed over every process (a collective); negative when some batch was of unknown size."""
@@ -173,6 +252,32 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     def on_predict_start(self) -> None:
         announce(self)
         check_finite(self.state_dict(), f"{type(self).__name__} weights")
+
+    def on_predict_epoch_start(self) -> None:
+        self.eval_skips.reset()
+        self._predict_reported = False
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_skips.count(batch)
+
+    def predict_skipped(self, warn: bool = True) -> list[SkippedSample]:
+        """What ``predict`` skipped on every process, warned once (a collective; the first call of a
+        run reports, later ones return the same list). The writer calls it (callbacks' epoch-end
+        hooks run first), :meth:`on_predict_epoch_end` otherwise; ``warn=False``: a caller that
+        reports them itself (``extract``)."""
+        if not self._predict_reported:
+            self.eval_skipped = self.eval_skips.report("predict", warn=warn)
+            self._predict_reported = True
+        return self.eval_skipped
+
+    def on_predict_epoch_end(self) -> None:
+        """Without a writer (which checks what it wrote), a ``predict`` that read no image is an error too."""
+        if self._predict_reported:  # a writer took the report: it checked the run
+            return
+        skipped = self.predict_skipped()
+        if self._total(self.eval_skips.readable) == 0:  # (negative: some batch of unknown size)
+            by = getattr(self.writer_class, "by", f"{type(self).__name__} predict")
+            require_some(0, by, predict_source(getattr(self.trainer, "datamodule", None)), skipped)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, with an error naming the checkpoint, what it holds and the misfits."""
@@ -253,49 +358,50 @@ class TaskModule(ClassesMixin, pl.LightningModule):
         """Every process: gather what :meth:`eval_step` accumulated and :func:`~tasks.reporting.publish_metrics`."""
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._count_eval(batch)
+        self.eval_skips.count(batch)
         self.eval_step(batch)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._count_eval(batch)
+        self.eval_skips.count(batch)
         self.eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
-        announce(self)
-        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
-        self.eval_epoch_start("val")
+        self._start_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        announce(self)
-        self.__dict__["_eval_readable"], self.__dict__["_eval_skips"] = None, []
-        self.eval_epoch_start("test")
+        self._start_eval("test")
 
     def on_validation_epoch_end(self) -> None:
-        self._check_eval_readable("val")
-        self.eval_epoch_end("val")
+        self._end_eval("val")
 
     def on_test_epoch_end(self) -> None:
-        self._check_eval_readable("test")
-        self.eval_epoch_end("test")
+        self._end_eval("test")
 
-    def _count_eval(self, batch: Any) -> None:
-        n = readable_count(batch)
-        old = self.__dict__.get("_eval_readable") or 0
-        self.__dict__["_eval_readable"] = -1 if n < 0 or old < 0 else old + n
-        self.__dict__.setdefault("_eval_skips", []).extend(skipped_of(batch))
+    def _start_eval(self, stage: str) -> None:
+        announce(self)
+        self.eval_skips.reset()
+        self.eval_epoch_start(stage)
 
-    def _check_eval_readable(self, stage: str) -> None:
+    def _end_eval(self, stage: str) -> None:
+        """Every process: report the skipped images (:attr:`eval_skipped`), refuse an evaluation that
+        read none, then :meth:`eval_epoch_end`."""
+        local = list(self.eval_skips.items)  # this process's, for the message of an evaluation that read nothing
+        self.eval_skipped = self.eval_skips.report(f"{stage} evaluation")
+        self._check_eval_readable(stage, local)
+        self.eval_epoch_end(stage)
+
+    def _check_eval_readable(self, stage: str, local: list[SkippedSample]) -> None:
         """An evaluation that read no image at all is an error, not a metric of nothing (AP -1)."""
         if self._trainer is None or self.trainer.sanity_checking:  # the sanity check sees a few batches only
             return
-        counted = self.__dict__.get("_eval_readable")
-        if counted is None:  # no batch here, or a task with its own validation_step/test_step (not counted)
+        counted = self.eval_skips.readable
+        if not self.eval_skips.batches:  # no batch here, or a task with its own validation_step/test_step
             own = getattr(type(self), f"{'validation' if stage == 'val' else 'test'}_step")
             counted = 0 if own is getattr(TaskModule, own.__name__) else -1
         if self._total(counted) == 0:
             raise RuntimeError(
                 f"{stage} evaluation: every image of the {stage} split was unreadable "
-                f"({_skips_text(self.__dict__.get('_eval_skips', []))}): no metric to report, stopping"
+                f"({skips_text(local)}): no metric to report, stopping"
             )
 
     # -- export --
@@ -304,139 +410,8 @@ class TaskModule(ClassesMixin, pl.LightningModule):
         return torch.rand(1, 3, height, width)
 
 
-def readable_count(batch: Any) -> int:
-    """Number of readable images in a task batch (``image``/``images`` of a dict or a batch object); -1: unknown."""
-    images = batch.get("image") if isinstance(batch, Mapping) else getattr(batch, "images", None)
-    if isinstance(images, Tensor):
-        return int(images.shape[0]) if images.numel() else 0
-    if isinstance(images, (list, tuple)):
-        return len(images)
-    return -1
-
-
-def skipped_of(batch: Any) -> list[Any]:
-    """The unreadable samples a task batch reports (``skipped`` of a dict or a batch object)."""
-    skipped = batch.get("skipped") if isinstance(batch, Mapping) else getattr(batch, "skipped", None)
-    return list(skipped) if isinstance(skipped, (list, tuple)) else []
-
-
-def _skips_text(skips: list[Any]) -> str:
-    """``3 skipped on this process, e.g. a.jpg: cannot identify image file`` for an error message."""
-    if not skips:
-        return "none readable on this process"
-    first = skips[0]
-    path, reason = (getattr(first, "path", None), getattr(first, "reason", None))
-    if path is None and isinstance(first, tuple) and len(first) == 2:  # (path, reason) pairs
-        path, reason = first
-    shown = f"{path}: {reason}" if path is not None else str(first)
-    return f"{len(skips)} skipped on this process, e.g. {shown}"
-
-
-class TaskDataModule(pl.LightningDataModule):
-    """Common loader settings and the four ``*_dataloader`` methods.
-
-    Subclasses build each dataset in :meth:`build_dataset` (``train``, ``val``, ``test``,
-    ``predict``; :meth:`setup` stores the ones a Lightning stage needs as ``self.<name>_set``, see
-    :attr:`stage_sets`) or override ``setup`` itself, and name a collate function per stage in
-    :attr:`collate_fns`; a training sampler (PK batches...) comes from :meth:`train_sampler`.
-    Evaluation loaders shard the dataset without padding when distributed (Lightning's
-    ``UnrepeatedDistributedSampler``), so summed metrics count every sample exactly once.
-    """
-
-    #: collate function of each stage (``train``, ``val``, ``test``, ``predict``); absent: PyTorch's default
-    collate_fns: ClassVar[Mapping[str, Callable[[list[Any]], Any]]] = {}
-    #: the datasets :meth:`setup` builds for each Lightning stage (``None``: all four, in this order)
-    stage_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)
-    }  # fmt: skip
-
-    def __init__(self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2) -> None:
-        super().__init__()
-        # checked here, by name: DataLoader's own errors do not say which option (tasks.options)
-        self.batch_size = check_int("data.batch_size", batch_size)
-        self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, optional=True) or self.batch_size
-        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
-
-    def build_dataset(self, name: str) -> Dataset | None:
-        """The ``name`` dataset (``train``, ``val``, ``test`` or ``predict``) that :meth:`setup` stores.
-
-        ``None`` (this default): not built here, for a subclass with its own loaders or ``setup``;
-        a loader that needs it then fails naming it (:meth:`stage_dataset`).
-        """
-        return None
-
-    def setup(self, stage: str | None = None) -> None:
-        """``self.<name>_set = build_dataset(name)`` for every dataset ``stage`` needs (:attr:`stage_sets`)."""
-        for name in ("train", "val", "test", "predict") if stage is None else self.stage_sets.get(stage, ()):
-            dataset = self.build_dataset(name)
-            if dataset is not None:
-                setattr(self, f"{name}_set", dataset)
-
-    def stage_dataset(self, stage: str) -> Dataset:
-        """``self.<stage>_set``, with an error naming it when ``setup`` did not build it."""
-        dataset = getattr(self, f"{stage}_set", None)
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: no {stage} dataset (setup() did not build {stage}_set)")
-        return dataset
-
-    def train_sampler(self) -> Any:
-        """Sampler of the training loader (``None``: shuffled, or Lightning's distributed sampler)."""
-        return None
-
-    def _loader(self, stage: str) -> DataLoader:
-        train = stage == "train"
-        return self.make_loader(
-            self.stage_dataset(stage),
-            train=train,
-            collate_fn=self.collate_fns.get(stage),
-            sampler=self.train_sampler() if train else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
-
-    def make_loader(
-        self,
-        dataset: Dataset,
-        *,
-        train: bool,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-        sampler: Any = None,
-        batch_sampler: Any = None,
-        batch_size: int | None = None,
-    ) -> DataLoader:
-        """A loader of ``dataset``; training ones are exactly resumable (:mod:`tasks.resume`).
-
-        Training: ``sampler`` (``None``: shuffled) wrapped in a :class:`~tasks.resume.ResumableSampler`
-        starting where a resumed fit goes on, every sample loaded under its own seed
-        (:class:`~tasks.resume.SeededDataset`). Evaluation: unpadded shards when distributed.
-        Every loader draws its worker seeds from its own generator, never from the global RNG.
-        """
-        if not train and sampler is None and batch_sampler is None and dist.is_available() and dist.is_initialized():
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        kwargs: dict[str, Any] = {
-            "num_workers": self.num_workers,
-            "collate_fn": collate_fn,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": torch.cuda.is_available(),
-            "generator": torch.Generator().manual_seed(global_seed()),
-        }
-        if batch_sampler is not None:
-            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        if train:
-            epoch, done = train_position(self.trainer)
-            sampler = ResumableSampler(
-                dataset, sampler, seed=global_seed(), batch_size=bs, epoch=epoch, skip_batches=done
-            )
-            dataset = SeededDataset(dataset)
-        return DataLoader(dataset, batch_size=bs, sampler=sampler, drop_last=train, **kwargs)
+def moved_option(old: str, writer_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``writer_options``, the new home of the old model option ``old`` (warned about once)."""
+    new = ", ".join(f"writer.{k}: {v}" for k, v in writer_options.items())
+    warn_once("model", old, f"model.{old} is deprecated: predict output is configured under writer; write {new}")
+    return dict(writer_options)

@@ -16,17 +16,15 @@ sha256}}``, ``dirs`` it created):
   atomically, then the ``_COMPLETE`` marker (:data:`COMPLETE_MARKER`) last: a folder without it
   holds an incomplete run.
 
-:class:`OutputFolder` is that protocol for the writers; the dataset generators
-(:mod:`tasks.data._build`) use its pieces (:func:`read_manifest`, :func:`write_manifest`,
-:func:`remove_recorded`).
+:class:`OutputFolder` is that protocol for the writers (:mod:`tasks.writer`, ``extract``); the
+manifest file itself is :mod:`tasks.manifest` (:func:`read_manifest`, :func:`write_manifest`,
+:func:`remove_recorded`, also used by the dataset generators, :mod:`tasks.data._build`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -35,6 +33,19 @@ from typing import IO, Any
 import torch.distributed as dist
 
 from tasks.distributed import all_gather_objects
+from tasks.manifest import (
+    COMPLETE_MARKER,
+    HOW,
+    MANIFEST,
+    UnsafeOutputError,
+    changed_files,
+    few,
+    file_record,
+    read_manifest,
+    relative_path,
+    remove_recorded,
+    write_manifest,
+)
 from vggbackbone.utils import atomic_path
 
 __all__ = [
@@ -53,94 +64,6 @@ __all__ = [
     "require_some",
     "write_manifest",
 ]
-
-#: the manifest of a folder's files, written by the run (or generator) that wrote them
-MANIFEST = "_MANIFEST.json"
-#: the file a ``predict`` run writes last into its output folder: a folder without it holds an incomplete run
-COMPLETE_MARKER = "_COMPLETE"
-FORMAT = "vggbackbone-outputs/1"
-_HOW = "move it away (or delete it yourself) or pick another output folder"
-
-
-class UnsafeOutputError(RuntimeError):
-    """A run would delete or overwrite a file the project did not write, or write where it reads."""
-
-
-def file_record(path: str | Path) -> dict[str, Any]:
-    """``{"size", "sha256"}`` of a file: what a manifest keeps to know the file is still the one written."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-
-
-def _relative(rel: str | Path) -> str:
-    """``rel`` as a clean relative POSIX path; a path leaving its folder is a bug, refused."""
-    p = PurePosixPath(Path(rel).as_posix())
-    if p.is_absolute() or ".." in p.parts or not p.parts or str(p) == ".":
-        raise ValueError(f"{rel}: an output file must be a relative path inside its output folder")
-    return str(p)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The manifest at ``path``; ``None`` when there is none; refused when the file is not one the project wrote."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        data = e
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
-        raise UnsafeOutputError(
-            f"{path}: not a manifest the project wrote, so nothing in {path.parent} is known to be its own; {_HOW}"
-        )
-    return data
-
-
-def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Write a manifest atomically (``format`` added)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT, **manifest}, indent=1, sort_keys=True))
-
-
-def changed_files(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Listed files present in ``folder`` that are no longer what was written (appended files: still plain files)."""
-    out = []
-    for rel, rec in files.items():
-        path = folder / _relative(rel)
-        replaced = path.is_symlink() or (path.exists() and not path.is_file())  # a link or folder where a file was
-        if replaced or (
-            path.is_file() and "sha256" in rec and (path.stat().st_size != rec["size"] or file_record(path) != rec)
-        ):
-            out.append(rel)
-    return out
-
-
-def remove_recorded(folder: str | Path, files: Mapping[str, Mapping[str, Any]], dirs: Iterable[str] = (), *,
-                    first: Iterable[str] = ()) -> None:  # fmt: skip
-    """Remove the listed ``files`` of ``folder`` (``first`` ones first), then the listed ``dirs`` left empty.
-
-    Every present file is checked against its record before anything is removed: one that changed
-    stops it all (:class:`UnsafeOutputError`, naming them). Files already gone are fine.
-    """
-    folder = Path(folder)
-    changed = changed_files(folder, files)
-    if changed:
-        raise UnsafeOutputError(
-            f"{folder}: {_few(changed)} changed since the project wrote {'it' if len(changed) == 1 else 'them'}, "
-            f"so nothing is removed: {_HOW}"
-        )
-    first = [r for r in first if r in files]
-    order = first + sorted(set(files) - set(first))
-    for rel in order:
-        (folder / _relative(rel)).unlink(missing_ok=True)
-    for rel in sorted(dirs, key=lambda d: -len(PurePosixPath(d).parts)):  # deepest first; rmdir, never rmtree
-        with contextlib.suppress(OSError):  # not empty (someone else's file) or gone: left as it is
-            (folder / _relative(rel)).rmdir()
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def input_paths(source: str | Path | None) -> list[Path]:
@@ -253,7 +176,7 @@ class OutputFolder:
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                rel = _relative(entry.pop("path"))
+                rel = relative_path(entry.pop("path"))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut by a kill
                 continue
             if entry.get("dir"):
@@ -330,9 +253,9 @@ class OutputFolder:
         if there:
             one = len(there) == 1
             raise UnsafeOutputError(
-                f"{self.folder}: {_few(there)} {'is' if one else 'are'} there and no manifest of the project lists "
+                f"{self.folder}: {few(there)} {'is' if one else 'are'} there and no manifest of the project lists "
                 f"{'it' if one else 'them'} ({self.manifest_name}): {self.by} never overwrites a file it did not "
-                f"write; {_HOW}"
+                f"write; {HOW}"
             )
         write_manifest(self.manifest_path, base | {"files": known, "dirs": sorted(dirs), "attempts": attempts})
         return {"attempt": attempt, "resumed": attempt > 0, "known": known}
@@ -344,18 +267,18 @@ class OutputFolder:
         self._journal.flush()
 
     def _claim(self, rel: str | Path) -> tuple[str, Path]:
-        rel = _relative(rel)
+        rel = relative_path(rel)
         path = self.folder / rel
         for parent in reversed(PurePosixPath(rel).parents[:-1]):  # the folders this run creates are its own
             if (self.folder / parent).is_symlink():  # it would lead the files out, maybe among the inputs
-                raise UnsafeOutputError(f"{self.folder / parent}: a symbolic link in the output folder; {_HOW}")
+                raise UnsafeOutputError(f"{self.folder / parent}: a symbolic link in the output folder; {HOW}")
             if not (self.folder / parent).exists():
                 self._log(str(parent), {"dir": True})
                 (self.folder / parent).mkdir(parents=True, exist_ok=True)
         if (path.exists() or path.is_symlink()) and not self._ours(rel):
             raise UnsafeOutputError(
                 f"{path}: already there, and not written by this run of {self.by} nor listed in its "
-                f"manifest: the project never overwrites a file it did not write; {_HOW}"
+                f"manifest: the project never overwrites a file it did not write; {HOW}"
             )
         return rel, path
 
@@ -398,7 +321,7 @@ class OutputFolder:
 
     def discard(self, rel: str | Path) -> None:
         """Remove a file this run (or an earlier attempt of it) wrote, e.g. shards once merged."""
-        rel = _relative(rel)
+        rel = relative_path(rel)
         if not self._ours(rel):
             raise UnsafeOutputError(f"{self.folder / rel}: not written by this run of {self.by}; not removed")
         self._log(rel, {"removed": True})
@@ -427,7 +350,7 @@ class OutputFolder:
             for rel in removed:
                 files.pop(rel, None)
             files.update(records)
-        for rel in map(_relative, remove_dirs):
+        for rel in map(relative_path, remove_dirs):
             try:
                 (self.folder / rel).rmdir()
                 dirs.discard(rel)

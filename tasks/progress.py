@@ -30,7 +30,7 @@ def _duration(seconds: float) -> str:
 
 def _batch_size(batch: Any) -> int:
     """Number of images in a task batch (``image``/``images``), else the first dimension of a tensor; 0: unknown."""
-    from tasks.module import readable_count
+    from tasks.skips import readable_count
 
     n = readable_count(batch)
     if n >= 0:

@@ -6,21 +6,20 @@ center loss), warm-up. Evaluation embeds query and gallery on every process, gat
 embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
 cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
 ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
-``<log_dir>/retrieval/<stage>[_epochNNN].png``.
+``<log_dir>/retrieval/<stage>[_epochNNN].png`` (:mod:`tasks.reid_eval`).
 
-``extract`` turns a folder or list of images into an embeddings file, see
-:mod:`tasks.reid_extract`.
+``predict`` writes the embeddings of the query and gallery images under ``writer.output_dir``
+(:class:`~tasks.reid_writer.ReIDWriter`); ``extract`` turns any folder or list of images into an
+embeddings file of the same format, streamed and resumable, see :mod:`tasks.reid_extract`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import Tensor, nn
@@ -30,20 +29,16 @@ from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet
 from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
-from tasks.deprecation import renamed
-from tasks.distributed import all_gather_objects
-from tasks.images import SkipCounter, SkippedSample
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.outputs import gather_count, require_some
+from tasks.reid_eval import ReIDEvaluation
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
-from tasks.reporting import EvalReport, publish_metrics
+from tasks.reid_writer import ReIDWriter
 from vggbackbone import VGGBackbone
-from vggbackbone.metrics import rank_embeddings
 from vggbackbone.models import CenterLoss, TaskModels
 
-__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "extract_embeddings", "main"]
+__all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "ReIDWriter", "extract_embeddings", "main"]
 
 #: The ReID net's options (the registry's ``reid`` models, ``model.family``: ``reid_vgg``'s own), and
 #: the ``VGGBackbone`` ones it forwards.
@@ -63,8 +58,8 @@ EVAL_OPTIONS = (
 )  # fmt: skip
 
 
-@builder_signature(_BUILDER_ARGS, renamed_options=("batch_norm_eval",))
-class ReIDTask(TaskModule):
+@builder_signature(_BUILDER_ARGS)
+class ReIDTask(ReIDEvaluation, TaskModule):
     """A :class:`~vggbackbone.models.ReIDNet` trained for re-identification.
 
     Args:
@@ -87,7 +82,14 @@ class ReIDTask(TaskModule):
             ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
             :func:`~vggbackbone.models.reid_vgg`, and the backbone's ``width_mult``,
             ``frozen_stages``, ``norm_eval`` (old name ``batch_norm_eval``, warned once).
+
+    ``predict`` embeds the query and gallery images of the data into ``writer.output_dir``
+    (:class:`~tasks.reid_writer.ReIDWriter`, the format of ``extract``).
     """
+
+    renamed_options: ClassVar[Mapping[str, str]] = {"batch_norm_eval": "norm_eval"}
+    builder_option = "family"
+    writer_class = ReIDWriter
 
     def __init__(
         self,
@@ -116,24 +118,7 @@ class ReIDTask(TaskModule):
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        old = model_kwargs.pop("batch_norm_eval", None)
-        if old is not None:
-            model_kwargs["norm_eval"] = renamed(
-                "model", "batch_norm_eval", "norm_eval", old, model_kwargs.get("norm_eval", False), False
-            )
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
-        self.save_options(
-            {
-                "weights_backbone": weights_backbone, "num_classes": num_classes,
-                "label_smoothing": label_smoothing, "ce_weight": ce_weight, "triplet_weight": triplet_weight,
-                "triplet_margin": triplet_margin, "center_weight": center_weight, "center_alpha": center_alpha,
-                "center_init": center_init, "distance": distance, "rerank": rerank, "rerank_k1": rerank_k1,
-                "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda, "max_rank": max_rank,
-                "eval_chunk_size": eval_chunk_size, "grid_queries": grid_queries, "grid_topk": grid_topk,
-                "optim": optim, "family": family,
-                **_BUILDER_ARGS.hparams(family, model_kwargs),
-            }
-        )  # fmt: skip
         self.optim = optim
         self.model = _BUILDER_ARGS.builders[family](
             num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
@@ -147,9 +132,6 @@ class ReIDTask(TaskModule):
         if num_classes and center_weight > 0:
             self.center = CenterLoss(num_classes, self.model.embedding_dim, center_alpha, center_init)
         self._eval_parts: list[tuple[Tensor, ...]] = []
-        # training and evaluation skips are counted and reported apart
-        self._train_skipped = SkipCounter()
-        self._eval_skipped = SkipCounter()
 
     # ------------------------------------------------------------------ classes known late
     def _set_num_classes(self, n: int) -> None:
@@ -228,7 +210,6 @@ class ReIDTask(TaskModule):
         return self.model(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._train_skipped.add(batch["skipped"])
         images, pids = batch["image"], batch["pid"]
         if images.numel() == 0:  # every image of the batch was unreadable
             return self.zero_loss()
@@ -249,156 +230,12 @@ class ReIDTask(TaskModule):
         self.log_dict(logs, batch_size=len(pids))
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._train_skipped.report(f"training epoch {self.current_epoch}")
-
-    # ------------------------------------------------------------------ evaluation
-    def _sync_buffers(self) -> None:
-        """Give every process rank 0's BatchNorm statistics before evaluating.
-
-        DDP broadcasts buffers only before *training* forwards; each rank's last training step
-        then updates its running statistics with its own batch, so without this each process
-        would embed with slightly different BatchNorm statistics, and none of them with those
-        of the checkpoint (saved by rank 0).
-        """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for buf in self.buffers():
-                dist.broadcast(buf, src=0)
-
-    def eval_epoch_start(self, stage: str) -> None:
-        self._sync_buffers()
-
-    def eval_step(self, batch: dict[str, Any]) -> None:
-        self._eval_skipped.add(batch["skipped"])
-        if batch["image"].numel() == 0:
-            return
-        emb = self.model(batch["image"])
-        self._eval_parts.append(
-            (batch["index"].cpu(), batch["pid"].cpu(), batch["camid"].cpu(), batch["is_query"].cpu(), emb.float().cpu())
-        )
-
-    def eval_epoch_end(self, stage: str) -> None:
-        parts, self._eval_parts = self._eval_parts, []
-        local = [torch.cat(t).numpy() for t in zip(*parts)] if parts else None
-        skipped = self._eval_skipped.report(f"{stage} evaluation")
-        arrays = [g for g in all_gather_objects(local) if g is not None]
-
-        def compute(log_dir: Path) -> EvalReport | None:
-            if not arrays:
-                return EvalReport({}, no_metric=f"no image of the {stage} split embedded ({len(skipped)} skipped)")
-            return self._rank(stage, log_dir, *[np.concatenate(a) for a in zip(*arrays)], skipped=skipped)
-
-        publish_metrics(self, stage, compute, prog_bar=("mAP", "rank1"))
-
-    def _rank(
-        self,
-        stage: str,
-        log_dir: Path,
-        index: np.ndarray,
-        pid: np.ndarray,
-        camid: np.ndarray,
-        is_query: np.ndarray,
-        emb: np.ndarray,
-        skipped: Sequence[SkippedSample] = (),
-    ) -> EvalReport:
-        index, first = np.unique(index, return_index=True)  # one embedding per sample
-        pid, camid, is_query, emb = pid[first], camid[first], is_query[first], emb[first]
-        hp = self.hparams
-        feats = torch.from_numpy(emb).to(self.device)
-        q, g = is_query, ~is_query
-        if not q.any() or not g.any():  # every query (or gallery) image unreadable, or a split cut short
-            return EvalReport({}, no_metric=self._why_no_ranking(stage, int(q.sum()), int(g.sum()), skipped))
-        try:
-            res = rank_embeddings(
-                feats[torch.from_numpy(q).to(self.device)],
-                feats[torch.from_numpy(g).to(self.device)],
-                pid[q], pid[g], camid[q], camid[g],
-                metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
-                rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
-                topk=hp.grid_topk if hp.grid_queries > 0 else 0,
-            )  # fmt: skip
-        except ValueError as e:  # no query has a match: raised on every process by publish_metrics, not here
-            return EvalReport({}, no_metric=f"{stage} split: {e}")
-        fitting = self.trainer.state.fn is not None and self.trainer.state.fn.value == "fit"
-        name = f"{stage}_epoch{self.current_epoch:03d}" if fitting else stage  # val_epoch003.png, val.png, test.png
-        extra: dict[str, Any] = {
-            "num_query": int(q.sum()),
-            "num_gallery": int(g.sum()),
-            "num_valid_queries": res.num_valid_queries,
-            "cmc": res.cmc.tolist(),
-            "distance": hp.distance,
-            "rerank": hp.rerank,
-        }
-        grid = self._save_grid(log_dir / "retrieval" / f"{name}.png", index[q], index[g], res)
-        if grid is not None:
-            extra["retrieval_grid"] = str(grid)
-        return EvalReport(
-            res.as_dict(),
-            extra=extra,
-            title=f"ReID {name}",
-            table=[
-                ("queries", [int(q.sum())]),
-                ("gallery", [int(g.sum())]),
-                ("distance", [hp.distance + (" + re-ranking" if hp.rerank else "")]),
-            ],
-        )
-
-    def _why_no_ranking(self, stage: str, nq: int, ng: int, skipped: Sequence[SkippedSample]) -> str:
-        """Why ranking had no query or no gallery image: per empty side, its unreadable (skipped) count."""
-        dm = getattr(self.trainer, "datamodule", None)
-        sets = {"query": getattr(dm, "query_set", None), "gallery": getattr(dm, "gallery_set", None)}
-        query_paths = {str(s.path) for s in getattr(sets["query"], "samples", ())}
-        by_side = {
-            "query": [s for s in skipped if str(s.path) in query_paths],
-            "gallery": [s for s in skipped if str(s.path) not in query_paths],
-        }
-        parts = []
-        for side, n in (("query", nq), ("gallery", ng)):
-            if n:
-                continue
-            bad, total = by_side[side], len(sets[side]) if sets[side] is not None else None
-            of_total = f" of {total}" if total is not None else ""
-            text = f"no {side} image embedded: {len(bad)}{of_total} {side} images unreadable (skipped)"
-            if bad:
-                text += f", e.g. {bad[0].path}: {bad[0].reason}"
-            if total is not None and len(bad) < total:
-                text += f"; the other {total - len(bad)} were not reached (trainer.limit_{stage}_batches?)"
-            parts.append(text)
-        return f"{stage} split: {'; '.join(parts)} ({nq} query, {ng} gallery images embedded); ranking needs both"
-
-    def _save_grid(self, path: Path, q_index: np.ndarray, g_index: np.ndarray, res: Any) -> Path | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if res.topk is None or not hasattr(dm, "eval_samples"):
-            return None
-        from tasks.reid_viz import save_retrieval_grid
-
-        samples = dm.eval_samples()
-        rows = np.linspace(0, len(q_index) - 1, min(self.hparams.grid_queries, len(q_index))).round().astype(int)
-        q_paths = [samples[q_index[r]].path for r in rows]
-        results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
-        matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]
-        path, arr = save_retrieval_grid(path, q_paths, results, matches)
-        for logger in self.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):  # TensorBoard
-                exp.add_image("retrieval", arr, self.global_step, dataformats="HWC")
-        return path
-
-    # ------------------------------------------------------------------ prediction (extraction)
-    def on_predict_epoch_start(self) -> None:
-        self._predicted = 0
-
+    # ------------------------------------------------------------------ prediction (predict, extract)
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"index", "embedding", "skipped"}`` of a batch (:class:`ReIDWriter`, ``extract``'s writer)."""
         images = batch["image"]
         emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
-        self._eval_skipped.add(batch["skipped"])
-        self._predicted = getattr(self, "_predicted", 0) + len(emb)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
-
-    def on_predict_epoch_end(self) -> None:
-        skipped = self._eval_skipped.report("predict")
-        source = getattr(self.trainer.datamodule, "root", "the predict data")
-        require_some(gather_count(getattr(self, "_predicted", 0)), "reid predict", source, skipped)
 
     @property
     def embedding_dim(self) -> int:

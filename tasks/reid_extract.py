@@ -46,8 +46,8 @@ from torchvision.transforms import v2
 from tasks.callbacks import InferenceOptimization
 from tasks.checkpoint import load_task, read_checkpoint
 from tasks.distributed import all_gather_objects
-from tasks.embeddings_file import Shard, load_embeddings, merge_shards, read_skips, record_dtype
-from tasks.images import BadImageError, ImageListDataset, SkippedSample, list_images, read_image
+from tasks.embeddings_file import Shard, check_finite, load_embeddings, merge_shards, read_skips, record_dtype
+from tasks.images import ImageListDataset, SkippedSample, list_images
 from tasks.module import TaskModule
 from tasks.outputs import OutputFolder, input_paths, require_some
 from vggbackbone.deploy import default_precision
@@ -56,24 +56,16 @@ __all__ = ["extract_embeddings", "extract_main", "load_embeddings", "merge_shard
 
 
 # ---------------------------------------------------------------------------- inputs
-class _Images(ImageListDataset):
-    """The images still to embed, as ``(index in the full list, image or SkippedSample)``, resized
-    to ``size``; with ``draft``, JPEGs are decoded at the smallest DCT scale still at least
-    ``size`` (:func:`tasks.images.draft_decode`)."""
+def _indexed(index: int, sample: dict[str, Any] | SkippedSample) -> tuple[int, Tensor | SkippedSample]:
+    """``(index in the full list, image or SkippedSample)``: a shard records skips by index too."""
+    return index, sample if isinstance(sample, SkippedSample) else sample["image"]
 
-    def __init__(self, files: list[Path], size: tuple[int, int], indices: Sequence[int], draft: bool) -> None:
-        transform = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
-        super().__init__(files, transform=transform, indices=indices)
-        self.size = size
-        self.draft = draft
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor | SkippedSample]:
-        index = self.indices[i]
-        try:
-            image = read_image(self.paths[index], draft=self.size if self.draft else None)
-        except BadImageError as e:
-            return index, SkippedSample(e.path, e.reason)
-        return index, self.transform(image)
+def _images(files: list[Path], size: tuple[int, int], indices: Sequence[int], draft: bool) -> ImageListDataset:
+    """The images still to embed (:class:`tasks.images.ImageListDataset`), resized to ``size``; with
+    ``draft``, JPEGs are decoded at the smallest DCT scale still at least ``size``."""
+    transform = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    return ImageListDataset(files, transform=transform, indices=indices, draft=size if draft else None, item=_indexed)
 
 
 def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
@@ -134,10 +126,10 @@ class _ExtractData(pl.LightningDataModule):
         self.skipped_before = sorted(skips.items())
         self.todo = np.flatnonzero(~done)
 
-    def _dataset(self, indices: Sequence[int]) -> _Images:
-        return _Images(self.files, tuple(self.image_size), indices, self.draft_decode)  # type: ignore[arg-type]
+    def _dataset(self, indices: Sequence[int]) -> ImageListDataset:
+        return _images(self.files, tuple(self.image_size), indices, self.draft_decode)  # type: ignore[arg-type]
 
-    def calibration_set(self, num_images: int) -> _Images:
+    def calibration_set(self, num_images: int) -> ImageListDataset:
         """int8 calibration images (:func:`tasks.callbacks.calibration_inputs`): ``num_images``
         spread evenly over the *whole* list, so a resumed run calibrates on the same images."""
         n = len(self.files)
@@ -187,13 +179,7 @@ class _ShardWriter(BasePredictionWriter):
         if emb is None or emb.numel() == 0:
             return
         emb = emb.detach().float().cpu().numpy()
-        bad = ~np.isfinite(emb).all(axis=1)
-        if bad.any():  # never written: a NaN embedding would poison every distance computed from it
-            first = self.data.names[int(prediction["index"][int(np.flatnonzero(bad)[0])])]
-            raise FloatingPointError(
-                f"extract: non-finite embedding of {first} ({int(bad.sum())} in this batch); "
-                "the model's weights or this image produce NaN/inf, nothing of this batch was written"
-            )
+        check_finite(emb, [self.data.names[int(i)] for i in prediction["index"]], "extract")
         if self.rec_file is None:  # kept open across batches, closed in _close
             self.rec_file = self.data.outputs.open_append(f"{self._prefix(trainer)}-d{emb.shape[1]}.rec")
         rec = np.empty(len(emb), record_dtype(emb.shape[1]))
@@ -212,6 +198,11 @@ class _ShardWriter(BasePredictionWriter):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()  # the shards stay: running the same extraction again resumes from them
         self.data.outputs.close()
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = getattr(pl_module, "predict_skipped", None)  # the task counted the skips too: they are
+        if callable(report):  # reported here, by name, once merged (merge_shards), not as indices by the task
+            report(warn=False)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.merge(trainer.global_rank)

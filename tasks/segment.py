@@ -12,12 +12,9 @@ Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggback
   absent from the set is NaN: not logged, ``null`` in the JSON);
 * inference: whole image, or sliding windows for images larger than the network should see;
 * ``predict`` writes ``<id>.png`` (palette PNG of class indices, VOC colours) and
-  ``<id>_overlay.png`` (image with the coloured mask blended in) to ``predict_dir``, then
-  ``predict_dir/_COMPLETE`` last (JSON: images, skipped), as detection's writer: a folder
-  without it holds an incomplete run. Every file is recorded in ``predict_dir/_MANIFEST.json``
-  (:class:`tasks.outputs.OutputFolder`): a run first removes what the earlier run's manifest
-  lists, and only that; it never overwrites a file no manifest lists, never writes into (or
-  around) its input images, and fails when no image could be read.
+  ``<id>_overlay.png`` under ``writer.output_dir``, then ``_COMPLETE`` last
+  (:class:`~tasks.segment_writer.SegmentationWriter`, the protocol of every task's writer:
+  :mod:`tasks.writer`). ``model.predict_dir``, the old home of the folder, still works (warned once).
 """
 
 from __future__ import annotations
@@ -25,46 +22,44 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchvision.utils import draw_segmentation_masks
 
 from tasks.builders import BuilderArgs, builder_signature
 from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
-from tasks.data.voc import voc_palette
-from tasks.deprecation import old_names, renamed, warn_once
-from tasks.distributed import all_gather_objects, is_global_zero
-from tasks.images import SkipCounter
+from tasks.deprecation import old_names, warn_once
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
-from tasks.outputs import COMPLETE_MARKER, OutputFolder, predict_inputs, require_some
+from tasks.outputs import COMPLETE_MARKER
 from tasks.reporting import EvalReport, publish_metrics
+from tasks.segment_writer import SegmentationWriter, write_prediction
+from tasks.writer import to_output_dir
 from vggbackbone.metrics.segmentation import segmentation_scores
 from vggbackbone.models import TaskModels, model_entry, sliding_window_logits
-from vggbackbone.utils import atomic_path
 
 __all__ = [
     "PREDICT_COMPLETE",
     "SEGMENTATION_HEADS",
     "SegmentationTask",
+    "SegmentationWriter",
     "build_segmentation_model",
     "main",
     "sliding_window_logits",
+    "write_prediction",
 ]
 
 __getattr__ = old_names(
     __name__, {"SegmentationModel": lambda: SegmentationTask, "SegmentationData": lambda: SegmentationDataModule}
 )
 
-#: ``predict_dir/_COMPLETE``: written last, once every mask of a predict run is in place
+#: ``<writer.output_dir>/_COMPLETE``: written last, once every mask of a predict run is in place
 PREDICT_COMPLETE = COMPLETE_MARKER
 
 #: Segmentation models by ``model.family`` (formerly ``model.head``): a view of the registry's
@@ -111,12 +106,13 @@ class SegmentationTask(TaskModule):
         inference_scale: resize images by this factor before the network and the logits back
             to full size (metrics are always computed on the full-resolution masks); pair it
             with a matching ``data.scale_size`` to train at that resolution.
-        predict_dir: where ``predict`` writes masks and overlays.
-        overlay_alpha: mask opacity in the overlays.
+        overlay_alpha: mask opacity in the overlays ``predict`` writes (``writer.output_dir``; the
+            old option ``predict_dir`` still sets that folder, warned once).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to ``model.backbone`` (where the default ``backbone_prefix`` points).
         head: old name of ``family`` (accepted, warned once).
-        head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``).
+        head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``;
+            expanded by :meth:`normalize_options`).
         **model_kwargs: the family builder's options with its defaults (``arch``, ``width_mult``,
             ``frozen_stages``, ``norm_eval``, ``pool4_scale``, ``decoder_channels``... of
             :func:`~vggbackbone.models.fcn_vgg` / :func:`~vggbackbone.models.unet_vgg`), among
@@ -124,6 +120,12 @@ class SegmentationTask(TaskModule):
             ``[0, 1]`` images this task gives it. An unknown option, or one of another family, is
             an error naming it.
     """
+
+    builder_option = "family"
+    renamed_options: ClassVar[Mapping[str, str]] = {"head": "family"}
+    writer_class = SegmentationWriter
+    moved_options: ClassVar[Mapping[str, Callable[[Any], dict[str, Any]]]] = {"predict_dir": to_output_dir}
+    old_options = ("head_kwargs",)
 
     def __init__(
         self,
@@ -137,36 +139,12 @@ class SegmentationTask(TaskModule):
         window: int = 512,
         window_overlap: float = 1 / 3,
         inference_scale: float = 1.0,
-        predict_dir: str = "runs/segment/predict",
         overlay_alpha: float = 0.5,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
-        head: str | None = None,
-        head_kwargs: dict[str, Any] | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        # the old name; an old checkpoint's head beside the same family from a config is no conflict
-        family = renamed("model", "head", "family", head, DEFAULT_FAMILY if head == family else family, DEFAULT_FAMILY)
-        if head_kwargs:
-            clash = sorted(set(head_kwargs) & set(model_kwargs))
-            if clash:
-                raise ValueError(f"model: {', '.join(clash)} given both in head_kwargs and directly")
-            warn_once(
-                "model",
-                "head_kwargs",
-                f"model.head_kwargs is deprecated: write {', '.join(sorted(head_kwargs))} directly under model",
-            )
-            model_kwargs = {**model_kwargs, **head_kwargs}
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
-        self.save_options(
-            {
-                "num_classes": num_classes, "class_names": class_names, "family": family,
-                "weights_backbone": weights_backbone, "loss": loss, "aux_loss_weight": aux_loss_weight,
-                "inference": inference, "window": window, "window_overlap": window_overlap,
-                "inference_scale": inference_scale, "predict_dir": predict_dir, "overlay_alpha": overlay_alpha,
-                "optim": optim, **_BUILDER_ARGS.hparams(family, model_kwargs),
-            }
-        )  # fmt: skip
         self.optim = optim
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
@@ -182,13 +160,25 @@ class SegmentationTask(TaskModule):
         if inference_scale <= 0:
             raise ValueError(f"inference_scale must be > 0, got {inference_scale}")
         self.inference_scale = inference_scale
-        self.predict_dir, self.overlay_alpha = Path(predict_dir), overlay_alpha
+        self.overlay_alpha = overlay_alpha
         self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
         self._eval_loss: list[Tensor] = []
-        # training and evaluation skips are counted and reported apart (validation runs inside a training epoch)
-        self._train_skipped = SkipCounter()
-        self._eval_skipped = SkipCounter()
-        self._predicted = 0  # masks this process wrote in the current predict run
+
+    def normalize_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`TaskModule.normalize_options`, and ``head_kwargs`` (the old home of the builder
+        options) expanded into the options themselves, warned once."""
+        head_kwargs = kwargs.pop("head_kwargs", None)
+        if head_kwargs:
+            clash = sorted(set(head_kwargs) & set(kwargs))
+            if clash:
+                raise ValueError(f"model: {', '.join(clash)} given both in head_kwargs and directly")
+            warn_once(
+                "model",
+                "head_kwargs",
+                f"model.head_kwargs is deprecated: write {', '.join(sorted(head_kwargs))} directly under model",
+            )
+            kwargs = {**kwargs, **head_kwargs}
+        return super().normalize_options(kwargs)
 
     @staticmethod
     def _aux_loss(name: str) -> nn.Module | None:
@@ -279,19 +269,19 @@ class SegmentationTask(TaskModule):
         return f"image is {h}x{w}{scaled}, smaller than the network's minimum input {least}x{least}"
 
     def _skip_small(self, batch: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        """The batch's ``keys`` per image, images too small for the network left out and counted as skipped."""
+        """``(position in the batch, *keys)`` per image, images too small for the network left out
+        and counted as skipped (``keys[0]`` is the image)."""
         rows = []
-        for row in zip(*(batch[k] for k in keys), batch["path"]):
+        for i, row in enumerate(zip(*(batch[k] for k in keys), batch["path"])):
             reason = self.too_small(row[0])
             if reason is None:
-                rows.append(row[:-1])
+                rows.append((i, *row[:-1]))
             else:
-                self._eval_skipped.add([(row[-1], reason)])
+                self.eval_skips.add([(row[-1], reason)])
         return rows
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._train_skipped.add(batch.get("skipped", []))
         if not batch["id"]:  # every image of the batch was unreadable
             return self.zero_loss()
         logits = self(batch["image"])
@@ -299,21 +289,16 @@ class SegmentationTask(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._train_skipped.report(f"training epoch {self.current_epoch}")
-
     def eval_step(self, batch: dict[str, Any]) -> None:
-        self._eval_skipped.add(batch.get("skipped", []))
         if batch["image"] and "mask" not in batch:
             raise ValueError(f"evaluation needs masks, but {batch['path'][0]} came without one (an image list?)")
-        for image, mask in self._skip_small(batch, ("image", "mask")):
+        for _, image, mask in self._skip_small(batch, ("image", "mask")):
             mask = self._model_masks(mask)
             logits = self.predict_logits(image)
             self.confmat.update(logits.argmax(1), mask[None])
             self._eval_loss.append(self.ce(logits, mask[None]).detach())
 
     def eval_epoch_end(self, stage: str) -> None:
-        self._eval_skipped.report(f"{stage} evaluation")
         conf = self.confmat.compute().cpu()  # summed over every process (a collective)
         self.confmat.reset()
         losses = torch.stack(self._eval_loss) if self._eval_loss else torch.zeros(0, device=self.device)
@@ -337,77 +322,13 @@ class SegmentationTask(TaskModule):
 
         publish_metrics(self, stage, compute, prog_bar=("mIoU",))
 
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._predicted = 0
-        # the earlier run's files (its manifest's, the marker first) go: from here on the folder says "incomplete"
-        self._outputs = OutputFolder(self.predict_dir, "segment predict")
-        self._outputs.begin(inputs=predict_inputs(self.trainer.datamodule))
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        self._eval_skipped.add(batch.get("skipped", []))
-        written = []
-        for image, sid in self._skip_small(batch, ("image", "id")):
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[int, str, Tensor]]:
+        """``(position in the batch, id, uint8 mask)`` of each image (:class:`SegmentationWriter` writes them)."""
+        masks = []
+        for i, image, sid in self._skip_small(batch, ("image", "id")):
             pred = self.predict_logits(image, self.inference_model).argmax(1)[0].to(torch.uint8).cpu()
-            path = write_prediction(
-                self.predict_dir,
-                sid,
-                image.cpu(),
-                pred,
-                self.num_classes,
-                self.overlay_alpha,
-                outputs=getattr(self, "_outputs", None),
-            )
-            written.append(str(path))
-        self._predicted += len(written)
-        return written
-
-    def on_predict_epoch_end(self) -> None:
-        skipped = self._eval_skipped.report("predict")
-        images = sum(all_gather_objects(self._predicted))
-        outputs = getattr(self, "_outputs", None)  # None: the predict hooks called by hand, without a run
-        if not images:
-            dm = self.trainer.datamodule
-            source = getattr(dm, "predict_images", None) or getattr(dm, "root", "?")
-            require_some(images, "segment predict", source, skipped, on_error=outputs.close if outputs else None)
-        # a collective: every process has written all its masks when it returns, so the marker comes last
-        if outputs is not None:
-            outputs.finish({"images": images, "skipped": len(skipped)})
-        if is_global_zero():
-            print(f"predict: {images} masks and overlays written to {self.predict_dir}")
-
-
-def write_prediction(
-    out_dir: Path,
-    sample_id: str,
-    image: Tensor,
-    pred: Tensor,
-    num_classes: int,
-    alpha: float = 0.5,
-    outputs: OutputFolder | None = None,
-) -> Path:
-    """Write ``<id>.png`` (palette PNG of class indices) and ``<id>_overlay.png``; return the mask path.
-
-    ``image``: uint8 ``(3, H, W)``; ``pred``: uint8 ``(H, W)`` class indices. Files are written
-    atomically; with ``outputs`` (the run's :class:`~tasks.outputs.OutputFolder` of ``out_dir``)
-    recorded in its manifest, never over a file it did not write.
-    """
-
-    def opened(name: str) -> Any:
-        return outputs.write(name) if outputs is not None else atomic_path(Path(out_dir) / name)
-
-    palette = voc_palette()
-    mask_path = Path(out_dir) / f"{sample_id}.png"
-    png = Image.fromarray(pred.numpy(), mode="P")
-    png.putpalette(palette)
-    with opened(f"{sample_id}.png") as tmp:
-        png.save(tmp, format="PNG")
-    classes = torch.arange(1, num_classes)  # background stays unpainted
-    colors = [tuple(palette[3 * k : 3 * k + 3]) for k in classes.tolist()]
-    overlay = draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=alpha, colors=colors)
-    with opened(f"{sample_id}_overlay.png") as tmp:
-        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    return mask_path
+            masks.append((i, sid, pred))
+        return masks
 
 
 LINKS = [

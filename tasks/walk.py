@@ -1,7 +1,7 @@
 """Directory walks over users' data that follow symbolic links but never loop.
 
 :func:`walk_files` is the one walk over a folder of images (:func:`tasks.images.list_images`:
-predict and extract folders; :class:`tasks.data.classify.ImageFolderDataset`: ImageFolder
+predict and extract folders; :func:`tasks.data.classify.image_folder_split`: ImageFolder
 splits); :func:`class_folders` lists an ImageFolder split's class folders the same way.
 
 Written by hand because the library walks either loop or do not follow links:

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.data.voc import VOC_CLASSES
+
 __all__ = [
     "SEG11VALID",
     "make_coco_tree",
@@ -38,9 +40,6 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 #: The shipped seg11valid list (the FCN recipe's evaluation ids).
 SEG11VALID = REPO / "configs" / "segment" / "lists" / "seg11valid.txt"
-_VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                "tvmonitor")  # fmt: skip
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -68,8 +67,8 @@ def _write_voc_year(
     for k, sid in enumerate(ids):
         arr, (x0, y0, x1, y1) = _image(rng, h, w)
         Image.fromarray(arr).save(year_dir / "JPEGImages" / f"{sid}.jpg", quality=90)
-        label = 1 + k % len(_VOC_CLASSES)
-        name = _VOC_CLASSES[label - 1]
+        label = 1 + k % len(VOC_CLASSES)
+        name = VOC_CLASSES[label - 1]
         # VOC boxes are 1-based inclusive pixels
         (year_dir / "Annotations" / f"{sid}.xml").write_text(
             f"<annotation><folder>{year_dir.name}</folder><filename>{sid}.jpg</filename>"

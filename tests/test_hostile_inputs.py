@@ -208,22 +208,27 @@ def test_too_small_matches_what_the_network_can_take(scale: float, ceil_mode: bo
 
 
 def test_image_smaller_than_the_network_is_skipped_in_evaluation_and_predict(tmp_path: Path) -> None:
-    task = _tiny_segmentation_task(inference_scale=0.5, predict_dir=str(tmp_path / "pred"))
+    from tasks.segment import SegmentationWriter
+
+    task = _tiny_segmentation_task(inference_scale=0.5)
     ok = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     dot = torch.zeros(3, 1, 1, dtype=torch.uint8)
     batch = {"image": [dot, ok], "mask": [torch.zeros(1, 1, dtype=torch.long), torch.zeros(40, 40, dtype=torch.long)],
              "id": ["dot", "ok"], "path": ["dot.png", "ok.png"], "skipped": []}  # fmt: skip
     task.eval_step(batch)
     assert task.confmat.confmat.sum() == 40 * 40  # only the 40x40 image counted
-    assert [(s.path, s.reason) for s in task._eval_skipped.items] == [
+    assert [(s.path, s.reason) for s in task.eval_skips.items] == [
         ("dot.png", "image is 1x1 (0x0 at inference_scale 0.5), smaller than the network's minimum input 1x1")
     ]
-    task._eval_skipped.items.clear()
-    task.inference_model = task.model
-    written = task.predict_step({k: v for k, v in batch.items() if k != "mask"}, 0)
+    task.eval_skips.reset()
+    writer = SegmentationWriter(output_dir=str(tmp_path / "pred"))
+    writer.outputs.begin()
+    unlabelled = {k: v for k, v in batch.items() if k != "mask"}
+    written = task.predict_step(unlabelled, 0)
+    writer.write_batch(task, written, unlabelled)  # the masks replaced by the paths written
     assert written == [str(tmp_path / "pred" / "ok.png")] and not (tmp_path / "pred" / "dot.png").exists()
     with pytest.warns(UserWarning, match=r"predict: skipped 1 unreadable image\(s\): dot\.png \(image is 1x1"):
-        task.on_predict_epoch_end()
+        task.predict_skipped()
 
 
 def test_fit_with_a_1x1_validation_image_writes_its_checkpoint(tmp_path: Path) -> None:

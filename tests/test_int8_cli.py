@@ -66,7 +66,8 @@ def _predict(run: dict[str, Path], name: str, *switch: str) -> dict:
     from tasks.reid import main
 
     record = run["tmp"] / f"int8_predict_{name}.pt"
-    main(["predict", "--config", str(run["cfg"]), "--ckpt_path", str(run["ckpt"]), *switch, _record_arg(record)])
+    out = ["--writer.output_dir", str(run["tmp"] / f"int8_predict_{name}")]  # the embeddings file predict writes
+    main(["predict", "--config", str(run["cfg"]), "--ckpt_path", str(run["ckpt"]), *switch, *out, _record_arg(record)])
     return torch.load(record, weights_only=True)
 
 

@@ -1,6 +1,6 @@
 """The project never deletes or overwrites a file it did not write, and never calls a run that read nothing done.
 
-* demo generators (``data.shapes``, ``data.synthetic``, ``data.digits``, ``python -m tasks.data``)
+* demo generators (``data.synthetic`` of every task, ``python -m tasks.data``)
   write only into a missing or empty folder, or a dataset they generated (its manifest);
 * writers (detection, segmentation and classification ``predict``, ReID ``extract``) remove only
   what their previous run's manifest lists, never overwrite a file no manifest lists, and refuse
@@ -123,10 +123,10 @@ def _predict(task: str, cfg: Path, photos: Path, *extra: str) -> None:
 
 # ---------------------------------------------------------------------------- generators
 DEMOS = [
-    ("tasks.detect", "configs/detect/demo.yaml", "data.shapes"),
-    ("tasks.segment", "configs/segment/demo.yaml", "data.shapes"),
+    ("tasks.detect", "configs/detect/demo.yaml", "data.synthetic"),
+    ("tasks.segment", "configs/segment/demo.yaml", "data.synthetic"),
     ("tasks.reid", "configs/reid/demo.yaml", "data.synthetic"),
-    ("tasks.classify", "configs/classify/demo.yaml", "data.digits"),
+    ("tasks.classify", "configs/classify/demo.yaml", "data.synthetic"),
 ]
 
 
@@ -152,9 +152,9 @@ _MARKET = MarketConfig(num_train_ids=2, num_test_ids=2, num_cameras=2, min_camer
                        max_per_camera=2, num_distractors=1, num_junk=1, height=32, width=16, seed=1)  # fmt: skip
 GENERATORS = [
     ("shapes", ensure_shapes, _SHAPES, ShapesConfig(**{**_SHAPES.__dict__, "seed": 5, "layouts": ("coco",)}),
-     "data.shapes"),
+     "data.synthetic"),
     ("market", ensure_market, _MARKET, MarketConfig(**{**_MARKET.__dict__, "seed": 2}), "data.synthetic"),
-    ("digits", ensure_digits, DigitsConfig(), DigitsConfig(seed=1), "data.digits"),
+    ("digits", ensure_digits, DigitsConfig(), DigitsConfig(seed=1), "data.synthetic"),
 ]  # fmt: skip
 
 

@@ -78,9 +78,10 @@ def test_empty_training_batch_gives_a_zero_loss_on_every_parameter():
         "pid": torch.empty(0, dtype=torch.long),
         "skipped": [("x.jpg", "image file is empty")],
     }
+    task.on_train_batch_start(batch, 0)  # TaskModule counts every batch's readable and skipped images
     loss = task.training_step(batch, 0)
     assert loss.item() == 0.0
     loss.backward()  # every process joins DDP's gradient all-reduce, with zeros
     assert all(p.grad is not None and not p.grad.any() for p in task.parameters() if p.requires_grad)
-    assert [s.path for s in task._train_skipped.items] == ["x.jpg"]  # still counted for the epoch's warning
-    assert task._eval_skipped.items == []  # training and evaluation skips are counted apart
+    assert [s.path for s in task.train_skips.items] == ["x.jpg"]  # still counted for the epoch's warning
+    assert task.train_skips.readable == 0 and task.eval_skips.items == []  # training and evaluation apart

@@ -159,6 +159,8 @@ def test_reid_predict_inference_switch(
             "--ckpt_path",
             str(reid_run["ckpt"]),
             *switch,
+            "--writer.output_dir",  # the embeddings file predict writes
+            str(reid_run["tmp"] / f"predict_{expect_model.split(':')[1]}"),
             _record_arg(record),
         ]
     )

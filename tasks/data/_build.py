@@ -1,7 +1,7 @@
 """Atomic, idempotent dataset generation shared by the synthetic generators, never over someone else's files.
 
 A generator writes only into a missing or empty folder, or one holding a dataset it generated
-itself: its manifest (:data:`tasks.outputs.MANIFEST`) lists every file and folder it wrote, with
+itself: its manifest (:data:`tasks.manifest.MANIFEST`) lists every file and folder it wrote, with
 sizes and SHA-256. Anything else there (no manifest, files the manifest does not list, listed
 files changed since) stops it before it generates anything: :class:`GeneratedFolderError`, naming
 the folder, a few of the names found and how to proceed.
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.outputs import (
+from tasks.manifest import (
     MANIFEST,
     UnsafeOutputError,
     changed_files,
@@ -119,7 +119,7 @@ def building(root: str | Path, option: str | None = None) -> Iterator[Path]:
     the swap; ``option``, the config key that asked for generation, is named in the error). An
     interrupted or failing generation deletes the temporary folder and leaves ``root`` as it was,
     so a half-written dataset is never mistaken for a complete one. The finished folder gets its
-    manifest (:data:`tasks.outputs.MANIFEST`) before it takes ``root``'s place.
+    manifest (:data:`tasks.manifest.MANIFEST`) before it takes ``root``'s place.
     """
     root = Path(root)
     _check_replaceable(root, option)
@@ -195,7 +195,7 @@ def ensure_dataset(
 ) -> Path:  # fmt: skip
     """Run ``generate(root, cfg)`` unless ``root/spec_file`` records the same ``cfg``.
 
-    ``option`` (``data.shapes``...): the config key asking for the dataset, named when ``root``
+    ``option`` (``data.synthetic``): the config key asking for the dataset, named when ``root``
     holds something else (checked before generating: :class:`GeneratedFolderError`).
     """
     root = Path(root)

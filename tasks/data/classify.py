@@ -26,24 +26,29 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tasks.data.digits import DigitsConfig, ensure_digits
+from tasks.deprecation import old_names, renamed
 from tasks.distributed import is_global_zero
-from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, list_images, read_image
+from tasks.images import IMAGE_EXTENSIONS, ImageListDataset, drop_skipped
 from tasks.module import TaskDataModule
 from tasks.options import check_probability, check_range, check_size, require_exists, require_folder
 from tasks.walk import class_folders, walk_files
 
 __all__ = [
     "ClassificationDataModule",
-    "ImageFiles",
-    "ImageFolderDataset",
     "collate_classify",
     "eval_transforms",
+    "image_folder_split",
     "train_transforms",
+    "unlabelled_images",
 ]
+
+# the old datasets of this module, now :class:`tasks.images.ImageListDataset` (configured by these functions)
+__getattr__ = old_names(
+    __name__, {"ImageFolderDataset": lambda: image_folder_split, "ImageFiles": lambda: unlabelled_images}
+)
 
 _MODES = {1: "L", 3: "RGB"}
 #: class names of the digits demo (the folder names :mod:`tasks.data.digits` writes)
@@ -56,27 +61,15 @@ def _mode(in_channels: int) -> str:
     return _MODES[in_channels]
 
 
-class _Images(Dataset):
-    samples: list[tuple[str, int]]
-    mode: str
-    transform: Callable[[Any], Any] | None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
-        path, label = self.samples[i]
-        try:
-            image = read_image(path, self.mode)
-        except BadImageError as e:
-            return SkippedSample(e.path, e.reason)
-        if self.transform is not None:
-            image = self.transform(tv_tensors.Image(image))
-        return {"image": image.as_subclass(torch.Tensor), "label": label, "index": i, "path": str(path)}
-
-
-class ImageFolderDataset(_Images):
-    """One split of an ImageFolder tree: ``root/<class>/**/<image>``, listed by torchvision.
+def image_folder_split(
+    root: str | Path,
+    classes: Sequence[str],
+    in_channels: int = 3,
+    transform: Callable[[Any], Any] | None = None,
+    allow_empty: bool = False,
+) -> ImageListDataset:
+    """One split of an ImageFolder tree: ``root/<class>/**/<image>``, listed as torchvision does,
+    as a labelled :class:`tasks.images.ImageListDataset`.
 
     Args:
         root: the split folder (``<data root>/train``...).
@@ -84,58 +77,45 @@ class ImageFolderDataset(_Images):
             them (a folder that is not is an error naming it). A class without a folder or
             without images is allowed only with ``allow_empty`` (evaluation splits).
         in_channels: 1 (images read as ``L``) or 3 (``RGB``).
-        transform: applied to the ``tv_tensors.Image`` (uint8 ``(C, H, W)``).
+        transform: applied to the uint8 ``(C, H, W)`` image.
         allow_empty: allow classes without images (otherwise torchvision's error names them).
     """
-
-    def __init__(
-        self,
-        root: str | Path,
-        classes: Sequence[str],
-        in_channels: int = 3,
-        transform: Callable[[Any], Any] | None = None,
-        allow_empty: bool = False,
-    ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"{self.root}: split folder not found (ImageFolder layout: <root>/<split>/<class>/)"
-            )
-        # torchvision's make_dataset walks with os.walk(followlinks=True), which loops for ever on a
-        # link back into an ancestor: tasks.walk lists the same files in the same order, never twice
-        walk = walk_files(self.root, IMAGE_EXTENSIONS)
-        if is_global_zero():
-            walk.warn()
-        found = sorted({d[0] for d in walk.dirs})
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(f"{self.root}: class folder(s) {unknown} are not among the classes {list(classes)}")
-        self.classes = list(classes)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        # torchvision's order: class by class, then by folder path, then by file name
-        listed = sorted((f for f in walk.files if len(f) > 1), key=lambda f: (f[0], os.sep.join(f[:-1]), f[-1]))
-        self.samples = [(os.path.join(self.root, *f), self.class_to_idx[f[0]]) for f in listed]
-        empty = sorted(set(found) - {f[0] for f in listed})
-        if empty and not allow_empty:  # torchvision's make_dataset error
-            raise FileNotFoundError(
-                f"{self.root}: found no valid file for the classes {', '.join(empty)}. "
-                f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}"
-            )
-        if not self.samples:
-            raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.mode = _mode(in_channels)
-        self.transform = transform
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: split folder not found (ImageFolder layout: <root>/<split>/<class>/)")
+    # torchvision's make_dataset walks with os.walk(followlinks=True), which loops for ever on a
+    # link back into an ancestor: tasks.walk lists the same files in the same order, never twice
+    walk = walk_files(root, IMAGE_EXTENSIONS)
+    if is_global_zero():
+        walk.warn()
+    found = sorted({d[0] for d in walk.dirs})
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: class folder(s) {unknown} are not among the classes {list(classes)}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    # torchvision's order: class by class, then by folder path, then by file name
+    listed = sorted((f for f in walk.files if len(f) > 1), key=lambda f: (f[0], os.sep.join(f[:-1]), f[-1]))
+    empty = sorted(set(found) - {f[0] for f in listed})
+    if empty and not allow_empty:  # torchvision's make_dataset error
+        raise FileNotFoundError(
+            f"{root}: found no valid file for the classes {', '.join(empty)}. "
+            f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    if not listed:
+        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    paths = [os.path.join(root, *f) for f in listed]
+    dataset = ImageListDataset(paths, transform=transform, labels=[class_to_idx[f[0]] for f in listed],
+                               mode=_mode(in_channels))  # fmt: skip
+    dataset.classes, dataset.class_to_idx = list(classes), class_to_idx  # as torchvision's ImageFolder
+    return dataset
 
 
-class ImageFiles(_Images):
+def unlabelled_images(
+    source: str | Path, in_channels: int = 3, transform: Callable[[Any], Any] | None = None
+) -> ImageListDataset:
     """Images without labels (``label`` -1) from a folder, an image list file or one image
     (:func:`tasks.images.list_images`), for ``predict``."""
-
-    def __init__(self, source: str | Path, in_channels: int = 3, transform: Callable[[Any], Any] | None = None) -> None:
-        _, files = list_images(source)
-        self.samples = [(str(p), -1) for p in files]
-        self.mode = _mode(in_channels)
-        self.transform = transform
+    return ImageListDataset(source, transform=transform, mode=_mode(in_channels))
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -207,7 +187,7 @@ class ClassificationDataModule(TaskDataModule):
             set ``test_split: val``).
         classes: class names in index order. Default: the sorted class folders of
             ``train_split`` (of ``val_split``/``test_split`` when there is no training folder),
-            or ``0``..``9`` for ``digits``.
+            or ``0``..``9`` for the digits (``synthetic``).
         in_channels: 1 (images read as grayscale ``L``) or 3 (``RGB``); linked to the model's.
         image_size: side of the square network input.
         resize_size: shorter side before the crop (evaluation: centre crop; ``resize_crop``
@@ -217,9 +197,11 @@ class ClassificationDataModule(TaskDataModule):
         jitter_range: ``[S_min, S_max]`` of ``scale_jitter`` (the paper's ``[256, 512]``).
         hflip: horizontal flip probability in training (0 for digits and text).
         predict_images: images for ``predict`` (folder, list file or one image); default: ``test_split``.
-        digits: write scikit-learn's digits into ``root`` with this split when it is missing
-            (:mod:`tasks.data.digits`, the demo's data).
+        synthetic: write scikit-learn's digits into ``root`` with this split when it is missing
+            (:mod:`tasks.data.digits`, the demo's data: real images, generated as a tree, as every
+            task's demo data is under ``data.synthetic``).
         batch_size, eval_batch_size, num_workers: loaders.
+        digits: old name of ``synthetic`` (accepted, warned once).
     """
 
     collate_fns: ClassVar[Mapping[str, Any]] = {
@@ -241,10 +223,11 @@ class ClassificationDataModule(TaskDataModule):
         jitter_range: tuple[int, int] = (256, 512),
         hflip: float = 0.5,
         predict_images: str | None = None,
-        digits: DigitsConfig | None = None,
+        synthetic: DigitsConfig | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
+        digits: DigitsConfig | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.root = Path(root)
@@ -263,7 +246,7 @@ class ClassificationDataModule(TaskDataModule):
         self.train_crop, self.scale_range, self.jitter_range = train_crop, tuple(scale_range), tuple(jitter_range)
         self.hflip = float(hflip)
         self.predict_images = predict_images
-        self.digits = digits
+        self.synthetic = renamed("data", "digits", "synthetic", digits, synthetic, None)
         #: who says what the labels mean, for messages (checked against a model's: tasks.classes)
         self.class_source = "data.classes"
         self.classes = list(classes) if classes else self._default_classes()
@@ -271,8 +254,8 @@ class ClassificationDataModule(TaskDataModule):
             raise ValueError(f"classification needs at least 2 classes, got {self.classes}")
 
     def _default_classes(self) -> list[str]:
-        if self.digits is not None:
-            self.class_source = "the digits' classes (data.digits)"
+        if self.synthetic is not None:
+            self.class_source = "the digits' classes (data.synthetic)"
             return list(DIGITS_CLASSES)
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
@@ -294,11 +277,16 @@ class ClassificationDataModule(TaskDataModule):
     def class_names(self) -> list[str]:
         return list(self.classes)
 
-    def prepare_data(self) -> None:
-        if self.digits is not None:
-            ensure_digits(self.root, self.digits)
+    @property
+    def digits(self) -> DigitsConfig | None:
+        """The old name of :attr:`synthetic`."""
+        return self.synthetic
 
-    def dataset(self, split: str, train: bool = False, option: str = "data.val_split") -> ImageFolderDataset:
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            ensure_digits(self.root, self.synthetic)
+
+    def dataset(self, split: str, train: bool = False, option: str = "data.val_split") -> ImageListDataset:
         """The ``split`` folder with training or evaluation transforms (``option`` names it in errors)."""
         require_folder(option, self.root / split, within=("data.root", self.root))
         if train:
@@ -307,7 +295,7 @@ class ClassificationDataModule(TaskDataModule):
             )
         else:
             tf = eval_transforms(self.image_size, self.resize_size)
-        return ImageFolderDataset(self.root / split, self.classes, self.in_channels, tf, allow_empty=not train)
+        return image_folder_split(self.root / split, self.classes, self.in_channels, tf, allow_empty=not train)
 
     def build_dataset(self, name: str) -> Dataset:
         """``train``/``val``/``test``: their split folders; ``predict``: ``predict_images``, else ``test_split``."""
@@ -315,7 +303,8 @@ class ClassificationDataModule(TaskDataModule):
             return self.dataset(self.train_split, train=True, option="data.train_split")
         if name == "predict" and self.predict_images:
             require_exists("data.predict_images", self.predict_images, "folder, image list or image")
-            return ImageFiles(self.predict_images, self.in_channels, eval_transforms(self.image_size, self.resize_size))
+            tf = eval_transforms(self.image_size, self.resize_size)
+            return unlabelled_images(self.predict_images, self.in_channels, tf)
         option = "data.val_split" if name == "val" else "data.test_split"
         return self.dataset(
             {"val": self.val_split, "test": self.test_split, "predict": self.test_split}[name], option=option

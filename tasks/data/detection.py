@@ -39,8 +39,8 @@ __all__ = [
     "DetectionDataset",
     "DetectionRecord",
     "DetectionSplit",
-    "ImageFolderDataset",
     "collate_detection",
+    "detection_images",
     "detection_transforms",
     "find_coco_images",
     "read_coco",
@@ -142,24 +142,20 @@ class DetectionDataset(Dataset):
         return image, target
 
 
-class ImageFolderDataset(ImageListDataset):
-    """Images to predict on (:class:`tasks.images.ImageListDataset`) as detection samples.
+def _image_sample(index: int, sample: dict[str, Any] | SkippedSample) -> Any:
+    """An image to predict on as a detection sample: ``(float image in [0, 1], {"image_id", "size": (H, W),
+    "path", "out_name"})`` (``out_name``: the distinct output stem)."""
+    if isinstance(sample, SkippedSample):
+        return sample
+    raw = sample["image"]
+    target = {"image_id": sample["id"], "size": tuple(raw.shape[-2:]), "path": sample["path"]}
+    return v2.functional.to_dtype(raw, torch.float32, scale=True), target | {"out_name": sample["name"]}
 
-    Items are ``(image float [0, 1], {"image_id", "size": (H, W), "path", "out_name"})``; ``ids``
-    default to the positions in the list; ``out_name`` is the distinct output stem.
-    """
 
-    def __init__(self, source: str | Path | Sequence[str | Path], ids: Sequence[int] | None = None) -> None:
-        super().__init__(source, ids)
-        self.to_float = v2.ToDtype(torch.float32, scale=True)
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict[str, Any]] | SkippedSample:
-        item = super().__getitem__(idx)
-        if isinstance(item, SkippedSample):
-            return item
-        raw = item["image"]
-        target = {"image_id": item["id"], "size": tuple(raw.shape[-2:]), "path": item["path"], "out_name": item["name"]}
-        return self.to_float(tv_tensors.Image(raw)), target
+def detection_images(source: str | Path | Sequence[str | Path], ids: Sequence[int] | None = None) -> ImageListDataset:
+    """Images to predict on (:class:`tasks.images.ImageListDataset`) as detection samples
+    (:func:`_image_sample`); ``ids`` default to the positions in the list."""
+    return ImageListDataset(source, ids, item=_image_sample)
 
 
 @dataclass
@@ -209,11 +205,12 @@ class DetectionDataModule(TaskDataModule):
             works with every family; the SSD configs set ``ssd``.
         fixed_size: resize training images to ``fixed_size x fixed_size`` in the loader (SSD: its
             ``model.size``, checked by the task; ``None``: the model resizes them).
-        shapes: generate the synthetic shapes dataset with these settings into ``root`` when
-            it is missing or was made with other settings (the demo).
+        synthetic: generate the synthetic shapes dataset with these settings into ``root`` when
+            it is missing or was made with other settings (the demo; :mod:`tasks.data.shapes`).
         batch_size, eval_batch_size, num_workers: loaders (``batch_size`` per process).
-        format, train_set, val_set, test_set, predict_path: old names of ``layout``,
-            ``train_split``, ``val_split``, ``test_split``, ``predict_images`` (accepted, warned once).
+        format, train_set, val_set, test_set, predict_path, shapes: old names of ``layout``,
+            ``train_split``, ``val_split``, ``test_split``, ``predict_images``, ``synthetic``
+            (accepted, warned once).
     """
 
     collate_fns: ClassVar[Mapping[str, Any]] = dict.fromkeys(("train", "val", "test", "predict"), collate_detection)
@@ -238,7 +235,7 @@ class DetectionDataModule(TaskDataModule):
         photometric: float = 0.5,
         augment: Literal["frcnn", "ssd"] = "frcnn",
         fixed_size: int | None = None,
-        shapes: ShapesConfig | None = None,
+        synthetic: ShapesConfig | None = None,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -247,6 +244,7 @@ class DetectionDataModule(TaskDataModule):
         val_set: str | None = None,
         test_set: str | None = None,
         predict_path: str | None = None,
+        shapes: ShapesConfig | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         owner = "data"
@@ -255,31 +253,10 @@ class DetectionDataModule(TaskDataModule):
         val_split = renamed(owner, "val_set", "val_split", val_set, val_split, "val")
         test_split = renamed(owner, "test_set", "test_split", test_set, test_split, None)
         predict_images = renamed(owner, "predict_path", "predict_images", predict_path, predict_images, None)
-        self.save_hyperparameters(
-            {
-                "root": root,
-                "layout": layout,
-                "train_split": train_split,
-                "val_split": val_split,
-                "test_split": test_split,
-                "train_ann": train_ann,
-                "val_ann": val_ann,
-                "test_ann": test_ann,
-                "train_images": train_images,
-                "val_images": val_images,
-                "test_images": test_images,
-                "predict_images": predict_images,
-                "train_difficult": train_difficult,
-                "hflip": hflip,
-                "photometric": photometric,
-                "augment": augment,
-                "fixed_size": fixed_size,
-                "shapes": shapes,
-                "batch_size": batch_size,
-                "eval_batch_size": eval_batch_size,
-                "num_workers": num_workers,
-            }
-        )  # fmt: skip  (not the classes: the model's hyper-parameters hold the resolved ones)
+        synthetic = renamed(owner, "shapes", "synthetic", shapes, synthetic, None)
+        # not the classes: the model's hyper-parameters hold the resolved ones
+        self.save_hyperparameters(ignore=["classes", "format", "train_set", "val_set", "test_set", "predict_path",
+                                          "shapes"])  # fmt: skip
         if layout not in ("coco", "voc"):
             raise ValueError(f"data.layout must be 'coco' or 'voc', got {layout!r}")
         self.root = Path(root)
@@ -296,7 +273,7 @@ class DetectionDataModule(TaskDataModule):
             raise ValueError(f"data.augment must be 'frcnn' or 'ssd', got {augment!r}")
         check_size("data.fixed_size", fixed_size, optional=True)
         self.augment, self.fixed_size = augment, fixed_size
-        self.shapes = shapes
+        self.synthetic = synthetic
         self._splits: dict[str, DetectionSplit] = {}
         self._categories: list[dict[str, Any]] | None = None
 
@@ -306,7 +283,7 @@ class DetectionDataModule(TaskDataModule):
         """Class names in label order (label 0 is background)."""
         if self._classes is not None:
             return self._classes
-        if self.shapes is not None:
+        if self.synthetic is not None:
             return list(SHAPES_CLASSES)
         if self.layout == "voc":
             return list(VOC_CLASSES)
@@ -315,7 +292,7 @@ class DetectionDataModule(TaskDataModule):
     @property
     def category_ids(self) -> list[int]:
         """COCO category id of each label (results JSON); ``1..K`` unless a COCO file says otherwise."""
-        if self.layout == "coco" and self.shapes is None and self._classes is None:
+        if self.layout == "coco" and self.synthetic is None and self._classes is None:
             return [int(c["id"]) for c in self._file_categories()]
         return list(range(1, len(self.classes) + 1))
 
@@ -372,10 +349,12 @@ class DetectionDataModule(TaskDataModule):
         return self._splits[stage]
 
     def prepare_data(self) -> None:
-        if self.shapes is not None:
-            if self.layout not in self.shapes.layouts:
-                raise ValueError(f"data.layout is {self.layout!r} but data.shapes.layouts is {self.shapes.layouts}")
-            ensure_shapes(self.root, self.shapes)
+        if self.synthetic is not None:
+            if self.layout not in self.synthetic.layouts:
+                raise ValueError(
+                    f"data.layout is {self.layout!r} but data.synthetic.layouts is {self.synthetic.layouts}"
+                )
+            ensure_shapes(self.root, self.synthetic)
 
     def build_dataset(self, name: str) -> Dataset:
         """``train`` (augmented)/``val``/``test``: their splits; ``predict``: ``predict_images``, else
@@ -390,9 +369,9 @@ class DetectionDataModule(TaskDataModule):
         if name == "predict":
             if self.predict_images is not None:
                 require_exists("data.predict_images", self.predict_images, "folder, image list or image")
-                return ImageFolderDataset(self.predict_images)
+                return detection_images(self.predict_images)
             val = self._read_split("val")  # its images and ids only: annotations are not needed
-            return ImageFolderDataset([r.path for r in val.records], ids=[r.image_id for r in val.records])
+            return detection_images([r.path for r in val.records], ids=[r.image_id for r in val.records])
         return DetectionDataset(self.split(name), train=False)
 
     @property
@@ -400,5 +379,12 @@ class DetectionDataModule(TaskDataModule):
         """The old name of :attr:`layout`."""
         return self.layout
 
+    @property
+    def shapes(self) -> ShapesConfig | None:
+        """The old name of :attr:`synthetic`."""
+        return self.synthetic
 
-__getattr__ = old_names(__name__, {"DetectionData": lambda: DetectionDataModule})
+
+__getattr__ = old_names(
+    __name__, {"DetectionData": lambda: DetectionDataModule, "ImageFolderDataset": lambda: detection_images}
+)

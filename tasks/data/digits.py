@@ -83,4 +83,4 @@ def generate_digits(root: str | Path, cfg: DigitsConfig = DigitsConfig(), *, pro
 
 def ensure_digits(root: str | Path, cfg: DigitsConfig = DigitsConfig(), *, progress: bool = True) -> Path:
     """Write the digits unless ``root`` already holds them split with the same ``cfg``."""
-    return ensure_dataset(root, cfg, SPEC_FILE, generate_digits, progress=progress, option="data.digits")
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_digits, progress=progress, option="data.synthetic")

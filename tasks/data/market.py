@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -187,10 +188,22 @@ def _background(rng: np.random.Generator, cam: _Camera, h: int, w: int) -> Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _draw_person(
-    draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Generator, h: int, w: int, view: int
-) -> None:
-    """Draw ``ident`` facing the camera (view 0), away (1) or sideways (2), centred in (h, w)."""
+class _Figure(NamedTuple):
+    """Where a person's parts go in a crop (pixels): centre, head radius, and the heights of the top
+    of the head, the neck, the waist, the knees and the feet; ``half``: half the torso width."""
+
+    cx: float
+    top_y: float
+    body_h: float
+    half: float
+    head_r: float
+    neck_y: float
+    waist_y: float
+    knee_y: float
+    feet_y: float
+
+
+def _figure(ident: _Identity, rng: np.random.Generator, h: int, w: int, view: int) -> _Figure:
     cx = w / 2 + rng.uniform(-0.08, 0.08) * w
     top_y = h * (0.04 + (1 - ident.stature) * 0.5 + rng.uniform(-0.02, 0.03))
     body_h = h * 0.92 * ident.stature
@@ -199,17 +212,23 @@ def _draw_person(
     neck_y = top_y + 2 * head_r
     waist_y = neck_y + body_h * 0.36
     feet_y = top_y + body_h
-    stride = rng.uniform(0, 0.12) * w  # walking pose: feet apart
-    # legs
-    leg_w = half * 0.45
     knee_y = waist_y + (feet_y - waist_y) * 0.5
+    return _Figure(cx, top_y, body_h, half, head_r, neck_y, waist_y, knee_y, feet_y)
+
+
+def _draw_legs(
+    draw: ImageDraw.ImageDraw, ident: _Identity, f: _Figure, stride: float, rng: np.random.Generator
+) -> None:
+    """Legs in a walking pose (feet ``stride`` apart), the bottom (trousers, shorts or skirt) and shoes."""
+    leg_w = f.half * 0.45
     for sgn in (-1, 1):
-        hip_x = cx + sgn * half * 0.45
+        hip_x = f.cx + sgn * f.half * 0.45
         foot_x = hip_x + sgn * stride * rng.uniform(0.5, 1.0)
-        leg = [(hip_x - leg_w, waist_y), (hip_x + leg_w, waist_y), (foot_x + leg_w, feet_y), (foot_x - leg_w, feet_y)]
+        leg = [(hip_x - leg_w, f.waist_y), (hip_x + leg_w, f.waist_y), (foot_x + leg_w, f.feet_y),
+               (foot_x - leg_w, f.feet_y)]  # fmt: skip
         draw.polygon(leg, fill=ident.skin)
-        end_y = {0: feet_y - head_r * 0.6, 1: knee_y, 2: knee_y + head_r * 0.5}[ident.cut]
-        t = (end_y - waist_y) / (feet_y - waist_y)
+        end_y = {0: f.feet_y - f.head_r * 0.6, 1: f.knee_y, 2: f.knee_y + f.head_r * 0.5}[ident.cut]
+        t = (end_y - f.waist_y) / (f.feet_y - f.waist_y)
         cover = [
             leg[0],
             leg[1],
@@ -217,26 +236,32 @@ def _draw_person(
             (hip_x - leg_w + (foot_x - hip_x) * t, end_y),
         ]
         draw.polygon(cover, fill=ident.bottom)
-        draw.rectangle([foot_x - leg_w * 1.2, feet_y - head_r * 0.6, foot_x + leg_w * 1.3, feet_y], fill=ident.shoes)
+        shoe = [foot_x - leg_w * 1.2, f.feet_y - f.head_r * 0.6, foot_x + leg_w * 1.3, f.feet_y]
+        draw.rectangle(shoe, fill=ident.shoes)
     if ident.cut == 2:  # skirt
-        draw.polygon(
-            [(cx - half, waist_y), (cx + half, waist_y), (cx + half * 1.4, knee_y), (cx - half * 1.4, knee_y)],
-            fill=ident.bottom,
-        )
-    # arms
-    arm_w = half * 0.32
-    swing = rng.uniform(-0.06, 0.06) * w
+        skirt = [(f.cx - f.half, f.waist_y), (f.cx + f.half, f.waist_y), (f.cx + f.half * 1.4, f.knee_y),
+                 (f.cx - f.half * 1.4, f.knee_y)]  # fmt: skip
+        draw.polygon(skirt, fill=ident.bottom)
+
+
+def _draw_arms(draw: ImageDraw.ImageDraw, ident: _Identity, f: _Figure, swing: float, view: int) -> None:
+    """Arms swung by ``swing``, sleeves long or short (one arm hidden sideways)."""
+    arm_w = f.half * 0.32
     for sgn in (-1, 1):
         if view == 2 and sgn == -1:
             continue
-        sx = cx + sgn * (half + arm_w * 0.6)
-        hand = (sx + sgn * swing, waist_y + body_h * 0.08)
-        draw.line([(sx, neck_y + head_r * 0.5), hand], fill=ident.skin, width=max(1, int(arm_w * 1.6)))
-        sleeve_end = hand if ident.long_sleeves else ((sx + hand[0]) / 2, (neck_y + hand[1]) / 2)
-        draw.line([(sx, neck_y + head_r * 0.5), sleeve_end], fill=ident.top, width=max(1, int(arm_w * 1.8)))
-    # torso with its pattern
-    torso = [cx - half, neck_y, cx + half, waist_y]
-    draw.rectangle(torso, fill=ident.top)
+        sx = f.cx + sgn * (f.half + arm_w * 0.6)
+        hand = (sx + sgn * swing, f.waist_y + f.body_h * 0.08)
+        shoulder = (sx, f.neck_y + f.head_r * 0.5)
+        draw.line([shoulder, hand], fill=ident.skin, width=max(1, int(arm_w * 1.6)))
+        sleeve_end = hand if ident.long_sleeves else ((sx + hand[0]) / 2, (f.neck_y + hand[1]) / 2)
+        draw.line([shoulder, sleeve_end], fill=ident.top, width=max(1, int(arm_w * 1.8)))
+
+
+def _draw_torso(draw: ImageDraw.ImageDraw, ident: _Identity, f: _Figure, view: int) -> None:
+    """The torso with its pattern: plain, stripes, two halves or a logo (not seen from behind)."""
+    cx, half, neck_y, waist_y = f.cx, f.half, f.neck_y, f.waist_y
+    draw.rectangle([cx - half, neck_y, cx + half, waist_y], fill=ident.top)
     if ident.pattern == 1:
         step = max(2.0, (waist_y - neck_y) / 5)
         y = neck_y + step / 2
@@ -249,31 +274,48 @@ def _draw_person(
         s = half * 0.5
         my = (neck_y + waist_y) / 2
         draw.rectangle([cx - s, my - s, cx + s, my + s], fill=ident.top2)
-    # bag: a backpack shows fully from behind, as a strip from the front/side
+
+
+def _draw_bag(draw: ImageDraw.ImageDraw, ident: _Identity, f: _Figure, view: int) -> None:
+    """A backpack (whole from behind, a strip from the front or side) or a shoulder bag."""
+    cx, half, head_r, neck_y, waist_y = f.cx, f.half, f.head_r, f.neck_y, f.waist_y
     if ident.bag == 1:
         if view == 1:
-            draw.rectangle(
-                [cx - half * 0.75, neck_y + head_r, cx + half * 0.75, waist_y - head_r * 0.3], fill=ident.bag_colour
-            )
+            box = [cx - half * 0.75, neck_y + head_r, cx + half * 0.75, waist_y - head_r * 0.3]
         else:
             sx = cx + (half if view == 2 else -half)
-            draw.rectangle(
-                [sx - half * 0.35, neck_y + head_r, sx + half * 0.15, waist_y - head_r * 0.5], fill=ident.bag_colour
-            )
+            box = [sx - half * 0.35, neck_y + head_r, sx + half * 0.15, waist_y - head_r * 0.5]
+        draw.rectangle(box, fill=ident.bag_colour)
     elif ident.bag == 2:
-        draw.line(
-            [(cx - half, neck_y), (cx + half, waist_y - head_r)], fill=ident.bag_colour, width=max(1, int(half * 0.2))
-        )
+        strap = [(cx - half, neck_y), (cx + half, waist_y - head_r)]
+        draw.line(strap, fill=ident.bag_colour, width=max(1, int(half * 0.2)))
         bx = cx + half
-        draw.rectangle(
-            [bx - half * 0.3, waist_y - head_r * 2, bx + half * 0.5, waist_y + head_r * 0.6], fill=ident.bag_colour
-        )
-    # head and hair
-    hy = top_y + head_r
-    draw.ellipse([cx - head_r, hy - head_r, cx + head_r, hy + head_r], fill=ident.skin if view != 1 else ident.hair)
-    draw.pieslice([cx - head_r, hy - head_r, cx + head_r, hy + head_r], 180, 360, fill=ident.hair)
+        draw.rectangle([bx - half * 0.3, waist_y - head_r * 2, bx + half * 0.5, waist_y + head_r * 0.6],
+                       fill=ident.bag_colour)  # fmt: skip
+
+
+def _draw_head(draw: ImageDraw.ImageDraw, ident: _Identity, f: _Figure, view: int) -> None:
+    """Head (the hair's colour from behind) and hair, long or short."""
+    cx, head_r = f.cx, f.head_r
+    hy = f.top_y + head_r
+    head = [cx - head_r, hy - head_r, cx + head_r, hy + head_r]
+    draw.ellipse(head, fill=ident.skin if view != 1 else ident.hair)
+    draw.pieslice(head, 180, 360, fill=ident.hair)
     if ident.long_hair:
         draw.rectangle([cx - head_r, hy, cx + head_r * (0.3 if view == 2 else 1.0), hy + head_r * 2.2], fill=ident.hair)
+
+
+def _draw_person(
+    draw: ImageDraw.ImageDraw, ident: _Identity, rng: np.random.Generator, h: int, w: int, view: int
+) -> None:
+    """Draw ``ident`` facing the camera (view 0), away (1) or sideways (2), centred in (h, w)."""
+    figure = _figure(ident, rng, h, w, view)
+    stride = rng.uniform(0, 0.12) * w  # walking pose: feet apart
+    _draw_legs(draw, ident, figure, stride, rng)
+    _draw_arms(draw, ident, figure, rng.uniform(-0.06, 0.06) * w, view)
+    _draw_torso(draw, ident, figure, view)
+    _draw_bag(draw, ident, figure, view)
+    _draw_head(draw, ident, figure, view)
 
 
 def _render(

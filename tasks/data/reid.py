@@ -1,4 +1,5 @@
-"""ReID data: Market-1501 layout and ``pid,camid`` CSV readers, PK sampling, the data module.
+"""ReID data: the dataset, its collate function and the data module; the Market-1501 and CSV readers
+are :mod:`tasks.data.reid_readers`, the PK sampler :mod:`tasks.data.pk_sampler` (their names are served here too).
 
 Market-1501 (Zheng et al. 2015) names crops ``PPPP_cCsS_FFFFFF_BB.jpg``: identity, camera,
 sequence, frame, box. The benchmark's conventions, as torchreid and fast-reid apply them:
@@ -18,24 +19,20 @@ a CSV with a header ``path,pid,camid`` per split (paths relative to the CSV's fo
 
 from __future__ import annotations
 
-import csv
 import os
-import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from tasks.data.market import MarketConfig, ensure_market
+from tasks.data.pk_sampler import PKSampler
+from tasks.data.reid_readers import MARKET_SPLITS, ReIDSample, parse_market_name, read_market_split, read_pid_csv
 from tasks.deprecation import renamed
-from tasks.images import IMAGE_EXTENSIONS, BadImageError, SkippedSample, drop_skipped, read_image
+from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
 from tasks.options import check_int, check_number, check_probability, check_size, require_file, require_folder
 
@@ -49,107 +46,6 @@ __all__ = [
     "read_market_split",
     "read_pid_csv",
 ]
-
-MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-
-
-@dataclass(frozen=True)
-class ReIDSample:
-    """One crop: its path, identity and camera (0-based)."""
-
-    path: str
-    pid: int
-    camid: int
-
-
-def parse_market_name(name: str) -> tuple[int, int] | None:
-    """``"0002_c1s1_000451_03.jpg" -> (2, 0)`` (identity, 0-based camera); ``None`` if not that form."""
-    m = _MARKET_NAME.match(name)
-    if m is None or int(m.group(2)) < 1:
-        return None
-    return int(m.group(1)), int(m.group(2)) - 1
-
-
-def read_market_split(folder: str | Path, *, keep_distractors: bool) -> list[ReIDSample]:
-    """Crops of one Market-1501 folder, sorted by name, junk (``-1``) dropped.
-
-    ``keep_distractors``: keep identity ``0`` (the gallery keeps it, training drops it). Files
-    whose names do not follow the pattern, or name an identity below ``-1``, are skipped with one
-    counted warning.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder}: Market-1501 folder not found (expected bounding_box_train, query, bounding_box_test)"
-        )
-    samples, odd, bad_pid = [], [], []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue  # Thumbs.db and friends ship with the real dataset
-        parsed = parse_market_name(p.name)
-        if parsed is None:
-            odd.append(p.name)
-            continue
-        pid, camid = parsed
-        if pid < -1:
-            bad_pid.append(p.name)
-            continue
-        if pid == -1 or (pid == 0 and not keep_distractors):
-            continue
-        samples.append(ReIDSample(str(p), pid, camid))
-    if odd:
-        warnings.warn(
-            f"{folder}: skipped {len(odd)} image(s) whose names are not PPPP_cC...: {', '.join(odd[:5])}"
-            + (" ..." if len(odd) > 5 else ""),
-            stacklevel=2,
-        )
-    if bad_pid:
-        warnings.warn(
-            f"{folder}: skipped {len(bad_pid)} image(s) whose identity is below -1 (-1 = junk, 0 = distractor, "
-            f"people from 1): {', '.join(bad_pid[:5])}" + (" ..." if len(bad_pid) > 5 else ""),
-            stacklevel=2,
-        )
-    if not samples:
-        raise ValueError(f"{folder}: no Market-1501 images (PPPP_cCsS_FFFFFF_BB.jpg) found")
-    return samples
-
-
-def read_pid_csv(path: str | Path) -> list[ReIDSample]:
-    """A split from a CSV with header ``path,pid,camid`` (paths relative to the CSV's folder).
-
-    Identity ``-1`` rows are junk and dropped, as in Market-1501; an identity below ``-1`` is an
-    error. Errors name the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: CSV file not found")
-    samples = []
-    with open(path, newline="", errors="surrogateescape") as f:  # paths as the file system has them
-        reader = csv.DictReader(f)
-        missing = {"path", "pid", "camid"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: the header must name path,pid,camid (missing: {', '.join(sorted(missing))})")
-        for line, row in enumerate(reader, start=2):
-            try:
-                pid, camid = int(row["pid"]), int(row["camid"])
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}:{line}: pid and camid must be integers, got {row['pid']!r}, {row['camid']!r}"
-                ) from None
-            if not row["path"]:
-                raise ValueError(f"{path}:{line}: empty path")
-            if camid < 0:
-                raise ValueError(f"{path}:{line}: camid must be >= 0, got {camid}")
-            if pid < -1:
-                raise ValueError(f"{path}:{line}: pid must be >= -1 (-1 = junk, 0 = distractor), got {pid}")
-            if pid == -1:
-                continue
-            p = Path(row["path"])
-            samples.append(ReIDSample(str(p if p.is_absolute() else path.parent / p), pid, camid))
-    if not samples:
-        raise ValueError(f"{path}: no samples")
-    return samples
 
 
 class ReIDDataset(Dataset):
@@ -192,97 +88,6 @@ def collate_reid(items: list[Any]) -> dict[str, Any]:
         "is_query": torch.tensor([k.get("is_query", False) for k in kept], dtype=torch.bool),
         "skipped": [(s.path, s.reason) for s in skipped],
     }
-
-
-class PKSampler(DistributedSampler):
-    """P identities x K images per batch, each process its own batches, the same plan on every rank.
-
-    Written by hand because pytorch-metric-learning's ``MPerClassSampler`` is not distributed:
-    Lightning wraps a non-distributed sampler in ``DistributedSamplerWrapper``, which shuffles
-    its output and deals it out index by index, breaking the P x K structure. This subclasses
-    ``DistributedSampler`` so Lightning leaves it alone, and calls ``set_epoch`` on it.
-
-    Per epoch, each identity's images are shuffled and cut into groups of K, padded by
-    re-sampling its own images (``padding``): ``"multiple"`` (the default) pads every identity
-    to a multiple of K, so every image is seen each epoch; ``"below_k"`` pads only identities with
-    fewer than K images (up to K) and drops the others' last incomplete group, as the strong
-    baseline's ``RandomIdentitySampler`` (reid-strong-baseline ``data/samplers/triplet_sampler.py``,
-    also open-reid's and torchreid's): on Market-1501 at K=4 its epochs are ~15-20 % shorter.
-    Batches take P random identities that still have a group. Batches are dealt round-robin to the ``num_replicas``
-    processes (the plan is seeded by ``seed + epoch``, so every rank builds the same one), each
-    rank gets the same number. Yields indices; the loader cuts them into batches of ``P * K``.
-    """
-
-    def __init__(
-        self,
-        labels: Sequence[int],
-        p: int,
-        k: int,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        seed: int = 0,
-        padding: Literal["multiple", "below_k"] = "multiple",
-    ) -> None:
-        if padding not in ("multiple", "below_k"):
-            raise ValueError(f"PK sampler padding must be 'multiple' or 'below_k', got {padding!r}")
-        self.padding = padding
-        # DistributedSampler.__init__ needs a dataset and an initialised process group; set its
-        # attributes ourselves so this also works in a single process.
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        p, k = check_int("data.p", p), check_int("data.k", k)
-        self.labels = np.asarray(labels)
-        self.p, self.k = p, k
-        self.num_replicas, self.rank = num_replicas, rank
-        self.seed, self.epoch = seed, 0
-        self.shuffle, self.drop_last = True, True
-        self.by_pid: dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
-        if len(self.by_pid) < p:
-            raise ValueError(
-                f"PK sampling needs at least P={p} identities in the training set, found {len(self.by_pid)}: "
-                f"lower data.p to at most {len(self.by_pid)}"
-            )
-        # batches per rank and epoch: from epoch 0's plan (later plans can differ by a batch or two)
-        self.num_batches = max(1, len(self._plan(0)) // num_replicas)
-
-    def _plan(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng(self.seed + epoch)
-        pools: dict[int, list[np.ndarray]] = {}
-        for pid, idx in self.by_pid.items():
-            idx = rng.permutation(idx)
-            if self.padding == "below_k":  # the strong baseline: pad to K only, drop the remainder
-                if len(idx) < self.k:
-                    idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx), replace=True)])
-                idx = idx[: len(idx) - len(idx) % self.k]
-            elif len(idx) % self.k:
-                idx = np.concatenate([idx, rng.choice(idx, self.k - len(idx) % self.k, replace=True)])
-            pools[pid] = list(idx.reshape(-1, self.k))
-        batches = []
-        alive = [pid for pid in pools if pools[pid]]
-        while len(alive) >= self.p:
-            chosen = rng.choice(len(alive), self.p, replace=False)
-            batches.append(np.concatenate([pools[alive[c]].pop() for c in chosen]))
-            alive = [pid for pid in alive if pools[pid]]
-        return batches
-
-    def __iter__(self) -> Iterator[int]:
-        batches = self._plan(self.epoch)
-        mine = batches[self.rank :: self.num_replicas][: self.num_batches]
-        while len(mine) < self.num_batches:  # a later epoch's plan may be a batch shorter
-            mine.append(batches[len(mine) % len(batches)])
-        for b in mine:
-            yield from (int(i) for i in b)
-
-    def __len__(self) -> int:
-        return self.num_batches * self.p * self.k
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 class _Concat(Dataset):

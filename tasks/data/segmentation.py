@@ -9,7 +9,7 @@
 * :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
   ``tv_tensors.Mask`` together (random scale, crop padded with 255 in the mask, flip).
 * :class:`SegmentationDataModule`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
-  generates the synthetic shapes data when asked (``shapes:``) and it is missing.
+  generates the synthetic shapes data when asked (``synthetic:``) and it is missing.
 
 Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
 A missing or corrupt image is skipped with one counted warning per batch; a mask that does not
@@ -35,30 +35,36 @@ from tasks.data.sbd import sbd_layout_split
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from tasks.data.voc import VOC_SEGMENTATION_CLASSES, read_image_set
-from tasks.deprecation import old_names
+from tasks.deprecation import old_names, renamed
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
 from tasks.options import check_probability, check_range, check_size, require_exists, require_file, require_folder
 
 __all__ = [
     "IGNORE_INDEX",
-    "VOC_CLASSES",
     "BadMaskError",
     "COCOSegmentation",
-    "ImageList",
     "SegmentationDataModule",
     "VOCSegmentation",
     "check_mask",
     "collate_eval",
     "collate_train",
     "read_mask",
+    "segmentation_images",
     "train_transforms",
 ]
 
-#: VOC's 21 segmentation labels, background first (:data:`tasks.data.voc.VOC_SEGMENTATION_CLASSES`).
-VOC_CLASSES = VOC_SEGMENTATION_CLASSES
-
-__getattr__ = old_names(__name__, {"SegmentationData": lambda: SegmentationDataModule})
+# ``VOC_CLASSES`` here was the 21 segmentation labels, under the name of the 20 object classes of
+# tasks.data.voc: it is tasks.data.voc.VOC_SEGMENTATION_CLASSES now (the old name warns once).
+__getattr__ = old_names(
+    __name__,
+    {
+        "SegmentationData": lambda: SegmentationDataModule,
+        "VOC_CLASSES": lambda: VOC_SEGMENTATION_CLASSES,
+        "ImageList": lambda: segmentation_images,
+    },
+    new_names={"VOC_CLASSES": "tasks.data.voc.VOC_SEGMENTATION_CLASSES"},
+)
 
 
 def _load(
@@ -192,21 +198,11 @@ class COCOSegmentation(_SegmentationDataset):
         return self._finish(sample)
 
 
-class ImageList(ImageListDataset):
-    """Images without masks, for ``predict`` (:class:`tasks.images.ImageListDataset`) as
-    segmentation samples ``{"image", "id", "path"}``; ``id``, which names the outputs, is the
-    distinct output stem (the file stem, or ``sub__stem`` where files in different folders share one).
-    """
-
-    def __init__(self, source: str | Path) -> None:
-        super().__init__(source)
-        self.ids = self.names  # a sample's id names its outputs
-
-    def __getitem__(self, i: int) -> dict | SkippedSample:
-        item = super().__getitem__(i)
-        if isinstance(item, SkippedSample):
-            return item
-        return {"image": tv_tensors.Image(item["image"]), "id": item["id"], "path": item["path"]}
+def segmentation_images(source: str | Path) -> ImageListDataset:
+    """Images without masks, for ``predict`` (:class:`tasks.images.ImageListDataset`): ``id``, which
+    names the outputs, is the distinct output stem (the file stem, or ``sub__stem`` where files in
+    different folders share one)."""
+    return ImageListDataset(source, ids="names")
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -291,20 +287,21 @@ class SegmentationDataModule(TaskDataModule):
             an SBD list name, read from SBD's ``.mat`` labels, or the path of an id list read from
             VOC, e.g. ``configs/segment/lists/seg11valid.txt``; :func:`tasks.data.sbd.sbd_layout_split`).
         classes: class names with ``background`` first. Default: VOC's 21 for ``voc``, the
-            shapes classes when ``shapes`` is set, the categories of the training JSON for ``coco``.
+            shapes classes when ``synthetic`` is set, the categories of the training JSON for ``coco``.
         train_split, val_split, test_split: split names (VOC list names; COCO ``{split}`` in
             ``coco_ann_file`` / ``coco_image_dir``). ``test_split`` defaults to ``val_split``.
         predict_images: images for ``predict``: a folder, a text file of paths or one image
             (:func:`tasks.images.list_images`; default: ``val_split``).
         voc_year: ``VOC2007`` / ``VOC2012``.
         coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
-        shapes: generate the synthetic shapes dataset in ``root`` with these settings when it
-            is missing (the demo's embedded data).
+        synthetic: generate the synthetic shapes dataset in ``root`` with these settings when it
+            is missing (the demo's embedded data; :mod:`tasks.data.shapes`).
         crop_size, scale_size, scale_range: training augmentation (:func:`train_transforms`);
             ``crop_size: null`` trains on whole images (needs ``batch_size: 1``).
         hflip: horizontal flip probability in training (``true``/``false``, the old type, read as 0.5/0).
         batch_size, eval_batch_size, num_workers: loaders (evaluation runs image by image
             inside a batch, at each image's own size).
+        shapes: old name of ``synthetic`` (accepted, warned once).
     """
 
     collate_fns: ClassVar[Mapping[str, Any]] = {
@@ -323,7 +320,7 @@ class SegmentationDataModule(TaskDataModule):
         voc_year: str = "VOC2007",
         coco_ann_file: str = "annotations/instances_{split}.json",
         coco_image_dir: str = "images/{split}",
-        shapes: ShapesConfig | None = None,
+        synthetic: ShapesConfig | None = None,
         crop_size: int | None = 320,
         scale_size: int | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
@@ -331,6 +328,7 @@ class SegmentationDataModule(TaskDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
+        shapes: ShapesConfig | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.root = Path(root)
@@ -340,7 +338,7 @@ class SegmentationDataModule(TaskDataModule):
         self.predict_images = predict_images
         self.voc_year = voc_year
         self.coco_ann_file, self.coco_image_dir = coco_ann_file, coco_image_dir
-        self.shapes = shapes
+        self.synthetic = renamed("data", "shapes", "synthetic", shapes, synthetic, None)
         check_size("data.crop_size", crop_size, optional=True)
         check_size("data.scale_size", scale_size, optional=True)
         check_range("data.scale_range", scale_range, positive=True)
@@ -355,8 +353,8 @@ class SegmentationDataModule(TaskDataModule):
             raise ValueError(f"data.crop_size null (whole images) needs data.batch_size 1, got {batch_size}")
 
     def _default_classes(self) -> list[str]:
-        if self.shapes is not None:
-            self.class_source = "the shapes dataset's classes (data.shapes)"
+        if self.synthetic is not None:
+            self.class_source = "the shapes dataset's classes (data.synthetic)"
             return ["background", *SHAPES_CLASSES]
         if self.layout in ("voc", "sbd"):
             self.class_source = "VOC's 21 classes (data.classes unset)"
@@ -376,9 +374,14 @@ class SegmentationDataModule(TaskDataModule):
     def class_names(self) -> list[str]:
         return list(self.classes)
 
+    @property
+    def shapes(self) -> ShapesConfig | None:
+        """The old name of :attr:`synthetic`."""
+        return self.synthetic
+
     def prepare_data(self) -> None:
-        if self.shapes is not None:
-            ensure_shapes(self.root, self.shapes)
+        if self.synthetic is not None:
+            ensure_shapes(self.root, self.synthetic)
 
     def dataset(self, split: str, transforms: Callable[[dict], dict] | None = None) -> Dataset:
         """The ``split`` of the configured layout."""
@@ -401,7 +404,7 @@ class SegmentationDataModule(TaskDataModule):
             return self.dataset(self.train_split, tf)
         if name == "predict" and self.predict_images:
             require_exists("data.predict_images", self.predict_images, "folder, image list or image")
-            return ImageList(self.predict_images)
+            return segmentation_images(self.predict_images)
         if name == "predict":
             return self.dataset(self.val_split)
         return self.dataset(self.test_split if name == "test" else self.val_split)

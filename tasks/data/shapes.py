@@ -169,10 +169,68 @@ def _voc_xml(file_id: str, w: int, h: int, objects: Sequence[tuple[str, list[int
     return ET.tostring(root)
 
 
-def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, progress: bool = True) -> Path:
-    """Write the dataset described by ``cfg`` under ``root`` (replacing what is there)."""
+def _annotations(
+    inst: np.ndarray, classes: list[int], image_id: int, ann_id: int
+) -> tuple[np.ndarray, list[dict], list[tuple[str, list[int], int]]]:
+    """``(semantic mask, COCO annotations with ids from ann_id, VOC objects)`` of one image's instance map."""
     from pycocotools import mask as mask_utils
 
+    semantic = np.zeros(inst.shape, np.uint8)
+    anns, voc_objects = [], []
+    for i, cls in enumerate(classes, start=1):
+        m = inst == i
+        if cls == 0 or not m.any():
+            continue
+        semantic[m] = cls
+        ys, xs = np.nonzero(m)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        bbox = [x0, y0, x1 - x0, y1 - y0]
+        anns.append({"id": ann_id + len(anns), "image_id": image_id, "category_id": cls, "bbox": bbox,
+                     "area": int(m.sum()), "segmentation": rle, "iscrowd": 0})  # fmt: skip
+        voc_objects.append((CLASSES[cls - 1], [x0, y0, x1, y1], int(max(x1 - x0, y1 - y0) < 20)))
+    return semantic, anns, voc_objects
+
+
+def _palette_png(arr: np.ndarray, palette: list[int], path: Path) -> None:
+    png = Image.fromarray(arr, mode="P")
+    png.putpalette(palette)
+    png.save(path)
+
+
+def _write_voc_image(voc: Path, file_id: str, img: Image.Image, inst: np.ndarray, semantic: np.ndarray,
+                     objects: list[tuple[str, list[int], int]], palette: list[int]) -> None:  # fmt: skip
+    """The image, its XML and its class/object PNGs (instance borders 255 = void) in the VOC layout."""
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    img.save(voc / "JPEGImages" / f"{file_id}.jpg", quality=95)
+    h, w = inst.shape
+    (voc / "Annotations" / f"{file_id}.xml").write_bytes(_voc_xml(file_id, w, h, objects))
+    band = _border_band(inst)
+    for sub, arr in (("SegmentationClass", semantic), ("SegmentationObject", inst.astype(np.uint8))):
+        out = arr.copy()
+        out[band] = 255
+        _palette_png(out, palette, voc / sub / f"{file_id}.png")
+
+
+def _write_lists(tmp: Path, cfg: ShapesConfig, coco: dict[str, dict], voc_ids: dict[str, list[str]]) -> None:
+    """The COCO annotation files and the VOC image sets, once every image is written."""
+    if "coco" in cfg.layouts:
+        (tmp / "annotations").mkdir(exist_ok=True)
+        for split in coco:
+            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco[split]))
+    if "voc" in cfg.layouts:
+        for sets in ("Main", "Segmentation"):
+            d = tmp / "VOCdevkit" / "VOC2007" / "ImageSets" / sets
+            d.mkdir(parents=True, exist_ok=True)
+            for split in voc_ids:
+                (d / f"{split}.txt").write_text("".join(f"{i}\n" for i in voc_ids[split]))
+            (d / "trainval.txt").write_text("".join(f"{i}\n" for s in voc_ids for i in voc_ids[s]))
+
+
+def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, progress: bool = True) -> Path:
+    """Write the dataset described by ``cfg`` under ``root`` (replacing what is there)."""
     root = Path(root)
     rng = np.random.default_rng(cfg.seed)
     palette = voc_palette()
@@ -189,71 +247,25 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
     voc_ids: dict[str, list[str]] = {s: [] for s in splits}
     ann_id = 1
     with building(root) as tmp:
-        voc = tmp / "VOCdevkit" / "VOC2007"
         for split, k in iterator:
             image_id = k + 1 + (0 if split == "train" else cfg.num_train)
             file_id = f"{image_id:06d}"
             rgb, inst, classes = _make_image(rng, cfg)
             h, w = inst.shape
-            semantic = np.zeros((h, w), np.uint8)
-            voc_objects = []
-            image_anns = []
-            for i, cls in enumerate(classes, start=1):
-                m = inst == i
-                if cls == 0 or not m.any():
-                    continue
-                semantic[m] = cls
-                ys, xs = np.nonzero(m)
-                x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                image_anns.append(
-                    {
-                        "id": ann_id,
-                        "image_id": image_id,
-                        "category_id": cls,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": int(m.sum()),
-                        "segmentation": rle,
-                        "iscrowd": 0,
-                    }
-                )
-                ann_id += 1
-                voc_objects.append((CLASSES[cls - 1], [x0, y0, x1, y1], int(max(x1 - x0, y1 - y0) < 20)))
+            semantic, image_anns, voc_objects = _annotations(inst, classes, image_id, ann_id)
+            ann_id += len(image_anns)
             img = Image.fromarray(rgb)
             if "coco" in cfg.layouts:
                 (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
                 (tmp / "masks" / split).mkdir(parents=True, exist_ok=True)
                 img.save(tmp / "images" / split / f"{file_id}.jpg", quality=95)
-                sem = Image.fromarray(semantic, mode="P")
-                sem.putpalette(palette)
-                sem.save(tmp / "masks" / split / f"{file_id}.png")
+                _palette_png(semantic, palette, tmp / "masks" / split / f"{file_id}.png")
                 coco[split]["images"].append({"id": image_id, "file_name": f"{file_id}.jpg", "width": w, "height": h})
                 coco[split]["annotations"] += image_anns
             if "voc" in cfg.layouts:
-                for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject"):
-                    (voc / sub).mkdir(parents=True, exist_ok=True)
-                img.save(voc / "JPEGImages" / f"{file_id}.jpg", quality=95)
-                (voc / "Annotations" / f"{file_id}.xml").write_bytes(_voc_xml(file_id, w, h, voc_objects))
-                band = _border_band(inst)
-                for sub, arr in (("SegmentationClass", semantic), ("SegmentationObject", inst.astype(np.uint8))):
-                    out = arr.copy()
-                    out[band] = 255
-                    png = Image.fromarray(out, mode="P")
-                    png.putpalette(palette)
-                    png.save(voc / sub / f"{file_id}.png")
+                _write_voc_image(tmp / "VOCdevkit" / "VOC2007", file_id, img, inst, semantic, voc_objects, palette)
                 voc_ids[split].append(file_id)
-        if "coco" in cfg.layouts:
-            (tmp / "annotations").mkdir(exist_ok=True)
-            for split in splits:
-                (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco[split]))
-        if "voc" in cfg.layouts:
-            for sets in ("Main", "Segmentation"):
-                d = voc / "ImageSets" / sets
-                d.mkdir(parents=True, exist_ok=True)
-                for split in splits:
-                    (d / f"{split}.txt").write_text("".join(f"{i}\n" for i in voc_ids[split]))
-                (d / "trainval.txt").write_text("".join(f"{i}\n" for s in splits for i in voc_ids[s]))
+        _write_lists(tmp, cfg, coco, voc_ids)
         spec = asdict(cfg) | {"classes": list(CLASSES)}
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     return root
@@ -261,4 +273,4 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, pro
 
 def ensure_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), *, progress: bool = True) -> Path:
     """Generate the dataset unless ``root`` already holds one made with the same ``cfg``."""
-    return ensure_dataset(root, cfg, SPEC_FILE, generate_shapes, progress=progress, option="data.shapes")
+    return ensure_dataset(root, cfg, SPEC_FILE, generate_shapes, progress=progress, option="data.synthetic")
