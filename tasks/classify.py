@@ -246,8 +246,6 @@ class ClassificationTask(TaskModule):
         return list(zip(batch["index"].tolist(), batch["path"], labels.tolist(), scores.tolist()))
 
 
-
-
 def plot_confusion(conf: Tensor, class_names: list[str], path: str | Path, title: str = "") -> Path:
     """Draw the confusion matrix (rows: true class, columns: predicted) to a PNG, atomically.
 
