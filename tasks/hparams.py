@@ -64,7 +64,9 @@ def capturing_init(init: Callable[..., None]) -> Callable[..., None]:
             if outer:
                 del self.__dict__[_STATE]
         if outer and not self._log_hyperparams:  # unless __init__ saved its hyper-parameters itself
-            options = {k: v for k, v in captured.items() if not isinstance(v, nn.Module)}
+            # values __init__ resolved itself (tasks.classes.update_hparams: e.g. `pretrained` from
+            # the weights) win over the arguments as given
+            options = {k: v for k, v in {**captured, **dict(self.hparams)}.items() if not isinstance(v, nn.Module)}
             self.save_options(type(self).checkpointed_options(options))
 
     return __init__

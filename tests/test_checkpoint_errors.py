@@ -110,7 +110,7 @@ def test_ckpt_path_of_another_arch_names_the_file_and_the_tensors(ckpts, tmp_pat
     from tasks.segment import SegmentationTask, main
 
     vgg11 = _save(
-        SegmentationTask(num_classes=4, head="unet", arch="vgg11", width_mult=0.0625, decoder_channels=[8] * 5),
+        SegmentationTask(num_classes=4, family="unet", arch="vgg11", width_mult=0.0625, decoder_channels=[8] * 5),
         tmp_path / "seg_vgg11.ckpt",
     )
     args = ["validate", "--config", str(_segment_config(tmp_path)), "--model.arch", "vgg16"]

@@ -384,7 +384,7 @@ def _tiny_task(task: str, weights: Path) -> TaskModule:
     if task == "detect":
         return DetectionTask(classes=["a", "b"], fpn=True, **small)
     if task == "segment":
-        return SegmentationTask(num_classes=3, head="unet", decoder_channels=[16, 16, 8, 8, 8], **small)
+        return SegmentationTask(num_classes=3, family="unet", decoder_channels=[16, 16, 8, 8, 8], **small)
     return ReIDTask(num_classes=4, **small)
 
 

@@ -188,7 +188,7 @@ def test_16bit_mask_with_values_of_256_or_more_is_refused(tmp_path: Path) -> Non
 def _tiny_segmentation_task(**kw: object):
     from tasks.segment import SegmentationTask
 
-    tiny = {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8]}
+    tiny = {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8]}
     return SegmentationTask(num_classes=3, **tiny, **kw).eval()
 
 
@@ -248,7 +248,7 @@ def test_fit_with_a_1x1_validation_image_writes_its_checkpoint(tmp_path: Path) -
         "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 1, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
                     "logger": False},
-        "model": {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8],
+        "model": {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8],
                   "inference_scale": 0.5},
         "data": {"root": str(root), "layout": "voc", "crop_size": 32, "batch_size": 2, "eval_batch_size": 2,
                  "num_workers": 0},

@@ -95,7 +95,7 @@ def _detect_config(tmp: Path, out: Path) -> Path:
 def _segment_config(tmp: Path, out: Path) -> Path:
     cfg = {
         "trainer": _trainer(tmp),
-        "model": {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8],
+        "model": {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.125, "decoder_channels": [16, 16, 8, 8, 8],
                   "predict_dir": str(out)},
         "data": {"root": str(tmp / "no_data"), "layout": "voc", "eval_batch_size": 1, "num_workers": 0},
     }  # fmt: skip

@@ -143,7 +143,7 @@ def test_segmentation_trained_from_caffe_weights_survives_checkpoint_and_onnx(tm
 
     path, _ = caffe_weights(tmp_path)
     task = SegmentationTask(
-        num_classes=3, head="unet", arch="vgg11", width_mult=W, decoder_channels=[8] * 5,
+        num_classes=3, family="unet", arch="vgg11", width_mult=W, decoder_channels=[8] * 5,
         weights_backbone=str(path), normalization="caffe", optim=OptimConfig(name="sgd", lr=0.01),
     )  # fmt: skip
     assert task.normalization == CAFFE

@@ -44,7 +44,7 @@ def test_unknown_options_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="unknown model 'yolo'; registered: fasterrcnn, ssd, retinanet, fcos"):
         DetectionTask(classes=["a"], family="yolo", **TINY_DET)
     with pytest.raises(ValueError, match="option 'decoder_channels' does not apply to model 'fcn8s'"):
-        SegmentationTask(num_classes=3, head="fcn8s", arch="vgg11", width_mult=0.0625, decoder_channels=[8] * 5)
+        SegmentationTask(num_classes=3, family="fcn8s", arch="vgg11", width_mult=0.0625, decoder_channels=[8] * 5)
     with pytest.raises(ValueError, match=r"unknown option\(s\) pooling_type"):
         ReIDTask(arch="vgg11", width_mult=0.0625, pooling_type="avg")
 

@@ -39,7 +39,7 @@ def _config(task: str, tmp: Path) -> dict[str, Any]:
         cfg["model"] = fasterrcnn_fpn_model(width_mult=0.0625, warmup_steps=0)
         cfg["data"] = {"predict_images": photos, "classes": ["circle", "square"], "num_workers": 0}
     elif task == "segment":
-        cfg["model"] = {"head": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decoder_channels": [8] * 5}
+        cfg["model"] = {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decoder_channels": [8] * 5}
         cfg["data"] = {"predict_images": photos, "classes": ["background", "thing"], "num_workers": 0}
     elif task == "classify":
         cfg["model"] = {"arch": [[1, 8], [1, 16]], "fc_channels": 16}
@@ -126,7 +126,7 @@ def test_old_predict_dir_in_python_still_writes_there(tmp_path: Path) -> None:
 
     tasks.deprecation._warned.clear()
     with pytest.warns(RenamedOptionWarning, match=r"model\.predict_dir is deprecated"):
-        task = SegmentationTask(num_classes=2, head="unet", arch="vgg11_bn", width_mult=0.0625,
+        task = SegmentationTask(num_classes=2, family="unet", arch="vgg11_bn", width_mult=0.0625,
                                 decoder_channels=[8] * 5, predict_dir=str(tmp_path / "old"))  # fmt: skip
     assert "predict_dir" not in task.hparams  # a run setting, not part of the model: never checkpointed
     dm = SegmentationDataModule(predict_images=str(_photos(tmp_path / "photos")), classes=["bg", "x"], num_workers=0)
