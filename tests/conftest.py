@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,3 +54,24 @@ def tiny_task() -> Any:
             self.log_calls[name] = value
 
     return _Task()
+
+
+@pytest.fixture(scope="module")
+def reid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-step ReID checkpoint (fit in this process, once per test module that asks): ``{"cfg",
+    "ckpt", "images" (the query images, copied), "tmp"}``."""
+    from cli_configs import REID_CONFIG
+
+    from tasks.reid import main
+
+    tmp = tmp_path_factory.mktemp("reid")
+    cfg = tmp / "reid.yaml"
+    cfg.write_text(REID_CONFIG.format(root=tmp / "market", logs=tmp / "logs"))
+    main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    images = tmp / "images"
+    images.mkdir()
+    for p in sorted((tmp / "market" / "query").glob("*.jpg")):
+        (images / p.name).write_bytes(p.read_bytes())
+    return {"cfg": cfg, "ckpt": ckpt, "images": images, "tmp": tmp}

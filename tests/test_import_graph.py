@@ -169,3 +169,14 @@ def test_forbidden_imports_finds_planted_imports_at_any_depth(tmp_path: Path) ->
 def test_library_never_imports_tasks_lightning_or_jsonargparse() -> None:
     assert len(list((ROOT / "vggbackbone").rglob("*.py"))) > 10
     assert forbidden_imports(ROOT / "vggbackbone", LIBRARY_NEVER_IMPORTS) == {}
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in conftest.py (fixtures) or in helper modules not named ``test_*``
+    (cli_configs, backbone_utils, recipe_trees, inference_probe...), never in another test module."""
+    found = {
+        path.name: sorted(n for n in imported_names(path) if n.split(".")[-1].startswith("test_"))
+        for path in sorted((ROOT / "tests").glob("*.py"))
+    }
+    assert len(found) > 50
+    assert {name: bad for name, bad in found.items() if bad} == {}
