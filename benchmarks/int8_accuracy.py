@@ -13,8 +13,8 @@ The metric (ReID rank-1 and mAP, segmentation mIoU, detection AP50) of both, and
 difference (the target: within 0.01); for ReID also the cosine similarity of each
 validation embedding to its fp32 counterpart.
 
-Calibration: ``--calibration-images`` (default 64, the most ``inference.calibration_images`` takes) *training* images, evenly
-spread over the training split, in the form the model's forward takes in evaluation (ReID:
+Calibration: ``--calibration-images`` (default 64, the most ``inference.calibration_images``
+takes) *training* images, evenly spread over the training split, in the form the model's forward takes in evaluation (ReID:
 batches of 16 at the eval transform's size; segmentation: each image normalised and rescaled
 as ``predict_logits`` feeds the net; detection: lists of 4 ``[0, 1]`` images).
 
