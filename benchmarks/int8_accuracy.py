@@ -14,7 +14,8 @@ difference (the target: within 0.01); for ReID also the cosine similarity of eac
 validation embedding to its fp32 counterpart.
 
 Calibration: ``--calibration-images`` (default 64, the most ``inference.calibration_images``
-takes) *training* images, evenly spread over the training split, in the form the model's forward takes in evaluation (ReID:
+takes) *training* images, evenly spread over the training split, in the form the model's
+forward takes in evaluation (ReID:
 batches of 16 at the eval transform's size; segmentation: each image normalised and rescaled
 as ``predict_logits`` feeds the net; detection: lists of 4 ``[0, 1]`` images).
 
