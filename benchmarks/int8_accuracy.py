@@ -15,9 +15,9 @@ validation embedding to its fp32 counterpart.
 
 Calibration: ``--calibration-images`` (default 64, the most ``inference.calibration_images``
 takes) *training* images, evenly spread over the training split, in the form the model's
-forward takes in evaluation (ReID:
-batches of 16 at the eval transform's size; segmentation: each image normalised and rescaled
-as ``predict_logits`` feeds the net; detection: lists of 4 ``[0, 1]`` images).
+forward takes in evaluation (ReID: batches of 16 at the eval transform's size; segmentation:
+each image normalised and rescaled as ``predict_logits`` feeds the net; detection: lists of 4
+``[0, 1]`` images).
 
 On a CPU without VNNI/AMX the quantised graph runs uncompiled (``--compile`` off by default):
 oneDNN's reference quantise/dequantise kernels give the int8 numbers (equal to the compiled
