@@ -1,4 +1,4 @@
-"""Hostile input files (issue 12): every one is generated here, none is allocated at full size.
+"""Hostile input files: every one is generated here, none is allocated at full size.
 
 16-bit images, decompression-bomb headers, EXIF-rotated JPEGs, duplicate COCO ids, non-numeric
 VOC fields, images smaller than the network, identities below -1. ``docs/bad-input.md`` is the
@@ -78,7 +78,7 @@ def _img(i: int, name: str = "", w: int = 8, h: int = 8) -> dict:
     return {"id": i, "file_name": name or f"{i}.png", "width": w, "height": h}
 
 
-# ---------------------------------------------------------------------------- item 2: duplicate COCO ids
+# ---------------------------------------------------------------------------- duplicate COCO ids
 def test_duplicate_coco_image_ids_are_refused_by_detection_and_segmentation(tmp_path: Path) -> None:
     ann = _coco(tmp_path / "dup.json", [_img(5, "a.png"), _img(5, "b.png"), _img(6)],
                 [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 4, 4]}])  # fmt: skip
@@ -97,7 +97,7 @@ def test_duplicate_coco_annotation_ids_are_refused(tmp_path: Path) -> None:
         COCOSegmentation(ann, tmp_path, ["background", "square"])
 
 
-# ---------------------------------------------------------------------------- item 3: 16-bit images
+# ---------------------------------------------------------------------------- 16-bit images
 def _wide(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 65536, shape).astype(np.uint16)
 
@@ -184,7 +184,7 @@ def test_16bit_mask_with_values_of_256_or_more_is_refused(tmp_path: Path) -> Non
         read_mask(tmp_path / "depth.png", num_classes=2)
 
 
-# ---------------------------------------------------------------------------- item 4: images smaller than the net
+# ---------------------------------------------------------------------------- images smaller than the net
 def _tiny_segmentation_task(**kw: object):
     from tasks.segment import SegmentationTask
 
@@ -261,7 +261,7 @@ def test_fit_with_a_1x1_validation_image_writes_its_checkpoint(tmp_path: Path) -
     assert list(tmp_path.rglob("last.ckpt")), "the epoch's checkpoint was not written"
 
 
-# ---------------------------------------------------------------------------- item 9: malformed annotation fields
+# ---------------------------------------------------------------------------- malformed annotation fields
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("width", "wide", r"<size> <width> is not a number: 'wide'"),
     ("xmin", "12px", r"object 0 \(dog\) <bndbox> <xmin> is not a number: '12px'"),
@@ -312,7 +312,7 @@ def test_mask_with_a_decompression_bomb_header_is_a_clear_error(tmp_path: Path) 
             read_mask(bomb, num_classes=3)
 
 
-# ---------------------------------------------------------------------------- item 10: pixel limit
+# ---------------------------------------------------------------------------- pixel limit
 def test_images_above_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path, monkeypatch) -> None:
     assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # the documented choice: Pillow's warning threshold
     between = bomb_png(tmp_path / "between.png", 10_000, 9_000)  # 90 Mpx: Pillow only warns
@@ -353,7 +353,7 @@ def read_reason(path: Path) -> str:
     return e.value.reason
 
 
-# ---------------------------------------------------------------------------- item 11: EXIF orientation
+# ---------------------------------------------------------------------------- EXIF orientation
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     displayed = exif_rotated_jpeg(tmp_path / "rot.jpg")  # stored 48x32 (WxH), displayed 32 wide, 48 high
     image = read_image(tmp_path / "rot.jpg")
@@ -398,7 +398,7 @@ def test_exif_orientation_segmentation_image_and_mask_agree(tmp_path: Path) -> N
         VOCSegmentation(voc, "val", num_classes=2)[0]
 
 
-# ---------------------------------------------------------------------------- item 13: ReID identities
+# ---------------------------------------------------------------------------- ReID identities
 def test_market_identities_below_minus_one_are_skipped_and_counted(tmp_path: Path) -> None:
     folder = tmp_path / "bounding_box_train"
     folder.mkdir()
