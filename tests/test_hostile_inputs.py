@@ -1,8 +1,8 @@
 """Hostile input files: every one is generated here, none is allocated at full size.
 
 16-bit images, decompression-bomb headers, EXIF-rotated JPEGs, duplicate COCO ids, non-numeric
-VOC fields, images smaller than the network, identities below -1. ``docs/bad-input.md`` is the
-table of what happens to each.
+VOC fields, images smaller than the network (ReID identities below -1: test_reid_data.py).
+``docs/bad-input.md`` is the table of what happens to each.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from tasks.data.coco import read_coco
 from tasks.data.detection import DetectionDataset
 from tasks.data.masks import BadMaskError, read_mask
-from tasks.data.reid import ReIDDataset, ReIDSample, read_market_split, read_pid_csv
+from tasks.data.reid import ReIDDataset, ReIDSample
 from tasks.data.segmentation import COCOSegmentation, VOCSegmentation
 from tasks.data.voc import read_voc
 from tasks.images import MAX_IMAGE_PIXELS, BadImageError, ImageListDataset, SkippedSample, read_image
@@ -396,53 +396,3 @@ def test_exif_orientation_segmentation_image_and_mask_agree(tmp_path: Path) -> N
     Image.fromarray(np.ones((32, 48), np.uint8)).save(voc / "SegmentationClass" / "a.png")  # drawn on stored pixels
     with pytest.raises(BadMaskError, match=r"a\.png: mask is 32x48 \(HxW\) but its image is 48x32 \(images are read"):
         VOCSegmentation(voc, "val", num_classes=2)[0]
-
-
-# ---------------------------------------------------------------------------- ReID identities
-def test_market_identities_below_minus_one_are_skipped_and_counted(tmp_path: Path) -> None:
-    folder = tmp_path / "bounding_box_train"
-    folder.mkdir()
-    for name in ("0002_c1s1_000451_03.jpg", "-1_c1s1_000001_00.jpg", "-002_c2s1_000001_00.jpg", "0000_c3s1_01.jpg"):
-        Image.new("RGB", (8, 16)).save(folder / name)
-    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) whose identity is below -1 .*-002_c2s1_000001_00\.jpg"):
-        samples = read_market_split(folder, keep_distractors=True)
-    assert sorted(s.pid for s in samples) == [0, 2]  # -1 junk dropped, 0 distractor kept, -2 skipped
-
-
-def test_csv_identity_below_minus_one_is_an_error_naming_the_line(tmp_path: Path) -> None:
-    (tmp_path / "split.csv").write_text("path,pid,camid\na.jpg,3,0\nb.jpg,-1,0\nc.jpg,-2,1\n")
-    with pytest.raises(ValueError, match=r"split\.csv:4: pid must be >= -1 \(-1 = junk, 0 = distractor\), got -2"):
-        read_pid_csv(tmp_path / "split.csv")
-
-
-def test_reid_training_skips_are_not_reported_as_validation_skips(tmp_path: Path) -> None:
-    import warnings
-
-    import pytorch_lightning as pl
-
-    from tasks.data.market import MarketConfig
-    from tasks.data.reid import ReIDDataModule
-    from tasks.reid import ReIDTask
-
-    tiny = MarketConfig(num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3,
-                        max_per_camera=3, num_distractors=3, num_junk=2, height=32, width=16, seed=3)  # fmt: skip
-    root = tmp_path / "market"
-    dm = ReIDDataModule(root=str(root), synthetic=tiny, image_size=(32, 16), p=3, k=2, eval_batch_size=8,
-                        num_workers=0, random_erasing=0.0)  # fmt: skip
-    dm.prepare_data()
-    train = sorted((root / "bounding_box_train").glob("*.jpg"))
-    for p in train[::2]:
-        p.write_bytes(b"")  # half the training crops unreadable
-    query = sorted((root / "query").glob("*.jpg"))[0]
-    query.write_bytes(b"")
-    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, grid_queries=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, num_sanity_val_steps=0, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(task, datamodule=dm)
-    said = [str(w.message) for w in caught if "skipped" in str(w.message) and "unreadable" in str(w.message)]
-    val = [m for m in said if m.startswith("val evaluation")]
-    fit = [m for m in said if m.startswith("training epoch 0")]
-    assert len(val) == 1 and val[0].startswith(f"val evaluation: skipped 1 unreadable image(s): {query} (")
-    assert len(fit) == 1 and "bounding_box_train" in fit[0] and "query" not in fit[0]
