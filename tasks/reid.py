@@ -4,7 +4,7 @@ Training follows the "strong baseline" (Luo et al. 2019): PK batches, cross-entr
 smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features (optionally a
 center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
 embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
-cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
+cosine or euclidean distances, optional average query expansion and k-reciprocal re-ranking. Each evaluation writes
 ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
 ``<log_dir>/retrieval/<stage>[_epochNNN].png`` (:mod:`tasks.reid_eval`).
 
@@ -53,7 +53,8 @@ _BUILDER_ARGS = BuilderArgs(
 #: they win over the checkpoint's value (``tasks.cli.TaskCLI``): ``validate --ckpt_path X
 #: --model.rerank true`` re-ranks.
 EVAL_OPTIONS = (
-    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
+    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_times", "aqe_k", "aqe_alpha",
+    "max_rank", "eval_chunk_size",
     "grid_queries", "grid_topk",
 )  # fmt: skip
 
@@ -73,6 +74,8 @@ class ReIDTask(ReIDEvaluation, TaskModule):
             baseline's ``layers/center_loss.py``).
         distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
         rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
+        aqe, aqe_times, aqe_k, aqe_alpha: average query expansion of the evaluation embeddings
+            before distances and re-ranking (fast-reid's ``TEST.AQE``: 1 round, 5 neighbours, 3.0).
         max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
@@ -107,6 +110,10 @@ class ReIDTask(ReIDEvaluation, TaskModule):
         rerank_k1: int = 20,
         rerank_k2: int = 6,
         rerank_lambda: float = 0.3,
+        aqe: bool = False,
+        aqe_times: int = 1,
+        aqe_k: int = 5,
+        aqe_alpha: float = 3.0,
         max_rank: int = 50,
         eval_chunk_size: int | None = None,
         grid_queries: int = 8,
