@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_configs import REPO
 
-import vggbackbone  # noqa: F401 (registers the entry points when timm is imported)
+import vggbackbone  # registers the entry points when timm is imported
 
 timm = pytest.importorskip("timm")
 smp = pytest.importorskip("segmentation_models_pytorch")

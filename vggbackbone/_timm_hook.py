@@ -50,6 +50,9 @@ def register_with_timm() -> None:
     """Make ``timm.create_model("vggbackbone_<arch>", ...)`` work (see the module docstring)."""
     if sys.modules.get("timm") is not None:
         _register()
-    elif "timm" not in sys.modules and importlib.util.find_spec("timm") is not None:
-        if not any(isinstance(f, _AfterTimmImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _AfterTimmImport())
+    elif (
+        "timm" not in sys.modules
+        and importlib.util.find_spec("timm") is not None
+        and not any(isinstance(f, _AfterTimmImport) for f in sys.meta_path)
+    ):
+        sys.meta_path.insert(0, _AfterTimmImport())
