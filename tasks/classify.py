@@ -42,7 +42,7 @@ from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
-from vggbackbone.models import ExportableClassifier, TaskModels
+from vggbackbone.models import ExportableClassifier, TaskModels, create_model
 from vggbackbone.models.classifier import adaptive_avg_pool_matrix
 from vggbackbone.models.core import check_num_classes
 from vggbackbone.utils import atomic_path
@@ -118,8 +118,8 @@ class ClassificationTask(TaskModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.in_channels = int(options.get("in_channels", 3))
-        self.model = _BUILDER_ARGS.builders[family](
-            num_classes=num_classes, weights=backbone_weights(weights), **options
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family, num_classes=num_classes, weights=backbone_weights(weights), **options
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_k = min(5, num_classes)

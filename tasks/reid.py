@@ -36,7 +36,7 @@ from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
 from tasks.reid_writer import ReIDWriter
 from vggbackbone import VGGBackbone
-from vggbackbone.models import CenterLoss, TaskModels
+from vggbackbone.models import CenterLoss, TaskModels, create_model
 
 __all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "ReIDWriter", "extract_embeddings", "main"]
 
@@ -127,8 +127,8 @@ class ReIDTask(ReIDEvaluation, TaskModule):
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
         self.optim = optim
-        self.model = _BUILDER_ARGS.builders[family](
-            num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family, num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
         )
         dist_fn = distances.LpDistance(normalize_embeddings=False)  # the baseline's plain euclidean
         self.miner = miners.BatchHardMiner(distance=dist_fn)
