@@ -40,6 +40,7 @@ from tasks.cli import cli_main
 from tasks.data.classify import ClassificationDataModule
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
 from vggbackbone.models import ExportableClassifier, TaskModels, create_model
@@ -217,6 +218,7 @@ class ClassificationTask(TaskModule):
                 "loss": float(total) / max(n, 1),
             }
             picture = plot_confusion(conf, self.class_names, log_dir / f"{stage}_confusion.png", f"{stage}: {n} images")
+            log_picture(self, f"{stage}/confusion", picture)  # TensorBoard, MLflow, W&B
             return EvalReport(
                 metrics,
                 extra={

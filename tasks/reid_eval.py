@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tasks.distributed import all_gather_objects
+from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
 from tasks.skips import SkippedSample
 from vggbackbone.metrics import rank_embeddings
@@ -159,9 +160,6 @@ class ReIDEvaluation:
         q_paths = [samples[q_index[r]].path for r in rows]
         results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
         matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]
-        path, arr = save_retrieval_grid(path, q_paths, results, matches)
-        for logger in self.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):  # TensorBoard
-                exp.add_image("retrieval", arr, self.global_step, dataformats="HWC")
+        path, _ = save_retrieval_grid(path, q_paths, results, matches)
+        log_picture(self, "retrieval", path)  # TensorBoard, MLflow, W&B
         return path
