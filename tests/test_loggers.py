@@ -74,3 +74,28 @@ def test_classify_fit_logs_metrics_and_the_confusion_picture_to_mlflow_and_wandb
     assert found is not None, "val/acc1 not in the W&B offline run"
     value = found.string[found.end() : found.end() + found.group(1)[0]]
     assert float(value) == pytest.approx(acc1.value)
+
+
+@pytest.mark.parametrize(("fixture", "tag", "count"), [("detect_fasterrcnn", "predict/detections", 1),
+                                                       ("segment_unet", "predict/overlay", 2)])  # fmt: skip
+def test_predict_pictures_reach_tensorboard(tmp_path: Path, fixture: str, tag: str, count: int):
+    """Detection's grid of drawn images and segmentation's first overlays, from a checkpoint's ``predict``."""
+    import importlib
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_checkpoint_fixtures import _predict_config
+
+    module, args = _predict_config(fixture, tmp_path)  # 2 images
+    config = Path(args[2])
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                                 "init_args": {"save_dir": str(tmp_path / "tb"), "name": ""}}]  # fmt: skip
+    cfg["inference"] = {"enabled": False}  # not what is tested here
+    config.write_text(yaml.safe_dump(cfg))
+    importlib.import_module(module).main(args)
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == [tag]
+    assert len(acc.Images(tag)) == count
