@@ -15,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
@@ -40,7 +41,10 @@ class _AfterTimmImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            _register()
+            try:
+                _register()
+            except Exception as e:  # never break the user's `import timm`; say what is missing
+                warnings.warn(f"vggbackbone: the timm models vggbackbone_<arch> are not registered: {e}", stacklevel=2)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
