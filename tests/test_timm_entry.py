@@ -37,6 +37,22 @@ print(sorted(n for n in timm.list_models("vggbackbone_*")))
     assert proc.stdout.strip() == str(sorted(f"vggbackbone_{a}" for a in vggbackbone.ARCHS))
 
 
+def test_a_failed_registration_warns_and_timm_still_imports():
+    script = """
+import sys, warnings
+import vggbackbone
+sys.modules["vggbackbone.timm_models"] = None  # the registration fails
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import timm
+print(timm.list_models("vggbackbone_*"), [str(w.message) for w in caught if "vggbackbone" in str(w.message)])
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("[] ['vggbackbone: the timm models vggbackbone_<arch> are not registered: ")
+
+
 def test_features_only_contract():
     """Channels and reductions of ``feature_info`` are those of the outputs, for any ``out_indices``."""
     x = torch.rand(2, 1, 64, 96)
