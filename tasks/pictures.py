@@ -1,5 +1,6 @@
-"""Pictures of a run (ReID retrieval grids, classification confusion matrices) sent to every
-logger that takes images: :func:`log_picture`, the one helper every task calls.
+"""Pictures of a run (ReID retrieval grids, classification confusion matrices, the drawings of
+detection and segmentation ``predict``) sent to every logger that takes images:
+:func:`log_picture`, the one helper every task calls.
 
 Lightning's loggers take images in three different ways, so the helper names them:
 
@@ -8,7 +9,7 @@ Lightning's loggers take images in three different ways, so the helper names the
   picture as the artifact ``pictures/<tag>/step_<step>.png``;
 * ``WandbLogger``: ``log_image(key=tag, images=[image], step=step)`` (``media/images`` of the run).
 
-``CSVLogger`` takes no images; the picture stays the PNG file the task wrote under its log folder.
+``CSVLogger`` takes no images; the picture stays the file the task wrote.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ __all__ = ["log_picture"]
 def log_picture(
     module: pl.LightningModule, tag: str, path: str | os.PathLike[str], step: int | None = None
 ) -> list[str]:
-    """Send the PNG at ``path`` to each of ``module.loggers`` that takes images, under ``tag`` at
-    ``step`` (default: the global step). Returns the class names of the loggers that got it."""
+    """Send the picture file at ``path`` (PNG, JPEG) to each of ``module.loggers`` that takes images,
+    under ``tag`` at ``step`` (default: the global step). Returns the class names of the loggers
+    that got it (none without a trainer)."""
     loggers = [lg for lg in module.loggers if isinstance(lg, (TensorBoardLogger, MLFlowLogger, WandbLogger))]
     if not loggers:
         return []

@@ -3,9 +3,10 @@
 Training follows the "strong baseline" (Luo et al. 2019): PK batches, cross-entropy with label
 smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features (optionally a
 center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
-embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
-cosine or euclidean distances, optional average query expansion and k-reciprocal re-ranking. Each evaluation writes
-``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
+embeddings, and ranks them once under the Market-1501 protocol (mAP, mINP, CMC rank-1/5/10),
+with cosine or euclidean distances, optional average query expansion and k-reciprocal
+re-ranking. Each evaluation writes ``<log_dir>/<stage>_metrics.json``
+(:func:`tasks.reporting.publish_metrics`) and a retrieval grid
 ``<log_dir>/retrieval/<stage>[_epochNNN].png`` (:mod:`tasks.reid_eval`).
 
 ``predict`` writes the embeddings of the query and gallery images under ``writer.output_dir``
