@@ -40,9 +40,10 @@ from tasks.cli import cli_main
 from tasks.data.classify import ClassificationDataModule
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
 from vggbackbone import VGGBackbone
-from vggbackbone.models import ExportableClassifier, TaskModels
+from vggbackbone.models import ExportableClassifier, TaskModels, create_model
 from vggbackbone.models.classifier import adaptive_avg_pool_matrix
 from vggbackbone.models.core import check_num_classes
 from vggbackbone.utils import atomic_path
@@ -118,8 +119,8 @@ class ClassificationTask(TaskModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.in_channels = int(options.get("in_channels", 3))
-        self.model = _BUILDER_ARGS.builders[family](
-            num_classes=num_classes, weights=backbone_weights(weights), **options
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family, num_classes=num_classes, weights=backbone_weights(weights), **options
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_k = min(5, num_classes)
@@ -217,6 +218,7 @@ class ClassificationTask(TaskModule):
                 "loss": float(total) / max(n, 1),
             }
             picture = plot_confusion(conf, self.class_names, log_dir / f"{stage}_confusion.png", f"{stage}: {n} images")
+            log_picture(self, f"{stage}/confusion", picture)  # TensorBoard, MLflow, W&B
             return EvalReport(
                 metrics,
                 extra={

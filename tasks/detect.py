@@ -40,7 +40,7 @@ from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics, write_json
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
-from vggbackbone.models import ModelEntry, TaskModels
+from vggbackbone.models import ModelEntry, TaskModels, create_model
 
 __all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
@@ -185,8 +185,12 @@ class DetectionTask(TaskModule):
             options["pretrained"] = weights_backbone is not None
             update_hparams(self, pretrained=options["pretrained"])
         extra = model_kwargs.get("detector") or {}
-        self.model = detector.builder(
-            num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family,
+            num_classes=len(self.classes) + 1,
+            weights_backbone=backbone_weights(weights_backbone),
+            **options,
+            **extra,
         )
         self._predictions: dict[int, dict[str, np.ndarray]] = {}
 

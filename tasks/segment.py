@@ -42,7 +42,7 @@ from tasks.reporting import EvalReport, publish_metrics
 from tasks.segment_writer import SegmentationWriter, write_prediction
 from tasks.writer import to_output_dir
 from vggbackbone.metrics.segmentation import segmentation_scores
-from vggbackbone.models import TaskModels, model_entry, sliding_window_logits
+from vggbackbone.models import TaskModels, create_model, model_entry, sliding_window_logits
 
 __all__ = [
     "PREDICT_COMPLETE",
@@ -150,8 +150,8 @@ class SegmentationTask(TaskModule):
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        self.model = SEGMENTATION_HEADS[family](
-            num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
+        self.model = create_model(  # SEGMENTATION_HEADS[family]; remembers its options (save_pretrained)
+            family, num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
         )
         self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.aux_loss = self._aux_loss(loss)
