@@ -3,9 +3,14 @@ detection's flipped boxes mapped back exactly and merged by per-class NMS; off b
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from tasks.classify import ClassificationTask
@@ -159,3 +164,31 @@ def test_an_option_of_another_task_is_refused_by_name() -> None:
         SegmentationTask(num_classes=3, family="fcn32s", tta={"ten_crop": 8}, **TINY)
     with pytest.raises(ValueError, match="scales must be positive"):
         TTAConfig(scales=[0.0])
+
+
+def test_cli_validate_an_ema_checkpoint_with_tta(tmp_path: Path) -> None:
+    """``fit`` with ``model.ema`` from YAML, then ``validate --ckpt_path ... --model.tta ...`` on its checkpoint."""
+    from test_classify_cli import _config, _tree
+
+    from tasks.classify import main
+
+    _tree(tmp_path / "tree")
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["model"].pop("predict_file")
+    cfg["model"]["ema"] = {"decay": 0.5, "warmup": False}
+    cfg["test_after_fit"] = {"enabled": False}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture's unreadable image
+        main(["fit", "--config", str(path)])
+        last = str(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")
+        main(["validate", "--config", str(path), "--ckpt_path", last])
+        main(["validate", "--config", str(path), "--ckpt_path", last, "--model.tta", "{hflip: true}"])
+    runs = [tmp_path / "runs" / f"version_{v}" for v in (1, 2)]
+    plain, flipped = (json.loads((r / "val_metrics.json").read_text()) for r in runs)
+    hparams = [yaml.unsafe_load((r / "hparams.yaml").read_text()) for r in runs]
+    assert hparams[0]["ema"].decay == 0.5 and hparams[0]["tta"] is None  # the checkpoint's options
+    assert hparams[1]["tta"].hflip is True and hparams[1]["ema"].decay == 0.5
+    assert plain["num_images"] == flipped["num_images"] == 9
+    assert plain["loss"] != flipped["loss"]  # the flipped views were averaged in
