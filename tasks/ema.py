@@ -33,7 +33,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
 
 __all__ = ["EMAConfig", "ModelEMA", "ema_config", "ema_decay", "ema_multi_avg_fn"]
 
@@ -104,16 +106,52 @@ def ema_multi_avg_fn(config: EMAConfig) -> Any:
 class ModelEMA(WeightAveraging):
     """The EMA of a task's weights (see the module doc): :class:`TaskModule` adds it when ``model.ema`` is set.
 
-    Lightning's callback, with these changes: the swap back after validation waits until
-    ``on_validation_end`` (so the task's own ``on_validation_epoch_end``, which may still run the
-    model, sees the averaged weights; the checkpoint callbacks, which Lightning runs last, see the
-    trained ones again and store both); outside ``fit`` a checkpoint with averaged weights is used
-    as it is (no warning), and one without is named in a warning (its weights are not an average).
+    Lightning's callback, with these changes:
+
+    * the averaged copy is made at ``on_fit_start``, once the task's ``setup`` and a resumed
+      checkpoint have given the model its final structure (ReID sizes its classifier from the
+      data there; Lightning's callback copies the model before that), and every swap checks that
+      both hold the same tensors (an error naming the first that differs, never a silent mismatch);
+    * the swap back after validation waits until ``on_validation_end``, so the task's own
+      ``on_validation_epoch_end`` (which may still run the model) sees the averaged weights; the
+      checkpoint callbacks, which Lightning runs last, see the trained ones again and store both;
+    * outside ``fit`` a checkpoint with averaged weights is used as it is (no warning), and one
+      without is named in a warning (its weights are not an average).
     """
 
     def __init__(self, config: EMAConfig) -> None:
         super().__init__(use_buffers=True, multi_avg_fn=ema_multi_avg_fn(config))
         self.config = config
+        self._pending: dict[str, Tensor] | None = None  # a resumed checkpoint's average, until on_fit_start
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Nothing yet: :meth:`on_fit_start` copies the model once it has its final structure."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._average_model = AveragedModel(
+            pl_module, device=pl_module.device, use_buffers=True, multi_avg_fn=ema_multi_avg_fn(self.config)
+        )
+        if self._pending is not None:
+            self._average_model.load_state_dict(self._pending)
+            self._pending = None
+
+    def _swap_models(self, pl_module: pl.LightningModule) -> None:
+        self._check_structure(pl_module)
+        super()._swap_models(pl_module)
+
+    def _copy_average_to_current(self, pl_module: pl.LightningModule) -> None:
+        self._check_structure(pl_module)
+        super()._copy_average_to_current(pl_module)
+
+    def _check_structure(self, pl_module: pl.LightningModule) -> None:
+        """Lightning pairs the tensors of the model and of its average by position: they must be the same."""
+        assert self._average_model is not None
+        average = self._average_model.module
+        mine = [(n, t.shape) for n, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]]
+        theirs = [(n, t.shape) for n, t in [*average.named_parameters(), *average.named_buffers()]]
+        if mine != theirs:
+            diff = next((f"{a} / {b}" for a, b in zip(mine, theirs) if a != b), f"{len(mine)} / {len(theirs)} tensors")
+            raise RuntimeError(f"model.ema: the model changed since its average was made (model / average: {diff})")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Nothing here: :meth:`on_validation_end` swaps the trained weights back."""
@@ -138,14 +176,20 @@ class ModelEMA(WeightAveraging):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         averaged = "current_model_state" in checkpoint and "averaging_state" in checkpoint
-        if self._average_model is not None:  # fit: resume the trained weights and the average
-            if not averaged:
+        if trainer.state.fn == TrainerFn.FITTING:  # resume the trained weights, and the average at on_fit_start
+            if averaged:
+                pl_module.load_state_dict(checkpoint["current_model_state"])
+                state = {"module." + k: v for k, v in checkpoint["state_dict"].items()} | checkpoint["averaging_state"]
+                if self._average_model is not None:  # a strategy that restores after on_fit_start
+                    self._average_model.load_state_dict(state)
+                else:
+                    self._pending = state
+            else:
                 warnings.warn(
                     f"{trainer.ckpt_path}: the checkpoint has no EMA state (trained without model.ema): the average "
                     "starts from its weights",
                     stacklevel=2,
                 )
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
         elif not averaged:
             warnings.warn(
                 f"model.ema is set but {trainer.ckpt_path} was trained without it: its weights are evaluated as "

@@ -188,3 +188,31 @@ def test_validation_uses_the_average_and_export_predict_load_it(
     with torch.no_grad():
         assert torch.equal(handed[0](x), loaded.eval()(x))
         assert not torch.allclose(handed[0](x), raw.eval()(x), atol=1e-5)
+
+
+class _IdentityData(pl.LightningDataModule):
+    """4 identities x 2 images of 64x32: the classifier's size comes from here, in the task's ``setup``."""
+
+    num_classes = 4
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        images, pids = torch.rand(8, 3, 64, 32, generator=g), torch.arange(8) % 4
+        items = [{"image": images[i], "pid": pids[i], "camid": 0} for i in range(8)]
+        return DataLoader(items, batch_size=8)
+
+
+def test_reid_averages_the_classifier_sized_by_setup(tmp_path: Path) -> None:
+    """ReID sizes its classifier in ``setup``, after the callbacks' ``setup``: the average is made after it."""
+    from tasks.reid import ReIDTask
+
+    torch.manual_seed(0)
+    task = ReIDTask(arch="vgg11", width_mult=0.0625, ema={"decay": 0.5, "warmup": False})
+    assert task.model.num_classes == 0
+    trainer = _trainer(tmp_path, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(task, datamodule=_IdentityData())
+    averaged = _averaged(trainer)
+    assert averaged["module.model.classifier.weight"].shape == (4, task.model.embedding_dim)
+    assert int(averaged["n_averaged"]) == 2
