@@ -150,11 +150,21 @@ def test_detection_flip_unflips_boxes_exactly_and_merges_them_by_class() -> None
     assert len(loose["scores"]) == 4
 
 
-def test_detection_task_uses_the_models_nms_threshold() -> None:
-    task = DetectionTask(classes=["a", "b"], tta={"hflip": True}, min_size=64, max_size=96, **TINY)
+def test_detection_task_evaluates_and_predicts_with_the_merged_passes() -> None:
+    from tasks.data.detection import DetectionBatch
     from tasks.tta import model_nms
 
+    task = DetectionTask(classes=["a", "b"], tta={"hflip": True}, min_size=64, max_size=96, **TINY)
     assert model_nms(task.model) == (task.model.roi_heads.nms_thresh, task.model.roi_heads.detections_per_img)
+    task.model = _FixedDetector()  # known detections for the image and for its flip
+    image = torch.zeros(3, 50, 100)
+    image[0, 0, 0] = 1
+    batch = DetectionBatch([image], [{"image_id": 7, "path": "a.png", "out_name": "a"}])
+    task.eval_epoch_start("val")
+    task.eval_step(batch)
+    predicted = task.predict_step(batch, 0)[0]
+    expected = [[10.0, 20.0, 30.0, 40.0], [10.0, 20.0, 29.5, 40.0], [90.0, 0.0, 100.0, 10.0]]
+    assert task._predictions[7]["boxes"].tolist() == expected == predicted["boxes"].tolist()
 
 
 def test_an_option_of_another_task_is_refused_by_name() -> None:
