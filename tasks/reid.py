@@ -30,12 +30,14 @@ from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet
 from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
+from tasks.ema import EMAConfig
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reid_eval import ReIDEvaluation
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
 from tasks.reid_writer import ReIDWriter
+from tasks.tta import TTAConfig, reid_embeddings
 from vggbackbone import VGGBackbone
 from vggbackbone.models import CenterLoss, TaskModels, create_model
 
@@ -81,6 +83,10 @@ class ReIDTask(ReIDEvaluation, TaskModule):
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`).
+        ema: an exponential moving average of the weights, used by evaluation, checkpoints,
+            ``predict`` and ``export`` (:class:`tasks.ema.EMAConfig`; default ``null``: none).
+        tta: test-time augmentation of evaluation and ``predict`` (:class:`tasks.tta.TTAConfig`;
+            default ``null``: none).
         family: the registered ReID model (``reid_vgg``, :func:`~vggbackbone.models.list_models` ``("reid")``).
         **model_kwargs: the net's options with the builder's defaults: ``arch``, ``output_stride``,
             ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
@@ -123,10 +129,13 @@ class ReIDTask(ReIDEvaluation, TaskModule):
             name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01
         ),
         family: str = "reid_vgg",
+        ema: EMAConfig | None = None,
+        tta: TTAConfig | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.averaging_options(ema, tta, "reid")
         self.optim = optim
         self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
             family, num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
@@ -242,7 +251,11 @@ class ReIDTask(ReIDEvaluation, TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{"index", "embedding", "skipped"}`` of a batch (:class:`ReIDWriter`, ``extract``'s writer)."""
         images = batch["image"]
-        emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
+        if not images.numel():
+            emb = torch.empty(0, self.model.embedding_dim)
+        else:  # with model.tta, the flipped image's too (tasks.tta)
+            normalize = bool(getattr(self.model, "normalize", False))
+            emb = reid_embeddings(self.inference_model, images, self.tta, normalize=normalize)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
 
     @property

@@ -24,6 +24,7 @@ from tasks.distributed import all_gather_objects
 from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
 from tasks.skips import SkippedSample
+from tasks.tta import reid_embeddings
 from vggbackbone.metrics import rank_embeddings
 
 __all__ = ["ReIDEvaluation"]
@@ -53,7 +54,8 @@ class ReIDEvaluation:
     def eval_step(self, batch: dict[str, Any]) -> None:
         if batch["image"].numel() == 0:
             return
-        emb = self.model(batch["image"])
+        normalize = bool(getattr(self.model, "normalize", False))  # model.tta: + the flip's (tasks.tta)
+        emb = reid_embeddings(self.model, batch["image"], self.tta, normalize=normalize)
         self._eval_parts.append(
             (batch["index"].cpu(), batch["pid"].cpu(), batch["camid"].cpu(), batch["is_query"].cpu(), emb.float().cpu())
         )
