@@ -12,6 +12,7 @@ Import as ``from cli_configs import ...`` (pytest puts ``tests/`` on ``sys.path`
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -221,3 +222,112 @@ data:
   eval_batch_size: 5
   num_workers: 0
 """
+
+
+#: the fixture checkpoints of ``tests/fixtures/checkpoints`` (``tests/fixtures/make_checkpoints.py``)
+CHECKPOINT_FIXTURES = REPO / "tests" / "fixtures" / "checkpoints"
+
+#: the task class of each fixture, written here (a fixture file never names code that gets imported)
+TASK_CLASSES = {
+    "detect": "tasks.detect.DetectionTask",
+    "segment": "tasks.segment.SegmentationTask",
+    "reid": "tasks.reid.ReIDTask",
+    "classify": "tasks.classify.ClassificationTask",
+}
+
+
+def task_class(name: str) -> type:
+    module, cls = TASK_CLASSES[name.split("_")[0]].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
+
+
+def predict_config(name: str, tmp: Path) -> tuple[str, list[str]]:
+    """The task module and the ``predict`` arguments for fixture ``name`` on a few images of ``tmp``."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    task = name.split("_")[0]
+    cfg: dict[str, Any] = {"trainer": quick_trainer(tmp)}
+    out = tmp / "out"
+    if task == "detect":
+        cfg["data"] = {"predict_images": str(images), "classes": ["circle", "square", "triangle"], "num_workers": 0}
+        cfg["writer"] = {"output_dir": str(out)}
+    elif task == "segment":
+        cfg["data"] = {"predict_images": str(images), "classes": ["background", "circle", "square", "triangle"],
+                       "num_workers": 0}  # fmt: skip
+        cfg["model"] = {"predict_dir": str(out)}
+    elif task == "classify":
+        cfg["data"] = {
+            "predict_images": str(images),
+            "classes": ["ant", "bee", "cat"],
+            "num_workers": 0,
+            "image_size": 32,
+        }
+        cfg["model"] = {"predict_file": str(out / "predictions.csv")}
+        cfg["test_after_fit"] = {"enabled": False}
+    config = write_config(cfg, tmp / "predict.yaml")
+    return f"tasks.{task}", [
+        "predict",
+        "--config",
+        str(config),
+        "--ckpt_path",
+        str(CHECKPOINT_FIXTURES / f"{name}.ckpt"),
+    ]
+
+
+#: the classes of :func:`classify_tree`
+CLASSIFY_CLASSES = ["a", "b", "c", "d", "e", "f"]
+
+
+def classify_tree(root: Path) -> None:
+    """Six grey-level classes, 2 train images each, 9 val images (an odd number over 2 processes), one broken."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 2), ("val", 2)):
+        for k, cls in enumerate(CLASSIFY_CLASSES):
+            (root / split / cls).mkdir(parents=True)
+            n = per_class - (split == "val" and k % 2)  # 9 val images: an odd number over 2 processes
+            for i in range(n):
+                base = np.full((20, 24), 40 * k, dtype=np.uint8)
+                Image.fromarray(base + rng.integers(0, 30, (20, 24), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png"
+                )
+    (root / "val" / "c" / "broken.png").write_bytes(b"\x89PNG truncated")
+
+
+def classify_config(tmp: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp / "runs"),
+            "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                        "init_args": {"save_dir": str(tmp / "runs"), "name": ""}}],
+        },
+        "model": {
+            "arch": [[1, 8], [1, 16]],
+            "fc_channels": 32,
+            "dropout": 0.0,
+            "predict_file": str(tmp / "pred.csv"),
+            "optim": {"name": "adamw", "lr": 0.001, "scheduler": "none"},
+        },
+        "data": {
+            "root": str(tmp / "tree"), "test_split": "val", "in_channels": 1, "image_size": 16,
+            "resize_size": 18, "train_crop": "resize_crop", "batch_size": 3, "eval_batch_size": 2, "num_workers": 0,
+        },
+        "test_after_fit": {"enabled": True, "ckpt": "last"},
+    }  # fmt: skip
+    path = tmp / "classify.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

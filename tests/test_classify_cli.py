@@ -12,56 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from PIL import Image
+from cli_configs import CLASSIFY_CLASSES as CLASSES
+from cli_configs import classify_config, classify_tree
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["a", "b", "c", "d", "e", "f"]
-
-
-def _tree(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 2), ("val", 2)):
-        for k, cls in enumerate(CLASSES):
-            (root / split / cls).mkdir(parents=True)
-            n = per_class - (split == "val" and k % 2)  # 9 val images: an odd number over 2 processes
-            for i in range(n):
-                base = np.full((20, 24), 40 * k, dtype=np.uint8)
-                Image.fromarray(base + rng.integers(0, 30, (20, 24), dtype=np.uint8)).save(
-                    root / split / cls / f"{i}.png"
-                )
-    (root / "val" / "c" / "broken.png").write_bytes(b"\x89PNG truncated")
-
-
-def _config(tmp: Path) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_epochs": 1,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp / "runs"),
-            "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                        "init_args": {"save_dir": str(tmp / "runs"), "name": ""}}],
-        },
-        "model": {
-            "arch": [[1, 8], [1, 16]],
-            "fc_channels": 32,
-            "dropout": 0.0,
-            "predict_file": str(tmp / "pred.csv"),
-            "optim": {"name": "adamw", "lr": 0.001, "scheduler": "none"},
-        },
-        "data": {
-            "root": str(tmp / "tree"), "test_split": "val", "in_channels": 1, "image_size": 16,
-            "resize_size": 18, "train_crop": "resize_crop", "batch_size": 3, "eval_batch_size": 2, "num_workers": 0,
-        },
-        "test_after_fit": {"enabled": True, "ckpt": "last"},
-    }  # fmt: skip
-    path = tmp / "classify.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -75,8 +29,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_predict_csv_and_export(tmp_path: Path) -> None:
-    _tree(tmp_path / "tree")
-    cfg = _config(tmp_path)
+    classify_tree(tmp_path / "tree")
+    cfg = classify_config(tmp_path)
     fit = _run("fit", "--config", str(cfg), "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert "MEMBER: 2/2" in fit.stdout + fit.stderr  # really two processes
     assert "acc1" in fit.stdout and "skipped 1 unreadable image" in fit.stderr

@@ -83,10 +83,10 @@ def test_predict_pictures_reach_tensorboard(tmp_path: Path, fixture: str, tag: s
     import importlib
 
     import yaml
+    from cli_configs import predict_config
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from test_checkpoint_fixtures import _predict_config
 
-    module, args = _predict_config(fixture, tmp_path)  # 2 images
+    module, args = predict_config(fixture, tmp_path)  # 2 images
     config = Path(args[2])
     cfg = yaml.safe_load(config.read_text())
     cfg["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.TensorBoardLogger",

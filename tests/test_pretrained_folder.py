@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from cli_configs import REPO
-from test_checkpoint_fixtures import TASKS, _task_class
+from cli_configs import TASK_CLASSES as TASKS
+from cli_configs import task_class as _task_class
 
 from tasks.checkpoint import load_task
 from vggbackbone.models import create_model, fcn_vgg, from_pretrained, save_pretrained

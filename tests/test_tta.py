@@ -178,7 +178,8 @@ def test_an_option_of_another_task_is_refused_by_name() -> None:
 
 def test_cli_validate_an_ema_checkpoint_with_tta(tmp_path: Path) -> None:
     """``fit`` with ``model.ema`` from YAML, then ``validate --ckpt_path ... --model.tta ...`` on its checkpoint."""
-    from test_classify_cli import _config, _tree
+    from cli_configs import classify_config as _config
+    from cli_configs import classify_tree as _tree
 
     from tasks.classify import main
 
