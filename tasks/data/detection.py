@@ -340,6 +340,11 @@ class DetectionDataModule(TaskDataModule):
             return None if self.predict_images is not None else self._read_split("val")
         return self.split(name)  # type: ignore[arg-type]
 
+    def read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
+        """The records of ``stage`` as its reader returns them (read once), not checked for boxes
+        (``python -m tasks.data check`` counts what :meth:`split` would refuse)."""
+        return self._read_split(stage)
+
     def _read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
         if stage not in self._splits:
             if self.layout == "coco":

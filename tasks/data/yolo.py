@@ -35,7 +35,17 @@ from tasks.data.headers import header_size
 from tasks.data.records import DetectionRecord, DetectionSplit, clean_boxes, warn_boxes
 from tasks.images import BadImageError, list_images
 
-__all__ = ["YoloConfig", "parse_yolo_line", "read_yolo", "read_yolo_config", "yolo_label_path"]
+__all__ = ["YoloConfig", "YoloLabelError", "parse_yolo_line", "read_yolo", "read_yolo_config", "yolo_label_path"]
+
+
+class YoloLabelError(ValueError):
+    """A label line (or an image) the reader refuses; ``kind``: ``class`` (an index not in ``names``),
+    ``value`` (a coordinate outside ``[0, 1]``), ``format`` (not a box or polygon line), ``unreadable``
+    (the image header or the label file cannot be read)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -117,22 +127,25 @@ def parse_yolo_line(line: str, where: str, num_classes: int) -> tuple[int, np.nd
     try:
         values = [float(v) for v in fields]
     except ValueError:
-        raise ValueError(f"{where}: not numbers: {line.strip()!r}") from None
+        raise YoloLabelError(f"{where}: not numbers: {line.strip()!r}", "format") from None
     n = len(values)
     if n != 5 and (n < 7 or n % 2 == 0):
-        raise ValueError(
+        raise YoloLabelError(
             f"{where}: {n} values; a line is 'class cx cy w h' (5) or a polygon 'class x1 y1 x2 y2 ...' "
-            f"(an odd number, at least 7): {line.strip()!r}"
+            f"(an odd number, at least 7): {line.strip()!r}",
+            "format",
         )
     cls = values[0]
     if not cls.is_integer() or not 0 <= cls < num_classes:
-        raise ValueError(
-            f"{where}: class {fields[0]!r} is not one of the {num_classes} class indices 0..{num_classes - 1}"
+        raise YoloLabelError(
+            f"{where}: class {fields[0]!r} is not one of the {num_classes} class indices 0..{num_classes - 1}", "class"
         )
     coords = np.array(values[1:], np.float64)
     bad = [fields[i + 1] for i, v in enumerate(coords) if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
     if bad:
-        raise ValueError(f"{where}: value(s) {bad[:4]} outside [0, 1] (coordinates are normalised by the image size)")
+        raise YoloLabelError(
+            f"{where}: value(s) {bad[:4]} outside [0, 1] (coordinates are normalised by the image size)", "value"
+        )
     if n == 5:
         cx, cy, w, h = coords
         box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
@@ -142,28 +155,43 @@ def parse_yolo_line(line: str, where: str, num_classes: int) -> tuple[int, np.nd
     return int(cls), box
 
 
-def read_label_file(label_file: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """``(labels 0-based (K,), normalised xyxy (K, 4), line numbers)`` of a label file, ``None`` when there is none."""
+def read_label_file(
+    label_file: Path, num_classes: int, problems: list[YoloLabelError] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """``(labels 0-based (K,), normalised xyxy (K, 4), line numbers)`` of a label file, ``None`` when there is none.
+
+    ``problems``: collect refused lines there and skip them (``python -m tasks.data check``) instead of raising.
+    """
     if not label_file.is_file():
         return None
     try:
         text = label_file.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{label_file}: cannot read the label file ({e})") from e
+        raise YoloLabelError(f"{label_file}: cannot read the label file ({e})", "unreadable") from e
     labels, boxes, lines = [], [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            cls, box = parse_yolo_line(line, f"{label_file}:{n}", num_classes)
+            try:
+                cls, box = parse_yolo_line(line, f"{label_file}:{n}", num_classes)
+            except YoloLabelError as e:
+                if problems is None:
+                    raise
+                problems.append(e)
+                continue
             labels.append(cls)
             boxes.append(box)
             lines.append(n)
     return np.array(labels, np.int64), np.array(boxes, np.float64).reshape(-1, 4), lines
 
 
-def read_yolo(config: YoloConfig | str | Path, split: str) -> DetectionSplit:
+def read_yolo(
+    config: YoloConfig | str | Path, split: str, problems: list[YoloLabelError] | None = None
+) -> DetectionSplit:
     """The images of ``split`` (a key of ``data.yaml``) with their boxes in pixels, labels ``1..K``.
 
     Image ids are positions in the split's image list (folders listed recursively, sorted).
+    ``problems``: collect what would be refused (bad lines, unreadable images or label files) and
+    skip it, instead of raising (``python -m tasks.data check`` counts them all).
     """
     cfg = config if isinstance(config, YoloConfig) else read_yolo_config(config)
     if split not in cfg.splits:
@@ -173,14 +201,17 @@ def read_yolo(config: YoloConfig | str | Path, split: str) -> DetectionSplit:
     records, dropped, clipped, unlabelled, empty = [], [], 0, 0, 0
     for pos, image in enumerate(images):
         label_file = yolo_label_path(image)
-        read = read_label_file(label_file, len(cfg.names))
+        try:
+            read = read_label_file(label_file, len(cfg.names), problems)
+            w, h = _size(image, source)
+        except YoloLabelError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            continue
         if read is None or not len(read[0]):
             unlabelled += read is None
             empty += read is not None
-        try:
-            w, h = header_size(image)
-        except BadImageError as e:
-            raise ValueError(f"{source}: {e} (its size is needed to turn normalised boxes into pixels)") from e
         labels, norm, lines = read if read is not None else (np.zeros(0, np.int64), np.zeros((0, 4)), [])
         boxes = (norm * np.array([w, h, w, h])).astype(np.float32)
         cboxes, keep = clean_boxes(boxes, w, h)
@@ -199,7 +230,7 @@ def read_yolo(config: YoloConfig | str | Path, split: str) -> DetectionSplit:
                 area=((cboxes[:, 2] - cboxes[:, 0]) * (cboxes[:, 3] - cboxes[:, 1])).astype(np.float32),
             )
         )
-    if unlabelled or empty:
+    if (unlabelled or empty) and problems is None:  # the check reports them in its table
         warnings.warn(
             f"{source}: {unlabelled} image(s) without a label file and {empty} with an empty one: "
             "they have no objects (background images)",
@@ -208,3 +239,12 @@ def read_yolo(config: YoloConfig | str | Path, split: str) -> DetectionSplit:
     warn_boxes(source, dropped, clipped)
     ids = list(range(1, len(cfg.names) + 1))
     return DetectionSplit(records, list(cfg.names), ids, source, "yolo", len(dropped), clipped)
+
+
+def _size(image: Path, source: str) -> tuple[int, int]:
+    try:
+        return header_size(image)
+    except BadImageError as e:
+        raise YoloLabelError(
+            f"{source}: {e} (its size is needed to turn normalised boxes into pixels)", "unreadable"
+        ) from e
