@@ -150,3 +150,18 @@ def test_check_refuses_a_config_it_cannot_place(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["check", "--config", str(_config(tmp_path / "d.yaml", "fasterrcnn", {"no_such_option": 1}))])
     assert exit_info.value.code == 2 and "no_such_option" in capsys.readouterr().err
+
+
+def test_rich_tables_in_a_terminal_name_the_errors() -> None:
+    import io
+
+    from tasks.data.check_report import SplitReport, render
+
+    report = SplitReport("reid", "train", source="x.csv", images=3)
+    report.add("unreadable files", "b.jpg: image file is empty")
+    report.counts["duplicate ids"] += 0
+    out = io.StringIO()
+    render([report], out, rich=True)
+    text = out.getvalue()
+    assert "reid train: FAILED" in text and "ERROR unreadable files" in text
+    assert "1 (e.g. b.jpg: image file is empty)" in text and "check: FAILED: reid train" in text
