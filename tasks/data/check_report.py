@@ -73,7 +73,7 @@ def to_json(reports: list[SplitReport]) -> str:
 def _lines(r: SplitReport) -> list[tuple[str, str]]:
     rows = [("source", r.source), ("images", str(r.images))]
     if r.error:
-        return [*rows, ("ERROR", r.error)]
+        return [*rows, ("ERROR", r.error), *(("note", note) for note in r.notes)]
     rows += [(f"  {name}", str(n)) for name, n in r.per_class.items()]
     rows += [(k, str(v)) for k, v in r.info.items()]
     for problem, n in r.counts.items():
@@ -108,6 +108,6 @@ def render(reports: list[SplitReport], out: IO[str] | None = None, rich: bool | 
         for r in reports:
             print(_title(r), file=out)
             for key, value in _lines(r):
-                print(f"  {key.strip()}: {value}", file=out)
+                print(f"  {key}: {value}", file=out)
     failed = [f"{r.task} {r.split}" for r in reports if r.failed]
     print(f"check: {'FAILED: ' + ', '.join(failed) if failed else 'every split ok'}", file=out)

@@ -25,17 +25,23 @@ import numpy as np
 from tasks.data.check_report import SplitReport
 from tasks.data.headers import header_size
 from tasks.data.masks import IGNORE_INDEX, BadMaskError
-from tasks.images import BadImageError, SkippedSample, read_image
+from tasks.images import BadImageError, SkippedSample, max_image_pixels, read_image
 
 __all__ = ["check_detection", "check_reid", "check_segmentation", "image_size"]
 
 
 def image_size(path: str | Path, decode: bool) -> tuple[int, int]:
-    """``(width, height)`` of an image: from its header, or by decoding it (``decode``), as training reads it."""
+    """``(width, height)`` of an image: from its header, or by decoding it (``decode``), as training reads it.
+
+    An image above the pixel limit (:func:`tasks.images.max_image_pixels`) is unreadable, as training skips it.
+    """
     if decode:
         h, w = read_image(path).shape[-2:]
         return int(w), int(h)
-    return header_size(path)
+    w, h = header_size(path)
+    if w * h > max_image_pixels():
+        raise BadImageError(path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_image_pixels()}")
+    return w, h
 
 
 @contextmanager
