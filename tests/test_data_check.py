@@ -165,3 +165,18 @@ def test_rich_tables_in_a_terminal_name_the_errors() -> None:
     text = out.getvalue()
     assert "reid train: FAILED" in text and "ERROR unreadable files" in text
     assert "1 (e.g. b.jpg: image file is empty)" in text and "check: FAILED: reid train" in text
+
+
+def test_check_counts_the_faults_of_an_image_folder_tree(tmp_path, capsys) -> None:
+    for rel in ("train/cat/1.png", "train/cat/2.png", "train/dog/3.png", "val/cat/4.png", "val/dog/5.png"):
+        _png(tmp_path / "digits" / rel, (8, 8))
+    _write(tmp_path / "digits/train/dog/6.png", b"")
+    data = {"root": str(tmp_path / "digits"), "train_split": "train", "val_split": "val", "test_split": "val"}
+    code, out = _run(capsys, "--config", str(_config(tmp_path / "c.yaml", "vgg", data)), "--json")
+    train, val = json.loads(out)["splits"]
+    assert code == 1 and train["failed"] and not val["failed"]
+    assert train["images"] == 4 and train["per_class"] == {"cat": 2, "dog": 2}
+    assert train["counts"] == {"unreadable files": 1, "labels outside the classes": 0, "images without labels": 0,
+                               "duplicate ids": 0}  # fmt: skip
+    assert "6.png: image file is empty" in train["examples"]["unreadable files"][0]
+    assert val["images"] == 2 and val["per_class"] == {"cat": 1, "dog": 1}

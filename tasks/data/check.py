@@ -76,7 +76,7 @@ def build_datamodule(config: dict[str, Any], task: str) -> Any:
 
 def check_config(path: str | Path, task: str | None = None, decode: bool = False) -> list[SplitReport]:
     """Build the data module of the config at ``path`` and check every configured split."""
-    from tasks.data.check_tasks import check_detection, check_reid, check_segmentation
+    from tasks.data.check_tasks import check_classification, check_detection, check_reid, check_segmentation
 
     path = Path(path)
     try:
@@ -86,9 +86,8 @@ def check_config(path: str | Path, task: str | None = None, decode: bool = False
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: not a task config (a YAML mapping with a data: section)")
     task = task or infer_task(config, path)
-    checks = {"detect": check_detection, "segment": check_segmentation, "reid": check_reid}
-    if task not in checks:
-        raise ConfigError(f"check reads detection, segmentation and ReID data; {task!r} is not checked yet")
+    checks = {"detect": check_detection, "segment": check_segmentation, "reid": check_reid,
+              "classify": check_classification}  # fmt: skip
     dm = build_datamodule(config, task)
     reports = checks[task](dm, decode)
     if getattr(dm, "synthetic", None) is not None:

@@ -85,8 +85,8 @@ def _lines(r: SplitReport) -> list[tuple[str, str]]:
 
 
 def _title(r: SplitReport) -> str:
-    unit = {"detect": "instances per class", "segment": "pixels per class"}.get(r.task, "")
-    return f"{r.task} {r.split}: {'FAILED' if r.failed else 'ok'}" + (f" ({unit} indented)" if unit else "")
+    unit = {"detect": "instances", "segment": "pixels", "classify": "images"}.get(r.task, "")
+    return f"{r.task} {r.split}: {'FAILED' if r.failed else 'ok'}" + (f" ({unit} per class indented)" if unit else "")
 
 
 def render(reports: list[SplitReport], out: IO[str] | None = None, rich: bool | None = None) -> None:

@@ -8,7 +8,9 @@ module with the readers training uses and fills a :class:`~tasks.data.check_repo
   them, so any layout is covered): masks are decoded to count pixels per class, which needs the
   image's size, so segmentation images are always decoded;
 * ReID: ``read_split`` of ``train``/``query``/``gallery``, every image header, identities and
-  cameras, and the query identities without a gallery image.
+  cameras, and the query identities without a gallery image;
+* classification: the ``(path, label)`` samples of the data module's datasets (any layout) and
+  every image header.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tasks.data.headers import header_size
 from tasks.data.masks import IGNORE_INDEX, BadMaskError
 from tasks.images import BadImageError, SkippedSample, max_image_pixels, read_image
 
-__all__ = ["check_detection", "check_reid", "check_segmentation", "image_size"]
+__all__ = ["check_classification", "check_detection", "check_reid", "check_segmentation", "image_size"]
 
 
 def image_size(path: str | Path, decode: bool) -> tuple[int, int]:
@@ -214,4 +216,37 @@ def check_reid(dm: Any, decode: bool) -> list[SplitReport]:
         query.counts["query identities without a gallery image"] += len(missing)
         if missing:
             query.examples["query identities without a gallery image"] = [str(list(missing)[:20])]
+    return reports
+
+
+# ---------------------------------------------------------------------------- classification
+def check_classification(dm: Any, decode: bool) -> list[SplitReport]:
+    """Every configured split's ``(path, label)`` samples (the data module's datasets, any layout):
+    images per class, unreadable files, labels outside the classes, duplicate paths."""
+    names = list(getattr(dm, "class_names", None) or [])
+    reports = []
+    for stage, name in _stages(dm):
+        report = SplitReport("classify", f"{stage} ({name})", source=str(getattr(dm, "root", "")))
+        report.touch("unreadable files", "labels outside the classes", "images without labels", "duplicate ids")
+        reports.append(report)
+        ds = _read(report, lambda stage=stage: dm.build_dataset(stage))
+        if ds is None:
+            continue
+        samples = ds.samples
+        samples = [samples[i] for i in getattr(ds, "indices", range(len(samples)))]
+        report.images = len(samples)
+        per_class = Counter()
+        for path, label in samples:
+            if label < 0:
+                report.add("images without labels", str(path))
+            elif label >= len(names):
+                report.add("labels outside the classes", f"{path}: label {label}")
+            else:
+                per_class[names[label]] += 1
+            try:
+                image_size(path, decode)
+            except BadImageError as e:
+                report.add("unreadable files", str(e))
+        report.per_class = {n: per_class[n] for n in names}
+        _duplicates(report, [str(p) for p, _ in samples], "image")
     return reports
