@@ -147,3 +147,41 @@ def test_metrics_report_queries_without_gallery(tmp_path) -> None:
     assert report.extra["queries_without_gallery"] == 2 and report.extra["query_ids_without_gallery"] == [7, 9]
     assert dict(report.table)["query ids not in gallery"] == ["2: [7, 9]"]
     assert torch.isfinite(torch.tensor(report.metrics["mAP"]))
+
+
+def test_reid_fit_on_an_msmt17_tree(tmp_path) -> None:
+    """One training step and the validation ranking on MSMT17 lists (identities from 0, cameras from names)."""
+    import json
+
+    from cli_configs import csv_versions, quick_trainer, write_config
+
+    from tasks.reid import main
+
+    base = tmp_path / "MSMT17_V2"
+    lists: dict[str, list[str]] = {"train": [], "val": [], "query": [], "gallery": []}
+    rng = np.random.default_rng(0)
+    for pid in range(4):  # train ids 0, 1 (2 cameras x 2 crops); test ids 2, 3: query cam 1, gallery cam 2
+        for cam in (1, 2):
+            for k in range(2):
+                name = f"{pid:04d}/{pid:04d}_{k:03d}_{cam:02d}_0303morning_{k:04d}_0.jpg"
+                split = "train" if pid < 2 else ("query" if cam == 1 else "gallery")
+                folder = "mask_train_v2" if pid < 2 else "mask_test_v2"
+                (base / folder / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(base / folder / name)
+                lists[split].append(f"{name} {pid}\n")
+    for split, lines in lists.items():
+        (base / f"list_{split}.txt").write_text("".join(lines))
+    cfg = {
+        "seed_everything": 0,
+        "trainer": quick_trainer(tmp_path, limit_train_batches=1),
+        "model": {"arch": "vgg11_bn", "width_mult": 0.0625, "grid_queries": 0, "max_rank": 2},
+        "data": {"root": str(tmp_path), "layout": "msmt17", "image_size": [32, 16], "p": 2, "k": 2,
+                 "eval_batch_size": 8, "num_workers": 0},
+    }  # fmt: skip
+    main(["fit", "--config", str(write_config(cfg, tmp_path / "reid.yaml"))])
+    run = csv_versions(tmp_path)[-1]
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    assert metrics["num_query"] == 4 and metrics["num_gallery"] == 4 and metrics["num_valid_queries"] == 4
+    assert metrics["queries_without_match"] == 0 and metrics["query_ids_without_gallery"] == []
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["num_classes"] == 2
