@@ -10,13 +10,14 @@ checkpoint, in this process: once with the fp32 model, once with the model whose
 is quantised to int8 (BatchNorm folded, then :func:`vggbackbone.deploy.quantize_int8`: torchao
 PT2E with the x86 inductor quantizer, what ``optimize_for_inference(precision="int8")`` runs).
 The metric (ReID rank-1 and mAP, segmentation mIoU, detection AP50) of both, and their
-difference (issue 15's target: within 0.01); for ReID also the cosine similarity of each
+difference (the target: within 0.01); for ReID also the cosine similarity of each
 validation embedding to its fp32 counterpart.
 
-Calibration: ``--calibration-images`` (default 64, the issue's bound) *training* images, evenly
-spread over the training split, in the form the model's forward takes in evaluation (ReID:
-batches of 16 at the eval transform's size; segmentation: each image normalised and rescaled
-as ``predict_logits`` feeds the net; detection: lists of 4 ``[0, 1]`` images).
+Calibration: ``--calibration-images`` (default 64, the most ``inference.calibration_images``
+takes) *training* images, evenly spread over the training split, in the form the model's
+forward takes in evaluation (ReID: batches of 16 at the eval transform's size; segmentation:
+each image normalised and rescaled as ``predict_logits`` feeds the net; detection: lists of 4
+``[0, 1]`` images).
 
 On a CPU without VNNI/AMX the quantised graph runs uncompiled (``--compile`` off by default):
 oneDNN's reference quantise/dequantise kernels give the int8 numbers (equal to the compiled

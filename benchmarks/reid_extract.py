@@ -27,7 +27,7 @@ steps of extraction apart: JPEG decode in full and in draft mode, the resize of 
 target size, and the forward of the optimised fp32 model (per image, at the batch size).
 
 ``vs bare forward`` compares each row with the bare forward of the very model it runs (the
-issue's target: extraction >= 0.9x). Repeats run interleaved (contender order rotates each
+target: extraction >= 0.9x). Repeats run interleaved (contender order rotates each
 round), medians. Extracted embeddings are checked against the bare forward first (fp32: 1e-4;
 reduced precision: :data:`vggbackbone.deploy.RELATIVE_TOLERANCE`).
 

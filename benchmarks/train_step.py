@@ -150,23 +150,9 @@ def loader_alone(data: Any, workers: int, batches: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    def extra(p: Any) -> None:
-        p.add_argument("--batch", type=int, default=4, help="images per step (the demo's)")
-        p.add_argument("--steps", type=int, default=12, help="steps per run")
-        p.add_argument("--skip", type=int, default=2, help="first steps of each run not counted")
-        p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the real pipeline")
-        p.add_argument("--images", type=int, default=96, help="synthetic training images to generate")
-        p.set_defaults(repeats=3)
-
-    args = parse_args(__doc__.splitlines()[0], argv, extra)
-    if args.device.type != "cpu":
-        raise SystemExit("train_step.py measures the CPU pipeline; run it with --device cpu")
-    env = environment(args.device)
-    import warnings
-
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*number of training batches.*")
+def measure(args: Any) -> tuple[dict[str, list[float]], float, float]:
+    """Step times of every loop contender (``{"plain", "lightning", "pipeline"}`` -> seconds per
+    step) and the images per second of the DataLoader alone with 0 and ``args.workers`` workers."""
     with tempfile.TemporaryDirectory() as tmp:
         data, task0 = build(Path(tmp) / "shapes", args)
         data.num_workers = 0
@@ -189,6 +175,27 @@ def main(argv: list[str] | None = None) -> None:
         times["pipeline"] = step_times(ends, args.skip)
         load0 = loader_alone(data, 0, args.steps)
         loadw = loader_alone(data, args.workers, args.steps)
+    return times, load0, loadw
+
+
+def main(argv: list[str] | None = None) -> None:
+    def extra(p: Any) -> None:
+        p.add_argument("--batch", type=int, default=4, help="images per step (the demo's)")
+        p.add_argument("--steps", type=int, default=12, help="steps per run")
+        p.add_argument("--skip", type=int, default=2, help="first steps of each run not counted")
+        p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the real pipeline")
+        p.add_argument("--images", type=int, default=96, help="synthetic training images to generate")
+        p.set_defaults(repeats=3)
+
+    args = parse_args(__doc__.splitlines()[0], argv, extra)
+    if args.device.type != "cpu":
+        raise SystemExit("train_step.py measures the CPU pipeline; run it with --device cpu")
+    env = environment(args.device)
+    import warnings
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*number of training batches.*")
+    times, load0, loadw = measure(args)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / med[k] for k, v in times.items()}

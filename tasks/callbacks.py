@@ -16,7 +16,8 @@ from vggbackbone.deploy import InputCaptured, InputRecorder
 
 __all__ = ["MAX_CALIBRATION_IMAGES", "InferenceOptimization", "OptionalLearningRateMonitor", "calibration_inputs"]
 
-#: Most images ``inference.calibration_images`` may take (issue 15: calibration on at most 64 images).
+#: Most images ``inference.calibration_images`` may take: int8 calibrates on a small sample of the
+#: images (at most 64, docs/inference.md), not on the whole input.
 MAX_CALIBRATION_IMAGES = 64
 
 

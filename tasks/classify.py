@@ -38,11 +38,14 @@ from tasks.classes import ClassSet, update_hparams
 from tasks.classify_writer import ClassificationWriter, Row, predictions_file, write_predictions
 from tasks.cli import cli_main
 from tasks.data.classify import ClassificationDataModule
+from tasks.ema import EMAConfig
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
+from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
+from tasks.tta import TTAConfig, classify_logits
 from vggbackbone import VGGBackbone
-from vggbackbone.models import ExportableClassifier, TaskModels
+from vggbackbone.models import ExportableClassifier, TaskModels, create_model
 from vggbackbone.models.classifier import adaptive_avg_pool_matrix
 from vggbackbone.models.core import check_num_classes
 from vggbackbone.utils import atomic_path
@@ -83,6 +86,10 @@ class ClassificationTask(TaskModule):
             CSV is ``writer.output_dir``/``writer.filename``, or the old option ``predict_file``).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`; ``scheduler: plateau``
             for the paper's "divide by 10 when validation accuracy stops improving").
+        ema: an exponential moving average of the weights, used by evaluation, checkpoints,
+            ``predict`` and ``export`` (:class:`tasks.ema.EMAConfig`; default ``null``: none).
+        tta: test-time augmentation of evaluation and ``predict`` (:class:`tasks.tta.TTAConfig`;
+            default ``null``: none).
         family: the registered classification model (``vgg``: the whole VGG network).
         **model_kwargs: :func:`~vggbackbone.models.vgg_classifier`'s options with its defaults
             (``arch`` incl. block specs, ``in_channels`` (linked from ``data.in_channels``),
@@ -105,10 +112,13 @@ class ClassificationTask(TaskModule):
         top_k: int = 5,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
         family: str = "vgg",
+        ema: EMAConfig | None = None,
+        tta: TTAConfig | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.averaging_options(ema, tta, "classify")
         check_num_classes(num_classes, 2, "model")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -118,8 +128,8 @@ class ClassificationTask(TaskModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.in_channels = int(options.get("in_channels", 3))
-        self.model = _BUILDER_ARGS.builders[family](
-            num_classes=num_classes, weights=backbone_weights(weights), **options
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family, num_classes=num_classes, weights=backbone_weights(weights), **options
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_k = min(5, num_classes)
@@ -189,7 +199,7 @@ class ClassificationTask(TaskModule):
             return
         if int(labels.min()) < 0:
             raise ValueError(f"evaluation needs labelled images, but {batch['path'][0]} has none (an image list?)")
-        logits = self.model(batch["image"])
+        logits = classify_logits(self.model, batch["image"], self.tta)  # model.tta: the mean over views
         self.confmat.update(logits.argmax(1), labels)
         self.acc_topk.update(logits, labels)
         self._eval_loss.append(F.cross_entropy(logits, labels, reduction="sum").detach())
@@ -217,6 +227,7 @@ class ClassificationTask(TaskModule):
                 "loss": float(total) / max(n, 1),
             }
             picture = plot_confusion(conf, self.class_names, log_dir / f"{stage}_confusion.png", f"{stage}: {n} images")
+            log_picture(self, f"{stage}/confusion", picture)  # TensorBoard, MLflow, W&B
             return EvalReport(
                 metrics,
                 extra={
@@ -241,7 +252,7 @@ class ClassificationTask(TaskModule):
         """``(index, path, top_k labels, their scores)`` per image (:class:`ClassificationWriter` writes them)."""
         if not len(batch["index"]):
             return []
-        probs = self.inference_model(batch["image"]).float().softmax(1)
+        probs = classify_logits(self.inference_model, batch["image"], self.tta).float().softmax(1)
         scores, labels = probs.topk(self.top_k, dim=1)
         return list(zip(batch["index"].tolist(), batch["path"], labels.tolist(), scores.tolist()))
 

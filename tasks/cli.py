@@ -3,7 +3,7 @@
 * :class:`TaskCLI`: ``LightningCLI`` with forced checkpoint/LR-monitor/inference callbacks,
   TensorBoard + CSV logs, and checkpoint hyper-parameters that never override explicit values;
 * :func:`cli_main`: the entry point each task's ``main`` calls, with room for extra subcommands;
-* :func:`export_main`: ``export --ckpt C --out model.onnx``.
+* :func:`export_main`: ``export --ckpt C --out model.onnx`` (``--format pretrained``: a folder).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -28,6 +29,7 @@ from tasks.module import TaskModule, moved_option
 from tasks.progress import LogProgress
 from tasks.resume import ExactResume, StopSignalConnector, exit_on_signal
 from vggbackbone.deploy import export_task_onnx
+from vggbackbone.models.pretrained import export_pretrained
 
 __all__ = ["TaskCLI", "cli_main", "export_main"]
 
@@ -251,17 +253,26 @@ class TaskCLI(LightningCLI):
 
 
 def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str]) -> Path:
-    """``python -m tasks.<task> export --ckpt C --out model.onnx [--height H --width W]``.
+    """``python -m tasks.<task> export --ckpt C --out model.onnx [--format onnx|pretrained] [--height H --width W]``.
 
     Loads a checkpoint of ``fit``, takes :meth:`TaskModule.export_model` and writes ONNX with
     dynamic batch and image size through :func:`vggbackbone.models.export.export_task_onnx`,
     checked against onnxruntime on two input sizes (``--no-verify`` skips that). The model's
     classes (:meth:`tasks.classes.ClassSet.record` as JSON: names, detection's category ids,
     segmentation's ignore index) are in the file's ``metadata_props`` under ``classes``.
+
+    ``--format pretrained`` writes the task's model as a folder instead (``--out`` names it):
+    ``config.json`` (registry name and builder options, the classes under ``metadata``) and
+    ``model.safetensors``, which :func:`vggbackbone.models.from_pretrained` rebuilds without
+    Lightning; the rebuilt model is checked to give the same outputs on the example input.
     """
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{task} export", description=export_main.__doc__)
     parser.add_argument("--ckpt", required=True, help=f"checkpoint written by `python -m tasks.{task} fit`")
-    parser.add_argument("--out", required=True, help="output .onnx file (written atomically)")
+    parser.add_argument("--out", required=True, help="output .onnx file, or folder for --format pretrained")
+    parser.add_argument(
+        "--format", choices=("onnx", "pretrained"), default="onnx",
+        help="onnx (default) or pretrained: a save_pretrained folder (config.json + model.safetensors)",
+    )  # fmt: skip
     parser.add_argument("--height", type=int, default=224, help="height of the example input (default 224)")
     parser.add_argument("--width", type=int, default=224, help="width of the example input (default 224)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -274,12 +285,18 @@ def export_main(model_class: type[pl.LightningModule], task: str, argv: list[str
     check_finite(module.state_dict(), f"{ckpt}: weights")
     if not isinstance(module, TaskModule):
         raise TypeError(f"{model_class.__name__} is not a tasks.module.TaskModule: it does not say what to export")
-    model = module.export_model().eval()
     example = module.export_example(args.height, args.width)  # the task knows its input form
+    classes = module.class_set()  # what the outputs mean travels with the file (tasks.classes)
+    if args.format == "pretrained":
+        detector_input = isinstance(example, torch.Tensor) and example.dim() == 3  # one image: a detector's list
+        metadata = {"classes": classes.record()} if classes is not None else None
+        out = export_pretrained(module.model, args.out, [example] if detector_input else example, metadata=metadata)
+        print(f"export: {ckpt} -> {out}")
+        return out
+    model = module.export_model().eval()
     kwargs: dict[str, Any] = {"verify": not args.no_verify}
     if args.opset is not None:
         kwargs["opset"] = args.opset
-    classes = module.class_set()  # what the outputs mean travels with the file (tasks.classes)
     if classes is not None and classes.kind != "identities":  # ReID exports embeddings, not its classifier
         kwargs["metadata"] = {CLASSES_METADATA_KEY: json.dumps(classes.record())}
     out = export_task_onnx(model, args.out, example, **kwargs)

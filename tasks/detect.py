@@ -36,11 +36,13 @@ from tasks.data.detection import DetectionBatch, DetectionDataModule, DetectionS
 from tasks.deprecation import old_names
 from tasks.detect_writer import DetectionWriter
 from tasks.distributed import gather_unique
+from tasks.ema import EMAConfig
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reporting import EvalReport, publish_metrics, write_json
+from tasks.tta import TTAConfig, detect_outputs, model_nms
 from vggbackbone.metrics import coco_evaluate, detections_to_coco, voc_evaluate
-from vggbackbone.models import ModelEntry, TaskModels
+from vggbackbone.models import ModelEntry, TaskModels, create_model
 
 __all__ = ["DETECTORS", "DetectionDataModule", "DetectionTask", "DetectionWriter", "Detector", "evaluate_split", "main"]
 
@@ -141,6 +143,10 @@ class DetectionTask(TaskModule):
             trainer's log folder (``None``: not written; see :func:`tasks.reporting.publish_metrics`).
         detections_file: also write the gathered detections there as COCO results, e.g.
             ``"{stage}_detections.json"`` (default ``None``: large on big sets).
+        ema: an exponential moving average of the weights, used by evaluation, checkpoints,
+            ``predict`` and ``export`` (:class:`tasks.ema.EMAConfig`; default ``null``: none).
+        tta: test-time augmentation of evaluation and ``predict`` (:class:`tasks.tta.TTAConfig`;
+            default ``null``: none).
         **model_kwargs: the builder's own options, with its defaults (``arch``, ``fpn``,
             ``width_mult``, ``frozen_stages``, ``anchor_sizes``, ``aspect_ratios``, ``roi_pool``,
             ``min_size``... of :func:`~vggbackbone.models.fasterrcnn_vgg`), and ``detector``: any
@@ -162,10 +168,13 @@ class DetectionTask(TaskModule):
         ),
         metrics_file: str | None = "{stage}_metrics.json",
         detections_file: str | None = None,
+        ema: EMAConfig | None = None,
+        tta: TTAConfig | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.averaging_options(ema, tta, "detect")
         if not classes:
             raise ValueError("model.classes is empty: link it from the data (the CLI does) or list the class names")
         self.classes = list(classes)
@@ -185,8 +194,12 @@ class DetectionTask(TaskModule):
             options["pretrained"] = weights_backbone is not None
             update_hparams(self, pretrained=options["pretrained"])
         extra = model_kwargs.get("detector") or {}
-        self.model = detector.builder(
-            num_classes=len(self.classes) + 1, weights_backbone=backbone_weights(weights_backbone), **options, **extra
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family,
+            num_classes=len(self.classes) + 1,
+            weights_backbone=backbone_weights(weights_backbone),
+            **options,
+            **extra,
         )
         self._predictions: dict[int, dict[str, np.ndarray]] = {}
 
@@ -289,7 +302,7 @@ class DetectionTask(TaskModule):
         # one image at a time: a batch is padded to its largest image (GeneralizedRCNNTransform), and
         # padding changes the detections, so batched metrics would depend on how images are grouped
         # (eval_batch_size, number of processes); unpadded, they do not
-        outputs = [self.model([image])[0] for image in batch.images]
+        outputs = [detect_outputs(self.model, [image], self.tta)[0] for image in batch.images]  # model.tta: + flip
         for t, o in zip(batch.targets, outputs):
             self._predictions[int(t["image_id"])] = _to_numpy(o)
 
@@ -328,7 +341,7 @@ class DetectionTask(TaskModule):
     def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Any]]:
         if not batch.images:
             return []
-        outputs = self.inference_model(batch.images)
+        outputs = detect_outputs(self.inference_model, batch.images, self.tta, model_nms(self.model))
         return [
             {
                 "image_id": int(t["image_id"]),

@@ -14,6 +14,7 @@ from torch import Tensor
 from tasks.data.detection import DetectionBatch
 from tasks.distributed import all_gather_objects, gather_unique
 from tasks.pathnames import name_fields
+from tasks.pictures import log_picture
 from tasks.skips import SkippedSample
 from tasks.writer import PredictionWriter
 from vggbackbone.metrics import detections_to_coco
@@ -146,6 +147,7 @@ class DetectionWriter(PredictionWriter):
         drawn = [g for part in self._grids for g in part][:16]
         if drawn:
             self._save_jpeg(_grid(drawn), "grid.jpg")
+            log_picture(pl_module, "predict/detections", self.output_dir / "grid.jpg")  # TensorBoard, MLflow, W&B
 
     def _count(self) -> int:
         return sum(len(p["scores"]) for p in self._detections.values())

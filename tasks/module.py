@@ -20,11 +20,13 @@ from tasks.checkpoint import TASK_KEY, WEIGHTS_IN_CHECKPOINT, check_finite, stat
 from tasks.classes import ClassesMixin, adopt_checkpoint_classes, announce, meet_data, record_classes
 from tasks.datamodule import TaskDataModule
 from tasks.deprecation import renamed, warn_once
+from tasks.ema import EMAConfig, ModelEMA, ema_config
 from tasks.hparams import capturing_init
 from tasks.optim import OptimConfig, build_optimizer, lr_scheduler_config
 from tasks.outputs import require_some
 from tasks.reporting import DEFAULT_METRICS_FILE
 from tasks.skips import SkipCounter, SkippedSample, skips_text
+from tasks.tta import TaskKind, TTAConfig, tta_config
 from tasks.writer import predict_source
 from vggbackbone.weights import resolve_normalization
 
@@ -84,6 +86,9 @@ class TaskModule(ClassesMixin, pl.LightningModule):
     builder_option: ClassVar[str | None] = None
     #: what ``predict`` writes (``writer.*`` in the YAML): a :class:`tasks.writer.PredictionWriter` subclass
     writer_class: ClassVar[type[pl.Callback] | None] = None
+    #: ``model.ema`` (:mod:`tasks.ema`) and ``model.tta`` (:mod:`tasks.tta`), set by :meth:`averaging_options`
+    ema: EMAConfig | None = None
+    tta: TTAConfig | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every task's ``__init__`` records its options (:func:`tasks.hparams.capturing_init`)."""
@@ -136,10 +141,17 @@ class TaskModule(ClassesMixin, pl.LightningModule):
             out.update(args.hparams(name, out))
         return out
 
+    def averaging_options(self, ema: Any, tta: Any, kind: TaskKind) -> None:
+        """Set :attr:`ema` and :attr:`tta` from the ``model.ema``/``model.tta`` options (checked, by name)."""
+        self.ema = ema_config(ema)
+        self.tta = tta_config(tta, kind)
+
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The :attr:`writer_class` writer of an old-style output option given in Python (``predict_dir``)."""
+        """The :attr:`writer_class` writer of an old-style output option given in Python (``predict_dir``);
+        :class:`~tasks.ema.ModelEMA` when ``model.ema`` is set."""
         options = getattr(self, "_writer_options", None)
-        return [self.writer_class(**options)] if options and self.writer_class is not None else []
+        callbacks = [self.writer_class(**options)] if options and self.writer_class is not None else []
+        return callbacks + ([ModelEMA(self.ema)] if self.ema is not None else [])
 
     def save_options(self, hparams: Mapping[str, Any]) -> None:
         """``save_hyperparameters`` of exactly ``hparams`` (every option, builder options included).

@@ -3,9 +3,10 @@
 Training follows the "strong baseline" (Luo et al. 2019): PK batches, cross-entropy with label
 smoothing on the BNNeck logits + batch-hard triplet loss on the pre-BN features (optionally a
 center loss), warm-up. Evaluation embeds query and gallery on every process, gathers the
-embeddings, and ranks them once under the Market-1501 protocol (mAP, CMC rank-1/5/10), with
-cosine or euclidean distances and optional k-reciprocal re-ranking. Each evaluation writes
-``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) and a retrieval grid
+embeddings, and ranks them once under the Market-1501 protocol (mAP, mINP, CMC rank-1/5/10),
+with cosine or euclidean distances, optional average query expansion and k-reciprocal
+re-ranking. Each evaluation writes ``<log_dir>/<stage>_metrics.json``
+(:func:`tasks.reporting.publish_metrics`) and a retrieval grid
 ``<log_dir>/retrieval/<stage>[_epochNNN].png`` (:mod:`tasks.reid_eval`).
 
 ``predict`` writes the embeddings of the query and gallery images under ``writer.output_dir``
@@ -29,14 +30,16 @@ from tasks.checkpoint import backbone_weights
 from tasks.classes import ClassSet
 from tasks.cli import cli_main
 from tasks.data.reid import ReIDDataModule
+from tasks.ema import EMAConfig
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.reid_eval import ReIDEvaluation
 from tasks.reid_extract import extract_embeddings as _extract_embeddings
 from tasks.reid_extract import extract_main
 from tasks.reid_writer import ReIDWriter
+from tasks.tta import TTAConfig, reid_embeddings
 from vggbackbone import VGGBackbone
-from vggbackbone.models import CenterLoss, TaskModels
+from vggbackbone.models import CenterLoss, TaskModels, create_model
 
 __all__ = ["EVAL_OPTIONS", "CenterLoss", "ReIDTask", "ReIDWriter", "extract_embeddings", "main"]
 
@@ -53,7 +56,8 @@ _BUILDER_ARGS = BuilderArgs(
 #: they win over the checkpoint's value (``tasks.cli.TaskCLI``): ``validate --ckpt_path X
 #: --model.rerank true`` re-ranks.
 EVAL_OPTIONS = (
-    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "max_rank", "eval_chunk_size",
+    "distance", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_times", "aqe_k", "aqe_alpha",
+    "max_rank", "eval_chunk_size",
     "grid_queries", "grid_topk",
 )  # fmt: skip
 
@@ -73,10 +77,16 @@ class ReIDTask(ReIDEvaluation, TaskModule):
             baseline's ``layers/center_loss.py``).
         distance: ``cosine`` or ``euclidean`` between evaluation embeddings.
         rerank, rerank_k1, rerank_k2, rerank_lambda: k-reciprocal re-ranking at evaluation.
+        aqe, aqe_times, aqe_k, aqe_alpha: average query expansion of the evaluation embeddings
+            before distances and re-ranking (fast-reid's ``TEST.AQE``: 1 round, 5 neighbours, 3.0).
         max_rank: length of the CMC curve written to ``<stage>_metrics.json``.
         eval_chunk_size: queries per distance chunk (``None``: about 4M distances per chunk).
         grid_queries, grid_topk: rows and results of the retrieval picture (0 queries: none).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`).
+        ema: an exponential moving average of the weights, used by evaluation, checkpoints,
+            ``predict`` and ``export`` (:class:`tasks.ema.EMAConfig`; default ``null``: none).
+        tta: test-time augmentation of evaluation and ``predict`` (:class:`tasks.tta.TTAConfig`;
+            default ``null``: none).
         family: the registered ReID model (``reid_vgg``, :func:`~vggbackbone.models.list_models` ``("reid")``).
         **model_kwargs: the net's options with the builder's defaults: ``arch``, ``output_stride``,
             ``pooling``, ``gem_p``, ``embedding_dim``, ``bnneck``, ``normalize`` of
@@ -107,6 +117,10 @@ class ReIDTask(ReIDEvaluation, TaskModule):
         rerank_k1: int = 20,
         rerank_k2: int = 6,
         rerank_lambda: float = 0.3,
+        aqe: bool = False,
+        aqe_times: int = 1,
+        aqe_k: int = 5,
+        aqe_alpha: float = 3.0,
         max_rank: int = 50,
         eval_chunk_size: int | None = None,
         grid_queries: int = 8,
@@ -115,13 +129,16 @@ class ReIDTask(ReIDEvaluation, TaskModule):
             name="adam", lr=3.5e-4, weight_decay=5e-4, warmup_steps=500, warmup_factor=0.01
         ),
         family: str = "reid_vgg",
+        ema: EMAConfig | None = None,
+        tta: TTAConfig | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.averaging_options(ema, tta, "reid")
         self.optim = optim
-        self.model = _BUILDER_ARGS.builders[family](
-            num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
+        self.model = create_model(  # the registry's builder; remembers its options (save_pretrained)
+            family, num_classes=num_classes or 0, weights_backbone=backbone_weights(weights_backbone), **options
         )
         dist_fn = distances.LpDistance(normalize_embeddings=False)  # the baseline's plain euclidean
         self.miner = miners.BatchHardMiner(distance=dist_fn)
@@ -234,7 +251,11 @@ class ReIDTask(ReIDEvaluation, TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{"index", "embedding", "skipped"}`` of a batch (:class:`ReIDWriter`, ``extract``'s writer)."""
         images = batch["image"]
-        emb = self.inference_model(images) if images.numel() else torch.empty(0, self.model.embedding_dim)
+        if not images.numel():
+            emb = torch.empty(0, self.model.embedding_dim)
+        else:  # with model.tta, the flipped image's too (tasks.tta)
+            normalize = bool(getattr(self.model, "normalize", False))
+            emb = reid_embeddings(self.inference_model, images, self.tta, normalize=normalize)
         return {"index": batch["index"], "embedding": emb, "skipped": batch["skipped"]}
 
     @property

@@ -2,8 +2,8 @@
 :class:`tasks.reid.ReIDTask`.
 
 Every process embeds its share of the query and gallery images; the embeddings are gathered and
-ranked once (mAP, CMC rank-1/5/10; cosine or euclidean distances, optional k-reciprocal
-re-ranking: :func:`vggbackbone.metrics.rank_embeddings`), written to
+ranked once (mAP, mINP, CMC rank-1/5/10; cosine or euclidean distances, optional average query
+expansion and k-reciprocal re-ranking: :func:`vggbackbone.metrics.rank_embeddings`), written to
 ``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`), with the queries the
 ranking skipped (``queries_without_match``; of them, ``queries_without_gallery``: those whose
 identity has no gallery image at all, named in ``query_ids_without_gallery``), and a retrieval
@@ -23,8 +23,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tasks.distributed import all_gather_objects
+from tasks.pictures import log_picture
 from tasks.reporting import EvalReport, publish_metrics
 from tasks.skips import SkippedSample
+from tasks.tta import reid_embeddings
 from vggbackbone.metrics import rank_embeddings
 
 __all__ = ["ReIDEvaluation"]
@@ -58,7 +60,8 @@ class ReIDEvaluation:
     def eval_step(self, batch: dict[str, Any]) -> None:
         if batch["image"].numel() == 0:
             return
-        emb = self.model(batch["image"])
+        normalize = bool(getattr(self.model, "normalize", False))  # model.tta: + the flip's (tasks.tta)
+        emb = reid_embeddings(self.model, batch["image"], self.tta, normalize=normalize)
         self._eval_parts.append(
             (batch["index"].cpu(), batch["pid"].cpu(), batch["camid"].cpu(), batch["is_query"].cpu(), emb.float().cpu())
         )
@@ -101,6 +104,7 @@ class ReIDEvaluation:
                 pid[q], pid[g], camid[q], camid[g],
                 metric=hp.distance, max_rank=hp.max_rank, chunk_size=hp.eval_chunk_size,
                 rerank=hp.rerank, k1=hp.rerank_k1, k2=hp.rerank_k2, lambda_value=hp.rerank_lambda,
+                aqe=hp.aqe, aqe_times=hp.aqe_times, aqe_k=hp.aqe_k, aqe_alpha=hp.aqe_alpha,
                 topk=hp.grid_topk if hp.grid_queries > 0 else 0,
             )  # fmt: skip
         except ValueError as e:  # no query has a match: raised on every process by publish_metrics, not here
@@ -118,6 +122,7 @@ class ReIDEvaluation:
             "cmc": res.cmc.tolist(),
             "distance": hp.distance,
             "rerank": hp.rerank,
+            "aqe": hp.aqe,
         }
         grid = self._save_grid(log_dir / "retrieval" / f"{name}.png", index[q], index[g], res)
         if grid is not None:
@@ -131,7 +136,7 @@ class ReIDEvaluation:
                 ("queries skipped (no match)", [extra["queries_without_match"]]),
                 ("query ids not in gallery", [_listed(extra["query_ids_without_gallery"])]),
                 ("gallery", [int(g.sum())]),
-                ("distance", [hp.distance + (" + re-ranking" if hp.rerank else "")]),
+                ("distance", [hp.distance + (" + AQE" if hp.aqe else "") + (" + re-ranking" if hp.rerank else "")]),
             ],
         )
 
@@ -169,9 +174,6 @@ class ReIDEvaluation:
         q_paths = [samples[q_index[r]].path for r in rows]
         results = [[samples[g_index[j]].path for j in res.topk[r] if j >= 0] for r in rows]
         matches = [[bool(m) for j, m in zip(res.topk[r], res.topk_match[r]) if j >= 0] for r in rows]
-        path, arr = save_retrieval_grid(path, q_paths, results, matches)
-        for logger in self.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):  # TensorBoard
-                exp.add_image("retrieval", arr, self.global_step, dataformats="HWC")
+        path, _ = save_retrieval_grid(path, q_paths, results, matches)
+        log_picture(self, "retrieval", path)  # TensorBoard, MLflow, W&B
         return path

@@ -35,14 +35,16 @@ from tasks.classes import ClassSet, update_hparams
 from tasks.cli import cli_main
 from tasks.data.segmentation import IGNORE_INDEX, SegmentationDataModule
 from tasks.deprecation import old_names, warn_once
+from tasks.ema import EMAConfig
 from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.outputs import COMPLETE_MARKER
 from tasks.reporting import EvalReport, publish_metrics
 from tasks.segment_writer import SegmentationWriter, write_prediction
+from tasks.tta import TTAConfig, segment_logits, smallest_scale
 from tasks.writer import to_output_dir
 from vggbackbone.metrics.segmentation import segmentation_scores
-from vggbackbone.models import TaskModels, model_entry, sliding_window_logits
+from vggbackbone.models import TaskModels, create_model, model_entry, sliding_window_logits
 
 __all__ = [
     "PREDICT_COMPLETE",
@@ -110,6 +112,10 @@ class SegmentationTask(TaskModule):
             old option ``predict_dir`` still sets that folder, warned once).
         optim: optimiser and schedule (:class:`tasks.optim.OptimConfig`); ``backbone_lr_mult``
             applies to ``model.backbone`` (where the default ``backbone_prefix`` points).
+        ema: an exponential moving average of the weights, used by evaluation, checkpoints,
+            ``predict`` and ``export`` (:class:`tasks.ema.EMAConfig`; default ``null``: none).
+        tta: test-time augmentation of evaluation and ``predict`` (:class:`tasks.tta.TTAConfig`;
+            default ``null``: none).
         head: old name of ``family`` (accepted, warned once).
         head_kwargs: old home of the builder options (accepted, warned once: write them under ``model``;
             expanded by :meth:`normalize_options`).
@@ -141,17 +147,20 @@ class SegmentationTask(TaskModule):
         inference_scale: float = 1.0,
         overlay_alpha: float = 0.5,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (jsonargparse reads the default)
+        ema: EMAConfig | None = None,
+        tta: TTAConfig | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         options = _BUILDER_ARGS.resolve("model", family, model_kwargs)
+        self.averaging_options(ema, tta, "segment")
         self.optim = optim
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        self.model = SEGMENTATION_HEADS[family](
-            num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
+        self.model = create_model(  # SEGMENTATION_HEADS[family]; remembers its options (save_pretrained)
+            family, num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
         )
         self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.aux_loss = self._aux_loss(loss)
@@ -242,12 +251,16 @@ class SegmentationTask(TaskModule):
     @torch.no_grad()
     def predict_logits(self, image: Tensor, model: nn.Module | None = None) -> Tensor:
         """Logits ``(1, K, H, W)`` of one ``(3, H, W)`` image, whole or by sliding window, at
-        ``inference_scale`` (logits resized back to ``H x W``), by ``model`` (default ``self.model``)."""
+        ``inference_scale`` (logits resized back to ``H x W``), by ``model`` (default ``self.model``);
+        with ``model.tta``, the log of the mean softmax of its views (:func:`tasks.tta.segment_logits`)."""
         model = self.model if model is None else model
-        x = _as_float(image[None])
+        return segment_logits(lambda x, scale: self._logits_at(model, x, scale), _as_float(image[None]), self.tta)
+
+    def _logits_at(self, model: nn.Module, x: Tensor, scale: float) -> Tensor:
+        """Logits ``(1, K, H, W)`` of ``x`` ``(1, 3, H, W)`` run at ``inference_scale * scale``, resized back."""
         size = x.shape[-2:]
-        if self.inference_scale != 1.0:
-            x = F.interpolate(x, scale_factor=self.inference_scale, mode="bilinear", antialias=True)
+        if self.inference_scale * scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.inference_scale * scale, mode="bilinear", antialias=True)
         if self.inference == "slide":
             logits = sliding_window_logits(model, x, self.window, self.window_overlap)
         else:
@@ -260,12 +273,14 @@ class SegmentationTask(TaskModule):
         """Why ``image`` ``(3, H, W)`` cannot be segmented (smaller than the network's minimum input
         once scaled by ``inference_scale``), or ``None``: such images are skipped and counted."""
         h, w = image.shape[-2:]
-        sh, sw = math.floor(h * self.inference_scale), math.floor(w * self.inference_scale)
+        least_scale = self.inference_scale * smallest_scale(self.tta)  # model.tta's smallest scale too
+        sh, sw = math.floor(h * least_scale), math.floor(w * least_scale)
         backbone = getattr(self.model, "backbone", None)
         least = max(1, int(getattr(backbone, "min_input_size", 1)))
         if min(sh, sw) >= least:
             return None
-        scaled = f" ({sh}x{sw} at inference_scale {self.inference_scale})" if self.inference_scale != 1.0 else ""
+        by_tta = f" x model.tta scale {smallest_scale(self.tta)}" if self.tta is not None else ""
+        scaled = f" ({sh}x{sw} at inference_scale {self.inference_scale}{by_tta})" if least_scale != 1.0 else ""
         return f"image is {h}x{w}{scaled}, smaller than the network's minimum input {least}x{least}"
 
     def _skip_small(self, batch: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:

@@ -13,11 +13,15 @@ from torchvision.utils import draw_segmentation_masks
 from tasks.data.voc import voc_palette
 from tasks.distributed import all_gather_objects
 from tasks.outputs import OutputFolder
+from tasks.pictures import log_picture
 from tasks.skips import SkippedSample
 from tasks.writer import PredictionWriter
 from vggbackbone.utils import atomic_path
 
-__all__ = ["SegmentationWriter", "write_prediction"]
+__all__ = ["LOGGED_OVERLAYS", "SegmentationWriter", "write_prediction"]
+
+#: Overlays of a ``predict`` sent to the loggers that take images (the first ones rank 0 writes).
+LOGGED_OVERLAYS = 4
 
 
 def write_prediction(
@@ -69,9 +73,11 @@ class SegmentationWriter(PredictionWriter):
     def __init__(self, output_dir: str = "outputs/segment") -> None:
         super().__init__(output_dir)
         self.written = 0
+        self.logged = 0
 
     def reset(self) -> None:
         self.written = 0
+        self.logged = 0
 
     def write_batch(self, pl_module: Any, prediction: Any, batch: Any) -> None:
         for k, (i, sid, mask) in enumerate(prediction):
@@ -79,6 +85,9 @@ class SegmentationWriter(PredictionWriter):
             alpha = getattr(pl_module, "overlay_alpha", 0.5)
             path = write_prediction(self.output_dir, sid, image, mask, pl_module.num_classes, alpha, self.outputs)
             prediction[k] = str(path)
+            if self.logged < LOGGED_OVERLAYS and pl_module.global_rank == 0:  # the first few reach the loggers
+                log_picture(pl_module, "predict/overlay", self.output_dir / f"{sid}_overlay.png", step=self.logged)
+                self.logged += 1
         self.written += len(prediction)
 
     def gather(self) -> int:

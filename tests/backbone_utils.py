@@ -93,3 +93,8 @@ def scratch_dir(fallback: Path) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def n_params(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (frozen ones included)."""
+    return sum(p.numel() for p in module.parameters())

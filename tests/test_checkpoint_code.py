@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from cli_configs import REPO
+from cli_configs import REPO, tiny_segment_config
 from PIL import Image
-from test_nonfinite import _segment_config
 
 from tasks.checkpoint import CheckpointError, load_task, read_checkpoint
 
@@ -60,7 +59,7 @@ def seg_run(tmp_path_factory) -> tuple[Path, Path]:
     from tasks.segment import main
 
     tmp = tmp_path_factory.mktemp("seg")
-    cfg = _segment_config(tmp)
+    cfg = tiny_segment_config(tmp)
     main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
     (last,) = (tmp / "runs").rglob("last.ckpt")
     return cfg, last

@@ -105,7 +105,7 @@ def test_a_checkpoint_of_another_task_is_named(ckpts, tmp_path: Path) -> None:
 
 def test_ckpt_path_of_another_arch_names_the_file_and_the_tensors(ckpts, tmp_path: Path) -> None:
     """A vgg11 checkpoint where the configuration says vgg16: which file, which arch, which tensors."""
-    from test_nonfinite import _segment_config
+    from cli_configs import tiny_segment_config
 
     from tasks.segment import SegmentationTask, main
 
@@ -113,7 +113,7 @@ def test_ckpt_path_of_another_arch_names_the_file_and_the_tensors(ckpts, tmp_pat
         SegmentationTask(num_classes=4, family="unet", arch="vgg11", width_mult=0.0625, decoder_channels=[8] * 5),
         tmp_path / "seg_vgg11.ckpt",
     )
-    args = ["validate", "--config", str(_segment_config(tmp_path)), "--model.arch", "vgg16"]
+    args = ["validate", "--config", str(tiny_segment_config(tmp_path)), "--model.arch", "vgg16"]
     with pytest.raises(
         RuntimeError, match=r"seg_vgg11\.ckpt: its weights do not fit SegmentationTask \(family unet, arch vgg16\): "
     ):

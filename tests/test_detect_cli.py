@@ -3,44 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from cli_configs import csv_versions, fasterrcnn_fpn_model, quick_trainer, run_module, shapes_data, write_config
-
-SHAPES = {
-    "num_train": 8,
-    "num_val": 5,
-    "min_image_size": 64,
-    "max_image_size": 64,
-    "max_objects": 2,
-    "min_object_size": 16,
-    "max_object_size": 32,
-    "seed": 1,
-}
-
-
-def _config(tmp: Path, **trainer: object) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": quick_trainer(tmp, devices=1, limit_train_batches=2, log_every_n_steps=1) | trainer,
-        "model": fasterrcnn_fpn_model(width_mult=0.125, warmup_steps=2),
-        "data": shapes_data(tmp / "shapes", SHAPES, eval_batch_size=1),
-        "writer": {"output_dir": str(tmp / "pred")},
-    }
-    return write_config(cfg, tmp / "detect.yaml")
+from cli_configs import (
+    DETECT_SHAPES,
+    csv_versions,
+    detect_config,
+    run_module,
+)
 
 
 def test_fit_resume_validate_predict(tmp_path) -> None:
     from tasks.detect import main
 
-    cfg = _config(tmp_path)
+    cfg = detect_config(tmp_path)
     main(["fit", "--config", str(cfg)])
     run0 = csv_versions(tmp_path)[-1]
     last = run0 / "checkpoints" / "last.ckpt"
     fit_metrics = json.loads((run0 / "val_metrics.json").read_text())
-    assert fit_metrics["images"] == SHAPES["num_val"] and 0.0 <= fit_metrics["AP50"] <= 1.0
+    assert fit_metrics["images"] == DETECT_SHAPES["num_val"] and 0.0 <= fit_metrics["AP50"] <= 1.0
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["classes"] == ["circle", "square", "triangle"]
 
@@ -71,7 +53,7 @@ def test_fit_resume_validate_predict(tmp_path) -> None:
     assert sorted(i["id"] for i in images) == sorted(i["id"] for i in gt["images"])
     assert all(r["image_id"] in {i["id"] for i in images} and r["category_id"] in (1, 2, 3) for r in results)
     assert all(len(r["bbox"]) == 4 and 0.0 <= r["score"] <= 1.0 for r in results)
-    assert len(list((out / "images").glob("*.jpg"))) == SHAPES["num_val"]
+    assert len(list((out / "images").glob("*.jpg"))) == DETECT_SHAPES["num_val"]
     assert (out / "grid.jpg").stat().st_size > 0
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files
 
@@ -80,14 +62,14 @@ def test_unreadable_images_are_skipped_by_fit_and_left_out_of_the_metrics(tmp_pa
     from tasks.data.shapes import ShapesConfig, generate_shapes
     from tasks.detect import main
 
-    root = generate_shapes(tmp_path / "shapes", ShapesConfig(**SHAPES), progress=False)
+    root = generate_shapes(tmp_path / "shapes", ShapesConfig(**DETECT_SHAPES), progress=False)
     (root / "images" / "train" / "000001.jpg").write_bytes(b"not a jpeg")
-    (root / "images" / "val" / f"{SHAPES['num_train'] + 1:06d}.jpg").unlink()
-    cfg = _config(tmp_path, limit_train_batches=None)  # one whole epoch: every training image is read
+    (root / "images" / "val" / f"{DETECT_SHAPES['num_train'] + 1:06d}.jpg").unlink()
+    cfg = detect_config(tmp_path, limit_train_batches=None)  # one whole epoch: every training image is read
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\)"):
         main(["fit", "--config", str(cfg)])
     metrics = json.loads((csv_versions(tmp_path)[-1] / "val_metrics.json").read_text())
-    assert metrics["images"] == SHAPES["num_val"] - 1
+    assert metrics["images"] == DETECT_SHAPES["num_val"] - 1
 
 
 @pytest.mark.slow
@@ -96,7 +78,7 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
 
     (``trainer.sync_batchnorm`` is a GPU feature: PyTorch's DDP refuses SyncBatchNorm on CPU.)
     """
-    cfg = _config(tmp_path, max_epochs=1)
+    cfg = detect_config(tmp_path, max_epochs=1)
 
     def run(*args: str) -> None:
         run_module("tasks.detect", [*args, "--config", str(cfg)])
@@ -112,8 +94,8 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path) -> None:
     run1 = csv_versions(tmp_path)[-1]
     single = json.loads((run1 / "val_metrics.json").read_text())
     assert ddp_detections == json.loads((run1 / "val_detections.json").read_text())  # every box, every score
-    val_ids = set(range(SHAPES["num_train"] + 1, SHAPES["num_train"] + SHAPES["num_val"] + 1))
+    val_ids = set(range(DETECT_SHAPES["num_train"] + 1, DETECT_SHAPES["num_train"] + DETECT_SHAPES["num_val"] + 1))
     assert ddp_detections and {d["image_id"] for d in ddp_detections} <= val_ids
-    assert ddp["images"] == single["images"] == SHAPES["num_val"]  # 3 + 2 images on the two ranks, none twice
+    assert ddp["images"] == single["images"] == DETECT_SHAPES["num_val"]  # 3 + 2 images on the two ranks, none twice
     for key in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100"):
         assert ddp[key] == single[key], key

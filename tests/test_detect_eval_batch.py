@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_configs import REPO
+from cli_configs import REPO, detect_config
 from cli_configs import csv_versions as _versions
-from test_detect_cli import _config
 
 # images of different sizes and aspect ratios: batched, they would be padded to a common size
 SIZES = ("--data.shapes.min_image_size", "40", "--data.shapes.max_image_size", "96", "--data.shapes.num_val", "5")
@@ -20,7 +19,7 @@ SIZES = ("--data.shapes.min_image_size", "40", "--data.shapes.max_image_size", "
 
 @pytest.mark.slow
 def test_eval_batch_size_2_metrics_equal_with_1_and_2_processes(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, limit_train_batches=1)
+    cfg = detect_config(tmp_path, limit_train_batches=1)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = "1"  # same threads, same numerics
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from test_detect_cli import SHAPES, _config
+from cli_configs import DETECT_SHAPES, detect_config
 
 from tasks.data.shapes import ShapesConfig, generate_shapes
 
 
 def _shapes(tmp: Path) -> Path:
-    return generate_shapes(tmp / "shapes", ShapesConfig(**SHAPES), progress=False)
+    return generate_shapes(tmp / "shapes", ShapesConfig(**DETECT_SHAPES), progress=False)
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
@@ -24,7 +24,7 @@ def test_every_image_of_a_split_unreadable_stops_fit_without_a_checkpoint(tmp_pa
         image.write_bytes(b"not a jpeg")
     message = "the val split" if split == "val" else "the training split"
     with pytest.raises(RuntimeError, match=rf"every image of {message} was unreadable \(\d+ skipped on this proc"):
-        main(["fit", "--config", str(_config(tmp_path))])
+        main(["fit", "--config", str(detect_config(tmp_path))])
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
     assert not list((tmp_path / "runs").rglob("val_metrics.json"))
 
@@ -44,7 +44,7 @@ def test_an_unwritable_checkpoint_folder_is_found_before_training(tmp_path: Path
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the checkpoint folder's parent should be")  # root ignores permissions
     links = [("data.classes", "model.classes", "instantiate")]
-    args = ["--config", str(_config(tmp_path)), "--checkpoint.dirpath", str(blocker / "ckpts")]
+    args = ["--config", str(detect_config(tmp_path)), "--checkpoint.dirpath", str(blocker / "ckpts")]
     cli = cli_main(DetectionTask, DetectionDataModule, task="detect", monitor=("val/AP", "max"), links=links,
                    callbacks={"writer": DetectionWriter}, args=args, run=False)  # fmt: skip
     steps = _Steps()

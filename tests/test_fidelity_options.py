@@ -1,4 +1,4 @@
-"""The options that make each recipe follow its reference exactly (issue 23), each shown to act,
+"""The options that make each recipe follow its reference exactly, each shown to act,
 and the shipped recipes setting them to the reference's values.
 
 SSD: ``clip_default_boxes`` (the authors' prior boxes are not clipped); ReID: ``center_init``,

@@ -1,8 +1,8 @@
-"""Hostile input files (issue 12): every one is generated here, none is allocated at full size.
+"""Hostile input files: every one is generated here, none is allocated at full size.
 
 16-bit images, decompression-bomb headers, EXIF-rotated JPEGs, duplicate COCO ids, non-numeric
-VOC fields, images smaller than the network, identities below -1. ``docs/bad-input.md`` is the
-table of what happens to each.
+VOC fields, images smaller than the network (ReID identities below -1: test_reid_data.py).
+``docs/bad-input.md`` is the table of what happens to each.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from tasks.data.coco import read_coco
 from tasks.data.detection import DetectionDataset
 from tasks.data.masks import BadMaskError, read_mask
-from tasks.data.reid import ReIDDataset, ReIDSample, read_market_split, read_pid_csv
+from tasks.data.reid import ReIDDataset, ReIDSample
 from tasks.data.segmentation import COCOSegmentation, VOCSegmentation
 from tasks.data.voc import read_voc
 from tasks.images import MAX_IMAGE_PIXELS, BadImageError, ImageListDataset, SkippedSample, read_image
@@ -78,7 +78,7 @@ def _img(i: int, name: str = "", w: int = 8, h: int = 8) -> dict:
     return {"id": i, "file_name": name or f"{i}.png", "width": w, "height": h}
 
 
-# ---------------------------------------------------------------------------- item 2: duplicate COCO ids
+# ---------------------------------------------------------------------------- duplicate COCO ids
 def test_duplicate_coco_image_ids_are_refused_by_detection_and_segmentation(tmp_path: Path) -> None:
     ann = _coco(tmp_path / "dup.json", [_img(5, "a.png"), _img(5, "b.png"), _img(6)],
                 [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 4, 4]}])  # fmt: skip
@@ -97,7 +97,7 @@ def test_duplicate_coco_annotation_ids_are_refused(tmp_path: Path) -> None:
         COCOSegmentation(ann, tmp_path, ["background", "square"])
 
 
-# ---------------------------------------------------------------------------- item 3: 16-bit images
+# ---------------------------------------------------------------------------- 16-bit images
 def _wide(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 65536, shape).astype(np.uint16)
 
@@ -184,7 +184,7 @@ def test_16bit_mask_with_values_of_256_or_more_is_refused(tmp_path: Path) -> Non
         read_mask(tmp_path / "depth.png", num_classes=2)
 
 
-# ---------------------------------------------------------------------------- item 4: images smaller than the net
+# ---------------------------------------------------------------------------- images smaller than the net
 def _tiny_segmentation_task(**kw: object):
     from tasks.segment import SegmentationTask
 
@@ -261,7 +261,7 @@ def test_fit_with_a_1x1_validation_image_writes_its_checkpoint(tmp_path: Path) -
     assert list(tmp_path.rglob("last.ckpt")), "the epoch's checkpoint was not written"
 
 
-# ---------------------------------------------------------------------------- item 9: malformed annotation fields
+# ---------------------------------------------------------------------------- malformed annotation fields
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("width", "wide", r"<size> <width> is not a number: 'wide'"),
     ("xmin", "12px", r"object 0 \(dog\) <bndbox> <xmin> is not a number: '12px'"),
@@ -312,7 +312,7 @@ def test_mask_with_a_decompression_bomb_header_is_a_clear_error(tmp_path: Path) 
             read_mask(bomb, num_classes=3)
 
 
-# ---------------------------------------------------------------------------- item 10: pixel limit
+# ---------------------------------------------------------------------------- pixel limit
 def test_images_above_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path, monkeypatch) -> None:
     assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # the documented choice: Pillow's warning threshold
     between = bomb_png(tmp_path / "between.png", 10_000, 9_000)  # 90 Mpx: Pillow only warns
@@ -353,7 +353,7 @@ def read_reason(path: Path) -> str:
     return e.value.reason
 
 
-# ---------------------------------------------------------------------------- item 11: EXIF orientation
+# ---------------------------------------------------------------------------- EXIF orientation
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     displayed = exif_rotated_jpeg(tmp_path / "rot.jpg")  # stored 48x32 (WxH), displayed 32 wide, 48 high
     image = read_image(tmp_path / "rot.jpg")
@@ -396,53 +396,3 @@ def test_exif_orientation_segmentation_image_and_mask_agree(tmp_path: Path) -> N
     Image.fromarray(np.ones((32, 48), np.uint8)).save(voc / "SegmentationClass" / "a.png")  # drawn on stored pixels
     with pytest.raises(BadMaskError, match=r"a\.png: mask is 32x48 \(HxW\) but its image is 48x32 \(images are read"):
         VOCSegmentation(voc, "val", num_classes=2)[0]
-
-
-# ---------------------------------------------------------------------------- item 13: ReID identities
-def test_market_identities_below_minus_one_are_skipped_and_counted(tmp_path: Path) -> None:
-    folder = tmp_path / "bounding_box_train"
-    folder.mkdir()
-    for name in ("0002_c1s1_000451_03.jpg", "-1_c1s1_000001_00.jpg", "-002_c2s1_000001_00.jpg", "0000_c3s1_01.jpg"):
-        Image.new("RGB", (8, 16)).save(folder / name)
-    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) whose identity is below -1 .*-002_c2s1_000001_00\.jpg"):
-        samples = read_market_split(folder, keep_distractors=True)
-    assert sorted(s.pid for s in samples) == [0, 2]  # -1 junk dropped, 0 distractor kept, -2 skipped
-
-
-def test_csv_identity_below_minus_one_is_an_error_naming_the_line(tmp_path: Path) -> None:
-    (tmp_path / "split.csv").write_text("path,pid,camid\na.jpg,3,0\nb.jpg,-1,0\nc.jpg,-2,1\n")
-    with pytest.raises(ValueError, match=r"split\.csv:4: pid must be >= -1 \(-1 = junk, 0 = distractor\), got -2"):
-        read_pid_csv(tmp_path / "split.csv")
-
-
-def test_reid_training_skips_are_not_reported_as_validation_skips(tmp_path: Path) -> None:
-    import warnings
-
-    import pytorch_lightning as pl
-
-    from tasks.data.market import MarketConfig
-    from tasks.data.reid import ReIDDataModule
-    from tasks.reid import ReIDTask
-
-    tiny = MarketConfig(num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3,
-                        max_per_camera=3, num_distractors=3, num_junk=2, height=32, width=16, seed=3)  # fmt: skip
-    root = tmp_path / "market"
-    dm = ReIDDataModule(root=str(root), synthetic=tiny, image_size=(32, 16), p=3, k=2, eval_batch_size=8,
-                        num_workers=0, random_erasing=0.0)  # fmt: skip
-    dm.prepare_data()
-    train = sorted((root / "bounding_box_train").glob("*.jpg"))
-    for p in train[::2]:
-        p.write_bytes(b"")  # half the training crops unreadable
-    query = sorted((root / "query").glob("*.jpg"))[0]
-    query.write_bytes(b"")
-    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, grid_queries=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, num_sanity_val_steps=0, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(task, datamodule=dm)
-    said = [str(w.message) for w in caught if "skipped" in str(w.message) and "unreadable" in str(w.message)]
-    val = [m for m in said if m.startswith("val evaluation")]
-    fit = [m for m in said if m.startswith("training epoch 0")]
-    assert len(val) == 1 and val[0].startswith(f"val evaluation: skipped 1 unreadable image(s): {query} (")
-    assert len(fit) == 1 and "bounding_box_train" in fit[0] and "query" not in fit[0]

@@ -5,6 +5,7 @@ look for a cycle in the graph of the package's own modules."""
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,16 @@ def test_no_import_cycle(package: str) -> None:
     assert cycle is None, f"{package}: import cycle " + " -> ".join(cycle)
 
 
+def test_vggbackbone_graph_holds_its_known_edges_and_sorts() -> None:
+    """The graph is read right (the backbone's known imports are in it) and a topological order
+    of the library's modules exists (graphlib names a cycle otherwise)."""
+    graph = import_graph("vggbackbone")
+    assert {"vggbackbone.vgg", "vggbackbone.weights", "vggbackbone.config"} <= set(graph)
+    assert "vggbackbone.config" in graph["vggbackbone.weights"] and "vggbackbone.weights" in graph["vggbackbone.vgg"]
+    graph = {m: {d for d in deps if not _is_package_parent_edge(m, d)} for m, deps in graph.items()}
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
+
+
 #: What the plain PyTorch library never imports (docs/design.md: "never Lightning").
 LIBRARY_NEVER_IMPORTS = ("tasks", "pytorch_lightning", "lightning", "lightning_fabric", "jsonargparse")
 
@@ -158,3 +169,72 @@ def test_forbidden_imports_finds_planted_imports_at_any_depth(tmp_path: Path) ->
 def test_library_never_imports_tasks_lightning_or_jsonargparse() -> None:
     assert len(list((ROOT / "vggbackbone").rglob("*.py"))) > 10
     assert forbidden_imports(ROOT / "vggbackbone", LIBRARY_NEVER_IMPORTS) == {}
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in conftest.py (fixtures) or in helper modules not named ``test_*``
+    (cli_configs, backbone_utils, recipe_trees, inference_probe...), never in another test module."""
+    found = {
+        path.name: sorted(n for n in imported_names(path) if n.split(".")[-1].startswith("test_"))
+        for path in sorted((ROOT / "tests").glob("*.py"))
+    }
+    assert len(found) > 50
+    assert {name: bad for name, bad in found.items() if bad} == {}
+
+
+#: The task modules (``python -m tasks.<task>``); ``tasks/<task>_*.py`` are their companions
+#: (writers, ReID's evaluation and extraction). Everything else in ``tasks/`` is the shared glue.
+TASK_MODULES = ("detect", "segment", "reid", "classify")
+
+
+def package_imports(package: str) -> dict[str, set[str]]:
+    """:func:`import_graph` plus the package's modules named in ``importlib.import_module("...")``
+    calls (a dynamic import of a task module counts as importing it)."""
+    graph = import_graph(package)
+    files = {_module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    for mod, path in files.items():
+        for name in imported_names(path):
+            while name and name not in files:
+                name = name.rpartition(".")[0]
+            if name and name != mod:
+                graph[mod].add(name)
+    return graph
+
+
+def layering_violations(graph: dict[str, set[str]], package: str = "tasks") -> dict[str, list[str]]:
+    """``{module: task modules it imports}`` for the glue and for ``<package>.data``: neither may
+    import a task module (``<package>.<task>``); the task modules and their companions may."""
+    tasks = {f"{package}.{t}" for t in TASK_MODULES}
+    found: dict[str, list[str]] = {}
+    for mod, deps in graph.items():
+        top = mod.split(".")[1] if mod.count(".") else ""
+        if mod in tasks or any(top.startswith(f"{t}_") for t in TASK_MODULES):
+            continue  # a task module or a companion of one
+        bad = sorted(deps & tasks)
+        if bad:
+            found[mod] = bad
+    return found
+
+
+def test_layering_check_finds_planted_violations() -> None:
+    graph = {
+        "tasks": set(),
+        "tasks.detect": {"tasks.module", "tasks.data.detection"},
+        "tasks.detect_writer": {"tasks.detect"},  # a companion: allowed
+        "tasks.reid_eval": {"tasks.reid"},
+        "tasks.reid": {"tasks.reid_eval"},
+        "tasks.module": {"tasks.outputs"},
+        "tasks.cli": {"tasks.segment", "tasks.module"},  # glue importing a task
+        "tasks.data.detection": {"tasks.detect", "tasks.data.coco"},  # data importing a task
+        "tasks.data.coco": {"tasks.data.detection"},
+    }
+    assert layering_violations(graph) == {"tasks.cli": ["tasks.segment"], "tasks.data.detection": ["tasks.detect"]}
+
+
+def test_glue_and_data_never_import_a_task_module() -> None:
+    """docs/design.md's layering: the task modules sit on the glue and on ``tasks/data``, never
+    the other way round (function-level and ``import_module`` imports included)."""
+    graph = package_imports("tasks")
+    assert {f"tasks.{t}" for t in TASK_MODULES} <= set(graph)
+    assert {"tasks.cli", "tasks.module", "tasks.data.detection"} <= set(graph)
+    assert layering_violations(graph) == {}

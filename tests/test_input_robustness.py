@@ -1,6 +1,6 @@
 """Hostile file trees and option values: symbolic-link loops and dangling links in every folder
 walk, file names that are not valid UTF-8 through real ``classify predict`` and ``reid extract``
-runs, and bad option values refused by name through the task CLIs (issue 20, items 5, 10, 13, 14).
+runs, and bad option values refused by name through the task CLIs.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_task_inference import _plain_model, _record_arg, reid_run  # noqa: F401 (reid_run: a fixture)
+from inference_probe import embed_directly, plain_reid_model, record_arg
 
 from tasks.callbacks import InferenceOptimization
 from vggbackbone import optimize as opt
@@ -67,7 +67,7 @@ def _predict(run: dict[str, Path], name: str, *switch: str) -> dict:
 
     record = run["tmp"] / f"int8_predict_{name}.pt"
     out = ["--writer.output_dir", str(run["tmp"] / f"int8_predict_{name}")]  # the embeddings file predict writes
-    main(["predict", "--config", str(run["cfg"]), "--ckpt_path", str(run["ckpt"]), *switch, *out, _record_arg(record)])
+    main(["predict", "--config", str(run["cfg"]), "--ckpt_path", str(run["ckpt"]), *switch, *out, record_arg(record)])
     return torch.load(record, weights_only=True)
 
 
@@ -78,21 +78,21 @@ def test_calibration_images_is_bounded() -> None:
         InferenceOptimization(precision="int8", calibration_images=0)
 
 
-def test_predict_int8_falls_back_to_fp32_without_vnni(reid_run: dict[str, Path], no_vnni: None) -> None:  # noqa: F811
+def test_predict_int8_falls_back_to_fp32_without_vnni(reid_run: dict[str, Path], no_vnni: None) -> None:
     with pytest.warns(UserWarning, match=FALLBACK):
         rec = _predict(reid_run, "fallback", "--inference.precision", "int8", "--inference.calibration_images", "4")
     assert rec["models"] == ["InferenceModule:fp32"]
     with torch.no_grad():
-        want = _plain_model(reid_run["ckpt"])(rec["images"])
+        want = plain_reid_model(reid_run["ckpt"])(rec["images"])
     assert float((rec["embeddings"] - want).abs().max()) <= 1e-4
 
 
-def test_predict_int8_forced_is_within_tolerance_of_fp32(reid_run: dict[str, Path], vnni: list[int]) -> None:  # noqa: F811
+def test_predict_int8_forced_is_within_tolerance_of_fp32(reid_run: dict[str, Path], vnni: list[int]) -> None:
     rec = _predict(reid_run, "forced", "--inference.precision", "int8", "--inference.calibration_images", "6")
     assert rec["models"] == ["InferenceModule:int8"]
     assert vnni == [6]  # 6 predict images, one calibration batch each
     with torch.no_grad():
-        want = _plain_model(reid_run["ckpt"])(rec["images"]).numpy()
+        want = plain_reid_model(reid_run["ckpt"])(rec["images"]).numpy()
     got = rec["embeddings"].numpy()
     assert got.shape == want.shape and len(got) > 6
     cos = _cosines(got, want)
@@ -100,7 +100,7 @@ def test_predict_int8_forced_is_within_tolerance_of_fp32(reid_run: dict[str, Pat
     assert np.abs(got - want).max() > 1e-4  # really quantised, not fp32
 
 
-def test_extract_int8_fallback_and_forced(reid_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_extract_int8_fallback_and_forced(reid_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.reid import main
     from tasks.reid_extract import load_embeddings
 
@@ -109,18 +109,16 @@ def test_extract_int8_fallback_and_forced(reid_run: dict[str, Path], monkeypatch
         record = reid_run["tmp"] / f"int8_extract_{name}.pt"
         main(["extract", "--ckpt", str(reid_run["ckpt"]), "--images", str(reid_run["images"]), "--out", str(out),
               "--batch_size", "4", "--num_workers", "0", "--precision", "int8", "--calibration_images", "5",
-              _record_arg(record)])  # fmt: skip
+              record_arg(record)])  # fmt: skip
         d = load_embeddings(out)
         return {"emb": d["embeddings"], "models": torch.load(record, weights_only=True)["models"], "images": d["paths"]}
-
-    from test_reid_extract import _direct
 
     _no_int8_kernels(monkeypatch)
     with pytest.warns(UserWarning, match=FALLBACK):
         fallback = extract("fallback")
     assert fallback["models"] == ["InferenceModule:fp32"]
     files = [reid_run["images"] / p for p in fallback["images"]]
-    want = _direct(_plain_model(reid_run["ckpt"]), files)
+    want = embed_directly(plain_reid_model(reid_run["ckpt"]), files)
     assert np.abs(fallback["emb"] - want).max() <= 1e-4
 
     monkeypatch.undo()

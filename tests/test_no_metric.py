@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_configs import REPO, quick_trainer, write_config
+from cli_configs import REPO, quick_trainer, tiny_segment_config, write_config
 from PIL import Image
-from test_nonfinite import _segment_config
 
 from tasks.data.market import MarketConfig, generate_market
 from tasks.data.voc import voc_palette
@@ -76,7 +75,7 @@ def test_an_evaluation_whose_metrics_are_all_nan_fails(tmp_path: Path) -> None:
     """Segmentation validation where every pixel is "ignore": mIoU, accuracies NaN; only the loss is a number."""
     from tasks.segment import main
 
-    cfg = _segment_config(tmp_path)
+    cfg = tiny_segment_config(tmp_path)
     main(["validate", "--config", str(cfg)])  # generates the data; a metric as usual
     (report,) = (tmp_path / "runs").rglob("val_metrics.json")
     report.unlink()

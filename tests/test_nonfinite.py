@@ -8,26 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_configs import quick_trainer, shapes_data, write_config
+from cli_configs import tiny_segment_config
 from torch import nn
 
 from tasks.cli import cli_main
-
-
-def _segment_config(tmp: Path, **optim: object) -> Path:
-    shapes = {"num_train": 6, "num_val": 2, "min_image_size": 40, "max_image_size": 48, "min_object_size": 10,
-              "max_object_size": 20}  # fmt: skip
-    cfg = {
-        "seed_everything": 0,
-        "trainer": quick_trainer(tmp, logger="seg", limit_train_batches=3),
-        "model": {
-            "head": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decoder_channels": [8, 8, 8, 8, 8],
-            "predict_dir": str(tmp / "predict"),
-            "optim": {"name": "sgd", "lr": 0.01, "warmup_steps": 0, **optim},
-        },
-        "data": shapes_data(tmp / "shapes", shapes, layout="voc", crop_size=32),
-    }  # fmt: skip
-    return write_config(cfg, tmp / "seg.yaml")
 
 
 def _segment_cli(cfg: Path, *args: str):
@@ -43,7 +27,7 @@ def _segment_cli(cfg: Path, *args: str):
 def test_nan_loss_stops_segmentation_naming_the_step_and_writes_no_checkpoint(tmp_path: Path) -> None:
     from tasks.segment import main
 
-    cfg = _segment_config(tmp_path, lr=1e30)
+    cfg = tiny_segment_config(tmp_path, lr=1e30)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step \d+ \(epoch 0\): train/loss="):
         main(["fit", "--config", str(cfg)])
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
@@ -51,7 +35,7 @@ def test_nan_loss_stops_segmentation_naming_the_step_and_writes_no_checkpoint(tm
 
 
 def test_a_checkpoint_of_nonfinite_weights_is_refused_naming_the_tensors(tmp_path: Path) -> None:
-    cli = _segment_cli(_segment_config(tmp_path))
+    cli = _segment_cli(tiny_segment_config(tmp_path))
     module = cli.model
     name, param = next(iter(module.named_parameters()))
     with torch.no_grad():
@@ -62,7 +46,7 @@ def test_a_checkpoint_of_nonfinite_weights_is_refused_naming_the_tensors(tmp_pat
 
 
 def test_no_metrics_and_no_prediction_from_nonfinite_weights(tmp_path: Path) -> None:
-    cli = _segment_cli(_segment_config(tmp_path))
+    cli = _segment_cli(tiny_segment_config(tmp_path))
     with torch.no_grad():
         next(cli.model.model.parameters()).fill_(float("inf"))
     with pytest.raises(FloatingPointError, match=r"val evaluation of SegmentationTask: its weights: 1 of"):

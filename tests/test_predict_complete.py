@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from test_detect_cli import _config
+from cli_configs import detect_config
 
 
 class _Killed(pl.Callback):
@@ -35,10 +35,10 @@ def _cli(cfg: Path):
 
 def test_a_killed_predict_leaves_no_earlier_results_and_no_complete_marker(tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    cli = _cli(_config(tmp_path))
+    cli = _cli(detect_config(tmp_path))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # an earlier run's output, in its manifest
     assert len(list((out / "images").glob("*.jpg"))) == 5 and (out / "_COMPLETE").is_file()
-    cli = _cli(_config(tmp_path))
+    cli = _cli(detect_config(tmp_path))
     cli.trainer.callbacks.append(_Killed())
     with pytest.raises(RuntimeError, match="killed"):
         cli.trainer.predict(cli.model, datamodule=cli.datamodule)
@@ -48,7 +48,7 @@ def test_a_killed_predict_leaves_no_earlier_results_and_no_complete_marker(tmp_p
     assert sorted(p.name for p in out.rglob("*")) == sorted(["images", *new, "_MANIFEST.json", "_MANIFEST.json.a0.r0"])
     assert json.loads((out / "_MANIFEST.json").read_text())["complete"] is False
 
-    cli = _cli(_config(tmp_path))
+    cli = _cli(detect_config(tmp_path))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     complete = json.loads((out / "_COMPLETE").read_text())
     assert complete["images"] == 5 == len(json.loads((out / "images.json").read_text()))

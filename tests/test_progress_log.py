@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_configs import REPO
-from test_detect_cli import _config
+from cli_configs import REPO, detect_config
 
 
 def test_progress_lines_appear_during_training_when_stdout_is_not_a_tty(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, limit_train_batches=3, max_epochs=1, enable_progress_bar=True)
+    cfg = detect_config(tmp_path, limit_train_batches=3, max_epochs=1, enable_progress_bar=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "tasks.detect", "fit", "--config", str(cfg), "--progress.every_n_steps", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tasks.data.market import MarketConfig, ensure_market, generate_market
 from tasks.data.reid import (
@@ -192,3 +193,20 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, market):
     # the evaluation set is query then gallery, flagged
     ev = collate_reid([dm.val_dataloader().dataset[i] for i in (0, dm.num_query)])
     assert ev["is_query"].tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------- identities below -1
+def test_market_identities_below_minus_one_are_skipped_and_counted(tmp_path: Path) -> None:
+    folder = tmp_path / "bounding_box_train"
+    folder.mkdir()
+    for name in ("0002_c1s1_000451_03.jpg", "-1_c1s1_000001_00.jpg", "-002_c2s1_000001_00.jpg", "0000_c3s1_01.jpg"):
+        Image.new("RGB", (8, 16)).save(folder / name)
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) whose identity is below -1 .*-002_c2s1_000001_00\.jpg"):
+        samples = read_market_split(folder, keep_distractors=True)
+    assert sorted(s.pid for s in samples) == [0, 2]  # -1 junk dropped, 0 distractor kept, -2 skipped
+
+
+def test_csv_identity_below_minus_one_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    (tmp_path / "split.csv").write_text("path,pid,camid\na.jpg,3,0\nb.jpg,-1,0\nc.jpg,-2,1\n")
+    with pytest.raises(ValueError, match=r"split\.csv:4: pid must be >= -1 \(-1 = junk, 0 = distractor\), got -2"):
+        read_pid_csv(tmp_path / "split.csv")

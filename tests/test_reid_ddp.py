@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_configs import REID_CONFIG
 from torchvision.transforms import v2
 
 from tasks.images import read_image
@@ -20,35 +21,6 @@ from tasks.reid import ReIDTask
 from tasks.reid_extract import load_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  max_epochs: 1
-  logger:
-    class_path: pytorch_lightning.loggers.CSVLogger
-    init_args: {{save_dir: {logs}, name: ""}}
-  num_sanity_val_steps: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-model:
-  arch: vgg11_bn
-  width_mult: 0.125
-  grid_queries: 3
-  grid_topk: 4
-  max_rank: 10
-  optim: {{name: adam, lr: 0.003, warmup_steps: 0}}
-data:
-  root: {root}
-  synthetic: {{num_train_ids: 6, num_test_ids: 5, num_cameras: 3, min_cameras: 2, max_cameras: 3,
-              max_per_camera: 3, num_distractors: 3, num_junk: 2, height: 32, width: 16, seed: 4}}
-  image_size: [32, 16]
-  p: 3
-  k: 2
-  eval_batch_size: 5
-  num_workers: 0
-"""
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +35,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_process_training_eval_and_extraction_match_one_process(tmp_path):
     cfg = tmp_path / "reid.yaml"
-    cfg.write_text(CONFIG.format(root=tmp_path / "market", logs=tmp_path / "logs"))
+    cfg.write_text(REID_CONFIG.format(root=tmp_path / "market", logs=tmp_path / "logs"))
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     fit = _cli("fit", "--config", str(cfg), *ddp, "--trainer.logger.init_args.save_dir", str(tmp_path / "fit"))
     assert "MEMBER: 2/2" in fit.stderr + fit.stdout  # really two processes

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from inference_probe import embed_directly
 from PIL import Image
-from torchvision.transforms import v2
 
-from tasks.images import list_images, read_image
+from tasks.images import list_images
 from tasks.reid_extract import extract_embeddings, load_embeddings
 from vggbackbone.models import reid_vgg
 from vggbackbone.optimize import RELATIVE_TOLERANCE
@@ -38,12 +38,6 @@ def net():
     return reid_vgg("vgg11", width_mult=0.125, embedding_dim=12).eval()
 
 
-def _direct(net, files):
-    tf = v2.Compose([v2.Resize((32, 16), antialias=True), v2.ToDtype(torch.float32, scale=True)])
-    with torch.no_grad():
-        return net(torch.stack([tf(read_image(f)) for f in files])).numpy()
-
-
 def test_folder_rows_match_paths_and_bad_files_are_skipped(tmp_path, images, net):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): b/empty.jpg \(image file is empty\)"):
         out = extract_embeddings(
@@ -52,7 +46,7 @@ def test_folder_rows_match_paths_and_bad_files_are_skipped(tmp_path, images, net
     d = load_embeddings(out)
     assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
     assert d["embeddings"].shape == (7, 12) and d["embeddings"].dtype == np.float32
-    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
+    np.testing.assert_allclose(d["embeddings"], embed_directly(net, [images / p for p in d["paths"]]), atol=1e-5)
     assert d["skipped_paths"].tolist() == ["b/empty.jpg"]
     assert not (tmp_path / ".emb.npz.parts").exists()
 
@@ -65,7 +59,7 @@ def test_list_input_keeps_its_order_and_names(tmp_path, images, net):
     out = extract_embeddings(net, lst, tmp_path / "l.npz", image_size=(32, 16), num_workers=0, **EXACT)
     d = load_embeddings(out)
     assert d["paths"].tolist() == names
-    np.testing.assert_allclose(d["embeddings"], _direct(net, files), atol=1e-5)
+    np.testing.assert_allclose(d["embeddings"], embed_directly(net, files), atol=1e-5)
 
 
 def test_bf16_extraction_stays_within_the_documented_tolerance(tmp_path, images, net):
@@ -73,7 +67,7 @@ def test_bf16_extraction_stays_within_the_documented_tolerance(tmp_path, images,
         out = extract_embeddings(net, images, tmp_path / "bf16.npz", image_size=(32, 16), num_workers=0,
                                  precision="bf16", trainer=TRAINER)  # fmt: skip
     d = load_embeddings(out)
-    ref = _direct(net, [images / p for p in d["paths"]])
+    ref = embed_directly(net, [images / p for p in d["paths"]])
     err = np.abs(d["embeddings"] - ref).max() / np.abs(ref).max()
     assert d["embeddings"].dtype == np.float32
     assert 0 < err <= RELATIVE_TOLERANCE["bf16"], err  # > 0: it really ran in bf16
@@ -96,7 +90,7 @@ def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsy
     assert "4 of 8 images were done by an earlier run" in capsys.readouterr().out
     d = load_embeddings(out)
     assert len(d["paths"]) == 7 and len(set(d["paths"].tolist())) == 7
-    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
+    np.testing.assert_allclose(d["embeddings"], embed_directly(net, [images / p for p in d["paths"]]), atol=1e-5)
     # another model: the old shards are not reused
     with pytest.raises(RuntimeError):
         extract_embeddings(net, images, out, image_size=(32, 16), batch_size=2, num_workers=0, precision="fp32",
@@ -106,7 +100,7 @@ def test_crash_leaves_no_output_and_a_rerun_resumes(tmp_path, images, net, capsy
         extract_embeddings(other, images, out, image_size=(32, 16), batch_size=2, num_workers=0, **EXACT)
     assert "earlier run" not in capsys.readouterr().out
     np.testing.assert_allclose(
-        load_embeddings(out)["embeddings"], _direct(other, [images / p for p in d["paths"]]), atol=1e-5
+        load_embeddings(out)["embeddings"], embed_directly(other, [images / p for p in d["paths"]]), atol=1e-5
     )
 
 
@@ -140,4 +134,4 @@ def test_merge_in_many_chunks_keeps_every_row_in_order(tmp_path, images, net, mo
                                  **EXACT)  # fmt: skip
     d = load_embeddings(out)
     assert d["paths"].tolist() == ["a1.jpg", "a2.png", "b/c3.jpg", "b/c4.jpg", "z5.jpg", "z6.jpg", "z7.jpg"]
-    np.testing.assert_allclose(d["embeddings"], _direct(net, [images / p for p in d["paths"]]), atol=1e-5)
+    np.testing.assert_allclose(d["embeddings"], embed_directly(net, [images / p for p in d["paths"]]), atol=1e-5)

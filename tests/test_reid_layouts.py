@@ -133,7 +133,8 @@ def test_metrics_report_queries_without_gallery(tmp_path) -> None:
     from tasks.reid_eval import ReIDEvaluation
 
     hp = SimpleNamespace(distance="euclidean", max_rank=5, eval_chunk_size=None, rerank=False, rerank_k1=20,
-                         rerank_k2=6, rerank_lambda=0.3, grid_topk=0, grid_queries=0)  # fmt: skip
+                         rerank_k2=6, rerank_lambda=0.3, grid_topk=0, grid_queries=0, aqe=False, aqe_times=1,
+                         aqe_k=5, aqe_alpha=3.0)  # fmt: skip
     fake = SimpleNamespace(hparams=hp, device="cpu", trainer=SimpleNamespace(state=SimpleNamespace(fn=None)),
                            current_epoch=0, _save_grid=lambda *a: None)  # fmt: skip
     # queries: pid 1 (cam 0), pid 7 (cam 0), pid 9 (cam 1), pid 2 (cam 0, its only gallery image also on cam 0)

@@ -13,9 +13,10 @@ from vggbackbone.metrics.rerank import knn
 
 # ----------------------------------------------------------------------------- references
 def reference_eval_market(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
-    """The benchmark's loop, query by query (torchreid's eval_market1501, plus junk -1 removal)."""
+    """The benchmark's loop, query by query (torchreid's eval_market1501, plus junk -1 removal; INP as
+    fast-reid's evaluate_rank: matches / (position of the last match + 1))."""
     indices = np.argsort(distmat, axis=1, kind="stable")
-    cmcs, aps = [], []
+    cmcs, aps, inps = [], [], []
     for i in range(distmat.shape[0]):
         order = indices[i]
         remove = ((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])) | (g_pids[order] == -1)
@@ -23,12 +24,14 @@ def reference_eval_market(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
         if not raw.any():
             continue
         cmc = raw.cumsum()
+        last = np.max(np.where(raw == 1))
+        inps.append(cmc[last] / (last + 1.0))
         cmc[cmc > 1] = 1
         cmc = np.concatenate([cmc, np.full(max(0, max_rank - len(cmc)), cmc[-1])])
         cmcs.append(cmc[:max_rank])
         prec = raw.cumsum() / (np.arange(len(raw)) + 1.0)
         aps.append((prec * raw).sum() / raw.sum())
-    return np.mean(cmcs, 0), float(np.mean(aps))
+    return np.mean(cmcs, 0), float(np.mean(aps)), float(np.mean(inps))
 
 
 def reference_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
@@ -131,13 +134,16 @@ def test_chunked_embeddings_equal_reference_on_random_data(metric):
         torch.testing.assert_close(
             dist, 1 - torch.nn.functional.cosine_similarity(q[:, None], gal[None], dim=2), atol=1e-5, rtol=1e-5
         )
-    ref_cmc, ref_map = reference_eval_market(dist.numpy(), *(t.numpy() for t in (q_pids, g_pids, q_cams, g_cams)), 20)
+    ref_cmc, ref_map, ref_minp = reference_eval_market(
+        dist.numpy(), *(t.numpy() for t in (q_pids, g_pids, q_cams, g_cams)), 20
+    )
     cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20)
     np.testing.assert_allclose(cmc, ref_cmc)
     assert mAP == pytest.approx(ref_map)
     res = rank_embeddings(q, gal, q_pids, g_pids, q_cams, g_cams, metric=metric, max_rank=20, chunk_size=5, topk=4)
     np.testing.assert_allclose(res.cmc, ref_cmc)
     assert res.mAP == pytest.approx(ref_map)
+    assert res.mINP == pytest.approx(ref_minp)
     # top-k lists are the nearest kept gallery images, in order
     for i in range(37):
         order = torch.argsort(dist[i], stable=True)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_nonfinite import _segment_config
+from cli_configs import tiny_segment_config
 
 
 def test_ckpt_path_last_resumes_the_newest_run_in_its_version_folder(tmp_path: Path) -> None:
     from tasks.segment import main
 
-    cfg = _segment_config(tmp_path)
+    cfg = tiny_segment_config(tmp_path)
     runs = tmp_path / "runs" / "seg"
     with pytest.raises(FileNotFoundError, match=rf"--ckpt_path last: no last\.ckpt under {tmp_path / 'runs'}"):
         main(["fit", "--config", str(cfg), "--ckpt_path", "last"])

@@ -8,37 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-from cli_configs import quick_trainer, run_module, shapes_data, write_config
+from cli_configs import run_module, segment_config
 from PIL import Image
-
-SEG_SHAPES = {"num_train": 8, "num_val": 7, "min_image_size": 40, "max_image_size": 56, "min_object_size": 10,
-              "max_object_size": 24}  # fmt: skip
-
-
-def _config(tmp: Path) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": quick_trainer(tmp, logger="seg", limit_train_batches=2),
-        "model": {
-            # U-Net: its randomly initialised head predicts every class from the first step (FCN's
-            # zero-initialised score layers predict background everywhere after 2 steps, which
-            # would make the confusion matrices below equal whatever each process evaluated)
-            "head": "unet",
-            "arch": "vgg11_bn",
-            "width_mult": 0.125,
-            "decoder_channels": [16, 16, 8, 8, 8],
-            "loss": "ce+dice",
-            "predict_dir": str(tmp / "predict"),
-            "optim": {"name": "adamw", "lr": 0.001, "backbone_lr_mult": 0.5},
-        },
-        "data": shapes_data(tmp / "shapes", SEG_SHAPES, layout="voc", crop_size=40),
-    }
-    return write_config(cfg, tmp / "seg.yaml")
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_then_predict(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = segment_config(tmp_path)
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
     fit = run_module("tasks.segment", ["fit", "--config", str(cfg), *ddp])
     assert "mIoU" in fit.stdout  # the metrics table printed once, by rank 0
@@ -88,7 +64,7 @@ def _cli(cfg: Path):
 
 
 def test_predict_writes_complete_last_and_a_rerun_first_removes_the_earlier_one(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = segment_config(tmp_path)
     out = tmp_path / "predict"
     cli = _cli(cfg)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # an earlier run, its marker in its manifest

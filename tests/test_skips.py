@@ -4,6 +4,7 @@ evaluation apart): a task whose steps never mention them still gets them reporte
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -110,3 +111,32 @@ def test_skip_counter_counts_readable_images_and_batches() -> None:
     assert counter.readable == -1
     counter.reset()
     assert (counter.readable, counter.batches, counter.items) == (0, 0, [])
+
+
+def test_reid_training_skips_are_not_reported_as_validation_skips(tmp_path: Path) -> None:
+    from tasks.data.market import MarketConfig
+    from tasks.data.reid import ReIDDataModule
+    from tasks.reid import ReIDTask
+
+    tiny = MarketConfig(num_train_ids=6, num_test_ids=5, num_cameras=3, min_cameras=2, max_cameras=3,
+                        max_per_camera=3, num_distractors=3, num_junk=2, height=32, width=16, seed=3)  # fmt: skip
+    root = tmp_path / "market"
+    dm = ReIDDataModule(root=str(root), synthetic=tiny, image_size=(32, 16), p=3, k=2, eval_batch_size=8,
+                        num_workers=0, random_erasing=0.0)  # fmt: skip
+    dm.prepare_data()
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))
+    for p in train[::2]:
+        p.write_bytes(b"")  # half the training crops unreadable
+    query = sorted((root / "query").glob("*.jpg"))[0]
+    query.write_bytes(b"")
+    task = ReIDTask(arch="vgg11_bn", width_mult=0.125, grid_queries=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, datamodule=dm)
+    said = [str(w.message) for w in caught if "skipped" in str(w.message) and "unreadable" in str(w.message)]
+    val = [m for m in said if m.startswith("val evaluation")]
+    fit = [m for m in said if m.startswith("training epoch 0")]
+    assert len(val) == 1 and val[0].startswith(f"val evaluation: skipped 1 unreadable image(s): {query} (")
+    assert len(fit) == 1 and "bounding_box_train" in fit[0] and "query" not in fit[0]

@@ -8,7 +8,8 @@
   model (equal to it within 1e-5), and with the optimisation on in fp32 the outputs stay
   within 1e-4 of it.
 
-Kept light at import: a subprocess imports this module for :class:`RecordInference` only.
+``reid_run`` (a 2-step ReID checkpoint) is a fixture of conftest.py; what ran is recorded by
+:mod:`inference_probe`.
 """
 
 from __future__ import annotations
@@ -21,41 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
+from inference_probe import embed_directly, plain_reid_model, record_arg
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-
-
-class RecordInference(pl.Callback):
-    """Saves, per predict batch, the images, the model outputs (ReID embeddings) and which model
-    ran (``TaskModule.inference_model``: the plain model or an ``InferenceModule``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.images: list[torch.Tensor] = []
-        self.embeddings: list[torch.Tensor] = []
-        self.models: set[str] = set()
-
-    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
-        self.images.append(batch["image"].detach().cpu().clone())
-        self.embeddings.append(outputs["embedding"].detach().float().cpu())
-        model = pl_module.inference_model
-        self.models.add(f"{type(model).__name__}:{getattr(model, 'precision', 'plain')}")
-
-    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        torch.save(
-            {"images": torch.cat(self.images), "embeddings": torch.cat(self.embeddings), "models": sorted(self.models)},
-            self.path,
-        )
-
-
-def _record_arg(path: Path) -> str:
-    return (
-        f'--trainer.callbacks=[{{"class_path": "test_task_inference.RecordInference", '
-        f'"init_args": {{"path": "{path}"}}}}]'
-    )
 
 
 def _python_m(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -78,12 +49,11 @@ def _max_abs(a: Any, b: Any) -> float:
 # ------------------------------------------------------------------------------ segmentation export
 def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path: Path) -> None:
     import onnxruntime as ort
-    from cli_configs import run_module
-    from test_segment_cli import _config
+    from cli_configs import run_module, segment_config
 
     from tasks.segment import SegmentationTask, main
 
-    cfg = _config(tmp_path)
+    cfg = segment_config(tmp_path)
     main(["fit", "--config", str(cfg), "--trainer.limit_val_batches", "0"])  # 2 training steps
     ckpt = tmp_path / "runs/seg/version_0/checkpoints/last.ckpt"
     assert ckpt.is_file()
@@ -111,32 +81,6 @@ def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path:
 
 
 # ------------------------------------------------------------------------------ ReID: off-switches
-@pytest.fixture(scope="module")
-def reid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2-step ReID checkpoint (fit in this process), its config, and a folder of images."""
-    from test_reid_ddp import CONFIG
-
-    from tasks.reid import main
-
-    tmp = tmp_path_factory.mktemp("reid")
-    cfg = tmp / "reid.yaml"
-    cfg.write_text(CONFIG.format(root=tmp / "market", logs=tmp / "logs"))
-    main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"])
-    ckpt = tmp / "logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    images = tmp / "images"
-    images.mkdir()
-    for p in sorted((tmp / "market" / "query").glob("*.jpg")):
-        (images / p.name).write_bytes(p.read_bytes())
-    return {"cfg": cfg, "ckpt": ckpt, "images": images, "tmp": tmp}
-
-
-def _plain_model(ckpt: Path) -> torch.nn.Module:
-    from tasks.reid import ReIDTask
-
-    return ReIDTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
-
-
 @pytest.mark.parametrize(
     ("switch", "expect_model", "tol"),
     [
@@ -161,13 +105,13 @@ def test_reid_predict_inference_switch(
             *switch,
             "--writer.output_dir",  # the embeddings file predict writes
             str(reid_run["tmp"] / f"predict_{expect_model.split(':')[1]}"),
-            _record_arg(record),
+            record_arg(record),
         ]
     )
     rec = torch.load(record, weights_only=True)
     assert rec["models"] == [expect_model]  # the switch decided which model ran
     with torch.no_grad():
-        want = _plain_model(reid_run["ckpt"])(rec["images"])
+        want = plain_reid_model(reid_run["ckpt"])(rec["images"])
     assert rec["embeddings"].shape == want.shape and len(want) > 0
     assert _max_abs(rec["embeddings"], want) <= tol
 
@@ -180,20 +124,18 @@ def test_reid_predict_inference_switch(
 def test_reid_extract_cli_optimize_switch(
     reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float
 ) -> None:
-    from test_reid_extract import _direct  # the plain model on the same files, resized to 32x16 like the config
-
     from tasks.reid_extract import load_embeddings
 
     name = expect_model.split(":")[1]
     out, record = reid_run["tmp"] / f"extract_{name}.npz", reid_run["tmp"] / f"extract_{name}.pt"
     _python_m(
         "tasks.reid", "extract", "--ckpt", str(reid_run["ckpt"]), "--images", str(reid_run["images"]),
-        "--out", str(out), "--batch_size", "4", "--num_workers", "0", *switch, _record_arg(record),
+        "--out", str(out), "--batch_size", "4", "--num_workers", "0", *switch, record_arg(record),
     )  # fmt: skip
     assert torch.load(record, weights_only=True)["models"] == [expect_model]
     d = load_embeddings(out)
     files = [reid_run["images"] / p for p in d["paths"]]
     assert len(files) == len(list(reid_run["images"].glob("*.jpg"))) > 0
-    want = _direct(_plain_model(reid_run["ckpt"]), files)
+    want = embed_directly(plain_reid_model(reid_run["ckpt"]), files)
     assert d["embeddings"].shape == want.shape
     assert _max_abs(d["embeddings"], want) <= tol

@@ -6,12 +6,15 @@
 ([256, 512, 512], [4, 8, 16])
 """
 
+from ._timm_hook import register_with_timm
 from .deploy import InferenceModule, fold_batchnorm, optimize_for_inference
 from .perceptual import LPIPS, PerceptualLoss, StyleLoss
 from .vgg import ARCHS, TAPS, VGGBackbone, VGGConfig, get_config
 from .weights import CAFFE, IMAGENET, InputNormalization, WeightsError
 
 __version__ = "0.1.0"
+
+register_with_timm()  # timm.create_model("vggbackbone_<arch>", features_only=True): vggbackbone/timm_models.py
 
 __all__ = [
     "ARCHS",

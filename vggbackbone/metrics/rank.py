@@ -1,4 +1,4 @@
-"""Retrieval metrics of person re-identification: CMC and mAP under the Market-1501 protocol.
+"""Retrieval metrics of person re-identification: CMC, mAP and mINP under the Market-1501 protocol.
 
 Protocol (Zheng et al., "Scalable Person Re-identification: A Benchmark", ICCV 2015, as
 implemented by torchreid and fast-reid): for each query, the gallery is ranked by distance, then
@@ -11,6 +11,9 @@ implemented by torchreid and fast-reid): for each query, the gallery is ranked b
 ``CMC[k]`` is the fraction of queries whose first correct match is within the top ``k+1`` and
 ``AP`` the mean of the precision at each correct match (non-interpolated, as torchreid and
 fast-reid compute it; the original MATLAB script's trapezoid rule gives slightly different AP).
+``INP`` (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook", TPAMI
+2021) is ``num_matches / (rank of the hardest match)``, ranks counted after the removals, as
+fast-reid's ``evaluate_rank`` computes it; mINP is its mean over the queries with a match.
 Queries with no correct match left in the gallery are skipped, as in the benchmark code.
 
 Distances are never materialised for the whole query set: :func:`rank_embeddings` works on
@@ -28,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distance import Metric, compute_distance
+from .query_expansion import average_query_expansion
 from .rerank import KReciprocalReRanker
 
-__all__ = ["RankResult", "compute_distance", "evaluate_rank", "rank_embeddings"]
+__all__ = ["RankResult", "compute_distance", "evaluate_rank", "rank_distances", "rank_embeddings"]
 
 ArrayLike = Tensor | np.ndarray
 
@@ -49,6 +53,7 @@ class _Stats:
 
     first_hit_counts: Tensor  # (max_rank,) queries whose first valid match is at rank k (0-based)
     ap_sum: float
+    inp_sum: float
     num_valid: int
     topk: Tensor | None  # (chunk, k) gallery indices of the first k kept results (-1: none)
     topk_match: Tensor | None  # (chunk, k) True where that result has the query's identity
@@ -71,6 +76,8 @@ def _chunk_stats(
     first_hit_counts = torch.bincount(first, minlength=max_rank + 1)[:max_rank].cpu()
     precision = torch.cumsum(hits, dim=1, dtype=torch.int32).double() / (pos.double() + 1).clamp(min=1)
     ap = (precision * hits).sum(1) / num_hits.clamp(min=1)
+    last = torch.where(hits, pos, -1).amax(1)  # rank of the hardest match (0-based)
+    inp = num_hits.double() / (last.double() + 1).clamp(min=1)
     top_idx = top_match = None
     if topk > 0:
         # scatter the first k kept results to columns 0..k-1; everything else lands in column k
@@ -80,7 +87,10 @@ def _chunk_stats(
         top_idx = top_idx[:, :topk]
         top_match = (g_pids[top_idx.clamp(min=0)] == q_pids[:, None]) & (top_idx >= 0)
         top_idx, top_match = top_idx.cpu(), top_match.cpu()
-    return _Stats(first_hit_counts, float(ap[has_match].sum()), int(has_match.sum()), top_idx, top_match)
+    num_valid = int(has_match.sum())
+    return _Stats(
+        first_hit_counts, float(ap[has_match].sum()), float(inp[has_match].sum()), num_valid, top_idx, top_match
+    )
 
 
 @dataclass
@@ -90,6 +100,7 @@ class RankResult:
     Attributes:
         cmc: ``(max_rank,)`` float array, ``cmc[k]`` = rank-(k+1) accuracy.
         mAP: mean average precision over valid queries.
+        mINP: mean inverse negative penalty over valid queries (Ye et al.).
         num_queries: queries evaluated.
         num_valid_queries: queries with at least one correct match left in the gallery.
         topk: ``(Q, k)`` gallery indices of each query's first ``k`` results after the protocol's
@@ -99,6 +110,7 @@ class RankResult:
 
     cmc: np.ndarray
     mAP: float
+    mINP: float
     num_queries: int
     num_valid_queries: int
     topk: np.ndarray | None = None
@@ -109,7 +121,7 @@ class RankResult:
         return float(self.cmc[k - 1])
 
     def as_dict(self, ranks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-        out = {"mAP": self.mAP}
+        out = {"mAP": self.mAP, "mINP": self.mINP}
         out.update({f"rank{k}": self.rank(k) for k in ranks if k <= len(self.cmc)})
         return out
 
@@ -130,7 +142,7 @@ def _rank_chunked(
         raise ValueError("the gallery is empty")
     chunk = chunk_size or max(1, _WORKING_SET // max(1, num_gallery))
     counts = torch.zeros(max_rank, dtype=torch.long)
-    ap_sum, num_valid = 0.0, 0
+    ap_sum, inp_sum, num_valid = 0.0, 0.0, 0
     tops, matches = [], []
     for a in range(0, num_queries, chunk):
         b = min(num_queries, a + chunk)
@@ -143,6 +155,7 @@ def _rank_chunked(
         )
         counts += s.first_hit_counts
         ap_sum += s.ap_sum
+        inp_sum += s.inp_sum
         num_valid += s.num_valid
         if topk > 0:
             tops.append(s.topk)
@@ -156,6 +169,7 @@ def _rank_chunked(
     return RankResult(
         cmc=cmc,
         mAP=ap_sum / num_valid,
+        mINP=inp_sum / num_valid,
         num_queries=num_queries,
         num_valid_queries=num_valid,
         topk=torch.cat(tops).numpy() if topk > 0 else None,
@@ -169,6 +183,25 @@ def _ids(q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: Ar
         if v.numel() != n:
             raise ValueError(f"{name} has {v.numel()} entries, expected {n}")
     return ids
+
+
+def rank_distances(
+    distmat: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    max_rank: int = 50,
+) -> RankResult:
+    """CMC, mAP and mINP of a ``(Q, G)`` distance matrix (arguments of :func:`evaluate_rank`).
+
+    Raises ``ValueError`` when no query has a match in the gallery.
+    """
+    dist = _as_tensor(distmat)
+    if dist.dim() != 2:
+        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(dist.shape)}")
+    ids = _ids(q_pids, g_pids, q_camids, g_camids, dist.shape[0], dist.shape[1])
+    return _rank_chunked(lambda a, b: dist[a:b], dist.shape[0], *ids, max_rank, None, 0)
 
 
 def evaluate_rank(
@@ -191,12 +224,9 @@ def evaluate_rank(
     Returns:
         ``(cmc, mAP)``: ``cmc`` a float64 array of shape ``(max_rank,)`` (``cmc[0]`` = rank-1),
         ``mAP`` a float. Raises ``ValueError`` when no query has a match in the gallery.
+        :func:`rank_distances` also gives mINP.
     """
-    dist = _as_tensor(distmat)
-    if dist.dim() != 2:
-        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(dist.shape)}")
-    ids = _ids(q_pids, g_pids, q_camids, g_camids, dist.shape[0], dist.shape[1])
-    res = _rank_chunked(lambda a, b: dist[a:b], dist.shape[0], *ids, max_rank, None, 0)
+    res = rank_distances(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     return res.cmc, res.mAP
 
 
@@ -216,13 +246,20 @@ def rank_embeddings(
     k2: int = 6,
     lambda_value: float = 0.3,
     topk: int = 0,
+    aqe: bool = False,
+    aqe_times: int = 1,
+    aqe_k: int = 5,
+    aqe_alpha: float = 3.0,
 ) -> RankResult:
     """Evaluate embeddings ``(Q, D)`` against ``(G, D)`` without building the full distance matrix.
 
     Distances are computed ``chunk_size`` queries at a time (default: a chunk of about four
     million distances), on the embeddings' device. With ``rerank=True`` the distances are the
     k-reciprocal re-ranked ones (Zhong et al. 2017, :func:`~vggbackbone.metrics.rerank.KReciprocalReRanker`)
-    with ``k1``, ``k2``, ``lambda_value``. ``topk > 0`` also returns each query's first ``topk``
+    with ``k1``, ``k2``, ``lambda_value``. ``aqe=True`` first replaces query and gallery embeddings
+    by their average query expansion (:func:`~vggbackbone.metrics.query_expansion.average_query_expansion`
+    with ``aqe_times``, ``aqe_k``, ``aqe_alpha``), then ranks them with ``metric`` and ``rerank``
+    as without it (fast-reid's order). ``topk > 0`` also returns each query's first ``topk``
     kept results (for retrieval pictures).
     """
     if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
@@ -231,6 +268,8 @@ def rank_embeddings(
         )
     ids = _ids(q_pids, g_pids, q_camids, g_camids, query.shape[0], gallery.shape[0])
     query, gallery = query.float(), gallery.float()
+    if aqe:
+        query, gallery = average_query_expansion(query, gallery, times=aqe_times, k=aqe_k, alpha=aqe_alpha)
     if rerank:
         ranker = KReciprocalReRanker(query, gallery, metric=metric, k1=k1, k2=k2, lambda_value=lambda_value)
         dist_fn = ranker.distances

@@ -15,6 +15,7 @@ from .classifier import ExportableClassifier, VGGClassifier, vgg_classifier
 from .core import NormalizingModel
 from .detection import fasterrcnn_vgg
 from .fcn import FCN, fcn_vgg
+from .pretrained import from_pretrained, read_pretrained_config, save_pretrained
 from .registry import TASKS, ModelEntry, TaskModels, create_model, list_models, model_entry, register_model
 from .reid import CenterLoss, GeM, ReIDNet, ReIDOutput, reid_vgg
 from .single_stage import fcos_vgg, retinanet_vgg
@@ -39,11 +40,14 @@ __all__ = [
     "fasterrcnn_vgg",
     "fcn_vgg",
     "fcos_vgg",
+    "from_pretrained",
     "list_models",
     "model_entry",
+    "read_pretrained_config",
     "register_model",
     "reid_vgg",
     "retinanet_vgg",
+    "save_pretrained",
     "sliding_window_logits",
     "ssd_vgg",
     "unet_vgg",

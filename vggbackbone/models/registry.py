@@ -20,12 +20,25 @@ from typing import Any, Generic, TypeVar
 
 from torch import nn
 
-__all__ = ["TASKS", "ModelEntry", "TaskModels", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = [
+    "BUILD_CONFIG_ATTR",
+    "TASKS",
+    "ModelEntry",
+    "TaskModels",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "record_build",
+    "register_model",
+]
 
 #: The tasks of the project's CLIs, in their usual order.
 TASKS: tuple[str, ...] = ("detect", "segment", "reid", "classify")
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+#: Where :func:`create_model` leaves ``{"name", "options"}`` on the model it built.
+BUILD_CONFIG_ATTR = "vggbackbone_build"
 
 
 def _at_backbone(options: Mapping[str, Any]) -> str:
@@ -104,8 +117,15 @@ def model_entry(name: str, task: str | None = None) -> ModelEntry:
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """``builder(**kwargs)`` of the model registered as ``name``; an unknown name is an error
-    naming the registered ones."""
-    return model_entry(name).builder(**kwargs)
+    naming the registered ones. The model remembers ``name`` and ``kwargs`` (its
+    ``vggbackbone_build`` attribute), which :func:`~vggbackbone.models.save_pretrained` writes."""
+    return record_build(model_entry(name).builder(**kwargs), name, kwargs)
+
+
+def record_build(model: nn.Module, name: str, options: Mapping[str, Any]) -> nn.Module:
+    """Remember on ``model`` that it is ``create_model(name, **options)``; returns ``model``."""
+    object.__setattr__(model, BUILD_CONFIG_ATTR, {"name": name, "options": dict(options)})
+    return model
 
 
 T = TypeVar("T")

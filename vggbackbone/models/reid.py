@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..vgg import ArchSpec, VGGBackbone
 from .core import NormalizingModel, build_trunk, check_num_classes
+from .registry import BUILD_CONFIG_ATTR
 
 __all__ = ["CenterLoss", "GeM", "ReIDNet", "ReIDOutput", "reid_vgg"]
 
@@ -131,6 +132,9 @@ class ReIDNet(NormalizingModel):
     def reset_classifier(self, num_classes: int) -> None:
         """(Re)build the identity classifier for ``num_classes`` identities (0 removes it)."""
         self.num_classes = check_num_classes(num_classes, 0, "ReIDNet")
+        build = getattr(self, BUILD_CONFIG_ATTR, None)
+        if build is not None:  # what save_pretrained writes: the classifier it has now
+            build["options"]["num_classes"] = self.num_classes
         if num_classes == 0:
             self.classifier = nn.Identity()
             return
