@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -67,11 +68,7 @@ __all__ = [
 def unmatched_query_ids(query: Sequence[ReIDSample], gallery: Sequence[ReIDSample]) -> dict[int, int]:
     """``{identity: query images}`` of the query identities with no image in the gallery (never matchable)."""
     in_gallery = {s.pid for s in gallery}
-    out: dict[int, int] = {}
-    for s in query:
-        if s.pid not in in_gallery:
-            out[s.pid] = out.get(s.pid, 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(s.pid for s in query if s.pid not in in_gallery).items()))
 
 
 class ReIDDataset(Dataset):
