@@ -33,7 +33,11 @@ class DetectionWriter(PredictionWriter):
       xywh, ``score``), every detection the model returns, gathered from all processes;
     * ``<output_dir>/images.json``: ``[{id, file_name, width, height}]`` for those ids;
     * ``<output_dir>/images/<name>.jpg``: each image with boxes scoring at least
-      ``score_threshold``, labelled ``class score``; ``<output_dir>/grid.jpg``: the first 16.
+      ``score_threshold``, labelled ``class score``; ``<output_dir>/grid.jpg``: the first 16;
+    * with ``yolo_txt``, ``<output_dir>/labels/<name>.txt``: the boxes scoring at least
+      ``score_threshold`` as YOLO label lines ``class cx cy w h`` (class index 0-based in the
+      model's class order, coordinates normalised by the image size, 6 decimals; an image without
+      such a box gets an empty file), ready to be read back by ``data.layout: yolo``.
 
     The files are written by the protocol of :class:`tasks.writer.PredictionWriter`: recorded in
     ``<output_dir>/_MANIFEST.json``, an earlier run's files removed first (only those its manifest
@@ -46,12 +50,18 @@ class DetectionWriter(PredictionWriter):
     by = "detect predict"
 
     def __init__(
-        self, output_dir: str = "outputs/detect", score_threshold: float = 0.5, draw: bool = True, line_width: int = 2
+        self,
+        output_dir: str = "outputs/detect",
+        score_threshold: float = 0.5,
+        draw: bool = True,
+        line_width: int = 2,
+        yolo_txt: bool = False,
     ) -> None:
         super().__init__(output_dir)
         self.score_threshold = score_threshold
         self.draw = draw
         self.line_width = line_width
+        self.yolo_txt = yolo_txt
         self.reset()
 
     def expected_files(self) -> list[str]:
@@ -78,9 +88,11 @@ class DetectionWriter(PredictionWriter):
                 )
             self._detections[iid] = {k: pred[k] for k in ("boxes", "scores", "labels")}
             self._images[iid] = {"id": iid, **name_fields(path), "width": int(w), "height": int(h)}  # tasks.pathnames
+            keep = pred["scores"] >= self.score_threshold
+            if self.yolo_txt:
+                self._write_yolo(f"labels/{pred.get('out_name') or path.stem}.txt", pred, keep, int(w), int(h))
             if not self.draw:
                 continue
-            keep = pred["scores"] >= self.score_threshold
             labels = pred["labels"][keep]
             names = [
                 f"{classes[lab - 1] if 0 < lab <= len(classes) else lab} {s:.2f}"
@@ -97,6 +109,16 @@ class DetectionWriter(PredictionWriter):
             self._save_jpeg(drawn, f"images/{pred.get('out_name') or path.stem}.jpg")
             if len(self._grid) < 16:
                 self._grid.append(drawn)
+
+    def _write_yolo(self, rel: str, pred: dict[str, Any], keep: np.ndarray, w: int, h: int) -> None:
+        """YOLO label lines of the kept boxes: ``class cx cy w h``, normalised (see the class docstring)."""
+        boxes = np.asarray(pred["boxes"], np.float64).reshape(-1, 4)[keep]
+        lines = [
+            f"{int(lab) - 1} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n"
+            for lab, (x0, y0, x1, y1) in zip(np.asarray(pred["labels"])[keep].tolist(), boxes.tolist())
+        ]
+        with self.outputs.write(rel) as tmp:
+            tmp.write_text("".join(lines))
 
     def _save_jpeg(self, image: Tensor, rel: str) -> None:
         from PIL import Image
@@ -139,6 +161,7 @@ class DetectionWriter(PredictionWriter):
             f"predict: {count} images, {self._count()} detections "
             f"({kept} with score >= {self.score_threshold}) -> {self.output_dir / 'detections.json'}"
             + (f", drawn in {self.output_dir / 'images'}/" if self.draw else "")
+            + (f", YOLO labels in {self.output_dir / 'labels'}/" if self.yolo_txt else "")
         )
 
 

@@ -4,7 +4,9 @@
 Every process embeds its share of the query and gallery images; the embeddings are gathered and
 ranked once (mAP, mINP, CMC rank-1/5/10; cosine or euclidean distances, optional average query
 expansion and k-reciprocal re-ranking: :func:`vggbackbone.metrics.rank_embeddings`), written to
-``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`) with a retrieval
+``<log_dir>/<stage>_metrics.json`` (:func:`tasks.reporting.publish_metrics`), with the queries the
+ranking skipped (``queries_without_match``; of them, ``queries_without_gallery``: those whose
+identity has no gallery image at all, named in ``query_ids_without_gallery``), and a retrieval
 grid ``<log_dir>/retrieval/<stage>[_epochNNN].png``. An evaluation that ranks nothing (no query
 or no gallery image embedded) says why, counting the unreadable images of each side.
 """
@@ -28,6 +30,10 @@ from tasks.tta import reid_embeddings
 from vggbackbone.metrics import rank_embeddings
 
 __all__ = ["ReIDEvaluation"]
+
+
+def _listed(ids: list[int], limit: int = 10) -> str:
+    return f"{len(ids)}" + (f": {ids[:limit]}{' ...' if len(ids) > limit else ''}" if ids else "")
 
 
 class ReIDEvaluation:
@@ -105,10 +111,14 @@ class ReIDEvaluation:
             return EvalReport({}, no_metric=f"{stage} split: {e}")
         fitting = self.trainer.state.fn is not None and self.trainer.state.fn.value == "fit"
         name = f"{stage}_epoch{self.current_epoch:03d}" if fitting else stage  # val_epoch003.png, val.png, test.png
+        absent = np.setdiff1d(pid[q], pid[g])  # query identities no gallery image has: never matchable
         extra: dict[str, Any] = {
             "num_query": int(q.sum()),
             "num_gallery": int(g.sum()),
             "num_valid_queries": res.num_valid_queries,
+            "queries_without_match": int(q.sum()) - res.num_valid_queries,
+            "queries_without_gallery": int(np.isin(pid[q], absent).sum()),
+            "query_ids_without_gallery": absent.tolist(),
             "cmc": res.cmc.tolist(),
             "distance": hp.distance,
             "rerank": hp.rerank,
@@ -123,6 +133,8 @@ class ReIDEvaluation:
             title=f"ReID {name}",
             table=[
                 ("queries", [int(q.sum())]),
+                ("queries skipped (no match)", [extra["queries_without_match"]]),
+                ("query ids not in gallery", [_listed(extra["query_ids_without_gallery"])]),
                 ("gallery", [int(g.sum())]),
                 ("distance", [hp.distance + (" + AQE" if hp.aqe else "") + (" + re-ranking" if hp.rerank else "")]),
             ],

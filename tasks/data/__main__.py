@@ -1,6 +1,8 @@
-"""``python -m tasks.data <generator> --out DIR [--field value ...]``.
+"""``python -m tasks.data <generator> --out DIR [--field value ...]`` and
+``python -m tasks.data check --config CONFIG.yaml [--decode] [--json]``.
 
 Every generator is a (config dataclass, function) pair; its dataclass fields become flags.
+``check`` reads a task config's dataset before a long run (:mod:`tasks.data.check`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from . import check
 from ._build import GeneratedFolderError
 from .digits import DigitsConfig, generate_digits
 from .market import MarketConfig, generate_market
@@ -47,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
             help="output folder: missing, empty, or a dataset generated earlier (replaced; anything else is refused)",
         )
         _add_fields(p, cfg_cls)
-    args = vars(parser.parse_args(argv))
+    check.add_parser(sub)
+    parsed = parser.parse_args(argv)
+    if parsed.generator == "check":
+        raise SystemExit(check.main(parsed))
+    args = vars(parsed)
     name, out = args.pop("generator"), args.pop("out")
     cfg_cls, generate, _ = GENERATORS[name]
     cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})

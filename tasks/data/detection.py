@@ -2,7 +2,8 @@
 
 The readers turn their files into the same :class:`~tasks.data.records.DetectionRecord` list,
 so training, evaluation and prediction never care which layout the data came from:
-COCO instances JSON (:mod:`tasks.data.coco`, pycocotools) or PASCAL VOC XML (:mod:`tasks.data.voc`).
+COCO instances JSON (:mod:`tasks.data.coco`, pycocotools), PASCAL VOC XML (:mod:`tasks.data.voc`)
+or the Ultralytics YOLO tree (:mod:`tasks.data.yolo`).
 
 Boxes are clipped to the image; boxes that are degenerate or fall outside the image are
 dropped with one counted warning per file. Unreadable images are skipped with a counted
@@ -27,6 +28,7 @@ from tasks.data.records import DetectionRecord, DetectionSplit, check_has_boxes
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from tasks.data.voc import VOC_CLASSES, read_voc
+from tasks.data.yolo import YoloConfig, read_yolo, read_yolo_config
 from tasks.deprecation import old_names, renamed
 from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
@@ -181,21 +183,23 @@ def collate_detection(samples: Sequence[Any]) -> DetectionBatch:
 
 
 class DetectionDataModule(TaskDataModule):
-    """Detection data from a COCO or PASCAL VOC tree.
+    """Detection data from a COCO, PASCAL VOC or YOLO tree.
 
     Args:
         root: dataset root. COCO: holds ``annotations/instances_<split>.json`` and the images
-            (``images/<split>/`` or ``<split>/``). VOC: holds ``VOCdevkit/`` (or is it).
-        layout: ``coco`` or ``voc``.
+            (``images/<split>/`` or ``<split>/``). VOC: holds ``VOCdevkit/`` (or is it). YOLO:
+            the ``data.yaml`` file, or the folder holding it (:mod:`tasks.data.yolo`).
+        layout: ``coco``, ``voc`` or ``yolo``.
         train_split, val_split: split names (COCO: ``train2017``; VOC: ``trainval``,
-            ``VOC2012/trainval``, ``VOC2007/trainval+VOC2012/trainval``).
+            ``VOC2012/trainval``, ``VOC2007/trainval+VOC2012/trainval``; YOLO: keys of
+            ``data.yaml``, ``train``/``val``/``test``).
         test_split: split for ``test`` (default: ``val_split``; VOC07: ``test``).
         train_ann, val_ann, test_ann: COCO only: explicit annotation files (override the split name).
         train_images, val_images, test_images: COCO only: explicit image folders.
         predict_images: images for ``predict``: a folder, an image, or a text file of paths
             (default: the validation images, with their ids).
-        classes: VOC: object class names in label order (default: VOC's 20). COCO: taken from
-            the file's categories; if given, must match them.
+        classes: VOC: object class names in label order (default: VOC's 20). COCO and YOLO: taken
+            from the file's categories (``names``); if given, must match them.
         train_difficult: train on VOC ``difficult`` objects too (the paper's code does not).
         hflip: horizontal flip probability in training.
         photometric: probability of each photometric distortion in training.
@@ -218,7 +222,7 @@ class DetectionDataModule(TaskDataModule):
     def __init__(
         self,
         root: str = "data/shapes",
-        layout: Literal["coco", "voc"] = "coco",
+        layout: Literal["coco", "voc", "yolo"] = "coco",
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
@@ -257,8 +261,8 @@ class DetectionDataModule(TaskDataModule):
         # not the classes: the model's hyper-parameters hold the resolved ones
         self.save_hyperparameters(ignore=["classes", "format", "train_set", "val_set", "test_set", "predict_path",
                                           "shapes"])  # fmt: skip
-        if layout not in ("coco", "voc"):
-            raise ValueError(f"data.layout must be 'coco' or 'voc', got {layout!r}")
+        if layout not in ("coco", "voc", "yolo"):
+            raise ValueError(f"data.layout must be 'coco', 'voc' or 'yolo', got {layout!r}")
         self.root = Path(root)
         self.layout = layout
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
@@ -276,6 +280,7 @@ class DetectionDataModule(TaskDataModule):
         self.synthetic = synthetic
         self._splits: dict[str, DetectionSplit] = {}
         self._categories: list[dict[str, Any]] | None = None
+        self._yolo: YoloConfig | None = None
 
     # -- classes (linked to the model at instantiation, before any data is read) --
     @property
@@ -287,7 +292,15 @@ class DetectionDataModule(TaskDataModule):
             return list(SHAPES_CLASSES)
         if self.layout == "voc":
             return list(VOC_CLASSES)
+        if self.layout == "yolo":
+            return list(self.yolo_config().names)
         return [c["name"] for c in self._file_categories()]
+
+    def yolo_config(self) -> YoloConfig:
+        """``layout: yolo``: the ``data.yaml`` at ``data.root`` (read once)."""
+        if self._yolo is None:
+            self._yolo = read_yolo_config(require_exists("data.root", self.root, "YOLO data.yaml or its folder"))
+        return self._yolo
 
     @property
     def category_ids(self) -> list[int]:
@@ -327,6 +340,11 @@ class DetectionDataModule(TaskDataModule):
             return None if self.predict_images is not None else self._read_split("val")
         return self.split(name)  # type: ignore[arg-type]
 
+    def read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
+        """The records of ``stage`` as its reader returns them (read once), not checked for boxes
+        (``python -m tasks.data check`` counts what :meth:`split` would refuse)."""
+        return self._read_split(stage)
+
     def _read_split(self, stage: Literal["train", "val", "test"]) -> DetectionSplit:
         if stage not in self._splits:
             if self.layout == "coco":
@@ -339,12 +357,12 @@ class DetectionDataModule(TaskDataModule):
                     images = find_coco_images(self.root, self.splits[stage])
                 ann_file = require_file(f"data.{stage}_ann" if ann else f"data.{stage}_split", self._ann_file(stage))
                 split = read_coco(ann_file, images)
-                if self._classes is not None and split.classes != self._classes:
-                    raise ValueError(
-                        f"{split.source}: categories {split.classes} differ from data.classes {self._classes}"
-                    )
+            elif self.layout == "yolo":
+                split = read_yolo(self.yolo_config(), self.splits[stage])
             else:
                 split = read_voc(require_folder("data.root", self.root), self.splits[stage], self.classes)
+            if self.layout != "voc" and self._classes is not None and split.classes != self._classes:
+                raise ValueError(f"{split.source}: categories {split.classes} differ from data.classes {self._classes}")
             self._splits[stage] = split
         return self._splits[stage]
 

@@ -46,7 +46,7 @@ class DetectionSplit:
     classes: list[str]
     category_ids: list[int]  # category_ids[label - 1] is the COCO category id of that label
     source: str
-    layout: Literal["coco", "voc"]
+    layout: Literal["coco", "voc", "yolo"]
     dropped_boxes: int = 0
     clipped_boxes: int = 0
 

@@ -14,12 +14,20 @@ sequence, frame, box. The benchmark's conventions, as torchreid and fast-reid ap
   and such CSV rows are refused with an error naming the line.
 
 The name pattern ``PPPP_cC`` also reads DukeMTMC-reID (``0001_c2_f0046182.jpg``). Other data:
-a CSV with a header ``path,pid,camid`` per split (paths relative to the CSV's folder).
+a CSV with a header ``path,pid,camid`` per split (paths relative to the CSV's folder), MSMT17's
+list files (``layout: msmt17``) and CUHK03's 767/700 protocol (``layout: cuhk03``).
+
+Query identities that have no image in the gallery can never be matched: they are counted and
+named in a warning when the splits are read (:func:`unmatched_query_ids`), and the evaluation
+reports them again in its metrics (the ranking skips queries without a match, as the benchmark
+code does).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -30,7 +38,15 @@ from torchvision.transforms import v2
 
 from tasks.data.market import MarketConfig, ensure_market
 from tasks.data.pk_sampler import PKSampler
-from tasks.data.reid_readers import MARKET_SPLITS, ReIDSample, parse_market_name, read_market_split, read_pid_csv
+from tasks.data.reid_readers import (
+    MARKET_SPLITS,
+    ReIDSample,
+    parse_market_name,
+    read_cuhk03_split,
+    read_market_split,
+    read_msmt17_split,
+    read_pid_csv,
+)
 from tasks.deprecation import renamed
 from tasks.images import BadImageError, SkippedSample, drop_skipped, read_image
 from tasks.module import TaskDataModule
@@ -45,7 +61,14 @@ __all__ = [
     "parse_market_name",
     "read_market_split",
     "read_pid_csv",
+    "unmatched_query_ids",
 ]
+
+
+def unmatched_query_ids(query: Sequence[ReIDSample], gallery: Sequence[ReIDSample]) -> dict[int, int]:
+    """``{identity: query images}`` of the query identities with no image in the gallery (never matchable)."""
+    in_gallery = {s.pid for s in gallery}
+    return dict(sorted(Counter(s.pid for s in query if s.pid not in in_gallery).items()))
 
 
 class ReIDDataset(Dataset):
@@ -111,8 +134,14 @@ class ReIDDataModule(TaskDataModule):
     """Training crops with PK batches; query + gallery for evaluation.
 
     Args:
-        root: Market-1501 folder (``bounding_box_train``, ``query``, ``bounding_box_test``).
-        layout: ``market`` (the folder layout) or ``csv`` (``train_csv``/``query_csv``/``gallery_csv``).
+        root: Market-1501 (or DukeMTMC-reID) folder (``bounding_box_train``, ``query``,
+            ``bounding_box_test``); MSMT17: the ``MSMT17_V1``/``MSMT17_V2`` folder (or its parent);
+            CUHK03: the folder of the protocol ``.mat`` files and ``images_labeled``/``images_detected``.
+        layout: ``market`` (the folder layout), ``csv`` (``train_csv``/``query_csv``/``gallery_csv``),
+            ``msmt17`` (its list files) or ``cuhk03`` (the 767/700 protocol).
+        msmt17_with_val: MSMT17: train on ``list_train.txt`` + ``list_val.txt`` (torchreid's
+            ``combineall``; off by default, as published results train on ``list_train.txt``).
+        cuhk03_boxes: CUHK03: ``labeled`` (hand-drawn) or ``detected`` (DPM) crops and protocol file.
         train_csv, query_csv, gallery_csv: CSV splits (header ``path,pid,camid``) for ``layout: csv``.
         synthetic: when set, ``prepare_data`` generates synthetic pedestrians with this config in
             ``root`` unless the same dataset is already there (the demo's self-contained data).
@@ -141,10 +170,12 @@ class ReIDDataModule(TaskDataModule):
     def __init__(
         self,
         root: str = "data/market1501",
-        layout: Literal["market", "csv"] = "market",
+        layout: Literal["market", "csv", "msmt17", "cuhk03"] = "market",
         train_csv: str | None = None,
         query_csv: str | None = None,
         gallery_csv: str | None = None,
+        msmt17_with_val: bool = False,
+        cuhk03_boxes: Literal["labeled", "detected"] = "labeled",
         synthetic: MarketConfig | None = None,
         image_size: tuple[int, int] = (256, 128),
         p: int = 16,
@@ -177,6 +208,11 @@ class ReIDDataModule(TaskDataModule):
         self.root = Path(root)
         self.layout = layout
         self.csvs = {"train": train_csv, "query": query_csv, "gallery": gallery_csv}
+        if layout not in ("market", "csv", "msmt17", "cuhk03"):
+            raise ValueError(f"data.layout must be 'market', 'csv', 'msmt17' or 'cuhk03', got {layout!r}")
+        if cuhk03_boxes not in ("labeled", "detected"):
+            raise ValueError(f"data.cuhk03_boxes must be 'labeled' or 'detected', got {cuhk03_boxes!r}")
+        self.msmt17_with_val, self.cuhk03_boxes = msmt17_with_val, cuhk03_boxes
         self.synthetic = synthetic
         self.image_size = tuple(image_size)
         self.p, self.k = p, k
@@ -204,6 +240,8 @@ class ReIDDataModule(TaskDataModule):
         self.query_set: ReIDDataset | None = None
         self.gallery_set: ReIDDataset | None = None
         self._num_classes: int | None = None
+        #: ``{identity: query images}`` of query identities absent from the gallery (:func:`unmatched_query_ids`)
+        self.unmatched_queries: dict[int, int] = {}
 
     # ------------------------------------------------------------------ reading
     def prepare_data(self) -> None:
@@ -217,6 +255,10 @@ class ReIDDataModule(TaskDataModule):
                 raise ValueError(f"layout: csv needs {split}_csv")
             samples = read_pid_csv(require_file(f"data.{split}_csv", self.csvs[split]))
             return [s for s in samples if s.pid != 0] if split == "train" else samples
+        if self.layout == "msmt17":  # people numbered from 0: no distractor id
+            return read_msmt17_split(require_folder("data.root", self.root), split, with_val=self.msmt17_with_val)
+        if self.layout == "cuhk03":
+            return read_cuhk03_split(require_folder("data.root", self.root), split, self.cuhk03_boxes)
         folder = require_folder(
             "data.root", self.root / MARKET_SPLITS[split], within=("data.root", self.root)
         )  # Market-1501: bounding_box_train, query, bounding_box_test
@@ -231,11 +273,21 @@ class ReIDDataModule(TaskDataModule):
             self._num_classes = len(pids)
             #: the identities (person ids) training labels 0..N-1 stand for: the classifier's classes (tasks.classes)
             self.train_identities = [str(pid) for pid in pids]
-            where = self.csvs["train"] if self.layout == "csv" else self.root / MARKET_SPLITS["train"]
+            train_of = {"csv": self.csvs["train"], "market": self.root / MARKET_SPLITS["train"]}
+            where = train_of.get(self.layout, self.root)
             self.identity_source = f"the training identities of {where}"
         if stage in (None, "fit", "validate", "test", "predict") and self.query_set is None:
             self.query_set = ReIDDataset(self.read_split("query"), self.eval_transform)
             self.gallery_set = ReIDDataset(self.read_split("gallery"), self.eval_transform)
+            self.unmatched_queries = unmatched_query_ids(self.query_set.samples, self.gallery_set.samples)
+            if self.unmatched_queries:
+                ids, images = list(self.unmatched_queries), sum(self.unmatched_queries.values())
+                warnings.warn(
+                    f"{self.root} ({self.layout}): {len(ids)} query identit(y/ies) ({images} "
+                    f"query images) have no image in the gallery and can never be matched; the ranking skips them: "
+                    f"{ids[:10]}{' ...' if len(ids) > 10 else ''}",
+                    stacklevel=2,
+                )
             # evaluation and predict: query then gallery (``is_query`` from the index)
             self.val_set = self.test_set = self.predict_set = _Concat(self.query_set, self.gallery_set)
 
