@@ -19,6 +19,7 @@ exactly two paths, is an error naming ``file:line``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -67,7 +68,7 @@ def read_pairs(
         resolved = []
         for what, raw in zip(("image", "mask"), fields):
             path = Path(reroot(raw, path_prefix))
-            path = path if path.is_absolute() else base / path
+            path = Path(os.path.normpath(path if path.is_absolute() else base / path))
             if not path.is_file():
                 hint = (
                     " (an absolute path of another machine? re-root it with data.path_prefix)"
