@@ -74,8 +74,8 @@ def test_fit_classification_csv(tmp_path: Path) -> None:
         rows["train" if k < 4 else "val"].append(f"img/{k}.png,{'dark' if k % 2 else 'light'}\n")
     for split, lines in rows.items():
         (root / f"{split}.csv").write_text("path,label\n" + "".join(lines))
-    data = {"root": str(root), "layout": "csv", "test_split": "val", "in_channels": 1, "image_size": 8, "resize_size": 8,
-            "batch_size": 2, "num_workers": 0}  # fmt: skip
+    data = {"root": str(root), "layout": "csv", "test_split": "val", "in_channels": 1, "image_size": 8,
+            "resize_size": 8, "batch_size": 2, "num_workers": 0}  # fmt: skip
     model = {"arch": [[1, 8], [1, 8]], "fc_channels": 16, "dropout": 0.0, "optim": {"name": "adamw", "lr": 0.001}}
     cfg = {"trainer": quick_trainer(tmp_path, limit_train_batches=1), "model": model, "data": data}
     metrics = _fit("classify", cfg, tmp_path)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from tasks.data.folders import FolderLayout, folders_split
 from tasks.data.masks import BadMaskError, MaskLabels, read_mask
 from tasks.data.pairs import read_pairs
-from tasks.data.segmentation import SegmentationDataModule
+from tasks.data.segmentation import SegmentationDataModule, train_transforms
 
 RGB = np.zeros((2, 3, 3), np.uint8)
 
@@ -129,9 +130,6 @@ def test_ignore_index_other_than_255(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.ignore_index 1 is a class index"):
         MaskLabels(3, ignore_index=1)
     # the crop padding of training augmentation is the ignore value
-    from tasks.data.segmentation import train_transforms
-    from torchvision import tv_tensors
-
     sample = {"image": tv_tensors.Image(torch.zeros(3, 2, 2, dtype=torch.uint8)),
               "mask": tv_tensors.Mask(torch.zeros(2, 2, dtype=torch.int64))}  # fmt: skip
     out = train_transforms(4, 2, (1.0, 1.0), 0.0, ignore_index=11)(sample)  # 2x2 padded to 4x4
