@@ -1,5 +1,6 @@
 """One ``fit`` step through the CLI for each new data layout: segmentation ``folders`` (with
-``median_frequency`` weights and ``ignore_index`` 11) and ``pairs``, classification ``csv``
+``median_frequency`` weights and ``ignore_index`` 11) and ``pairs`` (re-rooted, with a label map),
+classification ``csv``
 (``cityscapes`` and ``ade20k`` run as the shipped recipes in ``tests/test_recipes.py``)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ SEG_MODEL = {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decode
              "optim": {"name": "adamw", "lr": 0.001}}  # fmt: skip
 
 
-def _seg_tree(root: Path, void: int) -> None:
+def _seg_tree(root: Path, void: int, fg: int = 1) -> None:
     rng = np.random.default_rng(0)
     for split, names in (("train", ("a", "b")), ("val", ("c",))):
         for name in names:
@@ -25,7 +26,7 @@ def _seg_tree(root: Path, void: int) -> None:
             (root / "ann" / split).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"img/{split}/{name}.png")
             mask = np.zeros((32, 32), np.uint8)
-            mask[8:24, 8:24] = 1
+            mask[8:24, 8:24] = fg
             mask[:2] = void
             Image.fromarray(mask).save(root / f"ann/{split}/{name}_mask.png")
 
@@ -52,17 +53,19 @@ def test_fit_folders_with_median_frequency_and_ignore_index_11(tmp_path: Path) -
     assert "ignore_index: 11" in hparams and "class_weights: median_frequency" in hparams
 
 
-def test_fit_pairs(tmp_path: Path) -> None:
-    _seg_tree(tmp_path / "data", void=255)
+def test_fit_pairs_with_a_label_map(tmp_path: Path) -> None:
+    _seg_tree(tmp_path / "data", void=255, fg=100)
     for split in ("train", "val"):
         lines = [f"/mnt/old/img/{split}/{p.name[:-9]}.png /mnt/old/ann/{split}/{p.name}\n"
                  for p in sorted((tmp_path / "data/ann" / split).iterdir())]  # fmt: skip
         (tmp_path / f"data/{split}.txt").write_text("".join(lines))
     data = {"root": str(tmp_path / "data"), "layout": "pairs", "classes": ["bg", "box"],
-            "path_prefix": {"/mnt/old": "."}, "crop_size": 32, "batch_size": 2, "num_workers": 0}  # fmt: skip
+            "path_prefix": {"/mnt/old": "."}, "label_map": {0: 0, 100: 1}, "crop_size": 32, "batch_size": 2,
+            "num_workers": 0}  # fmt: skip
     cfg = {"trainer": quick_trainer(tmp_path, limit_train_batches=1), "model": SEG_MODEL, "data": data}
     metrics = _fit("segment", cfg, tmp_path)
-    assert np.asarray(metrics["confusion_matrix"]).sum() == 32 * 30
+    conf = np.asarray(metrics["confusion_matrix"])
+    assert conf.sum() == 32 * 30 and conf[1].sum() == 16 * 16  # the raw 100 box is class 1
 
 
 def test_fit_classification_csv(tmp_path: Path) -> None:

@@ -5,10 +5,10 @@ their own modules, set up by :mod:`tasks.data.seg_layouts`.
 
 * :class:`VOCSegmentation`: ``VOCdevkit/VOC20xx/{JPEGImages,SegmentationClass,
   ImageSets/Segmentation/<split>.txt}``; masks are palette (or grayscale) PNGs of class indices,
-  255 = void/ignore.
+  255 = void/ignore (``data.ignore_index``; raw values of another numbering: ``data.label_map``).
 * :class:`COCOSegmentation`: a COCO instances JSON + image folder; the instance masks
   (polygons or RLE, decoded by pycocotools) are painted into one semantic mask, largest
-  objects first so small ones stay visible; crowd regions become 255 (ignored).
+  objects first so small ones stay visible; crowd regions become ``data.ignore_index`` (255).
 * :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
   ``tv_tensors.Mask`` together (random scale, crop padded with ``data.ignore_index`` in the mask, flip).
 * :class:`SegmentationDataModule`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
@@ -16,7 +16,7 @@ their own modules, set up by :mod:`tasks.data.seg_layouts`.
 
 Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
 A missing or corrupt image is skipped with one counted warning per batch; a mask that does not
-fit its image or holds labels outside ``[0, num_classes)`` (other than 255) raises an error
+fit its image or holds labels outside ``[0, num_classes)`` (other than the ignore value) raises an error
 naming the file, since training on it would be silently wrong.
 """
 
