@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from cli_configs import csv_versions, quick_trainer, write_config
 from PIL import Image
 
@@ -51,6 +53,10 @@ def test_fit_folders_with_median_frequency_and_ignore_index_11(tmp_path: Path) -
     assert json.loads((tmp_path / "data" / CACHE_NAME).read_text())["format"] == "vggbackbone-class-weights/1"
     hparams = (csv_versions(tmp_path)[-1] / "hparams.yaml").read_text()
     assert "ignore_index: 11" in hparams and "class_weights: median_frequency" in hparams
+    # per image 960 labelled pixels, 704 bg and 256 box: freq 704/960, 256/960, median 480/960
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["median_frequency_weights"]
+    assert stored == pytest.approx([480 / 704, 480 / 256])
 
 
 def test_fit_pairs_with_a_label_map(tmp_path: Path) -> None:
