@@ -15,6 +15,7 @@ from tasks.data.folders import FolderLayout, folders_split
 from tasks.data.masks import BadMaskError, MaskLabels, read_mask
 from tasks.data.pairs import read_pairs
 from tasks.data.segmentation import SegmentationDataModule, train_transforms
+from tests.recipe_trees import make_sbd_tree
 
 RGB = np.zeros((2, 3, 3), np.uint8)
 
@@ -134,3 +135,21 @@ def test_ignore_index_other_than_255(tmp_path: Path) -> None:
               "mask": tv_tensors.Mask(torch.zeros(2, 2, dtype=torch.int64))}  # fmt: skip
     out = train_transforms(4, 2, (1.0, 1.0), 0.0, ignore_index=11)(sample)  # 2x2 padded to 4x4
     assert sorted(torch.unique(out["mask"]).tolist()) == [0, 11]
+
+
+def test_label_map_and_ignore_index_reach_the_voc_and_sbd_readers(tmp_path: Path) -> None:
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    _png(voc / "JPEGImages/x.jpg", RGB)
+    _png(voc / "SegmentationClass/x.png", [[0, 5, 5], [255, 0, 7]])
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/train.txt").write_text("x\n")
+    dm = _dm(tmp_path, "voc", voc_year="VOC2012", classes=["bg", "five"], ignore_index=9,
+             label_map={0: 0, 5: 1, 255: 9}, unlisted="ignore")  # fmt: skip
+    assert dm.dataset("train")[0]["mask"].tolist() == [[0, 1, 1], [9, 0, 9]]
+    assert dm.ignore_index == 9
+
+    make_sbd_tree(tmp_path / "sbd", num_train=2, num_valid=1)  # SBD labels: 1 (aeroplane), 4 (boat) on 0
+    dm = _dm(tmp_path / "sbd", "sbd", voc_year="VOC2012", classes=["bg", "plane", "boat"],
+             label_map={0: 0, 1: 1, 4: 2})  # fmt: skip
+    train = dm.dataset("train")
+    assert [sorted(torch.unique(train[i]["mask"]).tolist()) for i in range(2)] == [[0, 1], [0, 2]]
