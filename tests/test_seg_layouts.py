@@ -109,6 +109,9 @@ def test_ade20k_zero_is_ignored_and_k_becomes_k_minus_1(tmp_path: Path) -> None:
     dm = _dm(tmp_path, "ade20k", train_split="training")
     assert dm.num_classes == 150 and dm.classes[0] == "wall" and dm.classes[149] == "flag"
     assert dm.dataset("training")[0]["mask"].tolist() == [[255, 0, 149], [11, 255, 1]]
+    with pytest.raises(FileNotFoundError, match=r"images/train: data.image_dir of split 'train' is not a folder "
+                       r"\(.*images holds training: a split name\?\)"):  # fmt: skip
+        dm.dataset("train")
 
 
 def test_label_map_unlisted_values_ignored_or_refused(tmp_path: Path) -> None:

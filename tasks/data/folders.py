@@ -168,7 +168,9 @@ def folders_split(
     mask_dir = root / layout.mask_dir.format(split=split)
     for option, folder in (("data.image_dir", image_dir), ("data.mask_dir", mask_dir)):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: {option} of split {split!r} is not a folder")
+            there = sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) if folder.parent.is_dir() else []
+            hint = f" ({folder.parent} holds {few(there, 5)}: a split name?)" if there else ""
+            raise FileNotFoundError(f"{folder}: {option} of split {split!r} is not a folder{hint}")
     pairs, others = match_folders(image_dir, mask_dir, layout.image_suffix, layout.mask_suffix)
     if others and is_global_zero():
         print(
