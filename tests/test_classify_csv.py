@@ -41,6 +41,9 @@ def test_csv_by_indices_needs_classes_and_checks_the_range(tmp_path: Path) -> No
     (tmp_path / "val.csv").write_text("path,label\nimg/2.png,dog\nimg/0.png,2\n")
     with pytest.raises(ValueError, match=r"val\.csv:3: label index 2 outside 0\.\.1 \(data\.classes\)"):
         dm.dataset("val")
+    (tmp_path / "val.csv").write_text("path,label\nimg/2.png,cow\n")
+    with pytest.raises(ValueError, match=r"val\.csv:2: label 'cow' is not among the classes \['cat', 'dog'\]"):
+        dm.dataset("val")
     (tmp_path / "val.csv").write_text("path,label\nimg/9.png,dog\n")
     with pytest.raises(FileNotFoundError, match=r"val\.csv:2: image img/9\.png not found"):
         dm.dataset("val")
