@@ -91,3 +91,18 @@ def test_class_weights_are_checked_and_ignore_index_must_be_outside_the_classes(
         SegmentationTask(num_classes=3, class_weights=[1.0, 2.0], **TINY)
     with pytest.raises(ValueError, match="ignore_index 2 is a class index"):
         SegmentationTask(num_classes=3, ignore_index=2, **TINY)
+
+
+def test_dice_term_is_the_weighted_mean_of_smp_per_class_dice() -> None:
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    from tasks.segment import WeightedDiceLoss
+
+    logits = torch.randn(2, 3, 5, 5)
+    mask = torch.randint(0, 3, (2, 5, 5))
+    per_class = [float(DiceLoss("multiclass", classes=[c])(logits, mask)) for c in range(3)]
+    weighted = WeightedDiceLoss("multiclass")
+    weighted.class_weight = torch.tensor([2.0, 1.0, 0.0])
+    assert float(weighted(logits, mask)) == pytest.approx((2 * per_class[0] + per_class[1]) / 3, rel=1e-6)
+    weighted.class_weight = None
+    assert float(weighted(logits, mask)) == pytest.approx(sum(per_class) / 3, rel=1e-6)
