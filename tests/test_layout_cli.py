@@ -6,6 +6,7 @@ classification ``csv``
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from cli_configs import csv_versions, quick_trainer, write_config
 from PIL import Image
 
 from tasks.data.class_weights import CACHE_NAME
+from tasks.segment import main as segment_main
 
 SEG_MODEL = {"family": "unet", "arch": "vgg11_bn", "width_mult": 0.0625, "decoder_channels": [8, 8, 8, 8, 8],
              "optim": {"name": "adamw", "lr": 0.001}}  # fmt: skip
@@ -57,6 +59,11 @@ def test_fit_folders_with_median_frequency_and_ignore_index_11(tmp_path: Path) -
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)["median_frequency_weights"]
     assert stored == pytest.approx([480 / 704, 480 / 256])
+    # test needs no training masks: the checkpoint's weights give the same weighted loss
+    shutil.rmtree(tmp_path / "data/ann/train")
+    segment_main(["test", "--config", str(tmp_path / "cfg.yaml"), "--ckpt_path", str(ckpt)])
+    test = json.loads((csv_versions(tmp_path)[-1] / "test_metrics.json").read_text())
+    assert test["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
 
 
 def test_fit_pairs_with_a_label_map(tmp_path: Path) -> None:
