@@ -2,7 +2,11 @@
 
 Semantic segmentation with FCN-32s/16s/8s or U-Net on VGGBackbone (:mod:`vggbackbone.models`).
 
-* loss: cross-entropy with ``ignore_index=255``, optionally plus smp's Dice or Lovasz loss;
+* loss: cross-entropy ignoring ``model.ignore_index`` (linked from ``data.ignore_index``, 255 by
+  default), optionally plus smp's Dice or Lovasz loss; ``model.class_weights`` (a list, or
+  ``median_frequency`` of the training masks, :mod:`tasks.data.class_weights`) weights the
+  cross-entropy term of every loss and the per-class mean of Dice (Lovasz averages its classes
+  unweighted);
 * metrics over the whole evaluation set, whatever the number of processes: one confusion
   matrix per process (torchmetrics), summed across processes, then mIoU, per-class IoU, pixel
   and mean accuracy (:mod:`vggbackbone.metrics.segmentation`). Evaluation runs each image
@@ -24,8 +28,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -101,8 +107,14 @@ class SegmentationTask(TaskModule):
             ``fcn16s``, ``fcn8s`` (FCN-8s trained at once, with the reference skip scaling) or
             ``unet`` (smp's U-Net decoder).
         weights_backbone: backbone weights (path or torchvision weights name).
-        loss: ``ce``, ``ce+dice`` or ``ce+lovasz`` (smp's losses, multiclass, ignoring 255).
+        loss: ``ce``, ``ce+dice`` or ``ce+lovasz`` (smp's losses, multiclass, ignoring ``ignore_index``).
         aux_loss_weight: weight of the Dice/Lovasz term.
+        ignore_index: the mask value not trained on nor counted by the metrics (linked from
+            ``data.ignore_index``, so masks, loss and metrics agree; stored in the checkpoint).
+        class_weights: ``null``, one weight per class (model class order), or ``median_frequency``
+            (computed from the training masks by the data module when a stage starts, cached next to
+            the data and printed; stored in checkpoints): weights of the cross-entropy term of every
+            ``loss`` and of Dice's per-class mean.
         inference: ``whole`` (each image at its size) or ``slide`` (``window`` crops).
         window, window_overlap: sliding-window size and overlap fraction.
         inference_scale: resize images by this factor before the network and the logits back
@@ -141,6 +153,8 @@ class SegmentationTask(TaskModule):
         weights_backbone: str | None = None,
         loss: Literal["ce", "ce+dice", "ce+lovasz"] = "ce",
         aux_loss_weight: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        class_weights: list[float] | Literal["median_frequency"] | None = None,
         inference: Literal["whole", "slide"] = "whole",
         window: int = 512,
         window_overlap: float = 1 / 3,
@@ -162,15 +176,20 @@ class SegmentationTask(TaskModule):
         self.model = create_model(  # SEGMENTATION_HEADS[family]; remembers its options (save_pretrained)
             family, num_classes=num_classes, weights_backbone=backbone_weights(weights_backbone), **options
         )
-        self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-        self.aux_loss = self._aux_loss(loss)
+        self.ignore_index = int(ignore_index)
+        if self.ignore_index < num_classes:  # the data module refuses it too; a model built alone is checked here
+            raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1})")
+        self.class_weights = class_weights
+        self._data_weights: list[float] | None = _check_weights(class_weights, num_classes)
+        self.ce = nn.CrossEntropyLoss(ignore_index=self.ignore_index)
+        self.aux_loss = self._aux_loss(loss, self.ignore_index)
         self.aux_loss_weight = aux_loss_weight
         self.inference, self.window, self.window_overlap = inference, window, window_overlap
         if inference_scale <= 0:
             raise ValueError(f"inference_scale must be > 0, got {inference_scale}")
         self.inference_scale = inference_scale
         self.overlay_alpha = overlay_alpha
-        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=self.ignore_index)
         self._eval_loss: list[Tensor] = []
 
     def normalize_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -190,30 +209,67 @@ class SegmentationTask(TaskModule):
         return super().normalize_options(kwargs)
 
     @staticmethod
-    def _aux_loss(name: str) -> nn.Module | None:
-        from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
+    def _aux_loss(name: str, ignore_index: int = IGNORE_INDEX) -> nn.Module | None:
+        from segmentation_models_pytorch.losses import LovaszLoss
 
         if name == "ce":
             return None
         if name == "ce+dice":
-            return DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
+            return WeightedDiceLoss("multiclass", ignore_index=ignore_index)
         if name == "ce+lovasz":
-            return LovaszLoss("multiclass", ignore_index=IGNORE_INDEX)
+            return LovaszLoss("multiclass", ignore_index=ignore_index)
         raise ValueError(f"unknown loss {name!r}; choose ce, ce+dice or ce+lovasz")
+
+    # ------------------------------------------------------------------ class weights
+    def setup(self, stage: str) -> None:
+        """:meth:`TaskModule.setup`, and ``median_frequency`` weights computed (or read from the data's
+        cache) before training starts."""
+        super().setup(stage)
+        if stage == "fit" and self.class_weights == "median_frequency":
+            self._data_weights = None  # the data of this run decides, not an earlier one
+            self._loss_weight()
+
+    def _loss_weight(self) -> Tensor | None:
+        """The class weights in model class order ``(K,)`` on the model's device (``None``: unweighted)."""
+        if self.class_weights == "median_frequency" and self._data_weights is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "median_frequency_weights"):
+                raise ValueError("model.class_weights median_frequency needs the training masks of a data module")
+            self._data_weights = [float(w) for w in datamodule.median_frequency_weights()]
+        if self._data_weights is None:
+            return None
+        weights = torch.tensor(self._data_weights, dtype=torch.float32, device=self.device)
+        cmap = self.class_map() if self.class_weights == "median_frequency" else None
+        if cmap is not None:  # computed in the data's class order: moved to the model's (tasks.classes)
+            weights = torch.zeros_like(weights).index_copy_(0, torch.tensor(cmap.index, device=self.device), weights)
+        return weights
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """:meth:`TaskModule.on_save_checkpoint`, and the weights computed by ``median_frequency``."""
+        super().on_save_checkpoint(checkpoint)
+        if self.class_weights == "median_frequency" and self._data_weights is not None:
+            checkpoint["median_frequency_weights"] = list(self._data_weights)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get("median_frequency_weights")
+        if self.class_weights == "median_frequency" and stored is not None and self._data_weights is None:
+            self._data_weights = _check_weights([float(w) for w in stored], self.num_classes)
 
     # ------------------------------------------------------------------ classes (tasks.classes)
     def class_set(self) -> ClassSet:
         """The model's classes: names (background first) when it has them, and the ignore index."""
         names = tuple(self.class_names) if self.hparams.get("class_names") else None
         source = self.classes_source("the model (model.class_names)")
-        return ClassSet(names, source, size=self.num_classes, ignore_index=IGNORE_INDEX)
+        return ClassSet(names, source, size=self.num_classes, ignore_index=self.ignore_index)
 
     def class_set_from_hparams(self, hparams: Mapping[str, Any], source: str) -> ClassSet | None:
         names = hparams.get("class_names")
         if not names and not hparams.get("num_classes"):
             return None
         size = len(names) if names else int(hparams["num_classes"])
-        return ClassSet(tuple(names) if names else None, source, size=size, ignore_index=IGNORE_INDEX)
+        ignore = int(hparams.get("ignore_index", IGNORE_INDEX))
+        return ClassSet(tuple(names) if names else None, source, size=size, ignore_index=ignore)
 
     def data_class_set(self, datamodule: Any, name: str) -> ClassSet | None:
         names = getattr(datamodule, "class_names", None)
@@ -228,9 +284,9 @@ class SegmentationTask(TaskModule):
             update_hparams(self, class_names=list(classes.names))
 
     def _model_masks(self, masks: Tensor) -> Tensor:
-        """Mask values of the data's classes as the model's (by name, :mod:`tasks.classes`); 255 stays."""
+        """Mask values of the data's classes as the model's (by name, :mod:`tasks.classes`); the ignore value stays."""
         cmap = self.class_map()
-        return masks if cmap is None else cmap.apply(masks, ignore_index=IGNORE_INDEX)
+        return masks if cmap is None else cmap.apply(masks, ignore_index=self.ignore_index)
 
     # ------------------------------------------------------------------ model
     def forward(self, images: Tensor) -> Tensor:
@@ -243,8 +299,11 @@ class SegmentationTask(TaskModule):
         return self.model.normalization
 
     def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
-        loss = self.ce(logits, masks)
+        """Cross-entropy (class-weighted by ``class_weights``) plus the weighted Dice/Lovasz term."""
+        weight = self._loss_weight()
+        loss = F.cross_entropy(logits, masks, weight=weight, ignore_index=self.ignore_index)
         if self.aux_loss is not None:
+            self.aux_loss.class_weight = weight  # Dice's per-class mean (Lovasz: ignored)
             loss = loss + self.aux_loss_weight * self.aux_loss(logits, masks)
         return loss
 
@@ -311,7 +370,9 @@ class SegmentationTask(TaskModule):
             mask = self._model_masks(mask)
             logits = self.predict_logits(image)
             self.confmat.update(logits.argmax(1), mask[None])
-            self._eval_loss.append(self.ce(logits, mask[None]).detach())
+            weight = self._loss_weight()
+            ce = F.cross_entropy(logits, mask[None], weight=weight, ignore_index=self.ignore_index)
+            self._eval_loss.append(ce.detach())
 
     def eval_epoch_end(self, stage: str) -> None:
         conf = self.confmat.compute().cpu()  # summed over every process (a collective)
@@ -325,11 +386,12 @@ class SegmentationTask(TaskModule):
 
         def compute(log_dir: Path) -> EvalReport:
             scores = segmentation_scores(conf)
+            names = self.class_names
             metrics = scores.as_dict(self.class_names)
             metrics["loss"] = float(total[0] / total[1].clamp(min=1))
             return EvalReport(
                 metrics,
-                extra={"confusion_matrix": conf.tolist()},
+                extra={"confusion_matrix": conf.tolist(), "class_acc": dict(zip(names, scores.acc.tolist()))},
                 title=f"{stage}: {int(conf.sum())} pixels",
                 table=[("class", self.class_names), ("IoU", scores.iou.tolist()), ("acc", scores.acc.tolist())],
                 shown=("mIoU", "pixel_acc", "mean_acc", "loss"),
@@ -349,7 +411,35 @@ class SegmentationTask(TaskModule):
 LINKS = [
     ("data.num_classes", "model.num_classes", "instantiate"),
     ("data.class_names", "model.class_names", "instantiate"),
+    ("data.ignore_index", "model.ignore_index", "instantiate"),
 ]
+
+
+def _check_weights(weights: Any, num_classes: int) -> list[float] | None:
+    """``model.class_weights`` checked: ``None``/``median_frequency`` -> ``None`` (nothing known yet), a
+    list -> floats, one per class, finite and >= 0, some > 0."""
+    if weights is None or weights == "median_frequency":
+        return None
+    if isinstance(weights, str):
+        raise ValueError(f"model.class_weights must be null, a list or median_frequency, got {weights!r}")
+    values = np.asarray([float(w) for w in weights], dtype=np.float64)
+    if len(values) != num_classes or not np.isfinite(values).all() or (values < 0).any() or not (values > 0).any():
+        raise ValueError(
+            f"model.class_weights needs {num_classes} finite weights >= 0 (one per class, some > 0), "
+            f"got {list(weights)}"
+        )
+    return values.tolist()
+
+
+class WeightedDiceLoss(DiceLoss):
+    """smp's ``DiceLoss`` whose per-class losses are averaged with ``class_weight`` ``(K,)`` (set by
+    the task before each call; ``None``: smp's plain mean). smp takes no class weights."""
+
+    class_weight: Tensor | None = None
+
+    def aggregate_loss(self, loss: Tensor) -> Tensor:
+        w = self.class_weight
+        return loss.mean() if w is None else (loss * w).sum() / w.sum()
 
 
 def main(args: list[str] | None = None) -> Any:

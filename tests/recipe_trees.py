@@ -12,7 +12,9 @@ release, under ``root`` (the recipe's ``data.root``):
 * :func:`make_coco_tree`: ``annotations/instances_<split>.json`` + ``<split>/*.jpg`` (COCO 2017);
 * :func:`make_market_tree`: Market-1501's ``bounding_box_train``, ``query``, ``bounding_box_test``
   with its file names (``0002_c1s1_000451_03.jpg``; ``-1`` junk and ``0000`` distractors in the gallery);
-* :func:`make_imagefolder_tree`: ``<split>/<class>/<n>.<ext>`` (ImageNet / torchvision ImageFolder).
+* :func:`make_imagefolder_tree`: ``<split>/<class>/<n>.<ext>`` (ImageNet / torchvision ImageFolder);
+* :func:`make_cityscapes_tree`: ``leftImg8bit`` + ``gtFine`` (``_gtFine_labelIds.png``) by city;
+* :func:`make_ade20k_tree`: ``ADEChallengeData2016/{images,annotations}/{training,validation}``.
 
 Builders return what a test may need (ids, class names).
 """
@@ -30,6 +32,8 @@ from tasks.data.voc import VOC_CLASSES
 
 __all__ = [
     "SEG11VALID",
+    "make_ade20k_tree",
+    "make_cityscapes_tree",
     "make_coco_tree",
     "make_imagefolder_tree",
     "make_market_tree",
@@ -249,3 +253,46 @@ def make_imagefolder_tree(
                 arr, _ = _image(rng, h, w)
                 Image.fromarray(arr).save(root / split / c / f"{c}_{n}.{ext}", format="JPEG", quality=90)
     return list(classes)
+
+
+def make_cityscapes_tree(
+    root: str | Path, splits: Sequence[str] = ("train", "val"), size: tuple[int, int] = (64, 128), seed: int = 0
+) -> None:
+    """Cityscapes' release: ``leftImg8bit/<split>/<city>/<city>_000000_<frame>_leftImg8bit.png`` and
+    ``gtFine/<split>/<city>/..._gtFine_labelIds.png`` (label ids: 7 road below, 23 sky above, a 26
+    car box, a 0 unlabeled border) plus the ``_gtFine_color.png`` the release also holds."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, city in zip(splits, ("aachen", "frankfurt")):
+        for frame in (19, 20):
+            stem = f"{city}/{city}_000000_{frame:06d}"
+            arr, (x0, y0, x1, y1) = _image(rng, h, w)
+            ids = np.full((h, w), 23, np.uint8)
+            ids[h // 2 :] = 7
+            ids[y0:y1, x0:x1] = 26
+            ids[:, :2] = 0
+            for folder, name, pixels in (("leftImg8bit", "leftImg8bit", arr), ("gtFine", "gtFine_labelIds", ids),
+                                         ("gtFine", "gtFine_color", arr)):  # fmt: skip
+                path = root / folder / split / f"{stem}_{name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+
+
+def make_ade20k_tree(root: str | Path, size: tuple[int, int] = (64, 80), seed: int = 0) -> None:
+    """``ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_<split>_<n:08d>.{jpg,png}``
+    (mask values 0 = other, 1 wall, 3 sky, 13 person)."""
+    root = Path(root) / "ADEChallengeData2016"
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, tag in (("training", "train"), ("validation", "val")):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for n in (1, 2):
+            arr, (x0, y0, x1, y1) = _image(rng, h, w)
+            mask = np.full((h, w), 1, np.uint8)
+            mask[: h // 3] = 3
+            mask[y0:y1, x0:x1] = 13
+            mask[-2:] = 0
+            Image.fromarray(arr).save(root / "images" / split / f"ADE_{tag}_{n:08d}.jpg", quality=90)
+            Image.fromarray(mask).save(root / "annotations" / split / f"ADE_{tag}_{n:08d}.png")

@@ -25,7 +25,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.recipe_trees import make_coco_tree, make_imagefolder_tree, make_market_tree, make_sbd_tree, make_voc_tree
+from tests.recipe_trees import (
+    make_ade20k_tree,
+    make_cityscapes_tree,
+    make_coco_tree,
+    make_imagefolder_tree,
+    make_market_tree,
+    make_sbd_tree,
+    make_voc_tree,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +69,19 @@ SSD_SIZE: tuple[str, ...] = (
     "--trainer.limit_test_batches=2",
     "--data.batch_size=2",  # the recipes batch 32 (VOC) or 4 per GPU: more than a tiny tree holds
     "--data.eval_batch_size=2",
+)
+
+#: U-Net on a 1/16-width VGG for the 64-128 px trees: small crops, one step, a 64 px window.
+SEG_SIZE: tuple[str, ...] = (
+    "--model.width_mult=0.0625",
+    "--model.decoder_channels=[16, 16, 8, 8, 8]",
+    "--model.window=64",
+    "--trainer.precision=32-true",
+    "--data.crop_size=32",
+    "--data.scale_size=64",
+    "--data.batch_size=2",
+    "--trainer.max_steps=1",
+    "--trainer.limit_test_batches=2",
 )
 
 
@@ -103,6 +124,14 @@ RECIPES: list[Recipe] = [
         ("--model.width_mult=0.0625", "--trainer.max_steps=1", "--trainer.limit_test_batches=2"),
         "mIoU",
     ),
+    Recipe(
+        "configs/segment/cityscapes.yaml",
+        "segment",
+        lambda cwd: make_cityscapes_tree(cwd / "data/cityscapes"),
+        SEG_SIZE,
+        "mIoU",
+    ),
+    Recipe("configs/segment/ade20k.yaml", "segment", lambda cwd: make_ade20k_tree(cwd / "data/ade"), SEG_SIZE, "mIoU"),
     Recipe(
         "configs/reid/market1501_vgg16.yaml",
         "reid",

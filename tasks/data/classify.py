@@ -1,4 +1,4 @@
-"""Classification data: the ImageFolder layout, grayscale or RGB, torchvision ``transforms.v2``.
+"""Classification data: the ImageFolder layout (or ``layout: csv``), grayscale or RGB, torchvision ``transforms.v2``.
 
 Layout (torchvision's ``ImageFolder``)::
 
@@ -8,7 +8,8 @@ Class folders are found and listed as torchvision's ``find_classes`` / ``make_da
 samples, same order), by :func:`tasks.walk.walk_files`, which also follows linked folders but
 never into a loop (torchvision's ``os.walk(followlinks=True)`` does) nor into a folder listed
 already, and reports the links it skipped; the class indices are the sorted folder names of the
-training split (or ``data.classes``), the same in every split. Images are decoded by
+training split (or ``data.classes``), the same in every split. ``layout: csv`` reads a
+``path,label`` CSV per split instead (:mod:`tasks.data.classify_csv`). Images are decoded by
 :func:`tasks.images.read_image` (``L`` for ``in_channels: 1``, ``RGB`` for 3): a missing, empty
 or corrupt image becomes a :class:`~tasks.images.SkippedSample`, dropped by the collate and
 counted and reported once per epoch by the task, as in every other task.
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from tasks.data.classify_csv import csv_class_names, csv_split
 from tasks.data.digits import DigitsConfig, ensure_digits
 from tasks.deprecation import old_names, renamed
 from tasks.distributed import is_global_zero
@@ -182,11 +184,17 @@ class ClassificationDataModule(TaskDataModule):
     """ImageFolder data for ``python -m tasks.classify``.
 
     Args:
-        root: dataset folder holding one folder per split.
+        root: dataset folder holding one folder per split (``imagefolder``), or the images and
+            the split CSVs (``csv``).
+        layout: ``imagefolder`` (``<root>/<split>/<class>/...``) or ``csv`` (``csv_file`` per split:
+            ``path,label`` rows, :mod:`tasks.data.classify_csv`).
+        csv_file: ``csv``: the CSV of a split, ``{split}`` filled in, under ``root`` when relative
+            (default ``{split}.csv``); its relative image paths are below ``root``.
         train_split, val_split, test_split: split folder names (ImageNet has no labelled test:
-            set ``test_split: val``).
+            set ``test_split: val``), or the ``{split}`` of ``csv_file``.
         classes: class names in index order. Default: the sorted class folders of
             ``train_split`` (of ``val_split``/``test_split`` when there is no training folder),
+            the sorted label names of the training CSV (``csv``; index labels need ``classes``),
             or ``0``..``9`` for the digits (``synthetic``).
         in_channels: 1 (images read as grayscale ``L``) or 3 (``RGB``); linked to the model's.
         image_size: side of the square network input.
@@ -211,6 +219,8 @@ class ClassificationDataModule(TaskDataModule):
     def __init__(
         self,
         root: str = "data/digits",
+        layout: Literal["imagefolder", "csv"] = "imagefolder",
+        csv_file: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
@@ -231,6 +241,10 @@ class ClassificationDataModule(TaskDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.root = Path(root)
+        self.layout = layout
+        if csv_file is not None and layout != "csv":
+            raise ValueError(f"data.csv_file is read by layout csv, not by {layout} (data.layout)")
+        self.csv_file = csv_file or "{split}.csv"
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         _mode(in_channels)
         check_size("data.image_size", image_size)
@@ -257,6 +271,13 @@ class ClassificationDataModule(TaskDataModule):
         if self.synthetic is not None:
             self.class_source = "the digits' classes (data.synthetic)"
             return list(DIGITS_CLASSES)
+        if self.layout == "csv":
+            path = self.split_csv(self.train_split)
+            self.class_source = f"the sorted label names of {path}"
+            names = csv_class_names(path)
+            if is_global_zero():
+                print(f"data.classes unset: {len(names)} classes, the sorted label names of {path}", flush=True)
+            return names
         for split in (self.train_split, self.val_split, self.test_split):
             if (self.root / split).is_dir():
                 self.class_source = f"the class folders of {self.root / split}"
@@ -286,15 +307,23 @@ class ClassificationDataModule(TaskDataModule):
         if self.synthetic is not None:
             ensure_digits(self.root, self.synthetic)
 
+    def split_csv(self, split: str) -> Path:
+        """``csv``: the CSV file of ``split`` (``csv_file`` with ``{split}`` filled in, under ``root``)."""
+        path = Path(self.csv_file.format(split=split))
+        return path if path.is_absolute() else self.root / path
+
     def dataset(self, split: str, train: bool = False, option: str = "data.val_split") -> ImageListDataset:
-        """The ``split`` folder with training or evaluation transforms (``option`` names it in errors)."""
-        require_folder(option, self.root / split, within=("data.root", self.root))
+        """The ``split`` folder (or CSV) with training or evaluation transforms (``option`` names it in errors)."""
         if train:
             tf = train_transforms(
                 self.image_size, self.train_crop, self.resize_size, self.scale_range, self.jitter_range, self.hflip
             )
         else:
             tf = eval_transforms(self.image_size, self.resize_size)
+        if self.layout == "csv":
+            require_folder("data.root", self.root)
+            return csv_split(self.split_csv(split), self.root, self.classes, _mode(self.in_channels), tf)
+        require_folder(option, self.root / split, within=("data.root", self.root))
         return image_folder_split(self.root / split, self.classes, self.in_channels, tf, allow_empty=not train)
 
     def build_dataset(self, name: str) -> Dataset:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from tasks.data.masks import BadMaskError, check_mask, read_mask
+from tasks.data.masks import BadMaskError, MaskLabels, as_mask_labels, check_mask, read_mask
 from tasks.data.voc import read_image_set
 from tasks.images import BadImageError, SkippedSample, read_image
 
@@ -44,14 +44,18 @@ def read_id_list(path: str | Path) -> list[str]:
     return read_image_set(path)  # an empty list or an id listed twice: an error naming the file and lines
 
 
-def read_sbd_label(path: str | Path, num_classes: int, image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``GTcls.Segmentation`` of an SBD ``cls/<id>.mat`` file as an int64 ``(H, W)`` tensor.
+def read_sbd_label(
+    path: str | Path, num_classes: int | MaskLabels, image_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``GTcls.Segmentation`` of an SBD ``cls/<id>.mat`` file as an int64 ``(H, W)`` tensor
+    (through the label map of ``num_classes`` when it is a :class:`~tasks.data.masks.MaskLabels`).
 
     Raises :class:`BadMaskError` naming the file when it is missing, not a MATLAB file, has no
     ``GTcls.Segmentation``, or does not fit the image / the classes.
     """
     import scipy.io
 
+    labels = as_mask_labels(num_classes)
     path = Path(path)
     if not path.is_file():
         raise BadMaskError(f"{path}: SBD label file not found")
@@ -63,8 +67,8 @@ def read_sbd_label(path: str | Path, num_classes: int, image_size: tuple[int, in
     seg = np.asarray(seg)
     if seg.ndim != 2:
         raise BadMaskError(f"{path}: GTcls.Segmentation is {seg.ndim}-D, expected an H x W array")
-    mask = torch.from_numpy(seg.astype(np.int64))
-    check_mask(mask, num_classes, path, image_size)
+    mask = torch.from_numpy(labels.convert(seg.astype(np.int64), path))
+    check_mask(mask, labels.num_classes, path, image_size, labels.ignore_index)
     return mask
 
 
@@ -73,13 +77,28 @@ class _ListedSegmentation(Dataset):
 
     root: Path
     ids: list[str]
-    num_classes: int
+    labels: MaskLabels
     transforms: Callable[[dict], dict] | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.num_classes
+
+    def label_path(self, sid: str) -> Path:
+        raise NotImplementedError
+
+    def mask_files(self) -> list[Path]:
+        """The label files in sample order (class statistics: :mod:`tasks.data.class_weights`)."""
+        return [self.label_path(sid) for sid in self.ids]
+
+    def mask_at(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s label ``(H, W)`` in training ids, its image not read."""
+        return self.read_label(self.ids[i], None)
 
     def image_path(self, sid: str) -> Path:
         raise NotImplementedError
 
-    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
+    def read_label(self, sid: str, size: tuple[int, int] | None) -> torch.Tensor:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -115,7 +134,7 @@ class SBDSegmentation(_ListedSegmentation):
         self,
         root: str | Path,
         split: str,
-        num_classes: int = 21,
+        num_classes: int | MaskLabels = 21,
         transforms: Callable[[dict], dict] | None = None,
     ) -> None:
         root = Path(root)
@@ -124,13 +143,16 @@ class SBDSegmentation(_ListedSegmentation):
             raise FileNotFoundError(f"{self.root}: not an SBD dataset folder (needs img/ and cls/)")
         named = self.root / f"{split}.txt"
         self.ids = read_id_list(named if named.is_file() else Path(split))
-        self.num_classes, self.transforms = num_classes, transforms
+        self.labels, self.transforms = as_mask_labels(num_classes), transforms
 
     def image_path(self, sid: str) -> Path:
         return self.root / "img" / f"{sid}.jpg"
 
-    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
-        return read_sbd_label(self.root / "cls" / f"{sid}.mat", self.num_classes, size)
+    def label_path(self, sid: str) -> Path:
+        return self.root / "cls" / f"{sid}.mat"
+
+    def read_label(self, sid: str, size: tuple[int, int] | None) -> torch.Tensor:
+        return read_sbd_label(self.label_path(sid), self.labels, size)
 
 
 class VOCListSegmentation(_ListedSegmentation):
@@ -147,26 +169,29 @@ class VOCListSegmentation(_ListedSegmentation):
         self,
         voc_dir: str | Path,
         list_file: str | Path,
-        num_classes: int = 21,
+        num_classes: int | MaskLabels = 21,
         transforms: Callable[[dict], dict] | None = None,
     ) -> None:
         self.root = Path(voc_dir)
         if not (self.root / "JPEGImages").is_dir():
             raise FileNotFoundError(f"{self.root}: not a VOC folder (no JPEGImages/)")
         self.ids = read_id_list(list_file)
-        self.num_classes, self.transforms = num_classes, transforms
+        self.labels, self.transforms = as_mask_labels(num_classes), transforms
 
     def image_path(self, sid: str) -> Path:
         return self.root / "JPEGImages" / f"{sid}.jpg"
 
-    def read_label(self, sid: str, size: tuple[int, int]) -> torch.Tensor:
-        return read_mask(self.root / "SegmentationClass" / f"{sid}.png", self.num_classes, size)
+    def label_path(self, sid: str) -> Path:
+        return self.root / "SegmentationClass" / f"{sid}.png"
+
+    def read_label(self, sid: str, size: tuple[int, int] | None) -> torch.Tensor:
+        return read_mask(self.label_path(sid), self.labels, size)
 
 
 def sbd_layout_split(
     root: str | Path,
     split: str,
-    num_classes: int = 21,
+    num_classes: int | MaskLabels = 21,
     voc_year: str = "VOC2012",
     transforms: Callable[[dict], dict] | None = None,
 ) -> Dataset:

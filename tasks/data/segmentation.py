@@ -1,19 +1,22 @@
 """Segmentation data: PASCAL VOC layout, COCO instance masks, joint image/mask transforms.
 
+The other layouts of ``data.layout`` (``folders``, ``pairs``, ``cityscapes``, ``ade20k``) are read by
+their own modules, set up by :mod:`tasks.data.seg_layouts`.
+
 * :class:`VOCSegmentation`: ``VOCdevkit/VOC20xx/{JPEGImages,SegmentationClass,
   ImageSets/Segmentation/<split>.txt}``; masks are palette (or grayscale) PNGs of class indices,
-  255 = void/ignore.
+  255 = void/ignore (``data.ignore_index``; raw values of another numbering: ``data.label_map``).
 * :class:`COCOSegmentation`: a COCO instances JSON + image folder; the instance masks
   (polygons or RLE, decoded by pycocotools) are painted into one semantic mask, largest
-  objects first so small ones stay visible; crowd regions become 255 (ignored).
+  objects first so small ones stay visible; crowd regions become ``data.ignore_index`` (255).
 * :func:`train_transforms`: torchvision ``transforms.v2`` on ``tv_tensors.Image`` +
-  ``tv_tensors.Mask`` together (random scale, crop padded with 255 in the mask, flip).
+  ``tv_tensors.Mask`` together (random scale, crop padded with ``data.ignore_index`` in the mask, flip).
 * :class:`SegmentationDataModule`: the ``LightningDataModule`` of ``python -m tasks.segment``; it
   generates the synthetic shapes data when asked (``synthetic:``) and it is missing.
 
 Samples are dicts ``{"image": uint8 (3, H, W), "mask": int64 (H, W), "id": str, "path": str}``.
 A missing or corrupt image is skipped with one counted warning per batch; a mask that does not
-fit its image or holds labels outside ``[0, num_classes)`` (other than 255) raises an error
+fit its image or holds labels outside ``[0, num_classes)`` (other than the ignore value) raises an error
 naming the file, since training on it would be silently wrong.
 """
 
@@ -27,16 +30,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
+from tasks.data.class_weights import cached_median_frequency, describe_weights
 from tasks.data.coco import load_coco_json, read_coco_categories
-from tasks.data.masks import IGNORE_INDEX, BadMaskError, check_mask, read_mask
+from tasks.data.folders import folders_split
+from tasks.data.masks import IGNORE_INDEX, BadMaskError, MaskLabels, as_mask_labels, check_mask, read_mask
+from tasks.data.pairs import pairs_split
 from tasks.data.sbd import sbd_layout_split
+from tasks.data.seg_layouts import FOLDER_LAYOUTS, PRESETS, Layout, check_layout_options, folder_layout, mask_labels
+from tasks.data.seg_transforms import collate_eval, collate_train, flip_probability, train_transforms
 from tasks.data.shapes import CLASSES as SHAPES_CLASSES
 from tasks.data.shapes import ShapesConfig, ensure_shapes
 from tasks.data.voc import VOC_SEGMENTATION_CLASSES, read_image_set
 from tasks.deprecation import old_names, renamed
-from tasks.images import BadImageError, ImageListDataset, SkippedSample, drop_skipped, read_image
+from tasks.distributed import is_global_zero
+from tasks.images import BadImageError, ImageListDataset, SkippedSample, read_image
 from tasks.module import TaskDataModule
 from tasks.options import check_probability, check_range, check_size, require_exists, require_file, require_folder
 
@@ -65,6 +73,9 @@ __getattr__ = old_names(
     },
     new_names={"VOC_CLASSES": "tasks.data.voc.VOC_SEGMENTATION_CLASSES"},
 )
+
+#: classes of VOC segmentation, background included (21)
+VOC_NUM_CLASSES = len(VOC_SEGMENTATION_CLASSES)
 
 
 def _load(
@@ -97,7 +108,8 @@ class VOCSegmentation(_SegmentationDataset):
         root: the ``VOC20xx`` folder (holding ``JPEGImages``), or a folder holding
             ``VOCdevkit/<year>``.
         split: name of a list in ``ImageSets/Segmentation`` (``train``, ``val``, ``trainval``).
-        num_classes: classes including background (21 for VOC).
+        num_classes: classes including background (21 for VOC), or the
+            :class:`~tasks.data.masks.MaskLabels` the masks are read with (ignore value, label map).
         year: ``VOC2007`` or ``VOC2012`` when ``root`` holds ``VOCdevkit``.
         transforms: joint transform of the sample dict (see :func:`train_transforms`).
     """
@@ -106,7 +118,7 @@ class VOCSegmentation(_SegmentationDataset):
         self,
         root: str | Path,
         split: str,
-        num_classes: int = len(VOC_SEGMENTATION_CLASSES),
+        num_classes: int | MaskLabels = VOC_NUM_CLASSES,
         year: str = "VOC2012",
         transforms: Callable[[dict], dict] | None = None,
     ) -> None:
@@ -116,7 +128,8 @@ class VOCSegmentation(_SegmentationDataset):
         if not list_file.is_file():
             raise FileNotFoundError(f"{list_file}: VOC split list not found (is {root} a VOC folder?)")
         self.ids = read_image_set(list_file)  # an empty list or an id listed twice: an error naming the lines
-        self.num_classes = num_classes
+        self.labels = as_mask_labels(num_classes)
+        self.num_classes = self.labels.num_classes
         self.transforms = transforms
 
     def __len__(self) -> int:
@@ -126,9 +139,17 @@ class VOCSegmentation(_SegmentationDataset):
         sid = self.ids[i]
         mask_path = self.root / "SegmentationClass" / f"{sid}.png"
         sample = _load(
-            self.root / "JPEGImages" / f"{sid}.jpg", sid, lambda size: read_mask(mask_path, self.num_classes, size)
+            self.root / "JPEGImages" / f"{sid}.jpg", sid, lambda size: read_mask(mask_path, self.labels, size)
         )
         return self._finish(sample)
+
+    def mask_files(self) -> list[Path]:
+        """The mask files in sample order (class statistics: :mod:`tasks.data.class_weights`)."""
+        return [self.root / "SegmentationClass" / f"{sid}.png" for sid in self.ids]
+
+    def mask_at(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s mask ``(H, W)`` in training ids, its image not read."""
+        return read_mask(self.mask_files()[i], self.labels)
 
 
 class COCOSegmentation(_SegmentationDataset):
@@ -140,6 +161,7 @@ class COCOSegmentation(_SegmentationDataset):
         classes: class names, ``classes[0]`` being background; category ``name`` -> index.
             Categories not listed are painted as background.
         transforms: joint transform of the sample dict.
+        ignore_index: the value painted on crowd regions (``data.ignore_index``).
     """
 
     def __init__(
@@ -148,6 +170,7 @@ class COCOSegmentation(_SegmentationDataset):
         image_dir: str | Path,
         classes: Sequence[str],
         transforms: Callable[[dict], dict] | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -164,19 +187,20 @@ class COCOSegmentation(_SegmentationDataset):
         self.cat_to_label = {c["id"]: index.get(c["name"], 0) for c in self.coco.loadCats(self.coco.getCatIds())}
         self.num_classes = len(classes)
         self.transforms = transforms
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def semantic_mask(self, image_id: int, size: tuple[int, int]) -> torch.Tensor:
-        """``(H, W)`` int64: instances painted largest first; crowd regions = 255."""
+        """``(H, W)`` int64: instances painted largest first; crowd regions = ``ignore_index``."""
         info = self.coco.imgs[image_id]
         if (info["height"], info["width"]) != tuple(size):
             raise BadMaskError(
                 f"{self.ann_file}: image {info['file_name']} is {size[0]}x{size[1]} but the annotation says "
                 f"{info['height']}x{info['width']}"
             )
-        mask = np.zeros(size, np.uint8)
+        mask = np.zeros(size, np.int64)
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))
         for ann in sorted(anns, key=lambda a: -float(a.get("area", 0))):
             try:
@@ -186,8 +210,17 @@ class COCOSegmentation(_SegmentationDataset):
                     f"{self.ann_file}: annotation {ann['id']!r} of image {image_id!r} ({info['file_name']}) has an "
                     f"unreadable 'segmentation' (polygons [[x, y, ...]] or RLE {{'counts', 'size'}}): {e!r}"
                 ) from e
-            mask[m] = IGNORE_INDEX if ann.get("iscrowd", 0) else self.cat_to_label.get(ann["category_id"], 0)
-        return torch.from_numpy(mask.astype(np.int64))
+            mask[m] = self.ignore_index if ann.get("iscrowd", 0) else self.cat_to_label.get(ann["category_id"], 0)
+        return torch.from_numpy(mask)
+
+    def mask_files(self) -> list[Path]:
+        """The annotation file, once per sample (class statistics: :mod:`tasks.data.class_weights`)."""
+        return [self.ann_file] * len(self.ids)
+
+    def mask_at(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s semantic mask at the size its annotation gives, its image not read."""
+        info = self.coco.imgs[self.ids[i]]
+        return self.semantic_mask(self.ids[i], (info["height"], info["width"]))
 
     def __getitem__(self, i: int) -> dict | SkippedSample:
         image_id = self.ids[i]
@@ -213,87 +246,40 @@ def _quiet(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-# ---------------------------------------------------------------------------- transforms
-def train_transforms(
-    crop_size: int | None,
-    scale_size: int | None = None,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    hflip: float = 0.5,
-) -> v2.Compose:
-    """Random scale (``v2.ScaleJitter``: fit in ``scale_size`` times a factor in ``scale_range``),
-    random ``crop_size`` crop (padded with 0 in the image and 255 = ignore in the mask) and
-    horizontal flip, applied jointly to ``tv_tensors.Image`` and ``tv_tensors.Mask`` (masks
-    are resized with nearest neighbour). ``hflip``: flip probability (``True``/``False``, the
-    old type, mean 0.5/0). ``crop_size=None``: whole images, neither scaled nor cropped (the
-    FCN recipe's online training at batch 1)."""
-    steps: list[Any] = []
-    if crop_size is not None:
-        size = scale_size or crop_size
-        steps += [
-            v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        ]
-    hflip = _flip_probability(hflip)
-    if hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    return v2.Compose(steps or [v2.Identity()])
-
-
-def _flip_probability(hflip: float | bool) -> float:
-    return (0.5 if hflip else 0.0) if isinstance(hflip, bool) else float(hflip)
-
-
-def collate_train(samples: list[Any]) -> dict[str, Any]:
-    """Same-size crops -> ``{"image": uint8 (N, 3, h, w), "mask": int64 (N, h, w), "id": [...]}``."""
-    kept, skipped = drop_skipped(samples)  # counted and reported once per epoch by the task
-    return {
-        "image": torch.stack([s["image"].as_subclass(torch.Tensor) for s in kept])
-        if kept
-        else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
-        "mask": torch.stack([s["mask"].as_subclass(torch.Tensor).long() for s in kept])
-        if kept
-        else torch.empty(0, 1, 1, dtype=torch.long),
-        "id": [s["id"] for s in kept],
-        "skipped": [(s.path, s.reason) for s in skipped],
-    }
-
-
-def collate_eval(samples: list[Any]) -> dict[str, Any]:
-    """Images of any size -> lists (evaluation runs image by image at full resolution).
-
-    ``mask`` is there when the samples have masks, and (empty) when every sample of the batch
-    was unreadable, so an evaluation step never finds it missing.
-    """
-    kept, skipped = drop_skipped(samples)  # counted and reported once per epoch by the task
-    out: dict[str, Any] = {
-        "image": [s["image"].as_subclass(torch.Tensor) for s in kept],
-        "id": [s["id"] for s in kept],
-        "path": [s["path"] for s in kept],
-        "skipped": [(s.path, s.reason) for s in skipped],
-    }
-    if not kept or "mask" in kept[0]:
-        out["mask"] = [s["mask"].as_subclass(torch.Tensor).long() for s in kept]
-    return out
-
-
 # ---------------------------------------------------------------------------- data module
 class SegmentationDataModule(TaskDataModule):
     """Semantic-segmentation data for ``python -m tasks.segment``.
 
     Args:
         root: dataset folder.
-        layout: ``voc`` (``VOCdevkit/<voc_year>`` or a ``VOC20xx`` folder), ``coco``, or ``sbd``
+        layout: ``voc`` (``VOCdevkit/<voc_year>`` or a ``VOC20xx`` folder), ``coco``, ``sbd``
             (``root`` holds ``benchmark_RELEASE/dataset`` and ``VOCdevkit/<voc_year>``: a split is
             an SBD list name, read from SBD's ``.mat`` labels, or the path of an id list read from
-            VOC, e.g. ``configs/segment/lists/seg11valid.txt``; :func:`tasks.data.sbd.sbd_layout_split`).
-        classes: class names with ``background`` first. Default: VOC's 21 for ``voc``, the
-            shapes classes when ``synthetic`` is set, the categories of the training JSON for ``coco``.
+            VOC, e.g. ``configs/segment/lists/seg11valid.txt``; :func:`tasks.data.sbd.sbd_layout_split`),
+            ``folders`` (an image and a mask folder per split, :mod:`tasks.data.folders`), ``pairs``
+            (a list of ``image mask`` lines per split, :mod:`tasks.data.pairs`), ``cityscapes`` or
+            ``ade20k`` (presets of ``folders``: :mod:`tasks.data.cityscapes`, :mod:`tasks.data.ade20k`).
+        classes: class names in mask-value (training id) order, ``background`` first where there is
+            one. Default: VOC's 21 for ``voc``/``sbd``, the shapes classes when ``synthetic`` is set,
+            the categories of the training JSON for ``coco``, the release's for ``cityscapes`` (19)
+            and ``ade20k`` (150); ``folders`` and ``pairs`` need them.
         train_split, val_split, test_split: split names (VOC list names; COCO ``{split}`` in
             ``coco_ann_file`` / ``coco_image_dir``). ``test_split`` defaults to ``val_split``.
         predict_images: images for ``predict``: a folder, a text file of paths or one image
             (:func:`tasks.images.list_images`; default: ``val_split``).
         voc_year: ``VOC2007`` / ``VOC2012``.
         coco_ann_file, coco_image_dir: paths under ``root`` with ``{split}`` filled in.
+        image_dir, mask_dir, image_suffix, mask_suffix: ``folders`` (default ``images/{split}``,
+            ``masks/{split}``, ``.jpg``, ``.png``) and its presets (their release's tree by default).
+        pairs_file: ``pairs``: the list of a split, ``{split}`` filled in, under ``root`` when
+            relative (default ``{split}.txt``).
+        pairs_base: ``pairs``: relative paths of a list are below ``root`` or the list's folder (``list``).
+        path_prefix: ``pairs``: ``{"/old/prefix": "new/prefix"}`` re-roots absolute paths of another machine.
+        ignore_index: the mask value of pixels neither trained on nor counted (linked to
+            ``model.ignore_index``); outside ``0..num_classes-1``.
+        label_map: raw mask value -> training id (a class index or ``ignore_index``), applied when a
+            mask is read (``cityscapes``, ``ade20k``: their release's map unless given).
+        unlisted: a raw value missing from the label map: ``error`` or ``ignore``.
         synthetic: generate the synthetic shapes dataset in ``root`` with these settings when it
             is missing (the demo's embedded data; :mod:`tasks.data.shapes`).
         crop_size, scale_size, scale_range: training augmentation (:func:`train_transforms`);
@@ -311,7 +297,7 @@ class SegmentationDataModule(TaskDataModule):
     def __init__(
         self,
         root: str = "data/shapes",
-        layout: Literal["voc", "coco", "sbd"] = "voc",
+        layout: Layout = "voc",
         classes: list[str] | None = None,
         train_split: str = "train",
         val_split: str = "val",
@@ -320,6 +306,16 @@ class SegmentationDataModule(TaskDataModule):
         voc_year: str = "VOC2007",
         coco_ann_file: str = "annotations/instances_{split}.json",
         coco_image_dir: str = "images/{split}",
+        image_dir: str | None = None,
+        mask_dir: str | None = None,
+        image_suffix: str | None = None,
+        mask_suffix: str | None = None,
+        pairs_file: str | None = None,
+        pairs_base: Literal["root", "list"] = "root",
+        path_prefix: dict[str, str] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        label_map: dict[int, int] | None = None,
+        unlisted: Literal["ignore", "error"] = "error",
         synthetic: ShapesConfig | None = None,
         crop_size: int | None = 320,
         scale_size: int | None = None,
@@ -338,17 +334,24 @@ class SegmentationDataModule(TaskDataModule):
         self.predict_images = predict_images
         self.voc_year = voc_year
         self.coco_ann_file, self.coco_image_dir = coco_ann_file, coco_image_dir
+        given = {"image_dir": image_dir, "mask_dir": mask_dir, "image_suffix": image_suffix}
+        given |= {"mask_suffix": mask_suffix, "pairs_file": pairs_file, "path_prefix": path_prefix}
+        check_layout_options(layout, given)
+        self.folders = folder_layout(layout, image_dir, mask_dir, image_suffix, mask_suffix)
+        self.pairs_file, self.pairs_base, self.path_prefix = pairs_file or "{split}.txt", pairs_base, path_prefix
         self.synthetic = renamed("data", "shapes", "synthetic", shapes, synthetic, None)
         check_size("data.crop_size", crop_size, optional=True)
         check_size("data.scale_size", scale_size, optional=True)
         check_range("data.scale_range", scale_range, positive=True)
         self.crop_size, self.scale_size, self.scale_range = crop_size, scale_size, scale_range
-        self.hflip = check_probability("data.hflip", _flip_probability(hflip))
+        self.hflip = check_probability("data.hflip", flip_probability(hflip))
         #: who says what the mask values mean, for messages (checked against a model's: tasks.classes)
         self.class_source = "data.classes"
         self.classes = list(classes) if classes else self._default_classes()
         if len(self.classes) < 2:
             raise ValueError(f"classes needs background and at least one class, got {self.classes}")
+        #: how masks become training ids (ignore value, label map): every layout reads its masks with it
+        self.labels = mask_labels(layout, len(self.classes), ignore_index, label_map, unlisted)
         if crop_size is None and batch_size != 1:
             raise ValueError(f"data.crop_size null (whole images) needs data.batch_size 1, got {batch_size}")
 
@@ -359,6 +362,11 @@ class SegmentationDataModule(TaskDataModule):
         if self.layout in ("voc", "sbd"):
             self.class_source = "VOC's 21 classes (data.classes unset)"
             return list(VOC_SEGMENTATION_CLASSES)
+        if self.layout in PRESETS:
+            self.class_source = f"the {self.layout} classes (data.classes unset)"
+            return list(PRESETS[self.layout].classes)
+        if self.layout in ("folders", "pairs"):
+            raise ValueError(f"layout {self.layout} needs data.classes: the names of the mask values 0, 1, ...")
         ann = self.root / self.coco_ann_file.format(split=self.train_split)
         if not ann.is_file():
             raise FileNotFoundError(f"{ann}: needed to read the class names; set data.classes or create the data first")
@@ -375,6 +383,11 @@ class SegmentationDataModule(TaskDataModule):
         return list(self.classes)
 
     @property
+    def ignore_index(self) -> int:
+        """The mask value that is not a class (linked to ``model.ignore_index``)."""
+        return self.labels.ignore_index
+
+    @property
     def shapes(self) -> ShapesConfig | None:
         """The old name of :attr:`synthetic`."""
         return self.synthetic
@@ -387,20 +400,41 @@ class SegmentationDataModule(TaskDataModule):
         """The ``split`` of the configured layout."""
         require_folder("data.root", self.root)
         if self.layout == "voc":
-            return VOCSegmentation(self.root, split, self.num_classes, self.voc_year, transforms)
+            return VOCSegmentation(self.root, split, self.labels, self.voc_year, transforms)
         if self.layout == "sbd":
-            return sbd_layout_split(self.root, split, self.num_classes, self.voc_year, transforms)
+            return sbd_layout_split(self.root, split, self.labels, self.voc_year, transforms)
+        if self.layout in FOLDER_LAYOUTS:
+            root = PRESETS[self.layout].root(self.root) if self.layout in PRESETS else self.root
+            return folders_split(root, split, self.folders, self.labels, transforms)
+        if self.layout == "pairs":
+            return pairs_split(
+                self.root, split, self.pairs_file, self.labels, self.pairs_base, self.path_prefix, transforms
+            )
         return COCOSegmentation(
             require_file("data.coco_ann_file", self.root / self.coco_ann_file.format(split=split)),
             require_folder("data.coco_image_dir", self.root / self.coco_image_dir.format(split=split)),
             self.classes,
             transforms,
+            self.ignore_index,
         )
+
+    def median_frequency_weights(self) -> list[float]:
+        """``model.class_weights: median_frequency`` of the training masks (:mod:`tasks.data.class_weights`:
+        cached in ``data.root``, printed once), in class order."""
+        options = {"layout": self.layout, "split": self.train_split, "label_map": self.labels.label_map,
+                   "unlisted": self.labels.unlisted, "classes": self.classes}  # fmt: skip
+        weights, where = cached_median_frequency(
+            self.dataset(self.train_split), self.num_classes, self.ignore_index, self.root, options,
+            write=is_global_zero(),
+        )  # fmt: skip
+        if is_global_zero():
+            print(f"model.class_weights median_frequency ({where}): {describe_weights(weights, self.classes)}")
+        return weights
 
     def build_dataset(self, name: str) -> Dataset:
         """``train`` (augmented)/``val``/``test``: their splits; ``predict``: ``predict_images``, else ``val_split``."""
         if name == "train":
-            tf = train_transforms(self.crop_size, self.scale_size, self.scale_range, self.hflip)
+            tf = train_transforms(self.crop_size, self.scale_size, self.scale_range, self.hflip, self.ignore_index)
             return self.dataset(self.train_split, tf)
         if name == "predict" and self.predict_images:
             require_exists("data.predict_images", self.predict_images, "folder, image list or image")
