@@ -28,10 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -46,6 +44,7 @@ from tasks.module import TaskModule
 from tasks.optim import OptimConfig
 from tasks.outputs import COMPLETE_MARKER
 from tasks.reporting import EvalReport, publish_metrics
+from tasks.segment_loss import aux_loss, check_weights
 from tasks.segment_writer import SegmentationWriter, write_prediction
 from tasks.tta import TTAConfig, segment_logits, smallest_scale
 from tasks.writer import to_output_dir
@@ -180,7 +179,7 @@ class SegmentationTask(TaskModule):
         if self.ignore_index < num_classes:  # the data module refuses it too; a model built alone is checked here
             raise ValueError(f"ignore_index {ignore_index} is a class index (0..{num_classes - 1})")
         self.class_weights = class_weights
-        self._data_weights: list[float] | None = _check_weights(class_weights, num_classes)
+        self._data_weights: list[float] | None = check_weights(class_weights, num_classes)
         self.ce = nn.CrossEntropyLoss(ignore_index=self.ignore_index)
         self.aux_loss = self._aux_loss(loss, self.ignore_index)
         self.aux_loss_weight = aux_loss_weight
@@ -208,17 +207,7 @@ class SegmentationTask(TaskModule):
             kwargs = {**kwargs, **head_kwargs}
         return super().normalize_options(kwargs)
 
-    @staticmethod
-    def _aux_loss(name: str, ignore_index: int = IGNORE_INDEX) -> nn.Module | None:
-        from segmentation_models_pytorch.losses import LovaszLoss
-
-        if name == "ce":
-            return None
-        if name == "ce+dice":
-            return WeightedDiceLoss("multiclass", ignore_index=ignore_index)
-        if name == "ce+lovasz":
-            return LovaszLoss("multiclass", ignore_index=ignore_index)
-        raise ValueError(f"unknown loss {name!r}; choose ce, ce+dice or ce+lovasz")
+    _aux_loss = staticmethod(aux_loss)
 
     # ------------------------------------------------------------------ class weights
     def setup(self, stage: str) -> None:
@@ -254,7 +243,7 @@ class SegmentationTask(TaskModule):
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("median_frequency_weights")
         if self.class_weights == "median_frequency" and stored is not None and self._data_weights is None:
-            self._data_weights = _check_weights([float(w) for w in stored], self.num_classes)
+            self._data_weights = check_weights([float(w) for w in stored], self.num_classes)
 
     # ------------------------------------------------------------------ classes (tasks.classes)
     def class_set(self) -> ClassSet:
@@ -413,33 +402,6 @@ LINKS = [
     ("data.class_names", "model.class_names", "instantiate"),
     ("data.ignore_index", "model.ignore_index", "instantiate"),
 ]
-
-
-def _check_weights(weights: Any, num_classes: int) -> list[float] | None:
-    """``model.class_weights`` checked: ``None``/``median_frequency`` -> ``None`` (nothing known yet), a
-    list -> floats, one per class, finite and >= 0, some > 0."""
-    if weights is None or weights == "median_frequency":
-        return None
-    if isinstance(weights, str):
-        raise ValueError(f"model.class_weights must be null, a list or median_frequency, got {weights!r}")
-    values = np.asarray([float(w) for w in weights], dtype=np.float64)
-    if len(values) != num_classes or not np.isfinite(values).all() or (values < 0).any() or not (values > 0).any():
-        raise ValueError(
-            f"model.class_weights needs {num_classes} finite weights >= 0 (one per class, some > 0), "
-            f"got {list(weights)}"
-        )
-    return values.tolist()
-
-
-class WeightedDiceLoss(DiceLoss):
-    """smp's ``DiceLoss`` whose per-class losses are averaged with ``class_weight`` ``(K,)`` (set by
-    the task before each call; ``None``: smp's plain mean). smp takes no class weights."""
-
-    class_weight: Tensor | None = None
-
-    def aggregate_loss(self, loss: Tensor) -> Tensor:
-        w = self.class_weight
-        return loss.mean() if w is None else (loss * w).sum() / w.sum()
 
 
 def main(args: list[str] | None = None) -> Any:

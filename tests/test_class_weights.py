@@ -96,7 +96,7 @@ def test_class_weights_are_checked_and_ignore_index_must_be_outside_the_classes(
 def test_dice_term_is_the_weighted_mean_of_smp_per_class_dice() -> None:
     from segmentation_models_pytorch.losses import DiceLoss
 
-    from tasks.segment import WeightedDiceLoss
+    from tasks.segment_loss import WeightedDiceLoss
 
     logits = torch.randn(2, 3, 5, 5)
     mask = torch.randint(0, 3, (2, 5, 5))
