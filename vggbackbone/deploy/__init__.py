@@ -13,6 +13,9 @@ One module per concern:
 ``deploy.onnx_export``        ONNX export of one-batch-in models (backbones, segmentation, ReID),
                               verified with onnxruntime; ``ExportVerificationError``
 ``deploy.detector_export``    ONNX export of torchvision's detectors, detections checked as a set
+``deploy.batched_detector``   a detector as one batched graph (fixed size, NMS inside, padded)
+``deploy.batched_nms``        per-image NMS / top-k over a flat batch of candidates
+``deploy.batched_export``     its ONNX export, checked at batch 1, 2 and 5
 ``deploy.task_export``        ``export_task_onnx``: any task model to the right exporter
 ``deploy.backbone_cli``       ``python -m vggbackbone.export``
 ============================  ==================================================================
@@ -22,6 +25,8 @@ vggbackbone`` stays light. The old homes :mod:`vggbackbone.optimize`,
 :mod:`vggbackbone.export` and :mod:`vggbackbone.models.export` re-export these names.
 """
 
+from .batched_detector import BATCHED_OUTPUTS, BatchedDetector, resize_for_graph
+from .batched_export import export_batched_detector_onnx, verify_batched_detector
 from .batchnorm import fold_batchnorm
 from .calibration import InputCaptured, InputRecorder, record_submodule_inputs
 from .detector_export import DetectorForExport, export_detector_onnx, verify_detector_onnx
@@ -41,11 +46,13 @@ from .precision import measure_precisions
 from .task_export import export_task_onnx
 
 __all__ = [
+    "BATCHED_OUTPUTS",
     "CPU_FEATURES",
     "DEFAULT_OPSET",
     "INT8_FEATURES",
     "INT8_TOLERANCE",
     "RELATIVE_TOLERANCE",
+    "BatchedDetector",
     "DetectorForExport",
     "ExportVerificationError",
     "InferenceModule",
@@ -54,6 +61,7 @@ __all__ = [
     "QuantizedModule",
     "cpu_features",
     "default_precision",
+    "export_batched_detector_onnx",
     "export_detector_onnx",
     "export_onnx",
     "export_task_onnx",
@@ -67,6 +75,8 @@ __all__ = [
     "quantization_targets",
     "quantize_int8",
     "record_submodule_inputs",
+    "resize_for_graph",
+    "verify_batched_detector",
     "verify_detector_onnx",
     "verify_onnx",
 ]
