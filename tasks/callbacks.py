@@ -105,21 +105,32 @@ class InferenceOptimization(pl.Callback):
         compile: ``torch.compile`` the model too (pays off on long runs only; int8 always compiles
             its quantised parts).
         calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`).
+        runtime: ``torch`` or ``openvino`` (the model exported to ONNX and run by OpenVINO on the
+            CPU, int8 by NNCF on the same calibration images; ``precision: default`` is
+            OpenVINO's own hint; needs the ``openvino`` extra; ``compile`` must stay off).
     """
 
     def __init__(
         self,
         enabled: bool = True,
-        precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
+        precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "default"] = "auto",
         channels_last: bool = True,
         fuse_bn: bool = True,
         compile: bool = False,
         calibration_images: int = 32,
+        runtime: Literal["torch", "openvino"] = "torch",
     ) -> None:
         if not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
             raise ValueError(
                 f"inference.calibration_images must be between 1 and {MAX_CALIBRATION_IMAGES}, got {calibration_images}"
             )
+        if runtime == "openvino" and compile:
+            raise ValueError(
+                "inference.compile does not apply to inference.runtime: openvino (OpenVINO compiles itself)"
+            )
+        if precision == "default" and runtime != "openvino":
+            raise ValueError("inference.precision: default (OpenVINO's own choice) needs inference.runtime: openvino")
+        self.runtime = runtime
         self.calibration_images = calibration_images
         self.enabled = enabled
         self.precision = precision
@@ -145,6 +156,7 @@ class InferenceOptimization(pl.Callback):
             fuse_bn=self.fuse_bn,
             compile=self.compile,
             calibration=calibration,
+            runtime=self.runtime,
         )
         # not an attribute assignment: a Module attribute would register it as a submodule
         pl_module.__dict__["_fast_model"] = fast

@@ -13,6 +13,7 @@ Kept light at import: a subprocess imports this module for :class:`RecordInferen
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -142,8 +143,14 @@ def _plain_model(ckpt: Path) -> torch.nn.Module:
     [
         (["--inference.enabled", "false"], "ReIDNet:plain", 1e-5),
         (["--inference.enabled", "true", "--inference.precision", "fp32"], "InferenceModule:fp32", 1e-4),
+        pytest.param(
+            ["--inference.runtime", "openvino", "--inference.precision", "fp32"],
+            "OpenVINOModule:fp32",
+            1e-4,
+            marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed"),
+        ),
     ],
-    ids=["off", "fp32"],
+    ids=["off", "fp32", "openvino"],
 )
 def test_reid_predict_inference_switch(
     reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float

@@ -16,6 +16,7 @@ One module per concern:
 ``deploy.batched_detector``   a detector as one batched graph (fixed size, NMS inside, padded)
 ``deploy.batched_nms``        per-image NMS / top-k over a flat batch of candidates
 ``deploy.batched_export``     its ONNX export, checked at batch 1, 2 and 5
+``deploy.openvino_runtime``   OpenVINO as a runtime: compile, NNCF int8, ``OpenVINOModule``
 ``deploy.task_export``        ``export_task_onnx``: any task model to the right exporter
 ``deploy.backbone_cli``       ``python -m vggbackbone.export``
 ============================  ==================================================================
@@ -42,6 +43,7 @@ from .hardware import (
 from .inference import RELATIVE_TOLERANCE, InferenceModule, optimize_for_inference
 from .int8 import INT8_TOLERANCE, QuantizedModule, quantization_targets, quantize_int8
 from .onnx_export import DEFAULT_OPSET, ExportVerificationError, export_onnx, output_names_of, verify_onnx
+from .openvino_runtime import OPENVINO_TOLERANCE, OpenVINOModule, compile_openvino, quantize_openvino
 from .precision import measure_precisions
 from .task_export import export_task_onnx
 
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_OPSET",
     "INT8_FEATURES",
     "INT8_TOLERANCE",
+    "OPENVINO_TOLERANCE",
     "RELATIVE_TOLERANCE",
     "BatchedDetector",
     "DetectorForExport",
@@ -58,7 +61,9 @@ __all__ = [
     "InferenceModule",
     "InputCaptured",
     "InputRecorder",
+    "OpenVINOModule",
     "QuantizedModule",
+    "compile_openvino",
     "cpu_features",
     "default_precision",
     "export_batched_detector_onnx",
@@ -74,6 +79,7 @@ __all__ = [
     "output_names_of",
     "quantization_targets",
     "quantize_int8",
+    "quantize_openvino",
     "record_submodule_inputs",
     "resize_for_graph",
     "verify_batched_detector",

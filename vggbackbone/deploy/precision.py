@@ -25,7 +25,15 @@ from .hardware import (
 )
 from .loggers import optimize_log
 
-__all__ = ["DTYPES", "PRECISIONS", "Precision", "auto_precision", "measure_precisions", "resolve_precision"]
+__all__ = [
+    "DTYPES",
+    "PRECISIONS",
+    "Precision",
+    "auto_precision",
+    "measure_precisions",
+    "resolve_openvino_precision",
+    "resolve_precision",
+]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -158,3 +166,32 @@ def resolve_precision(precision: str, device: torch.device, calibrated: bool) ->
     if precision != "fp32" and precision not in fast_reduced_precision(device):
         warnings.warn(slow_precision_message(precision, device), stacklevel=3)
     return precision
+
+
+def resolve_openvino_precision(precision: str, calibrated: bool) -> str:
+    """The OpenVINO precision for ``optimize_for_inference(..., runtime="openvino")``: ``"fp32"``,
+    ``"bf16"``, ``"default"`` (OpenVINO's own hint) or ``"int8"`` (NNCF; needs calibration).
+    ``"auto"``: int8 with calibration where the CPU has int8 kernels, else ``"default"``
+    (logged with the reason); ``"fp16"`` is refused (no CPU kernels)."""
+    if precision not in (*PRECISIONS, "default") or precision == "fp16":
+        raise ValueError(
+            "precision with runtime='openvino' must be one of 'auto', 'fp32', 'bf16', 'default', 'int8', "
+            f"got {precision!r}"
+        )
+    if calibrated and precision not in ("int8", "auto"):
+        raise ValueError(f"calibration is only used by precision='int8' or 'auto', got precision={precision!r}")
+    if precision == "int8" and not calibrated:
+        raise ValueError(
+            "precision='int8' needs calibration=: a few batches of real images, each passed as model(batch)"
+        )
+    if precision != "auto":
+        return precision
+    ok, why = int8_supported()
+    choice = "int8" if calibrated and ok else "default"
+    reason = (
+        "calibration given and the CPU has int8 kernels"
+        if choice == "int8"
+        else ("no calibration given" if not calibrated else why) + "; OpenVINO's default hint"
+    )
+    optimize_log.info("precision='auto' with runtime='openvino' picked %s (%s)", choice, reason)
+    return choice
