@@ -116,3 +116,47 @@ def test_optimize_for_inference_openvino_detector() -> None:
     out = q(images[:1])
     assert len(out) == 1 and set(out[0]) == set(keys) and out[0]["boxes"].shape[1] == 4
     assert (out[0]["boxes"][:, 2] <= 160).all()  # in the image's pixels, not the graph's
+
+
+def test_openvino_cli_fp32_and_int8_from_an_exported_file(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from vggbackbone.deploy.openvino_cli import main
+
+    torch.manual_seed(0)
+    build, size = DETECTORS["fasterrcnn"]
+    model = build().eval()
+    onnx_path = export_batched_detector_onnx(model, tmp_path / "det.onnx", size, verify_batch_sizes=())
+    xml = main([str(onnx_path), "--out", str(tmp_path / "det.xml")])
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and "(fp32)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.bin", "det.onnx", "det.xml"]  # no temporary left
+    images = torch.rand(2, 3, *size)
+    verify_batched_detector(lambda a: _outputs(compile_openvino(xml), a), model, images, runtime="openvino IR")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    q = main([str(onnx_path), "--out", str(tmp_path / "q.xml"), "--calibration-images", str(folder)])
+    assert "(int8)" in capsys.readouterr().out
+    types = {op.get_type_name() for op in ov.Core().read_model(str(q)).get_ops()}
+    assert "FakeQuantize" in types  # NNCF's int8 quantisation nodes
+    boxes, _, _, count = _outputs(compile_openvino(q), images.numpy())
+    assert boxes.shape[0] == 2 and count.shape == (2,)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        main([str(onnx_path), "--out", str(tmp_path / "x.xml"), "--calibration-images", str(tmp_path / "empty")])
+
+
+def test_task_export_to_openvino_xml(tmp_path) -> None:
+    """``export_task_onnx(..., "model.xml")`` (``python -m tasks.<task> export --out model.xml``)."""
+    torch.manual_seed(0)
+    build, size = DETECTORS["ssd"]
+    model = build().eval()
+    xml = export_task_onnx(model, tmp_path / "ssd.xml", torch.rand(3, *size))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ssd.bin", "ssd.xml"]
+    image = torch.rand(3, *size)
+    with torch.no_grad():
+        ref = model([image])[0]
+    want = [ref[k].numpy() for k in ("boxes", "labels", "scores")]
+    match_detections(want, _outputs(compile_openvino(xml), image.numpy()), xml, "one image", runtime="openvino")
