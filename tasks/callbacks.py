@@ -18,6 +18,8 @@ __all__ = ["MAX_CALIBRATION_IMAGES", "InferenceOptimization", "OptionalLearningR
 
 #: Most images ``inference.calibration_images`` may take (issue 15: calibration on at most 64 images).
 MAX_CALIBRATION_IMAGES = 64
+#: Images ``precision: int8`` calibrates on when ``inference.calibration_images`` is not given.
+DEFAULT_CALIBRATION_IMAGES = 32
 
 
 def _is_skipped(item: Any) -> bool:
@@ -104,7 +106,11 @@ class InferenceOptimization(pl.Callback):
         fuse_bn: fold BatchNorm into the preceding convolutions.
         compile: ``torch.compile`` the model too (pays off on long runs only; int8 always compiles
             its quantised parts).
-        calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`).
+        calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`;
+            ``int8`` takes 32 when it is not given). Given with ``precision: auto``, it lets auto
+            pick int8: where the CPU has int8 kernels and int8 wins the probe
+            (:func:`vggbackbone.deploy.precision.auto_precision`, logged with the reason), the
+            images are read and the model quantised; otherwise auto picks as without them.
         runtime: ``torch`` or ``openvino`` (the model exported to ONNX and run by OpenVINO on the
             CPU, int8 by NNCF on the same calibration images; ``precision: default`` is
             OpenVINO's own hint; needs the ``openvino`` extra; ``compile`` must stay off).
@@ -117,10 +123,10 @@ class InferenceOptimization(pl.Callback):
         channels_last: bool = True,
         fuse_bn: bool = True,
         compile: bool = False,
-        calibration_images: int = 32,
+        calibration_images: int | None = None,
         runtime: Literal["torch", "openvino"] = "torch",
     ) -> None:
-        if not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
+        if calibration_images is not None and not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
             raise ValueError(
                 f"inference.calibration_images must be between 1 and {MAX_CALIBRATION_IMAGES}, got {calibration_images}"
             )
@@ -144,14 +150,15 @@ class InferenceOptimization(pl.Callback):
             return
         from vggbackbone.deploy import int8_supported, optimize_for_inference
 
+        precision = self._auto_choice(pl_module) if self.precision == "auto" else self.precision
         calibration = None
-        if self.precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback
-            calibration = calibration_inputs(trainer, pl_module, self.calibration_images)
-        elif self.precision == "int8":
+        if precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback
+            calibration = calibration_inputs(trainer, pl_module, self.calibration_images or DEFAULT_CALIBRATION_IMAGES)
+        elif precision == "int8":
             calibration = []  # never read: optimize_for_inference falls back to fp32 with its warning
         fast = optimize_for_inference(
             model,
-            self.precision,
+            precision,
             channels_last=self.channels_last,
             fuse_bn=self.fuse_bn,
             compile=self.compile,
@@ -163,6 +170,18 @@ class InferenceOptimization(pl.Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.__dict__.pop("_fast_model", None)
+
+    def _auto_choice(self, pl_module: pl.LightningModule) -> str:
+        """``precision: auto``: ``auto`` itself without calibration images (the library decides);
+        with them, the probe's choice among fp32 / bf16 / int8 (so that the images are only read
+        when int8 is picked), logged with why."""
+        if self.calibration_images is None or pl_module.device.type != "cpu":
+            return "auto"
+        from vggbackbone.deploy.precision import auto_precision, resolve_openvino_precision
+
+        if self.runtime == "openvino":
+            return resolve_openvino_precision("auto", calibrated=True)
+        return auto_precision(pl_module.device, calibrated=True)
 
 
 class OptionalLearningRateMonitor(LearningRateMonitor):
