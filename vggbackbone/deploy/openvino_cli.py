@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .openvino_runtime import quantize_openvino, require_openvino
+from .openvino_files import require_openvino, save_openvino
+from .openvino_runtime import quantize_openvino
 
 __all__ = ["calibration_arrays", "main", "save_openvino"]
 
@@ -46,21 +46,6 @@ def calibration_arrays(folder: str | os.PathLike[str], count: int, size: tuple[i
             rgb = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
         arrays.append(np.ascontiguousarray(np.asarray(rgb, np.float32).transpose(2, 0, 1)[None] / 255.0))
     return arrays
-
-
-def save_openvino(model: object, out: str | os.PathLike[str]) -> Path:
-    """``openvino.Model`` saved as ``out`` (``.xml``) and its ``.bin``, weights as they are (no fp16
-    compression), through temporary files renamed into place."""
-    ov = require_openvino()
-    out = Path(out)
-    if out.suffix != ".xml":
-        raise ValueError(f"{out}: an OpenVINO model is written as a .xml file (and its .bin)")
-    with tempfile.TemporaryDirectory(prefix=".ov-", dir=out.parent) as tmp:
-        xml = Path(tmp) / out.name
-        ov.save_model(model, str(xml), compress_to_fp16=False)
-        os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(xml, out)
-    return out
 
 
 def _input_size(model: object, height: int, width: int) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from .batched_detector import BatchedDetector, resize_for_graph
 from .batched_export import export_batched_detector_onnx
 from .detector_export import torchvision_detector_types
 from .int8 import INT8_TOLERANCE
+from .openvino_files import require_openvino
 from .task_export import export_task_onnx
 
 __all__ = [
@@ -60,15 +61,6 @@ OPENVINO_TOLERANCE: dict[str, float] = {
     "int8": INT8_TOLERANCE["relative_error"],
 }
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
-
-
-def require_openvino() -> Any:
-    """``openvino``, or ``ImportError`` saying how to install it."""
-    try:
-        import openvino
-    except ImportError as e:
-        raise ImportError("runtime='openvino' needs OpenVINO: pip install 'vggbackbone[openvino]'") from e
-    return openvino
 
 
 def openvino_config(precision: str, threads: int | None = None) -> dict[str, Any]:

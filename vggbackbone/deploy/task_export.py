@@ -14,7 +14,7 @@ export`` calls.
   (one image per call; detections checked as a set).
 * A ``path`` ending in ``.xml`` writes an OpenVINO model instead (``.xml`` + ``.bin``, fp32):
   the ONNX file is written and checked in a temporary folder as above, then read by OpenVINO
-  and saved (:func:`~vggbackbone.deploy.openvino_cli.save_openvino`); so ``python -m
+  and saved (:func:`~vggbackbone.deploy.openvino_files.save_openvino`); so ``python -m
   tasks.<task> export --ckpt C --out model.xml`` goes from a checkpoint to OpenVINO in one command.
 """
 
@@ -49,8 +49,7 @@ def export_task_onnx(model: nn.Module, path: str | os.PathLike[str], example_inp
 
 
 def _export_openvino(model: nn.Module, path: Path, example_input: Tensor, **kwargs: object) -> Path:
-    from .openvino_cli import save_openvino
-    from .openvino_runtime import require_openvino
+    from .openvino_files import require_openvino, save_openvino
 
     ov = require_openvino()
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=path.parent) as tmp:
