@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from openvino_check import openvino_outputs
 
 from vggbackbone.deploy import BatchedDetector, ExportVerificationError, export_batched_detector_onnx
 from vggbackbone.deploy.batched_export import onnxruntime_runner, verify_batched_detector
@@ -56,6 +57,10 @@ def test_batched_export_matches_torchvision_at_batch_1_2_5(tmp_path, family) -> 
         k = int(count[i])
         np.testing.assert_allclose(scores[i, :k], w["scores"].numpy(), rtol=1e-4, atol=1e-5)
         assert (np.diff(scores[i, :k]) <= 1e-6).all() and not scores[i, k:].any() and not boxes[i, k:].any()
+    # OpenVINO reads the same file and gives the same detections (fp32), at two batch sizes
+    for batch in (2, 5):
+        run = lambda a: openvino_outputs(path, a)  # noqa: E731
+        verify_batched_detector(run, model, torch.rand(batch, 3, *size), name=path, runtime="openvino")
 
 
 def test_batched_check_fails_on_another_model(tmp_path) -> None:
