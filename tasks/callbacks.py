@@ -88,8 +88,8 @@ class InferenceOptimization(pl.Callback):
 
     At the start of prediction the task's ``model`` is copied, its BatchNorms folded into the
     convolutions, switched to channels_last and to the precision the device runs fastest
-    (``precision: auto``: the fastest of fp32 / bf16 measured on a CPU, bf16 on CUDA; never
-    int8, which needs calibration: ask for it). Tasks read it as ``TaskModule.inference_model``;
+    (``precision: auto``: the fastest of fp32 / bf16 measured on a CPU, bf16 on CUDA; int8 too
+    when ``calibration_images`` is given and int8 wins the probe). Tasks read it as ``TaskModule.inference_model``;
     training and validation never see it. In the task YAML: ``inference: {enabled: true,
     precision: auto, compile: false}``; ``--inference.enabled false`` predicts with the model
     exactly as trained.
