@@ -39,10 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import environment, environment_markdown, fmt, markdown_table, time_interleaved
-from vggbackbone import optimize_for_inference
-from vggbackbone.deploy import InferenceModule, int8_supported, quantization_targets, quantize_int8
-from vggbackbone.utils import atomic_write
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/end_to_end.py` from a clone
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import environment, environment_markdown, fmt, markdown_table, time_interleaved  # noqa: E402
+from vggbackbone import optimize_for_inference  # noqa: E402
+from vggbackbone.deploy import InferenceModule, int8_supported, quantization_targets, quantize_int8  # noqa: E402
+from vggbackbone.utils import atomic_write  # noqa: E402
 
 TASKS = ("detect", "ssd", "segment", "reid", "classify")
 
