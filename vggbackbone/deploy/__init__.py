@@ -17,6 +17,8 @@ One module per concern:
 ``deploy.batched_nms``        per-image NMS / top-k over a flat batch of candidates
 ``deploy.batched_export``     its ONNX export, checked at batch 1, 2 and 5
 ``deploy.openvino_runtime``   OpenVINO as a runtime: compile, NNCF int8, ``OpenVINOModule``
+``deploy.openvino_files``     ``require_openvino``, ``save_openvino`` (``.xml`` + ``.bin``)
+``deploy.openvino_cli``       ``python -m vggbackbone.deploy.openvino_cli`` (ONNX to OpenVINO)
 ``deploy.task_export``        ``export_task_onnx``: any task model to the right exporter
 ``deploy.backbone_cli``       ``python -m vggbackbone.export``
 ============================  ==================================================================
