@@ -19,6 +19,8 @@ __all__ = ["MAX_CALIBRATION_IMAGES", "InferenceOptimization", "OptionalLearningR
 #: Most images ``inference.calibration_images`` may take: int8 calibrates on a small sample of the
 #: images (at most 64, docs/inference.md), not on the whole input.
 MAX_CALIBRATION_IMAGES = 64
+#: Images ``precision: int8`` calibrates on when ``inference.calibration_images`` is not given.
+DEFAULT_CALIBRATION_IMAGES = 32
 
 
 def _is_skipped(item: Any) -> bool:
@@ -87,8 +89,8 @@ class InferenceOptimization(pl.Callback):
 
     At the start of prediction the task's ``model`` is copied, its BatchNorms folded into the
     convolutions, switched to channels_last and to the precision the device runs fastest
-    (``precision: auto``: the fastest of fp32 / bf16 measured on a CPU, bf16 on CUDA; never
-    int8, which needs calibration: ask for it). Tasks read it as ``TaskModule.inference_model``;
+    (``precision: auto``: the fastest of fp32 / bf16 measured on a CPU, bf16 on CUDA; int8 too
+    when ``calibration_images`` is given and int8 wins the probe). Tasks read it as ``TaskModule.inference_model``;
     training and validation never see it. In the task YAML: ``inference: {enabled: true,
     precision: auto, compile: false}``; ``--inference.enabled false`` predicts with the model
     exactly as trained.
@@ -105,22 +107,37 @@ class InferenceOptimization(pl.Callback):
         fuse_bn: fold BatchNorm into the preceding convolutions.
         compile: ``torch.compile`` the model too (pays off on long runs only; int8 always compiles
             its quantised parts).
-        calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`).
+        calibration_images: images int8 calibrates on (1 to :data:`MAX_CALIBRATION_IMAGES`;
+            ``int8`` takes 32 when it is not given). Given with ``precision: auto``, it lets auto
+            pick int8: where the CPU has int8 kernels and int8 wins the probe
+            (:func:`vggbackbone.deploy.precision.auto_precision`, logged with the reason), the
+            images are read and the model quantised; otherwise auto picks as without them.
+        runtime: ``torch`` or ``openvino`` (the model exported to ONNX and run by OpenVINO on the
+            CPU, int8 by NNCF on the same calibration images; ``precision: default`` is
+            OpenVINO's own hint; needs the ``openvino`` extra; ``compile`` must stay off).
     """
 
     def __init__(
         self,
         enabled: bool = True,
-        precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
+        precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "default"] = "auto",
         channels_last: bool = True,
         fuse_bn: bool = True,
         compile: bool = False,
-        calibration_images: int = 32,
+        calibration_images: int | None = None,
+        runtime: Literal["torch", "openvino"] = "torch",
     ) -> None:
-        if not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
+        if calibration_images is not None and not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
             raise ValueError(
                 f"inference.calibration_images must be between 1 and {MAX_CALIBRATION_IMAGES}, got {calibration_images}"
             )
+        if runtime == "openvino" and compile:
+            raise ValueError(
+                "inference.compile does not apply to inference.runtime: openvino (OpenVINO compiles itself)"
+            )
+        if precision == "default" and runtime != "openvino":
+            raise ValueError("inference.precision: default (OpenVINO's own choice) needs inference.runtime: openvino")
+        self.runtime = runtime
         self.calibration_images = calibration_images
         self.enabled = enabled
         self.precision = precision
@@ -134,24 +151,38 @@ class InferenceOptimization(pl.Callback):
             return
         from vggbackbone.deploy import int8_supported, optimize_for_inference
 
+        precision = self._auto_choice(pl_module) if self.precision == "auto" else self.precision
         calibration = None
-        if self.precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback
-            calibration = calibration_inputs(trainer, pl_module, self.calibration_images)
-        elif self.precision == "int8":
+        if precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback
+            calibration = calibration_inputs(trainer, pl_module, self.calibration_images or DEFAULT_CALIBRATION_IMAGES)
+        elif precision == "int8":
             calibration = []  # never read: optimize_for_inference falls back to fp32 with its warning
         fast = optimize_for_inference(
             model,
-            self.precision,
+            precision,
             channels_last=self.channels_last,
             fuse_bn=self.fuse_bn,
             compile=self.compile,
             calibration=calibration,
+            runtime=self.runtime,
         )
         # not an attribute assignment: a Module attribute would register it as a submodule
         pl_module.__dict__["_fast_model"] = fast
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.__dict__.pop("_fast_model", None)
+
+    def _auto_choice(self, pl_module: pl.LightningModule) -> str:
+        """``precision: auto``: ``auto`` itself without calibration images (the library decides);
+        with them, the probe's choice among fp32 / bf16 / int8 (so that the images are only read
+        when int8 is picked), logged with why."""
+        if self.calibration_images is None or pl_module.device.type != "cpu":
+            return "auto"
+        from vggbackbone.deploy.precision import auto_precision, resolve_openvino_precision
+
+        if self.runtime == "openvino":
+            return resolve_openvino_precision("auto", calibrated=True)
+        return auto_precision(pl_module.device, calibrated=True)
 
 
 class OptionalLearningRateMonitor(LearningRateMonitor):

@@ -335,7 +335,10 @@ def extract_embeddings(
     inputs = input_paths(images) if isinstance(images, (str, Path)) else files
     data = _ExtractData(names, files, outputs, inputs, fingerprint, size, batch_size, num_workers)  # type: ignore[arg-type]
     writer = _ShardWriter(data, out)
-    optimization = InferenceOptimization(enabled=optimize, precision=precision, calibration_images=calibration_images)  # type: ignore[arg-type]
+    # calibration images only for int8: with them, precision auto could pick int8, which the
+    # resume fingerprint above does not record
+    calibration = calibration_images if precision == "int8" else None
+    optimization = InferenceOptimization(enabled=optimize, precision=precision, calibration_images=calibration)  # type: ignore[arg-type]
     trainer.callbacks += [optimization, writer]  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from backbone_utils import randomize_
+from openvino_check import assert_openvino_matches
 
 from vggbackbone import TAPS, VGGBackbone
 
@@ -128,6 +129,7 @@ def test_onnx_export_dynamic_batch_and_size(tmp_path) -> None:
             ref = bb(x)
         for name, arr in zip(ref, got):
             torch.testing.assert_close(torch.from_numpy(arr), ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert_openvino_matches(path, x, list(ref.values()))  # OpenVINO reads the same file: fp32 and bf16
 
 
 def test_onnx_failed_verification_writes_nothing(tmp_path) -> None:

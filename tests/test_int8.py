@@ -156,7 +156,10 @@ def test_auto_picks_the_fastest_probe_and_logs_it(monkeypatch, caplog) -> None:
         assert optimize_for_inference(model).precision == "bf16"  # cached: probed and logged once
     assert calls == ["fp32", "bf16"]
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert msg == "precision='auto' picked bf16 on this CPU (probe conv: fp32 3.00 ms, bf16 1.00 ms)"
+    assert msg == (
+        "precision='auto' picked bf16 on this CPU (probe conv: fp32 3.00 ms, bf16 1.00 ms; "
+        "int8 not tried: no calibration images given)"
+    )
     fake["bf16"] = 9e-3  # now fp32 wins
     monkeypatch.setattr(precision_choice, "_probe_cache", {})
     assert optimize_for_inference(model).precision == "fp32"
@@ -173,6 +176,7 @@ def test_auto_tries_int8_only_with_calibration_and_int8_kernels(monkeypatch, cap
     with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
         assert precision_choice.auto_precision(torch.device("cpu"), calibrated=True) == "fp32"
     assert "int8 not tried: this CPU has none of AMX-INT8" in caplog.text
+    assert "bf16 not tried: oneDNN has no bf16 kernels here (needs AMX or AVX512-BF16)" in caplog.text
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
     # AVX2 kernels, measured faster
@@ -191,6 +195,22 @@ def test_probe_runs_every_precision_kernel_fast_enough() -> None:
     assert set(times) == {"fp32", "int8"} and all(0 < t < 5 for t in times.values())
     out = precision_choice._probe_call("int8")()
     assert out.shape == precision_choice._PROBE_SHAPE and out.dtype == torch.uint8
+
+
+def test_auto_with_calibration_picks_the_real_probes_fastest_and_says_why(monkeypatch, caplog) -> None:
+    """No mocks: on this CPU, ``auto`` with calibration is the fastest of the candidates it timed
+    (int8 among them where the CPU has int8 kernels), and the log gives every time."""
+    monkeypatch.setattr(precision_choice, "_probe_cache", {})
+    monkeypatch.setattr(precision_choice, "_logged_choices", set())
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        choice = precision_choice.auto_precision(torch.device("cpu"), calibrated=True)
+    ((candidates, times),) = precision_choice._probe_cache.items()
+    assert choice == min(times, key=times.__getitem__)
+    assert ("int8" in candidates) == opt.int8_supported()[0]
+    assert ("bf16" in candidates) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"precision='auto' picked {choice} on this CPU (probe conv: fp32 ")
+    assert all(f"{p} " in msg for p in candidates)
 
 
 def test_quantized_module_keeps_state_once() -> None:

@@ -172,3 +172,26 @@ def test_calibration_inputs_take_the_form_the_detector_forward_takes(tmp_path: P
     assert all(float(x[0].min()) >= 0 and float(x[0].max()) <= 1 for x in inputs)
     assert vnni == [2]  # the callback's own: images 0, 2, 4 of the 5, the unreadable 4 passed over
     assert sum(len(b) for b in out) == 4
+
+
+def test_inference_auto_considers_int8_only_with_calibration_images(monkeypatch, caplog) -> None:
+    """``inference.precision: auto``: without ``calibration_images`` the library decides (no int8);
+    with them, the real probe's choice among fp32 / bf16 / int8, logged with the times."""
+    import logging
+    from types import SimpleNamespace
+
+    from vggbackbone.deploy import precision as precision_choice
+
+    monkeypatch.setattr(precision_choice, "_probe_cache", {})
+    monkeypatch.setattr(precision_choice, "_logged_choices", set())
+    module = SimpleNamespace(device=torch.device("cpu"))
+    assert InferenceOptimization(precision="auto")._auto_choice(module) == "auto"
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        choice = InferenceOptimization(precision="auto", calibration_images=4)._auto_choice(module)
+    ((candidates, times),) = precision_choice._probe_cache.items()
+    assert choice == min(times, key=times.__getitem__) and ("int8" in candidates) == opt.int8_supported()[0]
+    assert f"precision='auto' picked {choice}" in caplog.text
+    with pytest.raises(ValueError, match="needs inference.runtime: openvino"):
+        InferenceOptimization(precision="default")
+    with pytest.raises(ValueError, match="inference.compile does not apply"):
+        InferenceOptimization(runtime="openvino", compile=True)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from openvino_check import assert_openvino_matches, openvino_outputs
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from vggbackbone import optimize_for_inference
+from vggbackbone.deploy.detector_export import match_detections
 from vggbackbone.models import fasterrcnn_vgg, fcn_vgg, reid_vgg, unet_vgg
 from vggbackbone.models.export import export_task_onnx
 from vggbackbone.optimize import RELATIVE_TOLERANCE
@@ -101,6 +103,7 @@ def test_dense_task_models_export_to_onnx(tmp_path: Path, name: str) -> None:
         want = model(x)
     assert got.shape == tuple(want.shape)
     assert rel_err(torch.from_numpy(got), want) < 1e-4
+    assert_openvino_matches(path, x, [want])  # OpenVINO reads the same file: fp32 and bf16
 
 
 @pytest.mark.parametrize("fpn", [False, True], ids=["classic", "fpn"])
@@ -122,6 +125,8 @@ def test_detector_exports_to_onnx(tmp_path: Path, fpn: bool) -> None:
         assert (labels == ref["labels"].numpy()).all()
         torch.testing.assert_close(torch.from_numpy(boxes), ref["boxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(torch.from_numpy(scores), ref["scores"], rtol=0, atol=1e-4)
+        want = (ref["boxes"].numpy(), ref["labels"].numpy(), ref["scores"].numpy())
+        match_detections(want, openvino_outputs(path, image.numpy()), path, "image", runtime="openvino")
     assert det.training is False and not (tmp_path / "det.onnx.tmp").exists()
     if fpn:  # the FPN graph really holds the pyramid (several RoIAlign levels), not the classic head
         import onnx

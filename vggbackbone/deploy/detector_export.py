@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -87,6 +88,64 @@ def _other_image(image: Tensor) -> Tensor:
     return torch.rand(c, w + 16, h + 8, dtype=image.dtype)
 
 
+def match_detections(
+    want: Sequence[np.ndarray],
+    got: Sequence[np.ndarray],
+    label: object,
+    where: str,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    runtime: str = "onnxruntime",
+) -> float:
+    """Match one image's detections ``got = (boxes, labels, scores)`` to PyTorch's ``want``, as a set.
+
+    Both have the same number; each PyTorch detection is matched to a distinct one of the same
+    label whose score and box are within ``atol + rtol * max|output|`` (scores and boxes apart),
+    greedily in PyTorch's order; only detections tied with the lowest kept score (within
+    tolerance) may go unmatched. Raises :class:`ExportVerificationError` naming ``label``,
+    ``where`` and the first detection without a match; returns the worst relative difference.
+    """
+    boxes, labels, scores = (np.asarray(a, dtype=np.float64 if i != 1 else np.int64) for i, a in enumerate(want))
+    o_boxes, o_labels, o_scores = (np.asarray(a) for a in got)
+    if len(o_boxes) != len(boxes):
+        raise ExportVerificationError(
+            f"{label}: {len(o_boxes)} detections in {runtime} but {len(boxes)} in PyTorch for {where}"
+        )
+    if not len(boxes):
+        return 0.0
+    worst = 0.0
+    box_scale, score_scale = float(np.abs(boxes).max()), float(np.abs(scores).max())
+    box_tol, score_tol = atol + rtol * box_scale, atol + rtol * score_scale
+    box_diff = np.abs(boxes[:, None] - o_boxes[None]).max(-1)  # (torch, other)
+    score_diff = np.abs(scores[:, None] - o_scores[None])
+    ok = (box_diff <= box_tol) & (score_diff <= score_tol) & (labels[:, None] == o_labels[None])
+    used = np.zeros(len(o_boxes), bool)
+    unmatched = []
+    for i in range(len(boxes)):
+        candidates = np.flatnonzero(ok[i] & ~used)
+        if not len(candidates):
+            unmatched.append(i)
+            continue
+        j = int(candidates[np.argmin(box_diff[i, candidates])])
+        used[j] = True
+        worst = max(worst, box_diff[i, j] / max(box_scale, 1e-12), score_diff[i, j] / max(score_scale, 1e-12))
+    # The list is cut at a score (top-k, detections_per_img): detections tied with the cut
+    # within the tolerance may be kept by one runtime and not the other. Only those may miss.
+    at_cut = scores[unmatched] <= scores.min() + score_tol if unmatched else np.ones(0, bool)
+    others_at_cut = o_scores[~used] <= o_scores.min() + score_tol
+    if not (at_cut.all() and others_at_cut.all()):
+        i = unmatched[int(np.argmin(at_cut))] if not at_cut.all() else unmatched[0]
+        j = int(np.argmin(np.where(used, np.inf, box_diff[i])))
+        raise ExportVerificationError(
+            f"{label}: PyTorch detection {i} (label {int(labels[i])}, score {scores[i]:.6g}, box "
+            f"{boxes[i].tolist()}) has no {runtime} match for {where}; the nearest "
+            f"unmatched one is off by {box_diff[i, j]:.3g} px, score {score_diff[i, j]:.3g} "
+            f"(allowed {box_tol:.3g} px, {score_tol:.3g}; atol={atol:g}, rtol={rtol:g})"
+        )
+    return float(worst)
+
+
 def verify_detector_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -107,7 +166,6 @@ def verify_detector_onnx(
     the image shape and the first detection without a match. Returns the worst relative
     difference of matched boxes and scores.
     """
-    import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -115,43 +173,9 @@ def verify_detector_onnx(
     worst = 0.0
     for x in images:
         with torch.no_grad():
-            boxes, labels, scores = (t.detach().float().cpu().numpy() for t in model(x))
-        o_boxes, o_labels, o_scores = session.run(None, {"image": x.detach().cpu().numpy()})
-        if len(o_boxes) != len(boxes):
-            raise ExportVerificationError(
-                f"{label}: {len(o_boxes)} detections in onnxruntime but {len(boxes)} in PyTorch for image "
-                f"{tuple(x.shape)}"
-            )
-        if not len(boxes):
-            continue
-        box_scale, score_scale = float(np.abs(boxes).max()), float(np.abs(scores).max())
-        box_tol, score_tol = atol + rtol * box_scale, atol + rtol * score_scale
-        box_diff = np.abs(boxes[:, None] - o_boxes[None]).max(-1)  # (torch, onnx)
-        score_diff = np.abs(scores[:, None] - o_scores[None])
-        ok = (box_diff <= box_tol) & (score_diff <= score_tol) & (labels[:, None] == o_labels[None])
-        used = np.zeros(len(o_boxes), bool)
-        unmatched = []
-        for i in range(len(boxes)):
-            candidates = np.flatnonzero(ok[i] & ~used)
-            if not len(candidates):
-                unmatched.append(i)
-                continue
-            j = int(candidates[np.argmin(box_diff[i, candidates])])
-            used[j] = True
-            worst = max(worst, box_diff[i, j] / max(box_scale, 1e-12), score_diff[i, j] / max(score_scale, 1e-12))
-        # The list is cut at a score (top-k, detections_per_img): detections tied with the cut
-        # within the tolerance may be kept by one runtime and not the other. Only those may miss.
-        at_cut = scores[unmatched] <= scores.min() + score_tol if unmatched else np.ones(0, bool)
-        others_at_cut = o_scores[~used] <= o_scores.min() + score_tol
-        if not (at_cut.all() and others_at_cut.all()):
-            i = unmatched[int(np.argmin(at_cut))] if not at_cut.all() else unmatched[0]
-            j = int(np.argmin(np.where(used, np.inf, box_diff[i])))
-            raise ExportVerificationError(
-                f"{label}: PyTorch detection {i} (label {int(labels[i])}, score {scores[i]:.6g}, box "
-                f"{boxes[i].tolist()}) has no onnxruntime match for image {tuple(x.shape)}; the nearest "
-                f"unmatched one is off by {box_diff[i, j]:.3g} px, score {score_diff[i, j]:.3g} "
-                f"(allowed {box_tol:.3g} px, {score_tol:.3g}; atol={atol:g}, rtol={rtol:g})"
-            )
+            want = tuple(t.detach().float().cpu().numpy() for t in model(x))
+        got = session.run(None, {"image": x.detach().cpu().numpy()})
+        worst = max(worst, match_detections(want, got, f"{label}", f"image {tuple(x.shape)}", rtol=rtol, atol=atol))
     return float(worst)
 
 

@@ -41,7 +41,8 @@ from torch import nn
 
 from .batchnorm import fold_batchnorm
 from .int8 import quantization_targets, quantize_int8
-from .precision import DTYPES, Precision, resolve_precision
+from .openvino_runtime import OpenVINOModule
+from .precision import DTYPES, Precision, resolve_openvino_precision, resolve_precision
 
 __all__ = ["COMPILE_MODES", "RELATIVE_TOLERANCE", "CompileMode", "InferenceModule", "optimize_for_inference"]
 
@@ -190,14 +191,15 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def optimize_for_inference(
     model: nn.Module,
-    precision: Precision = "auto",
+    precision: Precision | Literal["default"] = "auto",
     channels_last: bool = True,
     fuse_bn: bool = True,
     compile: CompileMode = False,
     device: torch.device | str | None = None,
     inplace: bool = False,
     calibration: Iterable[Any] | None = None,
-) -> InferenceModule:
+    runtime: Literal["torch", "openvino"] = "torch",
+) -> InferenceModule | OpenVINOModule:
     """Return an eval-mode, inference-only version of ``model`` that runs faster.
 
     Works on any ``nn.Module``: a :class:`~vggbackbone.VGGBackbone` (dict of taps), a task
@@ -227,11 +229,29 @@ def optimize_for_inference(
         calibration: for int8, an iterable of input batches, each called as ``model(batch)``
             (tensors, or lists of images for a detector); a few batches of real images (e.g.
             64 training images) suffice. Only used by ``"int8"`` (and ``"auto"``).
+        runtime: ``"torch"`` (the above) or ``"openvino"``: the model exported to ONNX and run by
+            OpenVINO on the CPU (:class:`~vggbackbone.deploy.openvino_runtime.OpenVINOModule`,
+            same call interface; converted on the first call). Precisions there: ``"fp32"``,
+            ``"bf16"``, ``"default"`` (OpenVINO's own hint: bf16 on CPUs with bf16 kernels),
+            ``"int8"`` (NNCF on ``calibration``), ``"auto"`` (int8 with calibration where the
+            CPU has int8 kernels, else ``"default"``; logged). Needs the ``openvino`` extra.
 
     Returns:
         :class:`InferenceModule` with the model's call signature; floating outputs are float32
         and within :data:`RELATIVE_TOLERANCE` ``[precision]`` of the fp32 eager model.
     """
+    if runtime == "openvino":
+        if compile or device not in (None, "cpu", torch.device("cpu")):
+            raise ValueError(
+                "runtime='openvino' runs on the CPU and compiles itself: pass neither compile= nor a device"
+            )
+        ov_precision = resolve_openvino_precision(precision, calibrated=calibration is not None)
+        model = copy.deepcopy(model) if not inplace else model
+        return OpenVINOModule(model.eval().cpu(), ov_precision, calibration)
+    if runtime != "torch":
+        raise ValueError(f"runtime must be 'torch' or 'openvino', got {runtime!r}")
+    if precision == "default":
+        raise ValueError("precision='default' (OpenVINO's own choice) needs runtime='openvino'")
     if compile not in COMPILE_MODES:
         raise ValueError(
             f"compile must be False, True, 'default', 'max-autotune' or 'reduce-overhead', got {compile!r}"

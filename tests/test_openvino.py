@@ -1,0 +1,146 @@
+"""OpenVINO as a tested target: every exported model read by ``openvino.Core`` gives our outputs
+within the stated tolerances (here: the classifier; the backbone, segmentation and ReID files in
+tests/test_export.py and tests/test_optimize_tasks.py, the one-image Faster R-CNN files there too,
+the batched detectors in tests/test_batched_export.py, the one-image SSD below), and
+``optimize_for_inference(..., runtime="openvino")`` keeps the model's call interface."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+ov = pytest.importorskip("openvino")  # the openvino extra (in dev): skipped only where it is not installed
+
+from openvino_check import assert_openvino_matches  # noqa: E402
+from test_batched_export import DETECTORS  # noqa: E402
+from test_optimize_tasks import randomize_batchnorm, rel_err  # noqa: E402
+
+from vggbackbone import VGGBackbone, optimize_for_inference  # noqa: E402
+from vggbackbone.deploy import export_batched_detector_onnx, export_task_onnx  # noqa: E402
+from vggbackbone.deploy.batched_export import verify_batched_detector  # noqa: E402
+from vggbackbone.deploy.detector_export import match_detections  # noqa: E402
+from vggbackbone.deploy.openvino_runtime import OPENVINO_TOLERANCE, compile_openvino, openvino_config  # noqa: E402
+from vggbackbone.models import vgg_classifier  # noqa: E402
+
+
+def _outputs(compiled, x: np.ndarray) -> list[np.ndarray]:
+    result = compiled(x)
+    return [np.asarray(result[o]) for o in compiled.outputs]
+
+
+def test_classifier_read_by_openvino(tmp_path) -> None:
+    """The backbone, segmentation and ReID files are read by OpenVINO in tests/test_export.py and
+    tests/test_optimize_tasks.py, beside their onnxruntime checks."""
+    torch.manual_seed(0)
+    model = vgg_classifier("vgg11", num_classes=5, width_mult=0.125, fc_channels=32).eval()
+    path = export_task_onnx(model, tmp_path / "classifier.onnx", torch.rand(1, 3, 64, 64), verify=False)
+    x = torch.rand(3, 3, 80, 64)
+    with torch.no_grad():
+        ref = model(x)
+    assert_openvino_matches(path, x, [ref])
+
+
+def test_openvino_config_hints() -> None:
+    assert openvino_config("fp32", 2) == {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
+    assert openvino_config("bf16", 1)["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "INFERENCE_PRECISION_HINT" not in openvino_config("default", 1)
+    with pytest.raises(ValueError, match="must be one of"):
+        openvino_config("fp16")
+
+
+def test_optimize_for_inference_openvino_keeps_the_call_interface(caplog) -> None:
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(VGGBackbone("vgg11_bn", ["conv3", "conv5"], width_mult=0.125)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = backbone(x)
+    calibration = [torch.rand(2, 3, 64, 64) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        fast = optimize_for_inference(backbone, precision="auto", runtime="openvino", calibration=calibration)
+    assert fast.precision == "int8" and "picked int8 (calibration given" in caplog.text
+    fast(torch.rand(1, 3, 96, 64))  # converted here: dynamic batch and size after
+    out = fast(x)
+    assert list(out) == ["conv3", "conv5"] and fast.out_channels == backbone.out_channels
+    for k in out:
+        assert out[k].dtype == torch.float32 and out[k].shape == ref[k].shape
+        assert rel_err(out[k], ref[k]) < OPENVINO_TOLERANCE["int8"]
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        fast.train()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        assert optimize_for_inference(backbone, runtime="openvino").precision == "default"
+    assert "picked default (no calibration given" in caplog.text
+    with pytest.raises(ValueError, match="'auto', 'fp32', 'bf16', 'default', 'int8'"):
+        optimize_for_inference(backbone, precision="fp16", runtime="openvino")
+    with pytest.raises(ValueError, match="needs runtime='openvino'"):
+        optimize_for_inference(backbone, precision="default")
+
+
+def test_optimize_for_inference_openvino_detector() -> None:
+    """A detector keeps its call interface (a list of images of any size in, a list of dicts in
+    the images' pixels out): fp32 gives PyTorch's detections; int8 runs through NNCF."""
+    torch.manual_seed(0)
+    build, _ = DETECTORS["fasterrcnn"]
+    model = build().eval()
+    # 120 x 160 and 48 x 64 both resize to 96 x 128 (one graph, batch 2); 96 x 96 to another graph
+    images = [torch.rand(3, 120, 160), torch.rand(3, 96, 96), torch.rand(3, 48, 64)]
+    fast = optimize_for_inference(model, precision="fp32", runtime="openvino")
+    got = fast(images)
+    assert sorted(fast._graphs) == [(96, 96), (96, 128)]
+    with torch.no_grad():  # one image per call: torchvision pads a batch to its largest image
+        ref = [model([image])[0] for image in images]
+    keys = ("boxes", "labels", "scores")
+    for i, (g, w) in enumerate(zip(got, ref)):
+        assert len(w["boxes"]) > 0
+        match_detections([w[k].numpy() for k in keys], [g[k].numpy() for k in keys], "openvino fp32", f"image {i}")
+    q = optimize_for_inference(model, precision="int8", runtime="openvino", calibration=[images[:2]])
+    out = q(images[:1])
+    assert len(out) == 1 and set(out[0]) == set(keys) and out[0]["boxes"].shape[1] == 4
+    assert (out[0]["boxes"][:, 2] <= 160).all()  # in the image's pixels, not the graph's
+
+
+def test_openvino_cli_fp32_and_int8_from_an_exported_file(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from vggbackbone.deploy.openvino_cli import main
+
+    torch.manual_seed(0)
+    build, size = DETECTORS["fasterrcnn"]
+    model = build().eval()
+    onnx_path = export_batched_detector_onnx(model, tmp_path / "det.onnx", size, verify_batch_sizes=())
+    xml = main([str(onnx_path), "--out", str(tmp_path / "det.xml")])
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and "(fp32)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.bin", "det.onnx", "det.xml"]  # no temporary left
+    images = torch.rand(2, 3, *size)
+    verify_batched_detector(lambda a: _outputs(compile_openvino(xml), a), model, images, runtime="openvino IR")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    q = main([str(onnx_path), "--out", str(tmp_path / "q.xml"), "--calibration-images", str(folder)])
+    assert "(int8)" in capsys.readouterr().out
+    types = {op.get_type_name() for op in ov.Core().read_model(str(q)).get_ops()}
+    assert "FakeQuantize" in types  # NNCF's int8 quantisation nodes
+    boxes, _, _, count = _outputs(compile_openvino(q), images.numpy())
+    assert boxes.shape[0] == 2 and count.shape == (2,)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        main([str(onnx_path), "--out", str(tmp_path / "x.xml"), "--calibration-images", str(tmp_path / "empty")])
+
+
+def test_task_export_to_openvino_xml(tmp_path) -> None:
+    """``export_task_onnx(..., "model.xml")`` (``python -m tasks.<task> export --out model.xml``)."""
+    torch.manual_seed(0)
+    build, size = DETECTORS["ssd"]
+    model = build().eval()
+    xml = export_task_onnx(model, tmp_path / "ssd.xml", torch.rand(3, *size))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ssd.bin", "ssd.xml"]
+    image = torch.rand(3, *size)
+    with torch.no_grad():
+        ref = model([image])[0]
+    want = [ref[k].numpy() for k in ("boxes", "labels", "scores")]
+    match_detections(want, _outputs(compile_openvino(xml), image.numpy()), xml, "one image", runtime="openvino")
