@@ -7,33 +7,11 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from deploy_models import DETECTORS
 from openvino_check import openvino_outputs
 
 from vggbackbone.deploy import BatchedDetector, ExportVerificationError, export_batched_detector_onnx
 from vggbackbone.deploy.batched_export import onnxruntime_runner, verify_batched_detector
-from vggbackbone.models import fasterrcnn_vgg, fcos_vgg, retinanet_vgg, ssd_vgg
-
-TINY = {"width_mult": 0.0625}
-# score thresholds at 0: an untrained head keeps every candidate, the hardest case for the set check
-DETECTORS = {
-    "fasterrcnn": (
-        lambda: fasterrcnn_vgg("vgg11", 4, min_size=96, max_size=128, box_score_thresh=0.0, **TINY),
-        (96, 128),
-    ),
-    "fasterrcnn_fpn": (
-        lambda: fasterrcnn_vgg("vgg11", 4, fpn=True, min_size=96, max_size=128, box_score_thresh=0.0, **TINY),
-        (96, 128),
-    ),
-    "ssd": (lambda: ssd_vgg("vgg11", size=300, num_classes=4, score_thresh=0.0, **TINY), (300, 300)),
-    "retinanet": (
-        lambda: retinanet_vgg(
-            "vgg11", 4, min_size=96, max_size=128, anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0, **TINY
-        ),
-        (96, 128),
-    ),
-    # FCOS's GroupNorm(32, 32) needs P7 larger than 1 x 1: >= 129 px
-    "fcos": (lambda: fcos_vgg("vgg11", 4, min_size=160, max_size=192, score_thresh=0.0, **TINY), (160, 192)),
-}
 
 
 @pytest.mark.parametrize("family", list(DETECTORS))

@@ -14,9 +14,8 @@ import torch
 
 ov = pytest.importorskip("openvino")  # the openvino extra (in dev): skipped only where it is not installed
 
+from deploy_models import DETECTORS, randomize_batchnorm, rel_err  # noqa: E402
 from openvino_check import assert_openvino_matches  # noqa: E402
-from test_batched_export import DETECTORS  # noqa: E402
-from test_optimize_tasks import randomize_batchnorm, rel_err  # noqa: E402
 
 from vggbackbone import VGGBackbone, optimize_for_inference  # noqa: E402
 from vggbackbone.deploy import export_batched_detector_onnx, export_task_onnx  # noqa: E402

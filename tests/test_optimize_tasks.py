@@ -7,36 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from deploy_models import randomize_batchnorm, rel_err
 from openvino_check import assert_openvino_matches, openvino_outputs
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from vggbackbone import optimize_for_inference
 from vggbackbone.deploy.detector_export import match_detections
 from vggbackbone.models import fasterrcnn_vgg, fcn_vgg, reid_vgg, unet_vgg
 from vggbackbone.models.export import export_task_onnx
 from vggbackbone.optimize import RELATIVE_TOLERANCE
-
-
-def randomize_batchnorm(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics, and random weights for zero-initialised layers (FCN's scores)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
-            n = m.running_mean.numel()
-            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-    return model
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
 def dense_models() -> dict[str, nn.Module]:
