@@ -9,7 +9,7 @@ tasks.<task> fit`` unless ``--ckpt-<task>`` is given), then ``validate`` twice o
 checkpoint, in this process: once with the fp32 model, once with the model whose VGG backbone
 is quantised to int8 (BatchNorm folded, then :func:`vggbackbone.deploy.quantize_int8`: torchao
 PT2E with the x86 inductor quantizer, what ``optimize_for_inference(precision="int8")`` runs).
-The metric (ReID rank-1 and mAP, segmentation mIoU, detection AP50) of both, and their
+The metric (ReID rank-1 and mAP, segmentation mIoU, detection AP50, classification top-1) of both, and their
 difference (the target: within 0.01); for ReID also the cosine similarity of each
 validation embedding to its fp32 counterpart.
 
@@ -17,7 +17,7 @@ Calibration: ``--calibration-images`` (default 64, the most ``inference.calibrat
 takes) *training* images, evenly spread over the training split, in the form the model's
 forward takes in evaluation (ReID: batches of 16 at the eval transform's size; segmentation:
 each image normalised and rescaled as ``predict_logits`` feeds the net; detection: lists of 4
-``[0, 1]`` images).
+``[0, 1]`` images; classification: batches of 16 at the evaluation size).
 
 On a CPU without VNNI/AMX the quantised graph runs uncompiled (``--compile`` off by default):
 oneDNN's reference quantise/dequantise kernels give the int8 numbers (equal to the compiled
@@ -48,7 +48,12 @@ from vggbackbone.deploy import InputCaptured, InputRecorder, fold_batchnorm, qua
 
 SCRIPT = "benchmarks/int8_accuracy.py"
 SECTION = "int8 accuracy on the demos"
-METRICS = {"reid": ("val/rank1", "val/mAP"), "segment": ("val/mIoU",), "detect": ("val/AP50", "val/AP")}
+METRICS = {
+    "reid": ("val/rank1", "val/mAP"),
+    "segment": ("val/mIoU",),
+    "detect": ("val/AP50", "val/AP"),
+    "classify": ("val/acc1",),
+}
 #: what one validate run of each task leaves: metric name -> value, per run key
 RESULTS: dict[str, dict[str, float]] = {}
 
@@ -78,6 +83,10 @@ def calibration_batches(task: str, dm: Any, module: Any, num_images: int) -> lis
         ds = DetectionDataset(dm.split("train"), train=False)
         images = [ds[i][0] for i in _spread(len(ds), num_images)]
         return [list(images[a : a + 4]) for a in range(0, len(images), 4)]
+    if task == "classify":
+        ds = dm.dataset(dm.train_split)  # evaluation transforms: images as the model sees them in validation
+        images = [ds[i]["image"] for i in _spread(len(ds), num_images)]
+        return [torch.stack(images[a : a + 16]) for a in range(0, len(images), 16)]
     raise ValueError(f"unknown task {task!r}")
 
 
