@@ -23,7 +23,6 @@ allowed).
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 
 from ..utils import atomic_path
 from .batched_detector import BATCHED_OUTPUTS, BatchedDetector
-from .detector_export import match_detections
+from .detector_export import match_detections, tracing_export_warnings
 from .onnx_export import DEFAULT_OPSET, ExportVerificationError
 
 __all__ = ["VERIFY_BATCH_SIZES", "export_batched_detector_onnx", "verify_batched_detector"]
@@ -87,13 +86,7 @@ def verify_batched_detector(
 
 
 def _trace_to_onnx(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter is deprecated in favour of torch.export, which cannot capture
-        # torchvision's NMS; tracer warnings about shape arithmetic are expected
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx|torch\.nn|torchvision")
+    with torch.no_grad(), tracing_export_warnings():
         torch.onnx.export(
             wrapper,
             (example,),

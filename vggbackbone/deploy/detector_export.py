@@ -31,9 +31,10 @@ symbolic batch, cannot capture the NMS (above).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,22 @@ __all__ = [
 ]
 
 DETECTION_OUTPUTS = ("boxes", "labels", "scores")
+
+
+@contextlib.contextmanager
+def tracing_export_warnings() -> Iterator[None]:
+    """The warnings of ``torch.onnx.export(..., dynamo=False)`` on a torchvision detector, silenced.
+
+    The TorchScript exporter is deprecated in favour of torch.export, which cannot capture
+    torchvision's NMS (see the module docstring); tracer warnings about torchvision's shape
+    arithmetic are expected (torchvision is written for it).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx|torch\.nn|torchvision")
+        yield
 
 
 def torchvision_detector_types() -> tuple[type[nn.Module], ...]:
@@ -212,14 +229,7 @@ def export_detector_onnx(
     was_training = model.training
     model.eval()
     try:
-        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is deprecated in favour of torch.export, which cannot
-            # capture torchvision's NMS (see the module docstring); tracer warnings about
-            # torchvision's shape arithmetic are expected (torchvision is written for it).
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx|torch\.nn|torchvision")
+        with atomic_path(path) as tmp, torch.no_grad(), tracing_export_warnings():
             torch.onnx.export(
                 wrapper,
                 (example_image,),
