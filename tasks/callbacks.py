@@ -114,7 +114,9 @@ class InferenceOptimization(pl.Callback):
             images are read and the model quantised; otherwise auto picks as without them.
         runtime: ``torch`` or ``openvino`` (the model exported to ONNX and run by OpenVINO on the
             CPU, int8 by NNCF on the same calibration images; ``precision: default`` is
-            OpenVINO's own hint; needs the ``openvino`` extra; ``compile`` must stay off).
+            OpenVINO's own hint; needs the ``openvino`` extra; ``compile`` must stay off), or
+            ``auto``: ``openvino`` where it applies (installed, CPU, no ``compile``, not fp16),
+            ``torch`` otherwise, logged with the reason.
     """
 
     def __init__(
@@ -125,7 +127,7 @@ class InferenceOptimization(pl.Callback):
         fuse_bn: bool = True,
         compile: bool = False,
         calibration_images: int | None = None,
-        runtime: Literal["torch", "openvino"] = "torch",
+        runtime: Literal["torch", "openvino", "auto"] = "torch",
     ) -> None:
         if calibration_images is not None and not 1 <= calibration_images <= MAX_CALIBRATION_IMAGES:
             raise ValueError(
@@ -135,7 +137,9 @@ class InferenceOptimization(pl.Callback):
             raise ValueError(
                 "inference.compile does not apply to inference.runtime: openvino (OpenVINO compiles itself)"
             )
-        if precision == "default" and runtime != "openvino":
+        if runtime not in ("torch", "openvino", "auto"):
+            raise ValueError(f"inference.runtime must be torch, openvino or auto, got {runtime!r}")
+        if precision == "default" and runtime == "torch":
             raise ValueError("inference.precision: default (OpenVINO's own choice) needs inference.runtime: openvino")
         self.runtime = runtime
         self.calibration_images = calibration_images
@@ -150,7 +154,11 @@ class InferenceOptimization(pl.Callback):
         if not self.enabled or not isinstance(model, nn.Module):
             return
         from vggbackbone.deploy import int8_supported, optimize_for_inference
+        from vggbackbone.deploy.precision import resolve_runtime
 
+        self.runtime = resolve_runtime(self.runtime, pl_module.device, self.precision, self.compile)
+        if self.precision == "default" and self.runtime != "openvino":
+            raise ValueError("inference.precision: default (OpenVINO's own choice) needs inference.runtime: openvino")
         precision = self._auto_choice(pl_module) if self.precision == "auto" else self.precision
         calibration = None
         if precision == "int8" and int8_supported()[0]:  # no int8 kernels: the library's fp32 fallback

@@ -143,3 +143,44 @@ def test_task_export_to_openvino_xml(tmp_path) -> None:
         ref = model([image])[0]
     want = [ref[k].numpy() for k in ("boxes", "labels", "scores")]
     match_detections(want, _outputs(compile_openvino(xml), image.numpy()), xml, "one image", runtime="openvino")
+
+
+def test_runtime_auto_picks_openvino_where_it_applies_and_says_why(caplog, monkeypatch) -> None:
+    """``runtime="auto"``: OpenVINO (the fastest route measured, docs/benchmarks.md) on the CPU when
+    installed; torch where it does not apply, each reason logged."""
+    import importlib.util
+
+    from tasks.callbacks import InferenceOptimization
+    from vggbackbone.deploy.openvino_runtime import OpenVINOModule
+    from vggbackbone.deploy.precision import resolve_runtime
+
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(VGGBackbone("vgg11_bn", ["conv5"], width_mult=0.125)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        fast = optimize_for_inference(backbone, precision="fp32", runtime="auto")
+    assert isinstance(fast, OpenVINOModule) and "runtime='auto' picked openvino" in caplog.text
+    with torch.no_grad():
+        assert rel_err(fast(x)["conv5"], backbone(x)["conv5"]) < OPENVINO_TOLERANCE["fp32"]
+    cases = [
+        ((torch.device("cuda"), "auto", False), "the model is on cuda"),
+        ((cpu, "auto", True), "compile= was asked for"),
+        ((cpu, "fp16", False), "precision='fp16'"),
+    ]
+    for args, why in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+            assert resolve_runtime("auto", *args) == "torch"
+        assert why in caplog.text
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vggbackbone.optimize"):
+        assert resolve_runtime("auto", cpu, "auto", False) == "torch"
+    assert "openvino package is not installed" in caplog.text
+    assert resolve_runtime("openvino", cpu, "auto", False) == "openvino"  # explicit choices stand
+    with pytest.raises(ValueError, match="runtime must be 'auto', 'torch' or 'openvino'"):
+        resolve_runtime("onnxruntime", cpu, "auto", False)
+    with pytest.raises(ValueError, match="inference.runtime must be torch, openvino or auto"):
+        InferenceOptimization(runtime="onnxruntime")  # type: ignore[arg-type]

@@ -88,13 +88,14 @@ def test_segment_export_cli_holds_the_normalisation_and_dynamic_shapes(tmp_path:
         (["--inference.enabled", "false"], "ReIDNet:plain", 1e-5),
         (["--inference.enabled", "true", "--inference.precision", "fp32"], "InferenceModule:fp32", 1e-4),
         pytest.param(
-            ["--inference.runtime", "openvino", "--inference.precision", "fp32"],
+            # auto: OpenVINO where installed (the same module as --inference.runtime openvino)
+            ["--inference.runtime", "auto", "--inference.precision", "fp32"],
             "OpenVINOModule:fp32",
             1e-4,
             marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed"),
         ),
     ],
-    ids=["off", "fp32", "openvino"],
+    ids=["off", "fp32", "openvino-auto"],
 )
 def test_reid_predict_inference_switch(
     reid_run: dict[str, Path], switch: list[str], expect_model: str, tol: float

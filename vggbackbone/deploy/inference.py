@@ -42,7 +42,7 @@ from torch import nn
 from .batchnorm import fold_batchnorm
 from .int8 import quantization_targets, quantize_int8
 from .openvino_runtime import OpenVINOModule
-from .precision import DTYPES, Precision, resolve_openvino_precision, resolve_precision
+from .precision import DTYPES, Precision, resolve_openvino_precision, resolve_precision, resolve_runtime
 
 __all__ = ["COMPILE_MODES", "RELATIVE_TOLERANCE", "CompileMode", "InferenceModule", "optimize_for_inference"]
 
@@ -198,7 +198,7 @@ def optimize_for_inference(
     device: torch.device | str | None = None,
     inplace: bool = False,
     calibration: Iterable[Any] | None = None,
-    runtime: Literal["torch", "openvino"] = "torch",
+    runtime: Literal["torch", "openvino", "auto"] = "torch",
 ) -> InferenceModule | OpenVINOModule:
     """Return an eval-mode, inference-only version of ``model`` that runs faster.
 
@@ -235,11 +235,16 @@ def optimize_for_inference(
             ``"bf16"``, ``"default"`` (OpenVINO's own hint: bf16 on CPUs with bf16 kernels),
             ``"int8"`` (NNCF on ``calibration``), ``"auto"`` (int8 with calibration where the
             CPU has int8 kernels, else ``"default"``; logged). Needs the ``openvino`` extra.
+            ``"auto"``: ``"openvino"`` where it applies (installed, CPU, no ``compile``, not
+            fp16), ``"torch"`` otherwise, logged (:func:`~vggbackbone.deploy.precision.resolve_runtime`).
 
     Returns:
         :class:`InferenceModule` with the model's call signature; floating outputs are float32
         and within :data:`RELATIVE_TOLERANCE` ``[precision]`` of the fp32 eager model.
     """
+    if runtime == "auto":
+        where = torch.device(device) if device is not None else _model_device(model)
+        runtime = resolve_runtime(runtime, where, str(precision), compile)  # type: ignore[assignment]
     if runtime == "openvino":
         if compile or device not in (None, "cpu", torch.device("cpu")):
             raise ValueError(
@@ -249,7 +254,7 @@ def optimize_for_inference(
         model = copy.deepcopy(model) if not inplace else model
         return OpenVINOModule(model.eval().cpu(), ov_precision, calibration)
     if runtime != "torch":
-        raise ValueError(f"runtime must be 'torch' or 'openvino', got {runtime!r}")
+        raise ValueError(f"runtime must be 'auto', 'torch' or 'openvino', got {runtime!r}")
     if precision == "default":
         raise ValueError("precision='default' (OpenVINO's own choice) needs runtime='openvino'")
     if compile not in COMPILE_MODES:

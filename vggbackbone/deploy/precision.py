@@ -33,6 +33,7 @@ __all__ = [
     "measure_precisions",
     "resolve_openvino_precision",
     "resolve_precision",
+    "resolve_runtime",
 ]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
@@ -205,3 +206,30 @@ def resolve_openvino_precision(precision: str, calibrated: bool) -> str:
     )
     optimize_log.info("precision='auto' with runtime='openvino' picked %s (%s)", choice, reason)
     return choice
+
+
+def resolve_runtime(runtime: str, device: torch.device, precision: str, compile: object) -> str:
+    """``runtime="auto"``: ``"openvino"`` where it applies (the ``openvino`` package installed, a
+    CPU device, no ``compile``, a precision other than ``"fp16"``), since it measured fastest on
+    every task model end to end (``benchmarks/end_to_end.py``, docs/benchmarks.md); else
+    ``"torch"``. Logged with the reason (logger ``vggbackbone.optimize``). ``"torch"`` and
+    ``"openvino"`` are returned as they are."""
+    if runtime in ("torch", "openvino"):
+        return runtime
+    if runtime != "auto":
+        raise ValueError(f"runtime must be 'auto', 'torch' or 'openvino', got {runtime!r}")
+    import importlib.util
+
+    if device.type != "cpu":
+        why = f"the model is on {device.type} (OpenVINO runs here on the CPU)"
+    elif compile:
+        why = "compile= was asked for (torch.compile is a torch route)"
+    elif precision == "fp16":
+        why = "precision='fp16' (OpenVINO has no fp16 CPU kernels)"
+    elif importlib.util.find_spec("openvino") is None:
+        why = "the openvino package is not installed (pip install 'vggbackbone[openvino]')"
+    else:
+        optimize_log.info("runtime='auto' picked openvino (installed, CPU: the fastest route measured)")
+        return "openvino"
+    optimize_log.info("runtime='auto' picked torch: %s", why)
+    return "torch"
