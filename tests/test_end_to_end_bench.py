@@ -1,10 +1,9 @@
 """benchmarks/end_to_end.py --quick: every row of a detector and of a dense model runs and is
 written (speeds are not asserted: CI machines are shared).
 
-The quick run goes in its own process, as users run the script: after NNCF has quantised a
-detector graph in a process, a later in-process Lightning run stopped by a signal there crashed
-(a segfault outside the project's code, seen when tests/test_exact_resume.py's in-process signal
-tests shared the pytest worker)."""
+The quick run goes in its own process, as users run the script, so that OpenVINO's threads and
+state stay out of the pytest worker (where a signal stack OpenVINO left behind once crashed the
+in-process signal tests: vggbackbone/deploy/signal_stack.py)."""
 
 from __future__ import annotations
 

@@ -84,10 +84,9 @@ def test_optimize_for_inference_openvino_keeps_the_call_interface(caplog) -> Non
 
 def test_optimize_for_inference_openvino_detector() -> None:
     """A detector keeps its call interface through OpenVINO, fp32 and int8
-    (:func:`openvino_check.check_openvino_detector`), run in a fresh process: after NNCF has
-    quantised a detector graph in a process, a later in-process Lightning run stopped by a signal
-    there crashed (a segfault, outside the project's code; tests/test_exact_resume.py's in-process
-    signal tests shared the pytest worker)."""
+    (:func:`openvino_check.check_openvino_detector`), run in a fresh process so that OpenVINO's
+    threads and state stay out of the pytest worker (where a signal stack OpenVINO left behind
+    once crashed the in-process signal tests: vggbackbone/deploy/signal_stack.py)."""
     tests = Path(__file__).resolve().parent
     env = {
         **os.environ,
@@ -181,3 +180,24 @@ def test_runtime_auto_picks_openvino_where_it_applies_and_says_why(caplog, monke
         resolve_runtime("onnxruntime", cpu, "auto", False)
     with pytest.raises(ValueError, match="inference.runtime must be torch, openvino or auto"):
         InferenceOptimization(runtime="onnxruntime")  # type: ignore[arg-type]
+
+
+def test_openvino_leaves_the_thread_its_signal_stack(tmp_path) -> None:
+    """OpenVINO's compile_model (and NNCF, which compiles) install an alternate signal stack on the
+    calling thread that they later unmap; a signal handled there then crashed the process. Our
+    compile and quantise calls give the thread its own stack back (vggbackbone/deploy/signal_stack.py)."""
+    from vggbackbone.deploy.openvino_runtime import quantize_openvino
+    from vggbackbone.deploy.signal_stack import signal_stack
+
+    before = signal_stack()
+    if before is None:
+        pytest.skip("sigaltstack is read on Linux only")
+    torch.manual_seed(0)
+    model = VGGBackbone("vgg11", ["conv2"], width_mult=0.125).eval()
+    path = export_task_onnx(model, tmp_path / "b.onnx", torch.rand(1, 3, 32, 32))
+    compiled = compile_openvino(path, "fp32")
+    compiled(np.random.rand(1, 3, 32, 32).astype(np.float32))
+    assert signal_stack() == before
+    quantized = quantize_openvino(ov.Core().read_model(str(path)), [np.random.rand(1, 3, 32, 32).astype(np.float32)])
+    compile_openvino(quantized, "int8")
+    assert signal_stack() == before

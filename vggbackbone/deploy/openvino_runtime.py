@@ -39,6 +39,7 @@ from .batched_export import export_batched_detector_onnx
 from .detector_export import torchvision_detector_types
 from .int8 import INT8_TOLERANCE
 from .openvino_files import require_openvino
+from .signal_stack import keep_signal_stack
 from .task_export import export_task_onnx
 
 __all__ = [
@@ -81,7 +82,10 @@ def compile_openvino(model: Any, precision: str = "fp32", threads: int | None = 
     core = ov.Core()
     if isinstance(model, (str, os.PathLike)):
         model = core.read_model(str(model))
-    return core.compile_model(model, "CPU", openvino_config("default" if precision == "int8" else precision, threads))
+    with keep_signal_stack():  # OpenVINO leaves the thread a signal stack it later unmaps (signal_stack.py)
+        return core.compile_model(
+            model, "CPU", openvino_config("default" if precision == "int8" else precision, threads)
+        )
 
 
 def quantize_openvino(model: Any, samples: Sequence[np.ndarray]) -> Any:
@@ -92,7 +96,8 @@ def quantize_openvino(model: Any, samples: Sequence[np.ndarray]) -> Any:
 
     if not samples:
         raise ValueError("int8 with OpenVINO needs calibration samples, got none")
-    return nncf.quantize(model, nncf.Dataset(list(samples)), subset_size=len(samples))
+    with keep_signal_stack():  # NNCF compiles with OpenVINO (signal_stack.py)
+        return nncf.quantize(model, nncf.Dataset(list(samples)), subset_size=len(samples))
 
 
 def _numpy(t: Tensor) -> np.ndarray:
