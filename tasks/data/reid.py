@@ -1,21 +1,9 @@
 """ReID data: the dataset, its collate function and the data module; the Market-1501 and CSV readers
 are :mod:`tasks.data.reid_readers`, the PK sampler :mod:`tasks.data.pk_sampler` (their names are served here too).
 
-Market-1501 (Zheng et al. 2015) names crops ``PPPP_cCsS_FFFFFF_BB.jpg``: identity, camera,
-sequence, frame, box. The benchmark's conventions, as torchreid and fast-reid apply them:
-
-* identity ``-1`` ("junk": bad detections of people) is dropped from every split; the metric
-  also ignores it (see :func:`vggbackbone.metrics.evaluate_rank`);
-* identity ``0`` ("distractors": background false alarms) is kept in the gallery as a non-match
-  and dropped from training;
-* cameras are numbered from 1 in file names and from 0 here;
-* identities below ``-1`` mean nothing in the protocol (torchreid asserts ``0 <= pid``): such
-  files are skipped with the same counted warning as names that do not follow the pattern,
-  and such CSV rows are refused with an error naming the line.
-
-The name pattern ``PPPP_cC`` also reads DukeMTMC-reID (``0001_c2_f0046182.jpg``). Other data:
-a CSV with a header ``path,pid,camid`` per split (paths relative to the CSV's folder), MSMT17's
-list files (``layout: msmt17``) and CUHK03's 767/700 protocol (``layout: cuhk03``).
+Layouts (``data.layout``): ``market`` (Market-1501 names, also DukeMTMC-reID), ``csv``, ``msmt17``
+and ``cuhk03``; the benchmark's identity and camera conventions are written once, in
+:mod:`tasks.data.reid_readers`.
 
 Query identities that have no image in the gallery can never be matched: they are counted and
 named in a warning when the splits are read (:func:`unmatched_query_ids`), and the evaluation
